@@ -1,0 +1,1 @@
+"""asset-library: an image asset library on Dagster."""
