@@ -55,6 +55,10 @@ FAST_MIN_SIDE = 256
 #: The same for the integer box reduction of other formats, which aliases more than DCT scaling.
 REDUCE_MIN_SIDE = 512
 
+#: pHash distance within which two images count as near-duplicates. On the corpus, re-encodes,
+#: resizes and EXIF-rotated copies fall at 0-8 bits; unrelated photos rarely come under 15.
+DEFAULT_PHASH_THRESHOLD = 8
+
 _HASH_SIZE = 8
 _PHASH_SIZE = _HASH_SIZE * 4
 

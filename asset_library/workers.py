@@ -33,7 +33,9 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def fingerprint_item(item: Item, mode: Mode = "fast", max_pixels: int = DEFAULT_MAX_PIXELS) -> Fingerprint:
+def fingerprint_item(
+    item: Item, mode: Mode = "fast", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Fingerprint:
     """Fingerprint bytes, or a file read here, so that bytes never cross a process boundary."""
     if isinstance(item, bytes | bytearray | memoryview):
         return fingerprint(bytes(item), mode=mode, max_pixels=max_pixels)

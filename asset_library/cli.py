@@ -1,0 +1,174 @@
+"""``asset-library``: ingest batches and ask the library questions from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from asset_library.library import Library, default_library_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.library:
+        os.environ["ASSET_LIBRARY_HOME"] = str(Path(args.library).expanduser().resolve())
+    try:
+        return int(args.handler(args) or 0)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"asset-library: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--library",
+        help="library folder (default: $ASSET_LIBRARY_HOME or ./library)",
+    )
+    parser = argparse.ArgumentParser(prog="asset-library", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    ingest = commands.add_parser(
+        "ingest", parents=[common], help="plan a batch, ingest every shard, refresh, check"
+    )
+    ingest.add_argument("source", help="a folder, an s3://bucket/prefix, or a manifest file")
+    ingest.add_argument("--shard-size", type=int, help="max images per shard")
+    ingest.add_argument("--workers", type=int, help="fingerprinting processes (default: cores)")
+    ingest.add_argument("--batch", help="batch id (default: from the source name and time)")
+    ingest.set_defaults(handler=_ingest)
+
+    status = commands.add_parser("status", parents=[common], help="batches, shards, states")
+    status.set_defaults(handler=_status)
+
+    lookup = commands.add_parser("lookup", parents=[common], help="an image by md5, as JSON")
+    lookup.add_argument("md5")
+    lookup.set_defaults(handler=_lookup)
+
+    sql = commands.add_parser("sql", parents=[common], help="a query on the catalog, as CSV")
+    sql.add_argument("query")
+    sql.add_argument("--json", action="store_true", help="JSON lines instead of CSV")
+    sql.add_argument(
+        "--param", action="append", default=[], help="a bound value for ?, in order (repeatable)"
+    )
+    sql.set_defaults(handler=_sql)
+    return parser
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from asset_library.orchestrate import PlanningFailed, ingest_batch
+
+    library = args.library or str(default_library_path())
+    try:
+        summary = ingest_batch(
+            args.source,
+            library=library,
+            max_images_per_shard=args.shard_size,
+            workers=args.workers,
+            batch=args.batch,
+            progress=lambda line: print(line, flush=True),
+        )
+    except PlanningFailed as error:
+        print(f"asset-library: planning failed: {error}", file=sys.stderr)
+        return 1
+    rate = summary.images / summary.seconds if summary.seconds else 0.0
+    print()
+    print(f"library   {Path(library).resolve()}")
+    print(f"batch     {summary.batch} (trigger {summary.trigger})")
+    print(
+        f"shards    {summary.shards - len(summary.failed_shards)} ok, "
+        f"{len(summary.failed_shards)} failed"
+    )
+    print(
+        f"images    {summary.images:,} read, {summary.ok:,} ingested, "
+        f"{summary.uploaded:,} new, {summary.already_stored:,} already stored (duplicates)"
+    )
+    rejects = sum(summary.rejects_by_reason.values())
+    detail = ", ".join(f"{r}: {n}" for r, n in summary.rejects_by_reason.most_common())
+    print(f"rejected  {rejects:,}" + (f" ({detail})" if detail else ""))
+    print(
+        f"library   {summary.catalog.get('images', 0):,} images, "
+        f"{summary.catalog.get('rejects', 0):,} rejects, "
+        f"{summary.catalog.get('attributes', 0):,} attribute values"
+    )
+    checks = ", ".join(
+        f"{name} {'passed' if ok else 'FAILED'}" for name, ok in summary.checks.items()
+    )
+    print(f"checks    {checks or 'did not run'}")
+    print(f"time      {summary.seconds:.1f} s, {rate:.1f} images/s")
+    for shard in summary.failed_shards:
+        print(f"FAILED    {shard}: re-run it with `dagster job launch` or a backfill in the UI")
+    return 0 if summary.success else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from asset_library.defs.partitions import shards_partitions
+    from asset_library.orchestrate import local_instance
+    from asset_library.triggers import read_triggers
+
+    library = Library(args.library)
+    instance = local_instance(library.layout)
+    for record in read_triggers(library.layout.triggers_dir):
+        statuses = (
+            instance.get_status_by_partition(
+                dg.AssetKey("shard_keys"), record.shards, shards_partitions
+            )
+            or {}
+        )
+        print(
+            f"{record.batch}  {record.images:,} images  trigger {record.trigger} "
+            f"({record.kind}, {record.triggered_at})  source {record.source}"
+        )
+        for shard in record.shards:
+            state = statuses.get(shard)
+            print(f"  {shard}  {state.value.lower() if state else 'missing'}")
+    return 0
+
+
+def _lookup(args: argparse.Namespace) -> int:
+    image = Library(args.library).lookup(args.md5)
+    if image is None:
+        print(f"asset-library: no image with md5 {args.md5}", file=sys.stderr)
+        return 1
+    print(json.dumps(image, default=_json_default, indent=2))
+    return 0
+
+
+def _sql(args: argparse.Namespace) -> int:
+    with Library(args.library).connect() as connection:
+        result = connection.execute(args.query, args.param)
+        if result.description is None:
+            return 0
+        names = [d[0] for d in result.description]
+        if args.json:
+            for row in result.fetchall():
+                print(json.dumps(dict(zip(names, row, strict=True)), default=_json_default))
+        else:
+            writer = csv.writer(sys.stdout, lineterminator="\n")
+            writer.writerow(names)
+            writer.writerows(result.fetchall())
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    return str(value)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

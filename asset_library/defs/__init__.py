@@ -1,0 +1,1 @@
+"""The Dagster layer: thin and declarative over the plain-Python core."""

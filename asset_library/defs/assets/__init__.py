@@ -1,0 +1,1 @@
+"""Dagster assets, split by stage."""

@@ -1,0 +1,216 @@
+"""Ingestion assets: a batch's plan, then per shard its keys and uploads, base and cube rows."""
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import dagster as dg
+import duckdb
+
+from asset_library.defs.partitions import batches_partitions, shards_partitions
+from asset_library.defs.resources import LibraryResource, ObjectStoreResource, SourceReaderResource
+from asset_library.ingest import ShardStats, ingest_shard
+from asset_library.planning import batch_of, load_plan, plan_batch, read_shard_items
+from asset_library.sources import iter_batch, normalize_source
+from asset_library.tables import write_base_table, write_cube_table
+from asset_library.triggers import TriggerRecord, write_trigger
+from asset_library.workers import FingerprintPool
+
+GROUP = "ingestion"
+BATCH_TAG = "asset_library/batch"
+TRIGGER_TAG = "asset_library/trigger"
+
+
+class BatchPlanConfig(dg.Config):
+    """What to plan: the batch's source and the trigger that produced it."""
+
+    source: str
+    trigger: str = "manual"
+    trigger_kind: str = "manual"
+    max_images_per_shard: int | None = None
+
+
+@dg.asset(
+    partitions_def=batches_partitions,
+    group_name=GROUP,
+    kinds={"python", "parquet"},
+    description="A landed batch cut into shards; the plan is written before any shard runs.",
+)
+def batch_plan(
+    context: dg.AssetExecutionContext,
+    config: BatchPlanConfig,
+    library: LibraryResource,
+    sources: SourceReaderResource,
+) -> dg.MaterializeResult:
+    batch = context.partition_key
+    layout = library.layout()
+    source = normalize_source(config.source)
+    client = sources.s3_client() if source.startswith("s3://") else None
+    plan = plan_batch(
+        iter_batch(source, client),
+        batch=batch,
+        source=source,
+        plan_dir=layout.plan_dir(batch),
+        max_images_per_shard=config.max_images_per_shard or library.max_images_per_shard,
+        trigger=config.trigger,
+    )
+    context.instance.add_dynamic_partitions(shards_partitions.name, plan.shard_keys)
+    write_trigger(
+        layout.triggers_dir,
+        TriggerRecord(
+            trigger=config.trigger,
+            kind=config.trigger_kind,
+            batch=batch,
+            source=source,
+            triggered_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            images=plan.images,
+            shards=plan.shard_keys,
+        ),
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "source": source,
+            "trigger": config.trigger,
+            "images": plan.images,
+            "shards": len(plan.shards),
+            "max_images_per_shard": plan.max_images_per_shard,
+            "shard_keys": dg.MetadataValue.md(
+                "\n".join(f"- `{s.key}`: {s.images:,} images" for s in plan.shards[:50])
+            ),
+            "plan": dg.MetadataValue.path(str(layout.plan_dir(batch) / "plan.json")),
+        }
+    )
+
+
+_SHARD_DEP = dg.AssetDep(batch_plan, partition_mapping=dg.AllPartitionMapping())
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            "shard_keys",
+            deps=[_SHARD_DEP],
+            group_name=GROUP,
+            kinds={"python", "parquet"},
+            description="Each image of the shard read once: md5 key, hashes, header attributes.",
+        ),
+        dg.AssetSpec(
+            "shard_uploads",
+            deps=[_SHARD_DEP],
+            group_name=GROUP,
+            kinds={"s3"},
+            description="The shard's bytes in object storage under their md5 key, write-once.",
+        ),
+    ],
+    partitions_def=shards_partitions,
+)
+def shard_keys_and_uploads(
+    context: dg.AssetExecutionContext,
+    library: LibraryResource,
+    object_store: ObjectStoreResource,
+    sources: SourceReaderResource,
+) -> Iterator[dg.MaterializeResult]:
+    """One pass over the shard's bytes, so each image is read from its source only once."""
+    shard = context.partition_key
+    batch = batch_of(shard)
+    layout = library.layout()
+    plan = load_plan(layout.plan_dir(batch))
+    shard_plan = next((s for s in plan.shards if s.key == shard), None)
+    if shard_plan is None:
+        raise dg.Failure(f"shard {shard} is not in the plan of batch {batch}")
+    store = object_store.open()
+
+    def log_progress(stats: ShardStats) -> None:
+        context.log.info(
+            f"{shard}: {stats.images:,}/{shard_plan.images:,} images, "
+            f"{stats.images_per_second:.1f} img/s"
+        )
+
+    with FingerprintPool(library.workers) as pool:
+        stats = ingest_shard(
+            read_shard_items(shard_plan.path),
+            keys_path=layout.keys_path(shard),
+            store=store,
+            read=sources.reader(),
+            pool=pool,
+            batch=batch,
+            shard=shard,
+            n_buckets=layout.n_buckets,
+            io_threads=library.io_threads,
+            progress=log_progress,
+            progress_every=max(1000, shard_plan.images // 20),
+        )
+    preview = _keys_preview(layout.keys_path(shard))
+    yield dg.MaterializeResult(
+        asset_key="shard_keys",
+        metadata={
+            "images": stats.images,
+            "ok": stats.ok,
+            "rejected": stats.rejected,
+            "rejects_by_reason": dict(stats.rejects_by_reason),
+            "images_per_second": round(stats.images_per_second, 1),
+            "seconds": round(stats.seconds, 2),
+            "bytes_read": stats.bytes_read,
+            "preview": dg.MetadataValue.md(preview),
+            "path": dg.MetadataValue.path(str(layout.keys_path(shard))),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key="shard_uploads",
+        metadata={
+            "uploaded": stats.uploaded,
+            "already_stored": stats.already_stored,
+            "bytes_uploaded": stats.bytes_uploaded,
+            "store": store.describe(),
+        },
+    )
+
+
+@dg.asset(
+    deps=["shard_keys"],
+    partitions_def=shards_partitions,
+    group_name=GROUP,
+    kinds={"duckdb", "parquet"},
+    description="One row per accepted image occurrence, bucketed by md5; rejects beside it.",
+)
+def base_table(context: dg.AssetExecutionContext, library: LibraryResource) -> dg.MaterializeResult:
+    layout = library.layout()
+    with duckdb.connect() as connection:
+        written = write_base_table(layout, context.partition_key, connection)
+    return dg.MaterializeResult(metadata={**written, "dagster/row_count": written["rows"]})
+
+
+@dg.asset(
+    deps=["shard_keys"],
+    partitions_def=shards_partitions,
+    group_name=GROUP,
+    kinds={"duckdb", "parquet"},
+    description="Business attributes as (md5, attribute, value) rows: manifest extras and "
+    "derived attributes (EXIF camera and capture time, aspect ratio, megapixels, animation).",
+)
+def cube_table(context: dg.AssetExecutionContext, library: LibraryResource) -> dg.MaterializeResult:
+    layout = library.layout()
+    with duckdb.connect() as connection:
+        written = write_cube_table(layout, context.partition_key, connection)
+    return dg.MaterializeResult(
+        metadata={
+            "rows": written["rows"],
+            "attributes": ", ".join(written["attributes"]),
+            "dagster/row_count": written["rows"],
+        }
+    )
+
+
+def _keys_preview(path: object, rows: int = 8) -> str:
+    with duckdb.connect() as connection:
+        result = connection.execute(
+            "SELECT md5, status, reason, format, width, height, phash, source_uri "
+            "FROM read_parquet($path) ORDER BY ordinal LIMIT $rows",
+            {"path": str(path), "rows": rows},
+        )
+        return markdown_table([d[0] for d in result.description], result.fetchall())
+
+
+def markdown_table(header: list[str], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,9 @@
+"""Partitions: one per landed batch, and one per shard of a batch."""
+
+import dagster as dg
+
+#: One partition per batch, e.g. ``photos_20261123T204311``.
+batches_partitions = dg.DynamicPartitionsDefinition(name="batches")
+
+#: One partition per shard, named after its batch: ``photos_20261123T204311-s00003``.
+shards_partitions = dg.DynamicPartitionsDefinition(name="shards")

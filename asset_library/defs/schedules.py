@@ -1,0 +1,41 @@
+"""Schedules: periodic triggers. Failed or never-run shards are retried once a day."""
+
+import dagster as dg
+
+from asset_library.defs.assets.ingestion import BATCH_TAG, TRIGGER_TAG
+from asset_library.defs.jobs import ingest_shard_job
+from asset_library.defs.partitions import shards_partitions
+from asset_library.planning import batch_of
+
+MAX_RETRIES_PER_TICK = 1000
+
+
+def shards_to_retry(instance: dg.DagsterInstance) -> list[str]:
+    """Shards whose last materialization failed, or that never materialized and are not running."""
+    keys = instance.get_dynamic_partitions(shards_partitions.name)
+    if not keys:
+        return []
+    statuses = instance.get_status_by_partition(dg.AssetKey("shard_keys"), keys, shards_partitions)
+    statuses = statuses or {}
+    return [key for key in keys if statuses.get(key) in (None, dg.AssetPartitionStatus.FAILED)][
+        :MAX_RETRIES_PER_TICK
+    ]
+
+
+@dg.schedule(
+    job=ingest_shard_job,
+    cron_schedule="0 3 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Re-runs failed or missing shards once a day.",
+)
+def retry_failed_shards(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest]:
+    tick = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
+    trigger = f"schedule-{tick}"
+    return [
+        dg.RunRequest(
+            run_key=f"retry:{shard}:{tick}",
+            partition_key=shard,
+            tags={BATCH_TAG: batch_of(shard), TRIGGER_TAG: trigger},
+        )
+        for shard in shards_to_retry(context.instance)
+    ]

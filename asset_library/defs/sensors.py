@@ -1,0 +1,114 @@
+"""Sensors: the triggers that turn landed batches into shard runs without a person.
+
+``landing_sensor`` sees a batch land, records the trigger and requests the batch's plan run.
+``shard_sensor`` sees a plan materialize, adds its shard partitions and requests one run per
+shard. Planning is real work (listing a billion URIs), so it happens in a run, not in a tick.
+"""
+
+import json
+
+import dagster as dg
+
+from asset_library.defs.assets.ingestion import BATCH_TAG, TRIGGER_TAG
+from asset_library.defs.jobs import SERIAL_TAG, ingest_shard_job, plan_batch_job
+from asset_library.defs.partitions import batches_partitions, shards_partitions
+from asset_library.defs.resources import LandingZoneResource, LibraryResource, SourceReaderResource
+from asset_library.landing import find_ready_batches
+from asset_library.planning import batch_id_for, load_plan
+from asset_library.sources import is_s3
+from asset_library.triggers import new_trigger_id
+
+#: Keeps a tick well inside the 60 s sensor timeout: the daemon checks each new key.
+MAX_BATCHES_PER_TICK = 50
+MAX_PLANS_PER_TICK = 20
+
+
+@dg.sensor(
+    job=plan_batch_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Watches the landing zone for a folder with a _READY marker or a manifest.",
+)
+def landing_sensor(
+    context: dg.SensorEvaluationContext,
+    landing: LandingZoneResource,
+    sources: SourceReaderResource,
+) -> dg.SensorResult:
+    seen: list[str] = json.loads(context.cursor) if context.cursor else []
+    client = sources.s3_client() if is_s3(landing.location) else None
+    ready = find_ready_batches(landing.location, client, skip=seen)[:MAX_BATCHES_PER_TICK]
+    requests = []
+    for landed in ready:
+        batch = batch_id_for(landed.name)
+        trigger = new_trigger_id("landing")
+        requests.append(
+            dg.RunRequest(
+                run_key=f"batch:{batch}",
+                partition_key=batch,
+                run_config={
+                    "ops": {
+                        "batch_plan": {
+                            "config": {
+                                "source": landed.source,
+                                "trigger": trigger,
+                                "trigger_kind": "landing",
+                            }
+                        }
+                    }
+                },
+                tags={BATCH_TAG: batch, TRIGGER_TAG: trigger},
+            )
+        )
+        context.log.info(f"batch {batch} landed at {landed.source}: trigger {trigger}")
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[
+            batches_partitions.build_add_request([r.partition_key for r in requests])
+        ]
+        if requests
+        else [],
+        cursor=json.dumps(seen + [landed.name for landed in ready]),
+    )
+
+
+@dg.sensor(
+    job=ingest_shard_job,
+    minimum_interval_seconds=15,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="When a batch plan materializes, adds its shards and requests their runs.",
+)
+def shard_sensor(context: dg.SensorEvaluationContext, library: LibraryResource) -> dg.SensorResult:
+    records = context.instance.fetch_materializations(
+        dg.AssetKey("batch_plan"), limit=MAX_PLANS_PER_TICK, cursor=context.cursor, ascending=True
+    )
+    layout = library.layout()
+    requests: list[dg.RunRequest] = []
+    keys: list[str] = []
+    for record in records.records:
+        batch = record.partition_key
+        if batch is None:
+            continue
+        plan = load_plan(layout.plan_dir(batch))
+        for shard in plan.shard_keys:
+            keys.append(shard)
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"shard:{shard}:{record.storage_id}",
+                    partition_key=shard,
+                    tags={BATCH_TAG: batch, TRIGGER_TAG: plan.trigger or "manual"},
+                )
+            )
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[shards_partitions.build_add_request(keys)] if keys else [],
+        cursor=records.cursor,
+    )
+
+
+library_automation = dg.AutomationConditionSensorDefinition(
+    "library_automation",
+    target=dg.AssetSelection.groups("library"),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    run_tags=SERIAL_TAG,
+    description="Refreshes the catalog and what depends on it as shards land.",
+)

@@ -1,0 +1,196 @@
+"""One pass over a shard's bytes: read each image once, fingerprint it, store it under its key.
+
+Reading and uploading are I/O, so a thread pool keeps many in flight; decoding is CPU, so it
+goes to the worker processes of a :class:`FingerprintPool`. Results are written in input order
+to the shard's keys file in row groups, and at most a small window of images is held at any
+time, so memory does not grow with the shard.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from asset_library.fingerprint import Fingerprint, rejected_unreadable
+from asset_library.lake import bucket_of
+from asset_library.sources import SourceItem, SourceReadError
+from asset_library.storage import ObjectStore, object_key
+from asset_library.workers import FingerprintPool
+
+KEYS_SCHEMA = pa.schema(
+    [
+        ("ordinal", pa.int64()),
+        ("source_uri", pa.string()),
+        ("md5", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+        ("format", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("orientation", pa.int16()),
+        ("frames", pa.int32()),
+        ("phash", pa.string()),
+        ("ahash", pa.string()),
+        ("dhash", pa.string()),
+        ("camera_make", pa.string()),
+        ("camera_model", pa.string()),
+        ("captured_at", pa.string()),
+        ("extras", pa.string()),
+        ("bucket", pa.int32()),
+        ("uploaded", pa.bool_()),
+        ("batch", pa.string()),
+        ("shard", pa.string()),
+        ("ingested_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+_FINGERPRINT_FIELDS = [name for name in Fingerprint.__slots__ if name in KEYS_SCHEMA.names]
+_ROW_GROUP = 20_000
+
+Reader = Callable[[str], bytes]
+
+
+@dataclass
+class ShardStats:
+    """What one pass over a shard did; becomes the assets' metadata and the CLI's summary."""
+
+    images: int = 0
+    ok: int = 0
+    rejected: int = 0
+    rejects_by_reason: Counter[str] = field(default_factory=Counter)
+    uploaded: int = 0
+    already_stored: int = 0
+    bytes_read: int = 0
+    bytes_uploaded: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "ok": self.ok,
+            "rejected": self.rejected,
+            "rejects_by_reason": dict(self.rejects_by_reason),
+            "uploaded": self.uploaded,
+            "already_stored": self.already_stored,
+            "bytes_read": self.bytes_read,
+            "bytes_uploaded": self.bytes_uploaded,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 1),
+        }
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    ordinal: int
+    item: SourceItem
+    fp: Fingerprint
+    uploaded: bool
+
+
+def ingest_shard(
+    items: Iterable[tuple[int, SourceItem]],
+    *,
+    keys_path: Path,
+    store: ObjectStore,
+    read: Reader,
+    pool: FingerprintPool,
+    batch: str,
+    shard: str,
+    n_buckets: int,
+    io_threads: int = 16,
+    progress: Callable[[ShardStats], None] | None = None,
+    progress_every: int = 1000,
+) -> ShardStats:
+    """Read, fingerprint and store every item; write the shard's keys file atomically."""
+    stats = ShardStats()
+    started = time.perf_counter()
+    ingested_at = datetime.now(UTC)
+    keys_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = keys_path.with_name(f".{keys_path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    writer = pq.ParquetWriter(tmp, KEYS_SCHEMA)
+    rows: list[dict[str, Any]] = []
+    window = max(4, io_threads * 2)
+
+    def one(ordinal: int, item: SourceItem) -> _Outcome:
+        try:
+            data = read(item.uri)
+        except SourceReadError as error:
+            fp = replace(rejected_unreadable(str(error)), reason=error.reason)
+            return _Outcome(ordinal, item, fp, False)
+        fp = pool.submit_chunk([data]).result()[0]
+        uploaded = False
+        if fp.ok and fp.md5:
+            uploaded = store.put_if_absent(object_key(fp.md5), data, fp.md5)
+        return _Outcome(ordinal, item, fp, uploaded)
+
+    def collect(outcome: _Outcome) -> None:
+        fp = outcome.fp
+        stats.images += 1
+        stats.bytes_read += fp.size_bytes or 0
+        if fp.ok:
+            stats.ok += 1
+            if outcome.uploaded:
+                stats.uploaded += 1
+                stats.bytes_uploaded += fp.size_bytes or 0
+            else:
+                stats.already_stored += 1
+        else:
+            stats.rejected += 1
+            stats.rejects_by_reason[fp.reason or "unknown"] += 1
+        row = {name: getattr(fp, name) for name in _FINGERPRINT_FIELDS}
+        row.update(
+            ordinal=outcome.ordinal,
+            source_uri=outcome.item.uri,
+            extras=_json_or_none(outcome.item.extras),
+            bucket=bucket_of(fp.md5, n_buckets) if fp.md5 else None,
+            uploaded=outcome.uploaded,
+            batch=batch,
+            shard=shard,
+            ingested_at=ingested_at,
+        )
+        rows.append(row)
+        if len(rows) >= _ROW_GROUP:
+            writer.write_table(pa.Table.from_pylist(rows, schema=KEYS_SCHEMA))
+            rows.clear()
+        if progress and stats.images % progress_every == 0:
+            stats.seconds = time.perf_counter() - started
+            progress(stats)
+
+    try:
+        with ThreadPoolExecutor(io_threads, thread_name_prefix="ingest") as threads:
+            pending: deque[Future[_Outcome]] = deque()
+            for ordinal, item in items:
+                pending.append(threads.submit(one, ordinal, item))
+                while len(pending) >= window:
+                    collect(pending.popleft().result())
+            while pending:
+                collect(pending.popleft().result())
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=KEYS_SCHEMA))
+        writer.close()
+        tmp.replace(keys_path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _json_or_none(extras: dict[str, Any]) -> str | None:
+    return json.dumps(extras, default=str, sort_keys=True) if extras else None

@@ -1,0 +1,44 @@
+"""Trigger records: which trigger produced which batch and shards, kept in the library.
+
+A trigger is what started a batch: the landing sensor seeing a marker or manifest, a schedule, or
+a person (the CLI, the UI). Its record is a small JSON file per batch, written when the batch is
+planned, so ``asset-library status`` and a reader of the library can trace shards to triggers.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TriggerRecord:
+    trigger: str
+    kind: str
+    batch: str
+    source: str
+    triggered_at: str
+    images: int
+    shards: list[str]
+
+
+def new_trigger_id(kind: str) -> str:
+    """A short unique id such as ``landing-20261123T204311-1f2e3d``."""
+    return f"{kind}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def write_trigger(directory: Path, record: TriggerRecord) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{record.batch}.json"
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(asdict(record), indent=2))
+    tmp.replace(path)
+    return path
+
+
+def read_triggers(directory: Path) -> list[TriggerRecord]:
+    records = [TriggerRecord(**json.loads(p.read_text())) for p in directory.glob("*.json")]
+    return sorted(records, key=lambda r: r.triggered_at)

@@ -1,0 +1,213 @@
+"""The fingerprint core against the real corpus: keys, attributes, rejections and hashes."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import imagehash
+import pytest
+from PIL import Image, ImageOps
+
+from asset_library.fingerprint import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_PHASH_THRESHOLD,
+    Fingerprint,
+    fingerprint,
+    hamming,
+)
+from asset_library.workers import fingerprint_many
+
+HASHES = ("phash", "ahash", "dhash")
+NEAR_LABELS = {"exact", "reencode", "resize", "exif-orientation"}
+
+
+def _read_tsv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+@pytest.fixture(scope="session")
+def manifest(corpus_dir: Path) -> dict[str, dict[str, str]]:
+    return {row["path"]: row for row in _read_tsv(corpus_dir / "MANIFEST.tsv")}
+
+
+@pytest.fixture(scope="session")
+def details(corpus_dir: Path) -> dict[str, dict[str, str]]:
+    return {row["path"]: row for row in _read_tsv(corpus_dir / "DETAILS.tsv")}
+
+
+@pytest.fixture(scope="session")
+def fast(corpus_dir: Path, manifest) -> dict[str, Fingerprint]:
+    paths = list(manifest)
+    results = fingerprint_many([corpus_dir / p for p in paths], workers=2)
+    return dict(zip(paths, results, strict=True))
+
+
+@pytest.fixture(scope="session")
+def exact(corpus_dir: Path, manifest) -> dict[str, Fingerprint]:
+    paths = list(manifest)
+    results = fingerprint_many([corpus_dir / p for p in paths], workers=2, mode="exact")
+    return dict(zip(paths, results, strict=True))
+
+
+def _imagehash_reference(path: Path) -> dict[str, str] | None:
+    """ImageHash on the image as displayed: first frame, EXIF orientation applied."""
+    try:
+        image = ImageOps.exif_transpose(Image.open(io.BytesIO(path.read_bytes())))
+        return {
+            "phash": str(imagehash.phash(image)),
+            "ahash": str(imagehash.average_hash(image)),
+            "dhash": str(imagehash.dhash(image)),
+        }
+    except Exception:
+        return None
+
+
+@pytest.fixture(scope="session")
+def reference(corpus_dir: Path, exact) -> dict[str, dict[str, str]]:
+    decodable = [p for p, fp in exact.items() if fp.ok]
+    with ProcessPoolExecutor(2) as pool:
+        refs = pool.map(_imagehash_reference, [corpus_dir / p for p in decodable], chunksize=4)
+        return {p: ref for p, ref in zip(decodable, refs, strict=True) if ref is not None}
+
+
+def test_md5_and_size_match_the_manifest_for_every_file(manifest, fast):
+    for path, row in manifest.items():
+        assert fast[path].md5 == row["md5"], path
+        assert fast[path].size_bytes == int(row["bytes"]), path
+
+
+def test_format_and_dimensions_match_for_every_decodable_file(manifest, fast):
+    checked = 0
+    for path, fp in fast.items():
+        if not fp.ok:
+            continue
+        row = manifest[path]
+        assert fp.format == row["format"].lower(), path
+        stored = (fp.height, fp.width) if fp.orientation in (5, 6, 7, 8) else (fp.width, fp.height)
+        assert stored == (int(row["width"]), int(row["height"])), path
+        checked += 1
+    assert checked > 300
+
+
+def test_every_file_pillow_cannot_decode_is_rejected_with_a_reason(details, fast, exact):
+    undecodable = [p for p, row in details.items() if row["decode"] != "ok"]
+    assert len(undecodable) >= 10
+    for path in undecodable:
+        for fp in (fast[path], exact[path]):
+            assert fp.status == "rejected", path
+            assert fp.reason in {"truncated", "corrupt", "unsupported", "too_large"}, path
+            assert fp.message and fp.phash is None, path
+    reasons = Counter(fast[p].reason for p in undecodable)
+    print(f"\nrejections of Pillow-undecodable files: {dict(reasons)}")
+    assert reasons["truncated"] >= 3 and reasons["corrupt"] >= 3
+
+
+def test_rejections_keep_the_md5_and_name_what_was_wrong(fast, manifest):
+    giant = fast["github_lovell_sharp/giant-image.jpg"]
+    assert giant.reason == "too_large" and "20000x14000" in giant.message
+    bomb = fast["github_python-pillow_Pillow/decompression_bomb.gif"]
+    assert bomb.reason == "too_large"
+    for path, fp in fast.items():
+        if not fp.ok:
+            assert fp.md5 == manifest[path]["md5"] and fp.size_bytes == int(manifest[path]["bytes"])
+    assert all(fp.ok == (fp.reason is None) for fp in fast.values())
+
+
+def test_exact_mode_equals_imagehash_bit_for_bit(exact, reference):
+    assert len(reference) > 300
+    mismatches = [
+        (path, name, getattr(exact[path], name), ref[name])
+        for path, ref in reference.items()
+        for name in HASHES
+        if getattr(exact[path], name) != ref[name]
+    ]
+    assert mismatches == []
+
+
+def test_fast_mode_stays_close_to_imagehash(fast, reference):
+    print()
+    for name in HASHES:
+        distances = [
+            hamming(getattr(fast[path], name), ref[name]) for path, ref in reference.items()
+        ]
+        n = len(distances)
+        exact_rate = sum(d == 0 for d in distances) / n
+        within_2 = sum(d <= 2 for d in distances) / n
+        worst = max(distances)
+        print(f"fast {name}: exact {exact_rate:.1%}, within 2 bits {within_2:.1%}, max {worst}")
+        assert within_2 >= 0.97, name
+        assert max(distances) <= 8, name
+
+
+def test_near_duplicates_are_within_the_recommended_threshold(corpus_dir, fast):
+    pairs = [r for r in _read_tsv(corpus_dir / "near_dups.tsv") if r["relation"] in NEAR_LABELS]
+    distances: dict[str, list[int]] = {}
+    for row in pairs:
+        a, b = fast[row["path_a"]], fast[row["path_b"]]
+        assert a.ok and b.ok, row
+        distances.setdefault(row["relation"], []).append(hamming(a.phash, b.phash))
+    print()
+    for relation, found in sorted(distances.items()):
+        histogram = dict(sorted(Counter(found).items()))
+        print(f"{relation}: {len(found)} pairs, pHash distances {histogram}")
+    assert all(d <= DEFAULT_PHASH_THRESHOLD for found in distances.values() for d in found)
+    assert all(d == 0 for d in distances["exact"])
+
+
+def test_exif_orientation_is_applied_before_hashing(corpus_dir, fast):
+    family = sorted((corpus_dir / "github_recurser_exif-orientation-examples").glob("*.jpg"))
+    oriented = [fast[str(p.relative_to(corpus_dir))] for p in family]
+    assert {fp.orientation for fp in oriented} >= {1, 6, 8}
+    assert {(fp.width, fp.height) for fp in oriented if fp.orientation != 1} <= {
+        (fp.width, fp.height) for fp in oriented if fp.orientation == 1
+    }
+    anchor = oriented[0]
+    assert all(hamming(anchor.phash, fp.phash) <= 4 for fp in oriented)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"hello, this is not an image at all" * 10, "unsupported"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 64, "corrupt"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + b"\x00" * 64, "unsupported"),
+    ],
+)
+def test_hostile_bytes_are_rejected_not_raised(data: bytes, reason: str):
+    fp = fingerprint(data)
+    assert fp.status == "rejected" and fp.reason == reason
+    assert fp.size_bytes == len(data) and len(fp.md5) == 32
+
+
+def test_a_cut_short_photo_is_rejected_as_truncated(corpus_dir):
+    data = (corpus_dir / "github_recurser_exif-orientation-examples/Landscape_1.jpg").read_bytes()
+    for mode in ("fast", "exact"):
+        fp = fingerprint(data[: len(data) // 2], mode=mode)
+        assert (fp.status, fp.reason, fp.format) == ("rejected", "truncated", "jpeg")
+
+
+def test_the_pixel_limit_is_configurable(corpus_dir):
+    data = (corpus_dir / "github_recurser_exif-orientation-examples/Landscape_1.jpg").read_bytes()
+    assert fingerprint(data).ok
+    small = fingerprint(data, max_pixels=1000)
+    assert small.reason == "too_large" and "1,000" in small.message
+    assert DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
+
+
+def test_fingerprint_many_keeps_input_order_and_reports_unreadable_paths(corpus_dir, tmp_path):
+    files = sorted(corpus_dir.glob("github_jenssegers_imagehash/*"))[:5]
+    missing = tmp_path / "gone.jpg"
+    items: list = [files[0], missing, files[1].read_bytes(), *files[2:]]
+    for workers in (0, 2):
+        results = list(fingerprint_many(items, workers=workers, chunksize=2))
+        assert [r.md5 for r in results] == [
+            fingerprint(f.read_bytes()).md5 if f != missing else None
+            for f in [files[0], missing, files[1], *files[2:]]
+        ]
+        assert results[1].reason == "unreadable" and str(missing) in results[1].message
