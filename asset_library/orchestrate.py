@@ -169,12 +169,15 @@ def _materialization_metadata(result: dg.ExecuteInProcessResult) -> dict[str, di
 
 
 def _failure_message(result: dg.ExecuteInProcessResult) -> str:
+    """The root cause of the first failed step, without Dagster's wrapping."""
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
             error = event.step_failure_data.error
-            while error.cause is not None and error.message.startswith("Error occurred"):
+            while error.cause is not None:
                 error = error.cause
-            return error.message.strip().splitlines()[-1] if error.message else ""
+            first = (error.message or "").strip().splitlines()[0] if error.message else ""
+            kind, _, text = first.partition(": ")
+            return text if text and " " not in kind else first
     return ""
 
 

@@ -37,7 +37,7 @@ class LibraryResource(dg.ConfigurableResource):
     n_buckets: int = DEFAULT_BUCKETS
     max_images_per_shard: int = DEFAULT_MAX_IMAGES_PER_SHARD
     workers: int | None = None
-    io_threads: int = 16
+    io_threads: int = 10  # dagster-aws S3 clients pool 10 connections
 
     def layout(self) -> LibraryLayout:
         return LibraryLayout.open(self.root, self.n_buckets)
