@@ -10,6 +10,7 @@ ASSET_LIBRARY_OBJECTS    where image bytes go: ``s3://bucket/prefix`` or a folde
 ASSET_LIBRARY_LANDING    the landing zone the sensor watches: ``s3://bucket/prefix`` or a
                          folder (default ``<home>/landing``)
 ASSET_LIBRARY_WORKERS    fingerprinting processes per shard run (default: every core)
+ASSET_LIBRARY_SHARD_SIZE most images per shard when a batch is planned (default 10,000,000)
 S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION   for S3
 ======================== ==================================================================
 """
@@ -105,6 +106,7 @@ def build_resources(
     environ = os.environ if environ is None else environ
     home = str(Path(root or environ.get("ASSET_LIBRARY_HOME") or "library").expanduser().resolve())
     workers = environ.get("ASSET_LIBRARY_WORKERS")
+    shard_size = environ.get("ASSET_LIBRARY_SHARD_SIZE")
     s3 = s3_resource_from_env(environ)
     objects = environ.get("ASSET_LIBRARY_OBJECTS") or str(Path(home) / "objects")
     if objects.startswith("s3://"):
@@ -115,7 +117,11 @@ def build_resources(
     else:
         object_store = LocalObjectStoreResource(path=objects)
     return {
-        "library": LibraryResource(root=home, workers=int(workers) if workers else None),
+        "library": LibraryResource(
+            root=home,
+            workers=int(workers) if workers else None,
+            max_images_per_shard=int(shard_size) if shard_size else DEFAULT_MAX_IMAGES_PER_SHARD,
+        ),
         "object_store": object_store,
         "sources": SourceReaderResource(s3=s3),
         "landing": LandingZoneResource(

@@ -1,0 +1,111 @@
+"""Triggers against a real Dagster instance: landing, planning, shard runs, daily retries."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+
+from asset_library.definitions import build_definitions
+from asset_library.defs.resources import build_resources
+from asset_library.defs.schedules import retry_failed_shards
+from asset_library.defs.sensors import landing_sensor, shard_sensor
+from asset_library.landing import find_ready_batches
+
+
+def _tick(sensor, instance, resources, cursor=None) -> dg.SensorResult:
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        return sensor(context)
+
+
+def _land(corpus_dir: Path, batch_dir: Path, count: int) -> None:
+    batch_dir.mkdir(parents=True)
+    for path in sorted((corpus_dir / "github_recurser_exif-orientation-examples").glob("*"))[
+        :count
+    ]:
+        shutil.copyfile(path, batch_dir / path.name)
+
+
+def test_a_landed_batch_becomes_shard_runs_without_a_person(tmp_path, corpus_dir):
+    landing = tmp_path / "landing"
+    _land(corpus_dir, landing / "photos_001", 5)
+    resources = build_resources(
+        {"ASSET_LIBRARY_LANDING": str(landing), "ASSET_LIBRARY_SHARD_SIZE": "2"},
+        root=str(tmp_path / "library"),
+    )
+    defs = build_definitions(resources)
+    with dg.instance_for_test() as instance:
+        # no marker yet: the batch is still landing
+        first = _tick(landing_sensor, instance, resources)
+        assert first.run_requests == []
+
+        (landing / "photos_001" / "_READY").touch()
+        tick = _tick(landing_sensor, instance, resources, first.cursor)
+        [request] = tick.run_requests
+        assert request.partition_key == "photos_001"
+        assert request.tags["asset_library/batch"] == "photos_001"
+        trigger = request.tags["asset_library/trigger"]
+        assert trigger.startswith("landing-")
+        [add] = tick.dynamic_partitions_requests
+        assert list(add.partition_keys) == ["photos_001"]
+
+        # the same batch never triggers twice
+        again = _tick(landing_sensor, instance, resources, tick.cursor)
+        assert again.run_requests == []
+
+        # what the daemon does with the request: add the partition, launch the plan run
+        instance.add_dynamic_partitions("batches", list(add.partition_keys))
+        planned = defs.resolve_job_def("plan_batch").execute_in_process(
+            partition_key=request.partition_key,
+            run_config=request.run_config,
+            tags=request.tags,
+            instance=instance,
+        )
+        assert planned.success
+
+        shards = _tick(shard_sensor, instance, resources)
+        keys = [r.partition_key for r in shards.run_requests]
+        assert keys == ["photos_001-s00000", "photos_001-s00001", "photos_001-s00002"]
+        assert all(r.tags["asset_library/trigger"] == trigger for r in shards.run_requests)
+        assert set(instance.get_dynamic_partitions("shards")) == set(keys)
+        later = _tick(shard_sensor, instance, resources, shards.cursor)
+        assert later.run_requests == []
+
+        # one shard ran, one failed, one never ran: the daily schedule retries the last two
+        shard_job = defs.resolve_job_def("ingest_shard")
+        assert shard_job.execute_in_process(partition_key=keys[0], instance=instance).success
+        (tmp_path / "library" / "plans" / "photos_001" / f"{keys[1]}.parquet").unlink()
+        failed = shard_job.execute_in_process(
+            partition_key=keys[1], instance=instance, raise_on_error=False
+        )
+        assert not failed.success
+        context = dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=datetime(2026, 11, 24, 3, tzinfo=UTC)
+        )
+        retries = retry_failed_shards(context)
+        assert sorted(r.partition_key for r in retries) == keys[1:]
+        assert all(r.tags["asset_library/trigger"] == "schedule-20261124T0300" for r in retries)
+
+
+def test_manifests_and_marked_folders_are_ready_batches(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "_READY").touch()
+    (tmp_path / "c.csv").write_text("uri\nx.jpg\n")
+    (tmp_path / ".hidden.csv").write_text("uri\n")
+    found = find_ready_batches(str(tmp_path))
+    assert [(b.name, Path(b.source).name) for b in found] == [("b", "b"), ("c.csv", "c.csv")]
+    assert [b.name for b in find_ready_batches(str(tmp_path), skip=["b"])] == ["c.csv"]
+
+
+def test_sensors_and_schedule_start_running(tmp_path):
+    defs = build_definitions(build_resources({}, root=str(tmp_path)))
+    with dg.instance_for_test():
+        for name in ("landing_sensor", "shard_sensor", "library_automation"):
+            sensor = defs.resolve_sensor_def(name)
+            assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+        schedule = defs.resolve_schedule_def("retry_failed_shards")
+        assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+        assert defs.resolve_job_def("ingest_shard").executor_def.name == "in_process"
