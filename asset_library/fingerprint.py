@@ -51,7 +51,7 @@ DEFAULT_MAX_PIXELS = 178_956_970
 
 #: Smallest side a reduced decode keeps, in pixels. The pHash resize reads a 32x32 grid, so
 #: a few times that keeps the Lanczos filter close to what it sees at full size.
-FAST_MIN_SIDE = 256
+FAST_MIN_SIDE = 128
 #: The same for the integer box reduction of other formats, which aliases more than DCT scaling.
 REDUCE_MIN_SIDE = 512
 
@@ -99,7 +99,10 @@ _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
 )
 _UNSUPPORTED_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"}
 
-# The limit is enforced here; Pillow's chatter about odd files is not the caller's concern.
+# The pixel limit is enforced here, on the header, before any decode, and it is configurable
+# (``max_pixels``), so Pillow's own fixed limit is lifted. Pillow's chatter about odd files is
+# not the caller's concern either: the rejection says what was wrong.
+Image.MAX_IMAGE_PIXELS = None
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 

@@ -85,12 +85,14 @@ _CANDIDATE_CHUNK = 1 << 22
 
 # Cost model, in nanoseconds, measured on the project's 2-core machine (benchmarks/search.py).
 # Only ratios matter: they decide band layouts and when a scan beats probing.
-_NS_QUERY_FIXED = 40_000.0  # numpy calls of one probed segment query
-_NS_PER_BAND = 2_000.0  # key extraction and concatenation per probed band
-_NS_PER_PROBE = 12.0  # one offsets lookup pair
-_NS_PER_CANDIDATE = 12.0  # gather, XOR, popcount of one candidate
+_NS_QUERY_FIXED = 10_000.0  # numpy calls of one probed segment query
+_NS_PER_BAND = 4_000.0  # key extraction and concatenation per probed band
+_NS_PER_PROBE = 35.0  # one offsets lookup pair (random reads into the tables)
+_NS_PER_CANDIDATE = 15.0  # gather, XOR, popcount of one candidate
 _NS_SCAN_FIXED = 10_000.0
-_NS_SCAN_PER_ROW = 2.5  # np.bitwise_count(db ^ q) per row
+_NS_SCAN_PER_ROW = 2.0  # np.bitwise_count(db ^ q) per row, 10M rows (0.9 ns in cache at 1M)
+_NS_JOIN_BUCKET = 30.0  # one (bucket, mask) step of a self-join
+_NS_JOIN_PAIR = 18.0  # one candidate pair of a self-join
 _NS_BUILD_PER_ROW_BAND = 120.0  # key, sort and table per row and band (for pairs_within)
 
 
@@ -258,7 +260,8 @@ def _join_cost(n: int, widths: Sequence[int], bucket: Sequence[float], d: int) -
         k = _n_masks(w, r)
         if k > MAX_MASKS:
             return math.inf
-        total += n * (k * _NS_PER_PROBE / 2.0 + k * e * _NS_PER_CANDIDATE / 2.0)
+        buckets = (1 << w) * -math.expm1(-n / (1 << w))  # expected non-empty buckets
+        total += (k - 1) * buckets * _NS_JOIN_BUCKET + n * e * k / 2.0 * _NS_JOIN_PAIR
     return total
 
 
@@ -297,6 +300,18 @@ def _expand(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     total = int(counts.sum())
     ends = np.cumsum(counts)
     return np.arange(total, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
+
+
+def _argsort_key(keys: np.ndarray, width: int) -> np.ndarray:
+    """Stable argsort of band values as one or two 16-bit radix passes: several times faster
+    than a comparison sort of 10M int64 keys."""
+    idx = np.int32 if keys.size < (1 << 31) else np.int64
+    if width <= 16:
+        return np.argsort(keys.astype(np.uint16), kind="stable").astype(idx)
+    low = width // 2
+    first = np.argsort((keys & ((1 << low) - 1)).astype(np.uint16), kind="stable").astype(idx)
+    high = (keys >> low).astype(np.uint16)[first]
+    return first[np.argsort(high, kind="stable")]
 
 
 def _budget_slices(counts: np.ndarray, budget: int) -> list[slice]:
@@ -394,7 +409,7 @@ class _Segment:
             return seg
         pos_dtype = np.int32 if m * n < (1 << 31) else np.int64
         k0 = seg.key(0, h)
-        order = np.argsort(k0, kind="stable")
+        order = _argsort_key(k0, widths[0])
         seg.hashes = h = h[order]
         seg.ids = ids[order]
         offsets = np.empty(int(seg.obase[-1]), dtype=pos_dtype)
@@ -403,7 +418,7 @@ class _Segment:
         for b in range(m):
             kb = k0[order] if b == 0 else seg.key(b, h)
             if b:
-                perm[(b - 1) * n : b * n] = np.argsort(kb, kind="stable")
+                perm[(b - 1) * n : b * n] = _argsort_key(kb, widths[b])
             counts = np.bincount(kb, minlength=1 << widths[b])
             table = offsets[seg.obase[b] : seg.obase[b + 1]]
             table[0] = b * n
@@ -572,13 +587,16 @@ class _Segment:
 
     # -- self-join
 
-    def self_pairs(self, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def self_pairs(
+        self, d: int, allow_scan: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row a, row b, distance), a < b, for all pairs of rows within ``d``."""
         if self.n < 2:
             return _empty3()
         # Rows of one segment share its constant bits, so the free bits carry all the distance.
-        if not self.widths or _join_cost(self.n, self.widths, self.bucket, d) > _join_cost(
-            self.n, [], [], d
+        scan = _join_cost(self.n, [], [], d)
+        if not self.widths or (
+            allow_scan and _join_cost(self.n, self.widths, self.bucket, d) > scan
         ):
             return self._scan_pairs(d)
         radii = _assign_radii(self.widths, self.bucket, d)
@@ -590,45 +608,61 @@ class _Segment:
         return ra, rb, dist
 
     def _band_pairs(self, b: int, r: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pairs whose band ``b`` values are within ``r``: a bucket with itself, and each pair of
-        buckets ``(v, v ^ mask)`` once (from the lower value)."""
+        """Pairs whose band ``b`` values are within ``r``: each bucket with itself, and each pair
+        of buckets ``(v, v ^ mask)`` once, from the side where the mask's top bit is 0 in ``v``
+        (exactly when ``v < v ^ mask``). Works on non-empty buckets, not rows, so a dense table
+        costs no more than a sparse one."""
         n, w = self.n, self.widths[b]
-        table = self.offsets[self.obase[b] : self.obase[b + 1]].astype(np.int64)
-        key_of_pos = np.repeat(np.arange(1 << w, dtype=np.int64), np.diff(table))
-        masks = _masks(w, r)[1:]
-        step = max(1, _PROBE_CHUNK // (masks.size + 1))
-        out_a, out_b, out_d = [], [], []
-        for p0 in range(0, n, step):
-            keys = key_of_pos[p0 : p0 + step]
-            pos = np.arange(p0, p0 + keys.size, dtype=np.int64) + b * n
-            # Same bucket: the positions after this one.
-            starts = [pos + 1]
-            counts = [table[keys + 1] - (pos + 1)]
-            owners = [pos]
-            if masks.size:
-                other = keys[:, None] ^ masks
-                lower = keys[:, None] < other
-                s = table[other]
-                c = np.where(lower, table[other + 1] - s, 0)
-                starts.append(s.ravel())
-                counts.append(c.ravel())
-                owners.append(np.repeat(pos, masks.size))
-            st, ct, ow = (np.concatenate(x) for x in (starts, counts, owners))
-            nz = np.flatnonzero(ct)
-            st, ct, ow = st[nz], ct[nz], ow[nz]
-            for piece in _budget_slices(ct, _CANDIDATE_CHUNK):
-                c = ct[piece]
-                rb = self.rows_of(_expand(st[piece], c))
-                ra = self.rows_of(np.repeat(ow[piece], c))
-                dist = np.bitwise_count(self.hashes[ra] ^ self.hashes[rb])
-                keep = np.flatnonzero(dist <= d)
-                ra, rb = ra[keep], rb[keep]
-                out_a.append(np.minimum(ra, rb))
-                out_b.append(np.maximum(ra, rb))
-                out_d.append(dist[keep])
-        if not out_a:
+        table = self.offsets[self.obase[b] : self.obase[b + 1]].astype(np.int64) - b * n
+        row_of = np.arange(n, dtype=np.int64) if b == 0 else self.perm[(b - 1) * n : b * n]
+        # Hashes in this band's order: candidates then sit in a few contiguous runs, so they are
+        # compared without random reads; only the survivors are mapped back to rows.
+        hb = self.hashes if b == 0 else self.hashes[row_of]
+        sizes = np.diff(table)
+        full = np.flatnonzero(sizes)
+        out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # Same bucket: each position with the positions after it.
+        many = full[sizes[full] > 1]
+        owner = _expand(table[many], sizes[many])
+        ends = np.repeat(table[many + 1], sizes[many])
+        self._verify(hb, row_of, owner, owner + 1, ends - owner - 1, d, out)
+        for mask in _masks(w, r)[1:].tolist():
+            top = 1 << (mask.bit_length() - 1)
+            u = full[(full & top) == 0]
+            t = u ^ mask
+            ct = sizes[t]
+            hit = np.flatnonzero(ct)
+            u, t, ct = u[hit], t[hit], ct[hit]
+            owner = _expand(table[u], sizes[u])
+            self._verify(
+                hb, row_of, owner, np.repeat(table[t], sizes[u]), np.repeat(ct, sizes[u]), d, out
+            )
+        if not out:
             return _empty3()
-        return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_d)
+        ra, rb, dist = (np.concatenate(x) for x in zip(*out, strict=True))
+        return ra, rb, dist
+
+    def _verify(
+        self,
+        hb: np.ndarray,
+        row_of: np.ndarray,
+        owner: np.ndarray,
+        starts: np.ndarray,
+        counts: np.ndarray,
+        d: int,
+        out: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    ) -> None:
+        """Compare each owner position with its range of positions; keep pairs within ``d``."""
+        hit = np.flatnonzero(counts > 0)
+        owner, starts, counts = owner[hit], starts[hit], counts[hit]
+        for piece in _budget_slices(counts, _CANDIDATE_CHUNK):
+            c = counts[piece]
+            pb = _expand(starts[piece], c)
+            pa = np.repeat(owner[piece], c)
+            dist = np.bitwise_count(hb[pa] ^ hb[pb])
+            keep = np.flatnonzero(dist <= d)
+            ra, rb = row_of[pa[keep]], row_of[pb[keep]]
+            out.append((np.minimum(ra, rb), np.maximum(ra, rb), dist[keep]))
 
     def _scan_pairs(self, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         out_a, out_b, out_d = [], [], []
@@ -837,7 +871,7 @@ class HammingIndex:
         order = np.lexsort((ids, dist, qi))
         return qi[order], ids[order], dist[order].astype(np.int64)
 
-    def pairs_within(self, max_distance: int) -> np.ndarray:
+    def pairs_within(self, max_distance: int, bands: int | None = None) -> np.ndarray:
         """All pairs (id_a, id_b, distance), id_a < id_b, within ``max_distance`` across all
         segments, sorted by (id_a, id_b).
 
@@ -845,25 +879,33 @@ class HammingIndex:
         radius are compared, then deduplicated. The bands of the stored segments are laid out
         for queries; when another layout makes the join clearly cheaper, or when there are
         several segments (pairs cross them), a transient segment over all rows is built with
-        the layout the join cost model prefers.
+        the layout the join cost model prefers. ``bands`` forces the number of bands of the join
+        (0: compare all pairs), for benchmarks and tests.
         """
         d = _check_distance(max_distance)
         segs = [s for s in self._segments.values() if s.n]
         n = sum(s.n for s in segs)
         if n < 2:
             return np.zeros((0, 3), dtype=np.int64)
-        if len(segs) == 1:
+        if bands is not None:
+            if len(segs) == 1 and len(segs[0].widths) == bands:
+                seg = segs[0]
+            else:
+                ids = np.concatenate([s.ids for s in segs])
+                hashes = np.concatenate([s.hashes for s in segs])
+                seg = _Segment.build(ids, hashes, bands, d, math.inf)
+        elif len(segs) == 1:
             seg = segs[0]
             best_m, best = _best_join_bands(n, 64 - seg.const_mask.bit_count(), d)
             stored = _join_cost(n, seg.widths, seg.bucket, d)
-            if best + _NS_BUILD_PER_ROW_BAND * n * best_m < stored:
+            if best < 0.7 * stored:  # the transient must win by more than the model error
                 seg = _Segment.build(seg.ids, seg.hashes, best_m, d, math.inf)
         else:
             ids = np.concatenate([s.ids for s in segs])
             hashes = np.concatenate([s.hashes for s in segs])
             m, _ = _best_join_bands(n, 64 - _constant_mask(hashes).bit_count(), d)
             seg = _Segment.build(ids, hashes, m, d, math.inf)
-        ra, rb, dist = seg.self_pairs(d)
+        ra, rb, dist = seg.self_pairs(d, allow_scan=bands is None)
         a, b = np.asarray(seg.ids[ra]), np.asarray(seg.ids[rb])
         out = np.stack([np.minimum(a, b), np.maximum(a, b), dist.astype(np.int64)], axis=1)
         return out[np.lexsort((out[:, 1], out[:, 0]))]
@@ -941,7 +983,7 @@ def _best_join_bands(n: int, n_free: int, d: int) -> tuple[int, float]:
     best_m, best = 0, _join_cost(n, [], [], d)
     for m in range(1, min(n_free, 16) + 1):
         widths = _split(n_free, m)
-        if widths[0] > MAX_BAND_BITS or sum(1 << w for w in widths) > 8 * n + (1 << 16):
+        if widths[0] > MAX_BAND_BITS or sum(1 << w for w in widths) > 16 * n + (1 << 16):
             continue
         bucket = [n / (1 << w) for w in widths]
         cost = _join_cost(n, widths, bucket, d) + _NS_BUILD_PER_ROW_BAND * n * m

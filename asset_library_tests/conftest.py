@@ -1,0 +1,60 @@
+"""Shared fixtures: the image corpus and a real S3 server (SeaweedFS) on loopback."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from asset_library_tests.seaweedfs import SeaweedS3
+
+_bucket_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """The shared image corpus, beside the clone: <clone>/../shared/corpus."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+    if not path.is_dir():
+        pytest.fail(
+            f"image corpus not found at {path}: the tests expect the project's shared/ folder "
+            "beside the clone (shared/corpus)",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[SeaweedS3]:
+    """One `weed mini` for the whole session, auth on. Fails (never skips) if it can't start."""
+    server = SeaweedS3()
+    try:
+        server.start()
+    except Exception as exc:
+        server.close()
+        pytest.fail(f"could not start SeaweedFS (weed mini): {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def s3_bucket(seaweed: SeaweedS3) -> str:
+    """A fresh, empty bucket with a unique name."""
+    name = f"test-{os.getpid()}-{next(_bucket_numbers)}"
+    return seaweed.make_bucket(name)
+
+
+@pytest.fixture
+def s3_env(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point `s3_client_from_env()` at the test server (endpoint, keys, region)."""
+    env = seaweed.env()
+    for name in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env

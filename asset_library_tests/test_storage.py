@@ -1,0 +1,331 @@
+"""Object storage against a real folder and a real S3 server (SeaweedFS, auth on, no mocks)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+from asset_library.storage import (
+    DigestMismatchError,
+    LocalObjectStore,
+    ObjectNotFoundError,
+    ObjectStore,
+    ObjectStoreError,
+    S3ObjectStore,
+    object_key,
+    open_store,
+    parse_s3_uri,
+    s3_client_from_env,
+)
+from asset_library_tests.seaweedfs import SeaweedS3
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
+S3_PREFIX = "lib/v1"
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def images(corpus_dir: Path) -> list[tuple[bytes, str]]:
+    """Six small, distinct real images from the corpus, as (bytes, md5)."""
+    paths = sorted(
+        path
+        for path in corpus_dir.rglob("*")
+        if path.is_file()
+        and path.suffix.lower() in IMAGE_SUFFIXES
+        and 1_000 < path.stat().st_size < 150_000
+    )
+    chosen: dict[str, bytes] = {}
+    for path in paths:
+        data = path.read_bytes()
+        chosen.setdefault(_md5(data), data)
+        if len(chosen) == 6:
+            break
+    assert len(chosen) == 6, f"corpus at {corpus_dir} has too few small images"
+    return [(data, md5) for md5, data in chosen.items()]
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    if request.param == "local":
+        return LocalObjectStore(tmp_path / "objects")
+    seaweed: SeaweedS3 = request.getfixturevalue("seaweed")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    return S3ObjectStore(seaweed.client(), bucket, S3_PREFIX)
+
+
+def _objects_in_bucket(client, bucket: str) -> list[str]:
+    response = client.list_objects_v2(Bucket=bucket)
+    return [item["Key"] for item in response.get("Contents", ())]
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+def test_object_key_layout() -> None:
+    md5 = "0123456789abcdef0123456789abcdef"
+    assert object_key(md5) == f"images/01/23/{md5}"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "0123456789ABCDEF0123456789ABCDEF",  # upper case
+        "0123456789abcdef0123456789abcde",  # 31 characters
+        "0123456789abcdef0123456789abcdef0",  # 33 characters
+        "0123456789abcdef0123456789abcdeg",  # not hex
+        " 0123456789abcdef0123456789abcde",
+        "",
+    ],
+)
+def test_object_key_refuses_non_md5(bad: str) -> None:
+    with pytest.raises(ValueError, match=repr(bad).replace("\\", "\\\\")):
+        object_key(bad)
+
+
+def test_object_key_refuses_non_string() -> None:
+    with pytest.raises(ValueError, match="b'"):
+        object_key(b"0123456789abcdef0123456789abcdef")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", ["a//b", "/a", "a/", "a/../b", "./a", "a/.tmp-x", ""])
+def test_keys_that_s3_and_folders_treat_differently_are_refused(
+    seaweed: SeaweedS3, tmp_path: Path, bad: str
+) -> None:
+    # Refused before any request: the bucket need not exist.
+    stores = [LocalObjectStore(tmp_path), S3ObjectStore(seaweed.client(), "no-such-bucket")]
+    data = b"x"
+    for store in stores:
+        with pytest.raises(ValueError, match="bad object key"):
+            store.put_if_absent(bad, data, _md5(data))
+        with pytest.raises(ValueError, match="bad object key"):
+            store.exists(bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parse_s3_uri() -> None:
+    assert parse_s3_uri("s3://bucket/a/b") == ("bucket", "a/b")
+    assert parse_s3_uri("s3://bucket") == ("bucket", "")
+    for bad in ["bucket/a", "s3://", "s3:///a", "s3://Bad_Bucket/a", "http://bucket/a"]:
+        with pytest.raises(ValueError, match="'" + bad):
+            parse_s3_uri(bad)
+
+
+# -- both stores --------------------------------------------------------------------------------
+
+
+def test_put_then_read(store: ObjectStore, images: list[tuple[bytes, str]]) -> None:
+    keys = []
+    for data, md5 in images:
+        key = object_key(md5)
+        keys.append(key)
+        assert not store.exists(key)
+        assert store.head_size(key) is None
+        assert store.put_if_absent(key, data, md5) is True
+        assert store.exists(key)
+        assert store.head_size(key) == len(data)
+        assert store.get(key) == data
+        assert key in store.uri(key)
+    assert list(store.iter_keys()) == sorted(keys)
+    first = keys[0]
+    assert list(store.iter_keys(first[: len("images/") + 2])) == [
+        k for k in sorted(keys) if k.startswith(first[: len("images/") + 2])
+    ]
+    assert list(store.iter_keys("nothing/")) == []
+    assert store.describe()
+
+
+def test_second_put_is_refused_and_keeps_the_object(
+    store: ObjectStore, images: list[tuple[bytes, str]]
+) -> None:
+    (data, md5), (other, other_md5) = images[0], images[1]
+    key = object_key(md5)
+    assert store.put_if_absent(key, data, md5) is True
+    assert store.put_if_absent(key, data, md5) is False
+    # Even a different (valid) body under the same key must not replace the first one.
+    assert store.put_if_absent(key, other, other_md5) is False
+    assert store.get(key) == data
+    assert store.head_size(key) == len(data)
+
+
+def test_missing_object(store: ObjectStore) -> None:
+    key = object_key("f" * 32)
+    with pytest.raises(ObjectNotFoundError, match="f" * 32) as info:
+        store.get(key)
+    assert isinstance(info.value, KeyError)
+    store.delete(key)  # idempotent
+    assert store.head_size(key) is None
+
+
+def test_delete(store: ObjectStore, images: list[tuple[bytes, str]]) -> None:
+    data, md5 = images[0]
+    key = object_key(md5)
+    store.put_if_absent(key, data, md5)
+    store.delete(key)
+    assert not store.exists(key)
+    assert list(store.iter_keys()) == []
+    assert store.put_if_absent(key, data, md5) is True
+
+
+def test_wrong_md5_is_refused_and_nothing_is_stored(
+    store: ObjectStore, images: list[tuple[bytes, str]]
+) -> None:
+    (data, md5), (_, other_md5) = images[0], images[1]
+    key = object_key(md5)
+    corrupted = bytes([data[0] ^ 0xFF]) + data[1:]
+    for body, claimed in [(data, other_md5), (corrupted, md5)]:
+        with pytest.raises(ValueError, match="images/") as info:
+            store.put_if_absent(key, body, claimed)
+        assert isinstance(info.value, DigestMismatchError)
+        if isinstance(store, S3ObjectStore):
+            # The refusal comes from the server, which checked Content-MD5 against the body.
+            cause = info.value.__cause__
+            assert isinstance(cause, ClientError)
+            assert cause.response["Error"]["Code"] == "BadDigest"
+            assert _objects_in_bucket(store.client, store.bucket) == []
+        assert not store.exists(key)
+    with pytest.raises(ValueError, match="bad md5_hex"):
+        store.put_if_absent(key, data, md5.upper())
+
+
+def test_racing_writers_exactly_one_wins(
+    store: ObjectStore, images: list[tuple[bytes, str]]
+) -> None:
+    # Three rounds: on SeaweedFS the losers of a race wait about 1-2 s server-side for their 412.
+    for data, md5 in images[:3]:
+        key = object_key(md5)
+        barrier = threading.Barrier(8)
+
+        def put(barrier: threading.Barrier, key: str, data: bytes, md5: str) -> bool:
+            barrier.wait(timeout=10)
+            return store.put_if_absent(key, data, md5)
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(put, barrier, key, data, md5) for _ in range(8)]
+            results = [future.result(timeout=60) for future in futures]
+        assert results.count(True) == 1, results
+        assert store.get(key) == data
+    if isinstance(store, LocalObjectStore):
+        leftovers = [p for p in store.root.rglob(".*")]
+        assert leftovers == [], "temporary files left behind"
+
+
+# -- S3 specifics -------------------------------------------------------------------------------
+
+
+def test_s3_bad_digest_from_raw_client(seaweed: SeaweedS3, s3_bucket: str) -> None:
+    """The server itself refuses a Content-MD5 that does not match the body."""
+    client = seaweed.client()
+    body = b"the body"
+    wrong = hashlib.md5(b"another body").digest()
+    with pytest.raises(ClientError) as info:
+        client.put_object(
+            Bucket=s3_bucket, Key="k", Body=body, ContentMD5=base64.b64encode(wrong).decode()
+        )
+    assert info.value.response["Error"]["Code"] == "BadDigest"
+    assert _objects_in_bucket(client, s3_bucket) == []
+
+
+def test_s3_iter_keys_pages_past_1000(seaweed: SeaweedS3, s3_bucket: str) -> None:
+    client = seaweed.client(max_pool_connections=16)
+    store = S3ObjectStore(client, s3_bucket, S3_PREFIX)
+    bodies = [f"object {i}".encode() for i in range(1100)]
+    started = time.monotonic()
+
+    def put(body: bytes) -> bool:
+        md5 = _md5(body)
+        return store.put_if_absent(object_key(md5), body, md5)
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(put, bodies))
+    put_seconds = time.monotonic() - started
+
+    list_calls = []
+    client.meta.events.register(
+        "before-call.s3.ListObjectsV2", lambda **kwargs: list_calls.append(1)
+    )
+    keys = store.iter_keys()
+    assert isinstance(keys, Iterator)
+    assert list_calls == [], "iter_keys must be lazy"
+    listed = list(keys)
+    assert listed == sorted(object_key(_md5(body)) for body in bodies)
+    assert len(list_calls) >= 2, "expected more than one page"
+    assert put_seconds < 30, f"1100 PUTs took {put_seconds:.1f} s"
+
+
+def test_s3_bad_credentials_give_a_clear_error(seaweed: SeaweedS3, s3_bucket: str) -> None:
+    data = b"some bytes"
+    md5 = _md5(data)
+    key = object_key(md5)
+    wrong_secret = S3ObjectStore(
+        seaweed.client(secret_key="not-the-secret", max_attempts=1), s3_bucket
+    )
+    with pytest.raises(ObjectStoreError, match="SignatureDoesNotMatch") as info:
+        wrong_secret.put_if_absent(key, data, md5)
+    assert s3_bucket in str(info.value) and key in str(info.value)
+    assert info.value.code == "SignatureDoesNotMatch"
+    # exists() must not mistake "forbidden" for "absent".
+    with pytest.raises(ObjectStoreError, match=s3_bucket):
+        wrong_secret.exists(key)
+    with pytest.raises(ObjectStoreError, match="SignatureDoesNotMatch"):
+        list(wrong_secret.iter_keys())
+
+    unknown_key = S3ObjectStore(seaweed.client(access_key="AKNOBODY", max_attempts=1), s3_bucket)
+    with pytest.raises(ObjectStoreError, match="InvalidAccessKeyId"):
+        unknown_key.put_if_absent(key, data, md5)
+    assert _objects_in_bucket(seaweed.client(), s3_bucket) == []
+
+
+def test_open_store_from_environment(
+    s3_env: dict[str, str], s3_bucket: str, images: list[tuple[bytes, str]], tmp_path: Path
+) -> None:
+    client = s3_client_from_env()
+    assert client.meta.endpoint_url == s3_env["S3_ENDPOINT_URL"]
+    assert client.meta.region_name == "us-east-1"
+    store = open_store(f"s3://{s3_bucket}/{S3_PREFIX}")
+    assert isinstance(store, S3ObjectStore)
+    data, md5 = images[0]
+    key = object_key(md5)
+    assert store.put_if_absent(key, data, md5)
+    assert store.uri(key) == f"s3://{s3_bucket}/{S3_PREFIX}/{key}"
+    assert _objects_in_bucket(client, s3_bucket) == [f"{S3_PREFIX}/{key}"]
+    assert s3_env["S3_ENDPOINT_URL"] in store.describe()
+
+    local = open_store(tmp_path / "here")
+    assert isinstance(local, LocalObjectStore)
+    assert local.put_if_absent(key, data, md5)
+    assert Path(local.uri(key)) == tmp_path / "here" / Path(*key.split("/"))
+
+
+def test_s3_server_restart_keeps_objects_and_outage_is_an_error(
+    images: list[tuple[bytes, str]],
+) -> None:
+    """A private server: stop it mid-run (errors, never "absent"), restart, data is back."""
+    with SeaweedS3() as server:
+        server.make_bucket("restart")
+        store = S3ObjectStore(server.client(max_attempts=1), "restart")
+        written = []
+        for data, md5 in images[:3]:
+            key = object_key(md5)
+            assert store.put_if_absent(key, data, md5)
+            written.append((key, data))
+        server.stop()
+        key, data = written[0]
+        with pytest.raises(ObjectStoreError, match="s3://restart/" + key):
+            store.exists(key)
+        server.start()
+        for key, data in written:
+            assert store.get(key) == data
+        data, md5 = images[3]
+        assert store.put_if_absent(object_key(md5), data, md5)
+        assert len(list(store.iter_keys())) == 4
