@@ -76,6 +76,9 @@ def test_a_landed_batch_becomes_shard_runs_without_a_person(tmp_path, corpus_dir
         # one shard ran, one failed, one never ran: the daily schedule retries the last two
         shard_job = defs.resolve_job_def("ingest_shard")
         assert shard_job.execute_in_process(partition_key=keys[0], instance=instance).success
+        # a sensor started afresh (no cursor) does not ingest an ingested shard a second time
+        fresh = _tick(shard_sensor, instance, resources)
+        assert [r.partition_key for r in fresh.run_requests] == keys[1:]
         (tmp_path / "library" / "plans" / "photos_001" / f"{keys[1]}.parquet").unlink()
         failed = shard_job.execute_in_process(
             partition_key=keys[1], instance=instance, raise_on_error=False

@@ -89,8 +89,11 @@ def shard_sensor(context: dg.SensorEvaluationContext, library: LibraryResource) 
         if batch is None:
             continue
         plan = load_plan(layout.plan_dir(batch))
+        done = _materialized_since(context.instance, plan.shard_keys, record.storage_id)
         for shard in plan.shard_keys:
             keys.append(shard)
+            if shard in done:
+                continue
             requests.append(
                 dg.RunRequest(
                     run_key=f"shard:{shard}:{record.storage_id}",
@@ -103,6 +106,27 @@ def shard_sensor(context: dg.SensorEvaluationContext, library: LibraryResource) 
         dynamic_partitions_requests=[shards_partitions.build_add_request(keys)] if keys else [],
         cursor=records.cursor,
     )
+
+
+def _materialized_since(instance: dg.DagsterInstance, shards: list[str], storage_id: int) -> set[str]:
+    """Shards already ingested after this plan landed (e.g. by ``asset-library ingest``), so
+    a sensor that starts later does not ingest them a second time."""
+    done: set[str] = set()
+    cursor = None
+    while True:
+        page = instance.fetch_materializations(
+            dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey("shard_keys"),
+                asset_partitions=shards,
+                after_storage_id=storage_id,
+            ),
+            limit=1000,
+            cursor=cursor,
+        )
+        done.update(r.partition_key for r in page.records if r.partition_key)
+        if not page.has_more:
+            return done
+        cursor = page.cursor
 
 
 library_automation = dg.AutomationConditionSensorDefinition(
