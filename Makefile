@@ -2,18 +2,23 @@
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 CORPUS ?= ../shared/corpus
 LIBRARY ?= library
+SHARD_SIZE ?= 100
 
 .PHONY: install demo ui test lint bench
 
 install:
-	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
+		|| python3 -m pip install --quiet uv
 	$(UV) sync --frozen
 
 demo: install
-	$(UV) run asset-library ingest $(CORPUS) --library $(LIBRARY)
+	$(UV) run asset-library ingest $(CORPUS) --library $(LIBRARY) --shard-size $(SHARD_SIZE)
 
+# The UI on the demo's library: its own Dagster instance holds the runs the CLI made.
 ui: install
-	ASSET_LIBRARY_HOME=$(abspath $(LIBRARY)) $(UV) run dagster dev -w workspace.yaml
+	mkdir -p $(LIBRARY)/.dagster && cp -n dagster.yaml $(LIBRARY)/.dagster/ || true
+	ASSET_LIBRARY_HOME=$(abspath $(LIBRARY)) DAGSTER_HOME=$(abspath $(LIBRARY))/.dagster \
+		$(UV) run dagster dev -w workspace.yaml
 
 test: install
 	$(UV) run ruff check .
@@ -25,3 +30,5 @@ lint: install
 
 bench: install
 	$(UV) run python benchmarks/fingerprint.py
+	$(UV) run python benchmarks/ingest.py
+	$(UV) run python benchmarks/search.py
