@@ -6,7 +6,8 @@ in a private file and renamed into place, so a reader never waits on a writer's 
 concurrent shard runs never write it.
 
 Views: ``occurrences`` (every accepted source), ``images`` (one row per md5), ``rejects``,
-``attributes`` (the cube, one row per md5/attribute/value) and ``attribute_occurrences``.
+``attributes`` (the cube, one row per md5/attribute/value), ``attribute_occurrences`` and
+``near_duplicates`` (groups of near-duplicate images).
 Table macros (parameterised views; arguments are bound values, never SQL text) are listed in
 :data:`MACROS`.
 """
@@ -26,6 +27,11 @@ from asset_library.lake import LibraryLayout, write_single
 from asset_library.tables import BASE_COLUMNS_SQL, CUBE_SCHEMA
 
 _EMPTY = "_empty.parquet"
+
+#: Rows of the near-duplicate groups: the group (numbered from the largest), its size, members.
+NEAR_DUPLICATES_SCHEMA = pa.schema(
+    [("group_id", pa.int32()), ("group_size", pa.int32()), ("md5", pa.string())]
+)
 
 #: name -> (signature, body) of each table macro, also the README's reference.
 MACROS: dict[str, tuple[str, str]] = {
@@ -86,6 +92,7 @@ def catalog_statements(layout: LibraryLayout) -> list[str]:
     base = _lit(layout.table_glob("base"))
     cube = _lit(layout.table_glob("cube"))
     rejects = _lit(layout.table_glob("rejects"))
+    groups = _lit(str(layout.table_dir("near_duplicates") / "*.parquet"))
     bits = layout.n_buckets.bit_length() - 1
     bucket_expr = f"(('0x' || lower(key)[1:8])::UBIGINT >> {32 - bits})::INTEGER" if bits else "0"
     statements = [
@@ -103,6 +110,8 @@ def catalog_statements(layout: LibraryLayout) -> list[str]:
             SELECT * FROM read_parquet('{rejects}', union_by_name = true)""",
         f"""CREATE VIEW attribute_occurrences AS
             SELECT * FROM read_parquet('{cube}', hive_partitioning = true, union_by_name = true)""",
+        f"""CREATE VIEW near_duplicates AS
+            SELECT * FROM read_parquet('{groups}', union_by_name = true)""",
         """CREATE VIEW attributes AS
             SELECT md5, attribute, value, any_value(value_type) AS value_type,
                    any_value(origin) AS origin, any_value(bucket) AS bucket
@@ -120,6 +129,10 @@ def _ensure_empty_files(layout: LibraryLayout) -> None:
     empty_base = layout.table_dir("base") / "bucket=0" / _EMPTY
     empty_cube = layout.table_dir("cube") / "bucket=0" / _EMPTY
     empty_rejects = layout.table_dir("rejects") / _EMPTY
+    empty_groups = layout.table_dir("near_duplicates") / _EMPTY
+    if not empty_groups.exists():
+        empty_groups.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(NEAR_DUPLICATES_SCHEMA.empty_table(), empty_groups)
     if empty_base.exists() and empty_cube.exists() and empty_rejects.exists():
         return
     keys = layout.root / "lake" / f".empty-keys-{uuid.uuid4().hex[:8]}.parquet"

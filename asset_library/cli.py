@@ -13,6 +13,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import duckdb
+
 from asset_library.library import Library, default_library_path
 
 
@@ -23,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["ASSET_LIBRARY_HOME"] = str(Path(args.library).expanduser().resolve())
     try:
         return int(args.handler(args) or 0)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, duckdb.Error) as error:
         print(f"asset-library: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
@@ -54,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     lookup = commands.add_parser("lookup", parents=[common], help="an image by md5, as JSON")
     lookup.add_argument("md5")
     lookup.set_defaults(handler=_lookup)
+
+    similar = commands.add_parser(
+        "similar", parents=[common], help="near-duplicates of an image, as JSON lines"
+    )
+    similar.add_argument("image", help="an image file, or the md5 of an image in the library")
+    similar.add_argument("--max-distance", type=int, help="Hamming bits (default 8)")
+    similar.add_argument("--limit", type=int, default=20, help="most results (default 20)")
+    similar.add_argument("--hash", default="phash", choices=["phash", "dhash", "ahash"])
+    similar.set_defaults(handler=_similar)
+
+    duplicates = commands.add_parser(
+        "duplicates", parents=[common], help="near-duplicate groups, one JSON line each"
+    )
+    duplicates.set_defaults(handler=_duplicates)
 
     sql = commands.add_parser("sql", parents=[common], help="a query on the catalog, as CSV")
     sql.add_argument("query")
@@ -143,6 +159,21 @@ def _lookup(args: argparse.Namespace) -> int:
         print(f"asset-library: no image with md5 {args.md5}", file=sys.stderr)
         return 1
     print(json.dumps(image, default=_json_default, indent=2))
+    return 0
+
+
+def _similar(args: argparse.Namespace) -> int:
+    found = Library(args.library).similar(
+        args.image, max_distance=args.max_distance, limit=args.limit, hash=args.hash
+    )
+    for record in found:
+        print(json.dumps(record, default=_json_default))
+    return 0
+
+
+def _duplicates(args: argparse.Namespace) -> int:
+    for number, group in enumerate(Library(args.library).near_duplicate_groups()):
+        print(json.dumps({"group": number, "size": len(group), "md5s": group}))
     return 0
 
 

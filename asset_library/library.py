@@ -15,7 +15,9 @@ from typing import Any
 import duckdb
 
 from asset_library.catalog import connect
+from asset_library.fingerprint import DEFAULT_PHASH_THRESHOLD, fingerprint
 from asset_library.lake import LibraryLayout
+from asset_library.similarity import HASH_KINDS, SimilarityIndex
 
 _MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 
@@ -32,6 +34,7 @@ class Library:
         if not (root / "library.json").exists():
             raise FileNotFoundError(f"no asset library at {root} (no library.json)")
         self.layout = LibraryLayout.open(root)
+        self._index: SimilarityIndex | None = None
 
     @property
     def path(self) -> Path:
@@ -75,6 +78,72 @@ class Library:
             )
         ]
         return image
+
+    def similar(
+        self,
+        image: bytes | str | os.PathLike[str],
+        *,
+        max_distance: int | None = None,
+        limit: int | None = 20,
+        hash: str = "phash",
+    ) -> list[dict[str, Any]]:
+        """Images within ``max_distance`` bits of an image, nearest first.
+
+        ``image`` is the image's bytes, a path to an image file (fingerprinted as at ingest),
+        or the md5 of an image in the library. ``max_distance`` defaults to
+        :data:`~asset_library.fingerprint.DEFAULT_PHASH_THRESHOLD` (8 bits). Each record has
+        ``md5``, ``distance``, ``width``, ``height``, ``format`` and one ``source_uri``.
+        """
+        if hash not in HASH_KINDS:
+            raise ValueError(f"unknown hash {hash!r}: use one of {', '.join(HASH_KINDS)}")
+        distance = DEFAULT_PHASH_THRESHOLD if max_distance is None else int(max_distance)
+        if not 0 <= distance <= 64:
+            raise ValueError(f"max_distance must be between 0 and 64, not {distance}")
+        query = self._query_hash(image, hash)
+        found = self.index().query(query, distance, kind=hash, limit=limit)
+        if not found:
+            return []
+        details = {
+            row["md5"]: row
+            for row in self.query(
+                "SELECT md5, width, height, format, source_uri FROM images "
+                "WHERE md5 IN (SELECT unnest($md5s))",
+                {"md5s": [md5 for md5, _ in found]},
+            )
+        }
+        return [{"md5": md5, "distance": d, **_without_md5(details.get(md5))} for md5, d in found]
+
+    def near_duplicate_groups(self) -> list[list[str]]:
+        """The near-duplicate groups the library last computed, largest first."""
+        groups: dict[int, list[str]] = {}
+        for row in self.query("SELECT group_id, md5 FROM near_duplicates ORDER BY group_id, md5"):
+            groups.setdefault(row["group_id"], []).append(row["md5"])
+        return list(groups.values())
+
+    def index(self) -> SimilarityIndex:
+        """The similarity index, loaded once (memory-mapped) and kept level with the lake."""
+        if self._index is None:
+            self._index = SimilarityIndex(self.layout)
+        return self._index
+
+    def _query_hash(self, image: bytes | str | os.PathLike[str], kind: str) -> int:
+        if isinstance(image, str) and _MD5.match(image) and not Path(image).exists():
+            rows = self.query(f"SELECT {kind} FROM image(?)", [image])
+            if not rows:
+                raise ValueError(f"no image with md5 {image} in the library")
+            return int(rows[0][kind], 16)
+        if isinstance(image, bytes | bytearray):
+            data, name = bytes(image), "the given bytes"
+        else:
+            data, name = Path(image).read_bytes(), str(image)
+        fp = fingerprint(data)
+        if not fp.ok:
+            raise ValueError(f"{name} cannot be searched with: {fp.reason}: {fp.message}")
+        return int(getattr(fp, kind), 16)
+
+
+def _without_md5(row: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (row or {}).items() if k != "md5"}
 
 
 def _typed_value(value: str, value_type: str) -> Any:

@@ -303,15 +303,15 @@ def _expand(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def _argsort_key(keys: np.ndarray, width: int) -> np.ndarray:
-    """Stable argsort of band values as one or two 16-bit radix passes: several times faster
-    than a comparison sort of 10M int64 keys."""
-    idx = np.int32 if keys.size < (1 << 31) else np.int64
-    if width <= 16:
-        return np.argsort(keys.astype(np.uint16), kind="stable").astype(idx)
-    low = width // 2
-    first = np.argsort((keys & ((1 << low) - 1)).astype(np.uint16), kind="stable").astype(idx)
-    high = (keys >> low).astype(np.uint16)[first]
-    return first[np.argsort(high, kind="stable")]
+    """Stable argsort of band values by sorting ``value << 32 | row`` as plain uint64: numpy's
+    vectorised integer sort is about twice as fast as an argsort of the same 10M keys."""
+    n = keys.size
+    if n >= (1 << 32) or width > 32:
+        return np.argsort(keys, kind="stable")
+    packed = keys.astype(np.uint64) << _U64(32)
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    return (packed & _U64(0xFFFFFFFF)).astype(np.int32 if n < (1 << 31) else np.int64)
 
 
 def _budget_slices(counts: np.ndarray, budget: int) -> list[slice]:
@@ -613,30 +613,37 @@ class _Segment:
         (exactly when ``v < v ^ mask``). Works on non-empty buckets, not rows, so a dense table
         costs no more than a sparse one."""
         n, w = self.n, self.widths[b]
-        table = self.offsets[self.obase[b] : self.obase[b + 1]].astype(np.int64) - b * n
+        table = self.offsets[self.obase[b] : self.obase[b + 1]]  # a view: no O(2**w) copy
         row_of = np.arange(n, dtype=np.int64) if b == 0 else self.perm[(b - 1) * n : b * n]
         # Hashes in this band's order: candidates then sit in a few contiguous runs, so they are
         # compared without random reads; only the survivors are mapped back to rows.
         hb = self.hashes if b == 0 else self.hashes[row_of]
-        sizes = np.diff(table)
-        full = np.flatnonzero(sizes)
+        # Non-empty buckets from the sorted band values: O(n), not O(2**w).
+        keys = self.key(b, hb)
+        first = np.flatnonzero(np.diff(keys, prepend=-1))
+        full = keys[first]
+        full_sizes = np.diff(first, append=n)
         out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         # Same bucket: each position with the positions after it.
-        many = full[sizes[full] > 1]
-        owner = _expand(table[many], sizes[many])
-        ends = np.repeat(table[many + 1], sizes[many])
+        many = full_sizes > 1
+        owner = _expand(first[many], full_sizes[many])
+        ends = np.repeat(first[many] + full_sizes[many], full_sizes[many])
         self._verify(hb, row_of, owner, owner + 1, ends - owner - 1, d, out)
-        for mask in _masks(w, r)[1:].tolist():
-            top = 1 << (mask.bit_length() - 1)
-            u = full[(full & top) == 0]
-            t = u ^ mask
-            ct = sizes[t]
+        masks = _masks(w, r)[1:]
+        tops = np.left_shift(1, np.log2(np.maximum(masks, 1)).astype(np.int64))  # top bit
+        step = max(1, _PROBE_CHUNK // max(full.size, 1))  # (bucket, mask) pairs per round
+        for m0 in range(0, masks.size, step):
+            mk, tp = masks[m0 : m0 + step], tops[m0 : m0 + step]
+            ui, mi = np.nonzero((full[:, None] & tp) == 0)
+            t = full[ui] ^ mk[mi]
+            st = table[t].astype(np.int64)
+            ct = table[t + 1] - st
+            st -= b * n
             hit = np.flatnonzero(ct)
-            u, t, ct = u[hit], t[hit], ct[hit]
-            owner = _expand(table[u], sizes[u])
-            self._verify(
-                hb, row_of, owner, np.repeat(table[t], sizes[u]), np.repeat(ct, sizes[u]), d, out
-            )
+            ui, st, ct = ui[hit], st[hit], ct[hit]
+            cu = full_sizes[ui]
+            owner = _expand(first[ui], cu)
+            self._verify(hb, row_of, owner, np.repeat(st, cu), np.repeat(ct, cu), d, out)
         if not out:
             return _empty3()
         ra, rb, dist = (np.concatenate(x) for x in zip(*out, strict=True))

@@ -108,7 +108,9 @@ def shard_sensor(context: dg.SensorEvaluationContext, library: LibraryResource) 
     )
 
 
-def _materialized_since(instance: dg.DagsterInstance, shards: list[str], storage_id: int) -> set[str]:
+def _materialized_since(
+    instance: dg.DagsterInstance, shards: list[str], storage_id: int
+) -> set[str]:
     """Shards already ingested after this plan landed (e.g. by ``asset-library ingest``), so
     a sensor that starts later does not ingest them a second time."""
     done: set[str] = set()

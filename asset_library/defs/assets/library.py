@@ -1,9 +1,13 @@
-"""Library-wide assets: the catalog over every landed shard."""
+"""Library-wide assets: the catalog, the similarity index and the near-duplicate groups."""
 
 import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from asset_library.catalog import build_catalog, connect
+from asset_library.catalog import NEAR_DUPLICATES_SCHEMA, build_catalog, connect
 from asset_library.defs.resources import LibraryResource
+from asset_library.fingerprint import DEFAULT_PHASH_THRESHOLD
+from asset_library.similarity import SimilarityIndex
 
 GROUP = "library"
 
@@ -43,5 +47,64 @@ def catalog(library: LibraryResource) -> dg.MaterializeResult:
             "attributes": attributes,
             "dagster/row_count": images,
             "path": dg.MetadataValue.path(str(path)),
+        }
+    )
+
+
+@dg.asset(
+    deps=[catalog],
+    group_name=GROUP,
+    kinds={"numpy"},
+    automation_condition=REFRESH_WHEN_SHARDS_LAND,
+    description="Exact Hamming-radius index over pHash, aHash and dHash; one segment per "
+    "shard, so a new shard adds a segment and nothing is rebuilt.",
+)
+def similarity_index(library: LibraryResource) -> dg.MaterializeResult:
+    index = SimilarityIndex(library.layout())
+    synced = index.sync()
+    return dg.MaterializeResult(
+        metadata={
+            "images": synced.images,
+            "segments": len(index.segments),
+            "segments_added": len(synced.added),
+            "segments_removed": len(synced.removed),
+            "segments_unchanged": synced.unchanged,
+            "bytes": sum(i.nbytes() for i in index.indexes.values()),
+        }
+    )
+
+
+@dg.asset(
+    deps=[similarity_index],
+    group_name=GROUP,
+    kinds={"parquet"},
+    automation_condition=REFRESH_WHEN_SHARDS_LAND,
+    description=f"Connected groups of images within pHash distance {DEFAULT_PHASH_THRESHOLD} "
+    "of a neighbour: the catalog's near_duplicates view.",
+)
+def near_duplicate_groups(library: LibraryResource) -> dg.MaterializeResult:
+    layout = library.layout()
+    groups = SimilarityIndex(layout).groups(DEFAULT_PHASH_THRESHOLD)
+    rows = {
+        "group_id": [n for n, group in enumerate(groups) for _ in group],
+        "group_size": [len(group) for group in groups for _ in group],
+        "md5": [md5 for group in groups for md5 in group],
+    }
+    path = layout.table_dir("near_duplicates") / "groups.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".groups.parquet.tmp")
+    pq.write_table(pa.table(rows, schema=NEAR_DUPLICATES_SCHEMA), tmp)
+    tmp.replace(path)
+    largest = "\n".join(
+        f"- group {n}: {len(group)} images, e.g. `{group[0]}`"
+        for n, group in enumerate(groups[:10])
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "threshold": DEFAULT_PHASH_THRESHOLD,
+            "groups": len(groups),
+            "images_in_groups": len(rows["md5"]),
+            "largest_group": len(groups[0]) if groups else 0,
+            "largest_groups": dg.MetadataValue.md(largest or "no near-duplicates"),
         }
     )
