@@ -37,7 +37,9 @@ NEAR_DUPLICATES_SCHEMA = pa.schema(
 MACROS: dict[str, tuple[str, str]] = {
     "image": (
         "key",
-        "SELECT * FROM images WHERE bucket = {bucket_expr} AND md5 = lower(key)",
+        "SELECT * EXCLUDE (ordinal), count(*) OVER () AS occurrences FROM occurrences "
+        "WHERE bucket = {bucket_expr} AND md5 = lower(key) "
+        "ORDER BY ingested_at, shard, ordinal LIMIT 1",
     ),
     "images_with_attribute": (
         "attr, val",
@@ -46,8 +48,8 @@ MACROS: dict[str, tuple[str, str]] = {
     ),
     "attributes_of": (
         "key",
-        "SELECT attribute, value, value_type, origin FROM attributes "
-        "WHERE bucket = {bucket_expr} AND md5 = lower(key) ORDER BY attribute",
+        "SELECT DISTINCT attribute, value, value_type, origin FROM attribute_occurrences "
+        "WHERE bucket = {bucket_expr} AND md5 = lower(key) ORDER BY attribute, value",
     ),
     "images_in_shard": (
         "shard_key",

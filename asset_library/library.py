@@ -16,7 +16,7 @@ import duckdb
 
 from asset_library.catalog import connect
 from asset_library.fingerprint import DEFAULT_PHASH_THRESHOLD, fingerprint
-from asset_library.lake import LibraryLayout
+from asset_library.lake import LibraryLayout, bucket_of
 from asset_library.similarity import HASH_KINDS, SimilarityIndex
 
 _MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -61,22 +61,20 @@ class Library:
         ``None`` if the library does not have it."""
         if not _MD5.match(md5):
             raise ValueError(f"not an md5 key: {md5!r} (expected 32 hexadecimal digits)")
-        rows = self.query("SELECT * FROM image(?)", [md5])
-        if not rows:
-            return None
-        image = rows[0]
+        with self.connect() as connection:
+            image = _first_row(connection.execute("SELECT * FROM image(?)", [md5]))
+            if image is None:
+                return None
+            attributes = connection.execute("SELECT * FROM attributes_of(?)", [md5]).fetchall()
+            sources = connection.execute(
+                "SELECT source_uri FROM occurrences WHERE bucket = ? AND md5 = lower(?) "
+                "ORDER BY ingested_at, shard, ordinal",
+                [image["bucket"], md5],
+            ).fetchall()
         image["attributes"] = {
-            row["attribute"]: _typed_value(row["value"], row["value_type"])
-            for row in self.query("SELECT * FROM attributes_of(?)", [md5])
+            name: _typed_value(value, kind) for name, value, kind, _ in attributes
         }
-        image["sources"] = [
-            row["source_uri"]
-            for row in self.query(
-                "SELECT source_uri FROM occurrences WHERE bucket = (SELECT bucket FROM image(?)) "
-                "AND md5 = lower(?) ORDER BY ingested_at, shard, ordinal",
-                [md5, md5],
-            )
-        ]
+        image["sources"] = [uri for (uri,) in sources]
         return image
 
     def similar(
@@ -103,12 +101,18 @@ class Library:
         found = self.index().query(query, distance, kind=hash, limit=limit)
         if not found:
             return []
+        md5s = [md5 for md5, _ in found]
+        # Literal bucket numbers let DuckDB read only those buckets' files.
+        buckets = ", ".join(
+            str(b) for b in sorted({bucket_of(m, self.layout.n_buckets) for m in md5s})
+        )
         details = {
             row["md5"]: row
             for row in self.query(
-                "SELECT md5, width, height, format, source_uri FROM images "
-                "WHERE md5 IN (SELECT unnest($md5s))",
-                {"md5s": [md5 for md5, _ in found]},
+                "SELECT DISTINCT ON (md5) md5, width, height, format, source_uri "
+                f"FROM occurrences WHERE bucket IN ({buckets}) AND md5 IN (SELECT unnest($md5s)) "
+                "ORDER BY md5, ingested_at, shard, ordinal",
+                {"md5s": md5s},
             )
         }
         return [{"md5": md5, "distance": d, **_without_md5(details.get(md5))} for md5, d in found]
@@ -140,6 +144,11 @@ class Library:
         if not fp.ok:
             raise ValueError(f"{name} cannot be searched with: {fp.reason}: {fp.message}")
         return int(getattr(fp, kind), 16)
+
+
+def _first_row(result: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:
+    row = result.fetchone()
+    return None if row is None else dict(zip([d[0] for d in result.description], row, strict=True))
 
 
 def _without_md5(row: dict[str, Any] | None) -> dict[str, Any]:

@@ -105,7 +105,12 @@ for _i, _c in enumerate("0123456789abcdef"):
 
 
 def hex_to_uint64(values: Iterable[str] | np.ndarray) -> np.ndarray:
-    """Parse 16-digit hex hashes (as stored in tables and Parquet) without a Python loop."""
+    """Parse 16-digit hex hashes (as stored in tables and Parquet) without a Python loop.
+
+    Accepts a list, a numpy array of str/bytes, or anything with ``to_numpy`` (a pyarrow array
+    or a pandas Series)."""
+    if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):
+        values = values.to_numpy(zero_copy_only=False) if _is_arrow(values) else values.to_numpy()
     arr = np.asarray(values if isinstance(values, np.ndarray) else list(values))
     if arr.size == 0:
         return np.zeros(arr.shape, dtype=np.uint64)
@@ -131,6 +136,10 @@ def hex_to_uint64(values: Iterable[str] | np.ndarray) -> np.ndarray:
         raise ValueError("hex_to_uint64: invalid hex digit")
     packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
     return np.ascontiguousarray(packed).view(">u8").reshape(shape).astype(np.uint64)
+
+
+def _is_arrow(values: object) -> bool:
+    return type(values).__module__.startswith("pyarrow")
 
 
 def uint64_to_hex(values: np.ndarray) -> np.ndarray:
@@ -406,6 +415,8 @@ class _Segment:
             [],
         )
         if not m:
+            # Scanned as stored: copy so that the caller's arrays stay theirs to change.
+            seg.ids, seg.hashes = ids.copy(), h.copy()
             return seg
         pos_dtype = np.int32 if m * n < (1 << 31) else np.int64
         k0 = seg.key(0, h)
@@ -539,7 +550,8 @@ class _Segment:
             out.append((sel[part[0]], part[1], part[2]))
         if not out:
             return _empty3()
-        return tuple(np.concatenate(x) for x in zip(*out, strict=True))  # type: ignore[return-value]
+        qi, rows, dist = (np.concatenate(x) for x in zip(*out, strict=True))
+        return qi, rows, dist
 
     def _scan(self, q: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         qi, rows, dist = [], [], []
@@ -554,7 +566,7 @@ class _Segment:
     def _probe(
         self, q: np.ndarray, d: int, plan: _Plan
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        used = sorted(set(plan.col_band.tolist()))
+        used = plan.used
         n_probes = plan.masks.size
         step = max(1, _PROBE_CHUNK // n_probes)
         out_q, out_r, out_d = [], [], []
@@ -798,7 +810,6 @@ class HammingIndex:
         )
         self._segments = {name: merged}
 
-    @property
     def segments(self) -> dict[str, int]:
         """Segment name -> rows."""
         return {name: seg.n for name, seg in self._segments.items()}

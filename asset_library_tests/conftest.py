@@ -7,8 +7,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
+from asset_library.orchestrate import IngestSummary, ingest_batch
 from asset_library_tests.seaweedfs import SeaweedS3
 
 _bucket_numbers = itertools.count(1)
@@ -58,3 +60,27 @@ def s3_env(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+@pytest.fixture(scope="session")
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+@pytest.fixture(scope="session")
+def corpus_library(
+    tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, instance: dg.DagsterInstance
+) -> tuple[Path, IngestSummary]:
+    """The whole corpus ingested once from its folder, in shards of 100, on the local store."""
+    root = tmp_path_factory.mktemp("library")
+    summary = ingest_batch(
+        str(corpus_dir),
+        library=root,
+        max_images_per_shard=100,
+        workers=2,
+        environ={},
+        instance=instance,
+        progress=lambda _: None,
+    )
+    return root, summary

@@ -5,15 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import dagster as dg
 import duckdb
 import pytest
 
 from asset_library.library import Library
-from asset_library.orchestrate import IngestSummary, PlanningFailed, ingest_batch
+from asset_library.orchestrate import PlanningFailed, ingest_batch
 from asset_library.storage import LocalObjectStore, object_key
 
 
@@ -25,30 +23,6 @@ def _manifest_rows(corpus_dir: Path) -> list[dict[str, str]]:
 def _decode_ok(corpus_dir: Path) -> set[str]:
     with (corpus_dir / "DETAILS.tsv").open(newline="") as handle:
         return {r["path"] for r in csv.DictReader(handle, delimiter="\t") if r["decode"] == "ok"}
-
-
-@pytest.fixture(scope="module")
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
-
-
-@pytest.fixture(scope="module")
-def corpus_library(
-    tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, instance: dg.DagsterInstance
-) -> tuple[Path, IngestSummary]:
-    """The whole corpus ingested once from its folder, in shards of 100, on the local store."""
-    root = tmp_path_factory.mktemp("library")
-    summary = ingest_batch(
-        str(corpus_dir),
-        library=root,
-        max_images_per_shard=100,
-        workers=2,
-        environ={},
-        instance=instance,
-        progress=lambda _: None,
-    )
-    return root, summary
 
 
 def test_a_folder_batch_lands_whole(corpus_library, corpus_dir):

@@ -1,0 +1,175 @@
+"""The output side on the ingested corpus: similarity search, groups, macros, CLI, Python API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asset_library import Library
+from asset_library.cli import main
+from asset_library.fingerprint import DEFAULT_PHASH_THRESHOLD, hamming
+from asset_library.orchestrate import ingest_batch
+from asset_library.similarity import SimilarityIndex
+
+NEAR_LABELS = {"exact", "reencode", "resize", "exif-orientation"}
+
+
+def _tsv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+@pytest.fixture(scope="module")
+def library(corpus_library) -> Library:
+    return Library(corpus_library[0])
+
+
+def test_similar_finds_every_labelled_near_duplicate(library, corpus_dir):
+    md5_of = {row["path"]: row["md5"] for row in _tsv(corpus_dir / "MANIFEST.tsv")}
+    pairs = [r for r in _tsv(corpus_dir / "near_dups.tsv") if r["relation"] in NEAR_LABELS]
+    families = {}
+    for row in _tsv(corpus_dir / "near_dups.tsv"):
+        for path in (row["path_a"], row["path_b"]):
+            families.setdefault(md5_of[path], set()).add(row["family"])
+    unrelated = 0
+    for pair in pairs:
+        a, b = md5_of[pair["path_a"]], md5_of[pair["path_b"]]
+        found = {r["md5"]: r["distance"] for r in library.similar(a, limit=None)}
+        assert b in found, pair
+        assert found[b] <= DEFAULT_PHASH_THRESHOLD
+        unrelated += sum(1 for md5 in found if not families.get(md5, set()) & families[a])
+    images = library.query("SELECT count(*) AS n FROM images")[0]["n"]
+    print(
+        f"\n{len(pairs)} labelled pairs found within {DEFAULT_PHASH_THRESHOLD} bits; "
+        f"{unrelated} unrelated images fell within it across those {len(pairs)} queries "
+        f"({unrelated / len(pairs):.1f} per query, among {images} images)"
+    )
+
+
+def test_similar_by_path_matches_similar_by_md5(library, corpus_dir):
+    path = corpus_dir / "github_jenssegers_imagehash/forest/forest-high.jpg"
+    by_path = library.similar(path)
+    by_bytes = library.similar(path.read_bytes())
+    md5 = by_path[0]["md5"]
+    assert by_path == by_bytes
+    assert [r["md5"] for r in library.similar(md5)] == [r["md5"] for r in by_path]
+    assert by_path[0]["distance"] == 0
+    assert {"md5", "distance", "width", "height", "format", "source_uri"} <= set(by_path[0])
+    assert all(r["distance"] <= DEFAULT_PHASH_THRESHOLD for r in by_path)
+    assert library.similar(path, max_distance=0, hash="dhash")[0]["md5"] == md5
+
+
+def test_similar_agrees_with_a_brute_force_scan_of_the_catalog(library):
+    rows = library.query("SELECT md5, phash, ahash, dhash FROM images")
+    md5s = np.array([r["md5"] for r in rows])
+    index = library.index()
+    for kind in ("phash", "ahash", "dhash"):
+        hashes = np.array([int(r[kind], 16) for r in rows], np.uint64)
+        for row in rows[::9]:
+            query = int(row[kind], 16)
+            for distance in (0, 2, 4, 6, 8, 10, 12):
+                brute = md5s[np.bitwise_count(hashes ^ np.uint64(query)) <= distance]
+                found = index.query(query, distance, kind=kind)
+                assert sorted(md5 for md5, _ in found) == sorted(brute.tolist())
+    for row in rows[::40]:
+        hashes = np.array([int(r["phash"], 16) for r in rows], np.uint64)
+        brute = md5s[np.bitwise_count(hashes ^ np.uint64(int(row["phash"], 16))) <= 8]
+        found = library.similar(row["md5"], limit=None)
+        assert sorted(r["md5"] for r in found) == sorted(brute.tolist())
+
+
+def test_near_duplicate_groups_hold_the_labelled_families(library, corpus_dir):
+    groups = library.near_duplicate_groups()
+    assert groups and len(groups[0]) >= len(groups[-1]) >= 2
+    group_of = {md5: n for n, group in enumerate(groups) for md5 in group}
+    md5_of = {row["path"]: row["md5"] for row in _tsv(corpus_dir / "MANIFEST.tsv")}
+    for pair in _tsv(corpus_dir / "near_dups.tsv"):
+        a, b = md5_of[pair["path_a"]], md5_of[pair["path_b"]]
+        if pair["relation"] in NEAR_LABELS - {"exact"}:
+            assert group_of[a] == group_of[b], pair
+
+
+def test_the_index_grows_by_segments_not_rebuilds(tmp_path, corpus_dir, instance):
+    root = tmp_path / "library"
+    batch = tmp_path / "batch"
+    shutil.copytree(corpus_dir / "github_recurser_exif-orientation-examples", batch)
+    for name in ("first", "second"):
+        assert ingest_batch(
+            str(batch if name == "first" else corpus_dir / "github_jenssegers_imagehash"),
+            library=root,
+            batch=name,
+            workers=0,
+            environ={},
+            instance=instance,
+            progress=lambda _: None,
+        ).success
+        if name == "first":
+            first_keys = (root / "index" / "keys" / "first-s00000.npy").stat().st_mtime_ns
+    index = SimilarityIndex(Library(root).layout)
+    assert set(index.segments) == {"first-s00000", "second-s00000"}
+    assert (root / "index" / "keys" / "first-s00000.npy").stat().st_mtime_ns == first_keys
+    assert index.sync().added == []  # already level with the lake
+
+
+@pytest.mark.parametrize(
+    "value", ["x'); DROP TABLE images; --", "' OR '1'='1", "orientation-0' --"]
+)
+def test_macro_arguments_are_values_never_sql(library, value):
+    before = library.query("SELECT count(*) AS n FROM images")[0]["n"]
+    assert library.query("SELECT * FROM images_with_attribute(?, ?)", ["exif.make", value]) == []
+    assert library.query("SELECT * FROM images_in_batch(?)", [value]) == []
+    assert library.query("SELECT * FROM image(?)", [value]) == []
+    assert library.query("SELECT count(*) AS n FROM images")[0]["n"] == before
+
+
+def test_parameterized_views_answer(library):
+    canon = library.query("SELECT md5 FROM images_with_attribute(?, ?)", ["exif.make", "Canon"])
+    assert len(canon) >= 3
+    big = library.query("SELECT width, height FROM images_at_least(?, ?)", [4000, 3000])
+    assert big and all(r["width"] >= 4000 and r["height"] >= 3000 for r in big)
+    shard = library.query("SELECT shard FROM occurrences LIMIT 1")[0]["shard"]
+    assert library.query("SELECT count(*) AS n FROM images_in_shard(?)", [shard])[0]["n"] > 50
+    row = library.query("SELECT phash FROM images LIMIT 1")[0]
+    near = library.query("SELECT md5, distance FROM images_near(?, ?)", [row["phash"], 4])
+    assert near[0]["distance"] == 0 and all(r["distance"] <= 4 for r in near)
+
+
+def test_the_catalog_is_read_only_to_readers(library):
+    with pytest.raises(Exception, match="read-only"):
+        library.query("DROP VIEW images")
+
+
+def test_cli_similar_duplicates_lookup_and_sql(corpus_library, corpus_dir, capsys):
+    root = str(corpus_library[0])
+    photo = corpus_dir / "github_recurser_exif-orientation-examples/Landscape_1.jpg"
+    assert main(["similar", str(photo), "--library", root, "--limit", "3"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and lines[0]["distance"] == 0
+    assert main(["duplicates", "--library", root]) == 0
+    groups = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert groups[0]["size"] == len(groups[0]["md5s"]) >= groups[-1]["size"] >= 2
+    assert main(["lookup", lines[0]["md5"], "--library", root]) == 0
+    assert json.loads(capsys.readouterr().out)["md5"] == lines[0]["md5"]
+    assert (
+        main(
+            [
+                "sql",
+                "SELECT count(*) AS n FROM images WHERE format = ?",
+                "--param",
+                "png",
+                "--library",
+                root,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "n" and int(out[1]) > 50
+    assert main(["sql", "DROP TABLE images", "--library", root]) == 2
+    assert "read-only" in capsys.readouterr().err
+    assert main(["similar", "0" * 32, "--library", root]) == 2
