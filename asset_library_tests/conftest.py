@@ -62,25 +62,27 @@ def s3_env(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str
     return env
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def instance() -> Iterator[dg.DagsterInstance]:
+    """A real Dagster instance (SQLite, temporary home) for one test."""
     with dg.instance_for_test() as test_instance:
         yield test_instance
 
 
 @pytest.fixture(scope="session")
 def corpus_library(
-    tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, instance: dg.DagsterInstance
-) -> tuple[Path, IngestSummary]:
+    tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path
+) -> Iterator[tuple[Path, IngestSummary]]:
     """The whole corpus ingested once from its folder, in shards of 100, on the local store."""
     root = tmp_path_factory.mktemp("library")
-    summary = ingest_batch(
-        str(corpus_dir),
-        library=root,
-        max_images_per_shard=100,
-        workers=2,
-        environ={},
-        instance=instance,
-        progress=lambda _: None,
-    )
-    return root, summary
+    with dg.instance_for_test() as instance:
+        summary = ingest_batch(
+            str(corpus_dir),
+            library=root,
+            max_images_per_shard=100,
+            workers=2,
+            environ={},
+            instance=instance,
+            progress=lambda _: None,
+        )
+    yield root, summary

@@ -196,6 +196,7 @@ def test_a_rerun_shard_replaces_exactly_its_own_files(corpus_library, instance):
     library = Library(root)
     rows_before = library.query("SELECT count(*) AS n FROM occurrences")[0]["n"]
     defs = build_definitions(build_resources({}, root=str(root)))
+    instance.add_dynamic_partitions("shards", [shard])
     result = defs.resolve_job_def("ingest_shard").execute_in_process(
         partition_key=shard, instance=instance
     )
