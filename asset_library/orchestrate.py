@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster._core.storage.defs_state.base import set_defs_state_storage
 
 from asset_library.defs.assets.ingestion import BATCH_TAG, TRIGGER_TAG
 from asset_library.defs.partitions import batches_partitions
@@ -80,6 +81,33 @@ def ingest_batch(
     progress: Progress = print,
 ) -> IngestSummary:
     """Plan ``source`` as a new batch, ingest every shard, refresh the catalog, run the checks."""
+    instance = instance or local_instance(_layout_for(library))
+    # Dagster resolves definitions against a process-global "current" state store, the one of
+    # the most recently created instance; pin it to the instance these runs are recorded in.
+    with set_defs_state_storage(instance.defs_state_storage):
+        return _ingest_batch(
+            source,
+            library=library,
+            max_images_per_shard=max_images_per_shard,
+            workers=workers,
+            batch=batch,
+            environ=environ,
+            instance=instance,
+            progress=progress,
+        )
+
+
+def _ingest_batch(
+    source: str,
+    *,
+    library: str | Path,
+    max_images_per_shard: int | None,
+    workers: int | None,
+    batch: str | None,
+    environ: dict[str, str] | None,
+    instance: dg.DagsterInstance,
+    progress: Progress,
+) -> IngestSummary:
     from asset_library.definitions import build_definitions
 
     started = time.perf_counter()
@@ -89,7 +117,6 @@ def ingest_batch(
     resources = build_resources(env, root=str(library))
     layout = resources["library"].layout()
     defs = build_definitions(resources)
-    instance = instance or local_instance(layout)
     batch = batch or batch_id_for(source, _now())
     trigger = new_trigger_id("cli")
     summary = IngestSummary(batch=batch, trigger=trigger)
@@ -166,6 +193,10 @@ def _materialization_metadata(result: dg.ExecuteInProcessResult) -> dict[str, di
             name: getattr(value, "value", value) for name, value in materialization.metadata.items()
         }
     return found
+
+
+def _layout_for(library: str | Path) -> LibraryLayout:
+    return LibraryLayout.open(Path(library).expanduser().resolve())
 
 
 def _failure_message(result: dg.ExecuteInProcessResult) -> str:
