@@ -91,7 +91,7 @@ class FingerprintPool:
 
     def map(self, items: Iterable[Item], *, chunksize: int = 4) -> Iterator[Fingerprint]:
         """Fingerprints of ``items`` in input order, consuming the input lazily."""
-        window = max(2, 3 * max(1, self.workers))
+        window = max(4, 8 * max(1, self.workers))  # keeps every worker fed
         pending: deque[Future[list[Fingerprint]]] = deque()
         chunk: list[Item] = []
         for item in items:
