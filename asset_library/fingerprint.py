@@ -278,11 +278,6 @@ def bits_to_hex(bits: np.ndarray) -> str:
     return f"{value:0{(bits.size + 3) // 4}x}"
 
 
-def hex_to_int(value: str) -> int:
-    """A 16-digit hash as an unsigned 64-bit integer."""
-    return int(value, 16)
-
-
 def hamming(a: str | int, b: str | int) -> int:
     """Bits that differ between two hashes given as hex strings or integers."""
     x = (int(a, 16) if isinstance(a, str) else a) ^ (int(b, 16) if isinstance(b, str) else b)

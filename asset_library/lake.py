@@ -18,7 +18,6 @@ from pathlib import Path
 import duckdb
 
 DEFAULT_BUCKETS = 256
-TABLES = ("base", "cube")
 
 
 def bucket_of(md5: str, n_buckets: int = DEFAULT_BUCKETS) -> int:
@@ -77,9 +76,6 @@ class LibraryLayout:
     def plan_dir(self, batch: str) -> Path:
         return self.root / "plans" / batch
 
-    def plans_root(self) -> Path:
-        return self.root / "plans"
-
     def keys_path(self, shard: str) -> Path:
         """The shard's fingerprint rows: the output of its one pass over the bytes."""
         return self.root / "shards" / f"{shard}.parquet"
@@ -94,12 +90,6 @@ class LibraryLayout:
         if table == "rejects":
             return str(self.table_dir("rejects") / "*.parquet")
         return str(self.table_dir(table) / "bucket=*" / "*.parquet")
-
-    def has_files(self, table: str) -> bool:
-        return any(Path(self.root).glob(str(Path(self.table_glob(table)).relative_to(self.root))))
-
-    def bucket_files(self, table: str, bucket: int) -> list[Path]:
-        return sorted((self.table_dir(table) / f"bucket={bucket}").glob("*.parquet"))
 
 
 def write_bucketed(
@@ -152,14 +142,6 @@ def write_single(path: Path, query: str, connection: duckdb.DuckDBPyConnection) 
         return rows
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def remove_shard(layout: LibraryLayout, shard: str) -> None:
-    """Drop every file a shard owns in the lake (used when a shard is re-planned away)."""
-    for table in TABLES:
-        for old in layout.table_dir(table).glob(f"bucket=*/{shard}.parquet"):
-            old.unlink(missing_ok=True)
-    layout.rejects_path(shard).unlink(missing_ok=True)
 
 
 def _single_file(parts: list[Path], connection: duckdb.DuckDBPyConnection) -> Path:

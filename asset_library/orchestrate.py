@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ def _ingest_batch(
     resources = build_resources(env, root=str(library))
     layout = resources["library"].layout()
     defs = build_definitions(resources)
-    batch = batch or batch_id_for(source, _now())
+    batch = batch or batch_id_for(source, datetime.now(UTC))
     trigger = new_trigger_id("cli")
     summary = IngestSummary(batch=batch, trigger=trigger)
     tags = {BATCH_TAG: batch, TRIGGER_TAG: trigger}
@@ -210,9 +211,3 @@ def _failure_message(result: dg.ExecuteInProcessResult) -> str:
             kind, _, text = first.partition(": ")
             return text if text and " " not in kind else first
     return ""
-
-
-def _now() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
