@@ -277,12 +277,16 @@ class SeaweedS3:
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+    def kill(self) -> None:
+        """SIGKILL at once: a store that vanishes mid-request, for failure tests."""
+        self.stop(first_signal=signal.SIGKILL)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S, first_signal: int = signal.SIGTERM) -> None:
         """SIGTERM, wait up to `timeout` s, then SIGKILL the process group; remove its sockets."""
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
+                os.killpg(process.pid, first_signal)
             try:
                 process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

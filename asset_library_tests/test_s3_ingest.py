@@ -35,7 +35,13 @@ def _upload_folder(client, bucket: str, prefix: str, files: list[Path]) -> None:
 
 
 def _corpus_files(corpus_dir: Path, count: int) -> list[Path]:
-    folders = [PHOTOS, "github_jenssegers_imagehash", "github_libjpeg-turbo_libjpeg-turbo"]
+    folders = [
+        PHOTOS,
+        "github_jenssegers_imagehash",
+        "github_libjpeg-turbo_libjpeg-turbo",
+        "github_KilianB_JImageHash",
+        "github_corona10_goimagehash",
+    ]
     files = [p for f in folders for p in sorted((corpus_dir / f).rglob("*")) if p.is_file()]
     return files[:count]
 
@@ -122,7 +128,7 @@ def test_an_s3_landing_zone_lists_ready_batches(seaweed, s3_bucket):
 
 
 def _stop_when(seaweed: SeaweedS3, bucket: str, prefix: str, count: int) -> threading.Thread:
-    """Stop the store once ``count`` objects are under ``prefix``: a failure part-way."""
+    """Kill the store once ``count`` objects are under ``prefix``: a failure part-way."""
     client = seaweed.client(max_attempts=1)
 
     def watch() -> None:
@@ -130,7 +136,7 @@ def _stop_when(seaweed: SeaweedS3, bucket: str, prefix: str, count: int) -> thre
         while time.monotonic() < deadline:
             listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount", 0)
             if listed >= count:
-                seaweed.stop()
+                seaweed.kill()
                 return
             time.sleep(0.02)
 
@@ -142,12 +148,12 @@ def _stop_when(seaweed: SeaweedS3, bucket: str, prefix: str, count: int) -> thre
 def test_a_shard_fails_alone_when_the_store_stops_and_its_rerun_matches_a_clean_run(
     seaweed, s3_bucket, corpus_dir, tmp_path
 ):
-    files = _corpus_files(corpus_dir, 24)
+    files = _corpus_files(corpus_dir, 36)
     source = tmp_path / "batch"
     source.mkdir()
     for file in files:
         (source / file.name).write_bytes(file.read_bytes())
-    env = {**_env(seaweed, s3_bucket), "ASSET_LIBRARY_SHARD_SIZE": "8"}
+    env = {**_env(seaweed, s3_bucket), "ASSET_LIBRARY_SHARD_SIZE": "12"}
     root = tmp_path / "library"
     resources = build_resources(env, root=str(root))
     defs = build_definitions(resources)
@@ -167,7 +173,7 @@ def test_a_shard_fails_alone_when_the_store_stops_and_its_rerun_matches_a_clean_
         assert job.execute_in_process(partition_key=shards[0], instance=instance).success
         stored = seaweed.client().list_objects_v2(Bucket=s3_bucket, Prefix="library/")["KeyCount"]
 
-        watcher = _stop_when(seaweed, s3_bucket, "library/", stored + 3)
+        watcher = _stop_when(seaweed, s3_bucket, "library/", stored + 2)
         try:
             failed = job.execute_in_process(
                 partition_key=shards[1], instance=instance, raise_on_error=False
@@ -191,7 +197,7 @@ def test_a_shard_fails_alone_when_the_store_stops_and_its_rerun_matches_a_clean_
         clean = ingest_batch(
             str(source),
             library=clean_root,
-            max_images_per_shard=8,
+            max_images_per_shard=12,
             workers=0,
             batch="batch",
             environ={},
