@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import cv2
@@ -61,6 +61,7 @@ REDUCE_MIN_SIDE = 512
 DEFAULT_PHASH_THRESHOLD = 8
 
 _HASH_SIZE = 8
+_PHASH_SIZE = _HASH_SIZE * 4
 
 # EXIF orientation -> the transposition that shows the image upright (as ImageOps.exif_transpose).
 _ORIENTATION_TRANSPOSE = {
@@ -72,7 +73,6 @@ _ORIENTATION_TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_PHASH_SIZE = _HASH_SIZE * 4
 
 _EXIF_ORIENTATION = 0x0112
 _EXIF_MAKE = 0x010F
@@ -145,9 +145,6 @@ class Fingerprint:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Rejected(Exception):

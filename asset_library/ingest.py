@@ -181,12 +181,18 @@ def ingest_shard(
     try:
         with ThreadPoolExecutor(io_threads, thread_name_prefix="ingest") as threads:
             pending: deque[Future[_Outcome]] = deque()
-            for ordinal, item in items:
-                pending.append(threads.submit(one, ordinal, item))
-                while len(pending) >= window:
+            try:
+                for ordinal, item in items:
+                    pending.append(threads.submit(one, ordinal, item))
+                    while len(pending) >= window:
+                        collect(pending.popleft().result())
+                while pending:
                     collect(pending.popleft().result())
-            while pending:
-                collect(pending.popleft().result())
+            except BaseException:
+                # A store that is down fails the shard: don't let queued images retry it too.
+                for future in pending:
+                    future.cancel()
+                raise
         if rows:
             batches.append(pa.RecordBatch.from_pylist(rows, schema=KEYS_SCHEMA))
         if batches:

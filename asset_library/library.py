@@ -103,9 +103,8 @@ class Library:
             return []
         md5s = [md5 for md5, _ in found]
         # Literal bucket numbers let DuckDB read only those buckets' files.
-        buckets = ", ".join(
-            str(b) for b in sorted({bucket_of(m, self.layout.n_buckets) for m in md5s})
-        )
+        n_buckets = self.layout.n_buckets  # read from library.json: once, not per md5
+        buckets = ", ".join(str(b) for b in sorted({bucket_of(m, n_buckets) for m in md5s}))
         details = {
             row["md5"]: row
             for row in self.query(
@@ -125,7 +124,8 @@ class Library:
         return list(groups.values())
 
     def index(self) -> SimilarityIndex:
-        """The similarity index, loaded once (memory-mapped) and kept level with the lake."""
+        """The similarity index as the ``similarity_index`` asset last saved it, loaded once
+        (memory-mapped). Readers never write it; the asset keeps it level with the lake."""
         if self._index is None:
             self._index = SimilarityIndex(self.layout)
         return self._index

@@ -7,6 +7,7 @@ row and the reason; a URI that cannot be read at ingest time becomes a reject ro
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
@@ -157,8 +159,6 @@ def _manifest_batches(location: str, s3_client: Any) -> Iterator[Any]:
 
 
 def _jsonl_batches(location: str, source: Any) -> Iterator[Any]:
-    import pyarrow as pa
-
     rows: list[dict[str, Any]] = []
     for number, line in enumerate(source, start=1):
         if not line.strip():
@@ -179,8 +179,6 @@ def _jsonl_batches(location: str, source: Any) -> Iterator[Any]:
 
 def _open_binary(location: str, s3_client: Any) -> Any:
     if is_s3(location):
-        import io
-
         bucket, key = parse_s3_uri(location)
         body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
         return io.BytesIO(body)

@@ -76,8 +76,8 @@ def test_similar_agrees_with_a_brute_force_scan_of_the_catalog(library):
                 brute = md5s[np.bitwise_count(hashes ^ np.uint64(query)) <= distance]
                 found = index.query(query, distance, kind=kind)
                 assert sorted(md5 for md5, _ in found) == sorted(brute.tolist())
+    hashes = np.array([int(r["phash"], 16) for r in rows], np.uint64)
     for row in rows[::40]:
-        hashes = np.array([int(r["phash"], 16) for r in rows], np.uint64)
         brute = md5s[np.bitwise_count(hashes ^ np.uint64(int(row["phash"], 16))) <= 8]
         found = library.similar(row["md5"], limit=None)
         assert sorted(r["md5"] for r in found) == sorted(brute.tolist())
