@@ -22,8 +22,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from asset_library.ingest import KEYS_SCHEMA
-from asset_library.lake import LibraryLayout, write_single
+from asset_library.ingest.shard import KEYS_SCHEMA
+from asset_library.lake import write_single
+from asset_library.layout import LibraryLayout
 from asset_library.tables import BASE_COLUMNS_SQL, CUBE_SCHEMA
 
 _EMPTY = "_empty.parquet"

@@ -131,8 +131,8 @@ def _status(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from asset_library.defs.partitions import shards_partitions
+    from asset_library.ingest.triggers import read_triggers
     from asset_library.orchestrate import local_instance
-    from asset_library.triggers import read_triggers
 
     library = Library(args.library)
     instance = local_instance(library.layout)

@@ -9,87 +9,13 @@ file and never sees a row twice.
 
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
-DEFAULT_BUCKETS = 256
-
-
-def bucket_of(md5: str, n_buckets: int = DEFAULT_BUCKETS) -> int:
-    """The bucket of a key: the top bits of its md5."""
-    bits = n_buckets.bit_length() - 1
-    return int(md5[:8], 16) >> (32 - bits) if bits else 0
-
-
-def check_buckets(n_buckets: int) -> int:
-    if n_buckets < 1 or n_buckets & (n_buckets - 1) or n_buckets > 65536:
-        raise ValueError(f"n_buckets must be a power of two from 1 to 65536, not {n_buckets}")
-    return n_buckets
-
-
-@dataclass(frozen=True)
-class LibraryLayout:
-    """Paths of one library root; the library's bucket count is fixed when it is created."""
-
-    root: Path
-
-    @classmethod
-    def open(cls, root: str | Path, n_buckets: int = DEFAULT_BUCKETS) -> LibraryLayout:
-        layout = cls(Path(root).expanduser().resolve())
-        layout.root.mkdir(parents=True, exist_ok=True)
-        settings = layout.root / "library.json"
-        if not settings.exists():
-            tmp = settings.with_name(f".library.json.{uuid.uuid4().hex}")
-            tmp.write_text(json.dumps({"n_buckets": check_buckets(n_buckets)}))
-            tmp.replace(settings)
-        return layout
-
-    @property
-    def n_buckets(self) -> int:
-        return int(json.loads((self.root / "library.json").read_text())["n_buckets"])
-
-    @property
-    def objects_dir(self) -> Path:
-        return self.root / "objects"
-
-    @property
-    def landing_dir(self) -> Path:
-        return self.root / "landing"
-
-    @property
-    def catalog_path(self) -> Path:
-        return self.root / "catalog.duckdb"
-
-    @property
-    def index_dir(self) -> Path:
-        return self.root / "index"
-
-    @property
-    def triggers_dir(self) -> Path:
-        return self.root / "triggers"
-
-    def plan_dir(self, batch: str) -> Path:
-        return self.root / "plans" / batch
-
-    def keys_path(self, shard: str) -> Path:
-        """The shard's fingerprint rows: the output of its one pass over the bytes."""
-        return self.root / "shards" / f"{shard}.parquet"
-
-    def table_dir(self, table: str) -> Path:
-        return self.root / "lake" / table
-
-    def rejects_path(self, shard: str) -> Path:
-        return self.table_dir("rejects") / f"{shard}.parquet"
-
-    def table_glob(self, table: str) -> str:
-        if table == "rejects":
-            return str(self.table_dir("rejects") / "*.parquet")
-        return str(self.table_dir(table) / "bucket=*" / "*.parquet")
+from asset_library.layout import LibraryLayout, atomic_path
 
 
 def write_bucketed(
@@ -133,15 +59,9 @@ def write_bucketed(
 
 def write_single(path: Path, query: str, connection: duckdb.DuckDBPyConnection) -> int:
     """Write a query's rows to one Parquet file, atomically replacing it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         connection.execute(f"COPY ({query}) TO '{_sql_path(tmp)}' (FORMAT parquet)")
-        rows = _row_count(tmp, connection)
-        tmp.replace(path)
-        return rows
-    finally:
-        tmp.unlink(missing_ok=True)
+        return _row_count(tmp, connection)
 
 
 def _single_file(parts: list[Path], connection: duckdb.DuckDBPyConnection) -> Path:

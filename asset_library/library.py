@@ -7,7 +7,6 @@ number of readers can run while shards are being ingested.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,10 @@ from typing import Any
 import duckdb
 
 from asset_library.catalog import connect
-from asset_library.fingerprint import DEFAULT_PHASH_THRESHOLD, fingerprint
-from asset_library.lake import LibraryLayout, bucket_of
+from asset_library.ids import bucket_of, check_md5, is_md5
+from asset_library.ingest.fingerprint import DEFAULT_PHASH_THRESHOLD, fingerprint
+from asset_library.layout import LibraryLayout
 from asset_library.similarity import HASH_KINDS, SimilarityIndex
-
-_MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
 def default_library_path() -> Path:
@@ -59,8 +57,7 @@ class Library:
     def lookup(self, md5: str) -> dict[str, Any] | None:
         """The image with this key, with its attributes and every source it was ingested from;
         ``None`` if the library does not have it."""
-        if not _MD5.match(md5):
-            raise ValueError(f"not an md5 key: {md5!r} (expected 32 hexadecimal digits)")
+        md5 = check_md5(md5)
         with self.connect() as connection:
             image = _first_row(connection.execute("SELECT * FROM image(?)", [md5]))
             if image is None:
@@ -89,7 +86,7 @@ class Library:
 
         ``image`` is the image's bytes, a path to an image file (fingerprinted as at ingest),
         or the md5 of an image in the library. ``max_distance`` defaults to
-        :data:`~asset_library.fingerprint.DEFAULT_PHASH_THRESHOLD` (8 bits). Each record has
+        :data:`~asset_library.ingest.fingerprint.DEFAULT_PHASH_THRESHOLD` (8 bits). Each record has
         ``md5``, ``distance``, ``width``, ``height``, ``format`` and one ``source_uri``.
         """
         if hash not in HASH_KINDS:
@@ -131,7 +128,7 @@ class Library:
         return self._index
 
     def _query_hash(self, image: bytes | str | os.PathLike[str], kind: str) -> int:
-        if isinstance(image, str) and _MD5.match(image) and not Path(image).exists():
+        if isinstance(image, str) and is_md5(image) and not Path(image).exists():
             rows = self.query(f"SELECT {kind} FROM image(?)", [image])
             if not rows:
                 raise ValueError(f"no image with md5 {image} in the library")

@@ -23,9 +23,10 @@ from dagster._core.storage.defs_state.base import set_defs_state_storage
 from asset_library.defs.assets.ingestion import BATCH_TAG, TRIGGER_TAG
 from asset_library.defs.partitions import batches_partitions
 from asset_library.defs.resources import build_resources
-from asset_library.lake import LibraryLayout
-from asset_library.planning import batch_id_for, load_plan
-from asset_library.triggers import new_trigger_id
+from asset_library.ids import batch_id_for
+from asset_library.ingest.plan import load_plan
+from asset_library.ingest.triggers import new_trigger_id
+from asset_library.layout import LibraryLayout
 
 Progress = Callable[[str], None]
 

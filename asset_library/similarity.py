@@ -23,7 +23,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from asset_library.lake import LibraryLayout
+from asset_library.layout import LibraryLayout
 from asset_library.search import HammingIndex, connected_groups
 
 HASH_KINDS = ("phash", "ahash", "dhash")

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from asset_library.ids import is_md5
+
 __all__ = [
     "DigestMismatchError",
     "LocalObjectStore",
@@ -40,7 +42,6 @@ __all__ = [
     "s3_client_from_env",
 ]
 
-_MD5_RE = re.compile(r"[0-9a-f]{32}")
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 DEFAULT_REGION = "us-east-1"
 
@@ -76,7 +77,7 @@ def object_key(md5: str) -> str:
 
     Two levels of fan-out keep local folders small and spread S3 prefixes.
     """
-    if not isinstance(md5, str) or not _MD5_RE.fullmatch(md5):
+    if not isinstance(md5, str) or not _is_lower_md5(md5):
         raise ValueError(f"not an MD5 (32 lower-case hex characters): {md5!r}")
     return f"images/{md5[0:2]}/{md5[2:4]}/{md5}"
 
@@ -95,8 +96,12 @@ def check_key(key: str) -> str:
     return key
 
 
+def _is_lower_md5(text: object) -> bool:
+    return is_md5(text) and text == text.lower()  # type: ignore[union-attr]
+
+
 def _check_md5(md5_hex: str, key: str) -> None:
-    if not isinstance(md5_hex, str) or not _MD5_RE.fullmatch(md5_hex):
+    if not isinstance(md5_hex, str) or not _is_lower_md5(md5_hex):
         raise ValueError(f"bad md5_hex {md5_hex!r} for key {key!r}")
 
 

@@ -17,7 +17,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from asset_library.lake import LibraryLayout, write_bucketed, write_single
+from asset_library.lake import write_bucketed, write_single
+from asset_library.layout import LibraryLayout
 
 #: Attributes the library derives for every image, documented for users of the cube.
 DERIVED_ATTRIBUTES = {

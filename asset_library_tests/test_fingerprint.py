@@ -12,14 +12,14 @@ import imagehash
 import pytest
 from PIL import Image, ImageOps
 
-from asset_library.fingerprint import (
+from asset_library.ingest.fingerprint import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_PHASH_THRESHOLD,
     Fingerprint,
     fingerprint,
     hamming,
 )
-from asset_library.workers import fingerprint_many
+from asset_library.ingest.workers import fingerprint_many
 
 HASHES = ("phash", "ahash", "dhash")
 NEAR_LABELS = {"exact", "reencode", "resize", "exif-orientation"}

@@ -12,7 +12,7 @@ from asset_library.definitions import build_definitions
 from asset_library.defs.resources import build_resources
 from asset_library.defs.schedules import retry_failed_shards
 from asset_library.defs.sensors import landing_sensor, shard_sensor
-from asset_library.landing import find_ready_batches
+from asset_library.ingest.landing import find_ready_batches
 
 
 def _tick(sensor, instance, resources, cursor=None) -> dg.SensorResult:

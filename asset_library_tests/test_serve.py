@@ -12,7 +12,7 @@ import pytest
 
 from asset_library import Library
 from asset_library.cli import main
-from asset_library.fingerprint import DEFAULT_PHASH_THRESHOLD
+from asset_library.ingest.fingerprint import DEFAULT_PHASH_THRESHOLD
 from asset_library.orchestrate import ingest_batch
 from asset_library.similarity import SimilarityIndex
 

@@ -7,7 +7,7 @@ Run by hand from the project root (never in CI; about 3-4 minutes on 2 cores)::
 Per core, on the SAME files in the SAME run, every file's bytes preloaded into memory (disk is
 out of it), everything in this one process and thread (OpenCV set to one thread):
 
-* ``ours fast`` -- ``asset_library.fingerprint.fingerprint(data)`` (the default, fast mode);
+* ``ours fast`` -- ``asset_library.ingest.fingerprint.fingerprint(data)`` (the default, fast mode);
   ``ours exact`` -- the same with ``mode="exact"`` (for information).
 * ``ImageHash`` -- ``hashlib.md5(data)``, ``Image.open(BytesIO(data))``, ``.size``, then
   ``imagehash.phash``, ``average_hash`` and ``dhash`` on that image, each kept as its hex string.
@@ -62,8 +62,8 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from asset_library.fingerprint import fingerprint, hamming
-from asset_library.workers import FingerprintPool
+from asset_library.ingest.fingerprint import fingerprint, hamming
+from asset_library.ingest.workers import FingerprintPool
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("asset_library/fingerprint.py", "asset_library/workers.py")
@@ -75,7 +75,7 @@ TARGET_POOL = 1.8
 PHOTO_MIN_PIXELS = 8_000_000
 #: Pillow's decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS by default): larger
 #: headers are left out of every method. Taken from the manifest, because importing
-#: asset_library.fingerprint may lift Pillow's own limit in this process.
+#: asset_library.ingest.fingerprint may lift Pillow's own limit in this process.
 MAX_PIXELS = 2 * 89_478_485
 HASHES = ("phash", "ahash", "dhash")
 #: Pool figures are flagged when the workers spent more than this share of their time waiting

@@ -74,8 +74,8 @@ from typing import Any
 # Only what the pool's worker processes need anyway is imported at module level: the workers
 # are spawned and re-import this file as their main module, so heavier imports (pyarrow, boto3)
 # are done inside the functions that use them, keeping worker memory as in production.
-from asset_library.fingerprint import Fingerprint
-from asset_library.workers import FingerprintPool
+from asset_library.ingest.fingerprint import Fingerprint
+from asset_library.ingest.workers import FingerprintPool
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus"
@@ -256,8 +256,8 @@ def check_all_ok(results: Sequence[Fingerprint], what: str) -> None:
 
 
 def run_shard(paths: Sequence[Path], store: Any, pool: FingerprintPool, keys: Path) -> Any:
-    from asset_library.ingest import ingest_shard
-    from asset_library.sources import SourceItem, read_uri
+    from asset_library.ingest.shard import ingest_shard
+    from asset_library.ingest.sources import SourceItem, read_uri
 
     items = ((ordinal, SourceItem(str(path))) for ordinal, path in enumerate(paths))
     stats = ingest_shard(

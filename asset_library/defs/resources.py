@@ -25,9 +25,10 @@ from typing import Any
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from asset_library.lake import DEFAULT_BUCKETS, LibraryLayout
-from asset_library.planning import DEFAULT_MAX_IMAGES_PER_SHARD
-from asset_library.sources import read_uri
+from asset_library.ids import DEFAULT_BUCKETS
+from asset_library.ingest.plan import DEFAULT_MAX_IMAGES_PER_SHARD
+from asset_library.ingest.sources import read_uri
+from asset_library.layout import LibraryLayout
 from asset_library.storage import LocalObjectStore, ObjectStore, S3ObjectStore, parse_s3_uri
 
 

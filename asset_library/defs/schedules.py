@@ -5,7 +5,7 @@ import dagster as dg
 from asset_library.defs.assets.ingestion import BATCH_TAG, TRIGGER_TAG
 from asset_library.defs.jobs import ingest_shard_job
 from asset_library.defs.partitions import shards_partitions
-from asset_library.planning import batch_of
+from asset_library.ids import batch_of
 
 MAX_RETRIES_PER_TICK = 1000
 

@@ -13,10 +13,11 @@ from asset_library.defs.assets.ingestion import BATCH_TAG, TRIGGER_TAG
 from asset_library.defs.jobs import SERIAL_TAG, ingest_shard_job, plan_batch_job
 from asset_library.defs.partitions import batches_partitions, shards_partitions
 from asset_library.defs.resources import LandingZoneResource, LibraryResource, SourceReaderResource
-from asset_library.landing import find_ready_batches
-from asset_library.planning import batch_id_for, load_plan
-from asset_library.sources import is_s3
-from asset_library.triggers import new_trigger_id
+from asset_library.ids import batch_id_for
+from asset_library.ingest.landing import find_ready_batches
+from asset_library.ingest.plan import load_plan
+from asset_library.ingest.sources import is_s3
+from asset_library.ingest.triggers import new_trigger_id
 
 #: Keeps a tick well inside the 60 s sensor timeout: the daemon checks each new key.
 MAX_BATCHES_PER_TICK = 50

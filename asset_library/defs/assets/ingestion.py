@@ -8,12 +8,13 @@ import duckdb
 
 from asset_library.defs.partitions import batches_partitions, shards_partitions
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource, SourceReaderResource
-from asset_library.ingest import ShardStats, ingest_shard
-from asset_library.planning import batch_of, load_plan, plan_batch, read_shard_items
-from asset_library.sources import iter_batch, normalize_source
+from asset_library.ids import batch_of
+from asset_library.ingest.plan import load_plan, plan_batch, read_shard_items
+from asset_library.ingest.shard import ShardStats, ingest_shard
+from asset_library.ingest.sources import iter_batch, normalize_source
+from asset_library.ingest.triggers import TriggerRecord, write_trigger
+from asset_library.ingest.workers import FingerprintPool
 from asset_library.tables import write_base_table, write_cube_table
-from asset_library.triggers import TriggerRecord, write_trigger
-from asset_library.workers import FingerprintPool
 
 GROUP = "ingestion"
 BATCH_TAG = "asset_library/batch"

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 
 from asset_library.catalog import NEAR_DUPLICATES_SCHEMA, build_catalog, connect
 from asset_library.defs.resources import LibraryResource
-from asset_library.fingerprint import DEFAULT_PHASH_THRESHOLD
+from asset_library.ingest.fingerprint import DEFAULT_PHASH_THRESHOLD
 from asset_library.similarity import SimilarityIndex
 
 GROUP = "library"

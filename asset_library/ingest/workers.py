@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
-from asset_library.fingerprint import (
+from asset_library.ingest.fingerprint import (
     DEFAULT_MAX_PIXELS,
     Fingerprint,
     Mode,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,11 +21,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from asset_library.fingerprint import Fingerprint, rejected_unreadable
-from asset_library.lake import bucket_of
-from asset_library.sources import SourceItem, SourceReadError
+from asset_library.ids import bucket_of
+from asset_library.ingest.fingerprint import Fingerprint, rejected_unreadable
+from asset_library.ingest.sources import SourceItem, SourceReadError
+from asset_library.ingest.workers import FingerprintPool
+from asset_library.layout import temp_path_for
 from asset_library.storage import ObjectStore, object_key
-from asset_library.workers import FingerprintPool
 
 KEYS_SCHEMA = pa.schema(
     [
@@ -123,7 +123,7 @@ def ingest_shard(
     started = time.perf_counter()
     ingested_at = datetime.now(UTC)
     keys_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = keys_path.with_name(f".{keys_path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_path_for(keys_path)
     writer = pq.ParquetWriter(tmp, KEYS_SCHEMA)
     rows: list[dict[str, Any]] = []
     batches: list[pa.RecordBatch] = []

@@ -8,7 +8,6 @@ only their own file, so a shard re-run sees exactly the images it saw the first 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -18,30 +17,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from asset_library.sources import SourceItem
+from asset_library.ids import shard_key
+from asset_library.ingest.sources import SourceItem
+from asset_library.layout import atomic_write_text, temp_path_for
 
 DEFAULT_MAX_IMAGES_PER_SHARD = 10_000_000
 _PLAN_SCHEMA = pa.schema([("ordinal", pa.int64()), ("uri", pa.string()), ("extras", pa.string())])
 _ROW_GROUP = 50_000
-_SHARD_SEPARATOR = "-s"
-
-
-def batch_id_for(name: str, when: datetime | None = None) -> str:
-    """A readable batch id from a source name: safe in partition keys and file names."""
-    stem = re.sub(r"\.(csv|parquet|jsonl|ndjson)$", "", name.rstrip("/").rsplit("/", 1)[-1])
-    stem = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_")[:60] or "batch"
-    if when is None:
-        return stem
-    return f"{stem}_{when.astimezone(UTC):%Y%m%dT%H%M%S}"
-
-
-def shard_key(batch: str, number: int) -> str:
-    """The shard's partition key, e.g. ``photos_20261123T204311-s00003``."""
-    return f"{batch}{_SHARD_SEPARATOR}{number:05d}"
-
-
-def batch_of(shard: str) -> str:
-    return shard.rsplit(_SHARD_SEPARATOR, 1)[0]
 
 
 @dataclass(frozen=True)
@@ -112,7 +94,7 @@ def plan_batch(
         images=total,
         shards=shards,
     )
-    _atomic_write_text(plan_dir / "plan.json", plan.to_json())
+    atomic_write_text(plan_dir / "plan.json", plan.to_json())
     return plan
 
 
@@ -134,7 +116,7 @@ class _ShardWriter:
     def __init__(self, plan_dir: Path, key: str, number: int) -> None:
         self.key, self.number, self.count = key, number, 0
         self.path = plan_dir / f"{key}.parquet"
-        self.tmp = self.path.with_suffix(".parquet.tmp")
+        self.tmp = temp_path_for(self.path)
         self.writer = pq.ParquetWriter(self.tmp, _PLAN_SCHEMA)
         self.rows: dict[str, list[Any]] = {"ordinal": [], "uri": [], "extras": []}
 
@@ -156,9 +138,3 @@ class _ShardWriter:
         self.writer.close()
         self.tmp.replace(self.path)
         return ShardPlan(self.key, self.number, self.count, str(self.path))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asset_library.sources import READY_MARKER, is_manifest, is_s3
+from asset_library.ingest.sources import READY_MARKER, is_manifest, is_s3
 from asset_library.storage import parse_s3_uri
 
 

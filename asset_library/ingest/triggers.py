@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from asset_library.ids import check_batch_id
+from asset_library.layout import atomic_write_text
+
 
 @dataclass(frozen=True)
 class TriggerRecord:
@@ -31,11 +34,8 @@ def new_trigger_id(kind: str) -> str:
 
 
 def write_trigger(directory: Path, record: TriggerRecord) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{record.batch}.json"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(asdict(record), indent=2))
-    tmp.replace(path)
+    path = directory / f"{check_batch_id(record.batch)}.json"
+    atomic_write_text(path, json.dumps(asdict(record), indent=2))
     return path
 
 

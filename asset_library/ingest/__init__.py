@@ -1,0 +1,1 @@
+"""Ingestion in plain Python: sources, shard plans, fingerprints, one pass per shard."""

@@ -1,0 +1,139 @@
+"""Where a library keeps everything, and the one way files are replaced: atomically.
+
+A library is a folder. ``library.json`` records what is fixed when the library is created (its
+bucket count); every other path is derived from the root here, so no path is spelled twice.
+Every file a writer replaces goes through :func:`atomic_path`: written beside its target under a
+private name, renamed into place on success, removed on failure, so a reader never sees half a
+file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asset_library.ids import DEFAULT_BUCKETS, check_batch_id, check_buckets, check_shard_key
+
+SETTINGS_FILE = "library.json"
+#: Private files being written end with this suffix; a killed writer's leftovers are found by it.
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_path_for(path: Path) -> Path:
+    """A private name beside ``path``: hidden, unique, ending in :data:`TEMP_SUFFIX`."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def remove_orphan_temp_files(folder: Path, pattern: str = "*") -> list[Path]:
+    """Delete temporary files a killed writer left in ``folder`` (matching ``pattern``)."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.glob(f".{pattern}{TEMP_SUFFIX}"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+@dataclass(frozen=True)
+class LibraryLayout:
+    """Paths of one library root; the library's bucket count is fixed when it is created."""
+
+    root: Path
+
+    @classmethod
+    def open(cls, root: str | Path, n_buckets: int = DEFAULT_BUCKETS) -> LibraryLayout:
+        """The library at ``root``, created with ``n_buckets`` if it does not exist yet."""
+        layout = cls(Path(root).expanduser().resolve())
+        layout.root.mkdir(parents=True, exist_ok=True)
+        if not layout.settings_path.exists():
+            atomic_write_text(
+                layout.settings_path, json.dumps({"n_buckets": check_buckets(n_buckets)})
+            )
+        return layout
+
+    @property
+    def settings_path(self) -> Path:
+        return self.root / SETTINGS_FILE
+
+    def settings(self) -> dict[str, Any]:
+        """What the library recorded about itself when it was created."""
+        try:
+            return json.loads(self.settings_path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"{self.settings_path}: unreadable library settings: {error}"
+            ) from None
+
+    def update_settings(self, **values: Any) -> None:
+        """Record more settings (e.g. the object store), keeping what is there."""
+        atomic_write_text(self.settings_path, json.dumps({**self.settings(), **values}, indent=2))
+
+    @property
+    def n_buckets(self) -> int:
+        return int(self.settings()["n_buckets"])
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.root / "objects"
+
+    @property
+    def landing_dir(self) -> Path:
+        return self.root / "landing"
+
+    @property
+    def lake_dir(self) -> Path:
+        return self.root / "lake"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / "catalog.duckdb"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def triggers_dir(self) -> Path:
+        return self.root / "triggers"
+
+    def plan_dir(self, batch: str) -> Path:
+        return self.root / "plans" / check_batch_id(batch)
+
+    def keys_path(self, shard: str) -> Path:
+        """The shard's fingerprint rows: the output of its one pass over the bytes."""
+        return self.root / "shards" / f"{check_shard_key(shard)}.parquet"
+
+    def table_dir(self, table: str) -> Path:
+        return self.lake_dir / table
+
+    def rejects_path(self, shard: str) -> Path:
+        return self.table_dir("rejects") / f"{check_shard_key(shard)}.parquet"
+
+    def table_glob(self, table: str) -> str:
+        if table == "rejects":
+            return str(self.table_dir("rejects") / "*.parquet")
+        return str(self.table_dir(table) / "bucket=*" / "*.parquet")
