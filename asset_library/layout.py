@@ -1,7 +1,8 @@
 """Where a library keeps everything, and the one way files are replaced: atomically.
 
 A library is a folder. ``library.json`` records what is fixed when the library is created (its
-bucket count); every other path is derived from the root here, so no path is spelled twice.
+bucket count, and from its first ingest its object store); every other path is derived from the
+root here, so no path is spelled twice.
 Every file a writer replaces goes through :func:`atomic_path`: written beside its target under a
 private name, renamed into place on success, removed on failure, so a reader never sees half a
 file.
@@ -95,6 +96,25 @@ class LibraryLayout:
     @property
     def n_buckets(self) -> int:
         return int(self.settings()["n_buckets"])
+
+    def recorded_objects(self) -> str | None:
+        """The object store the library records: ``s3://...`` or an absolute folder path;
+        None for a library that has not stored an image yet (or has no ``library.json``)."""
+        if not self.settings_path.exists():
+            return None
+        recorded = self.settings().get("objects")
+        if recorded is None or str(recorded).startswith("s3://"):
+            return recorded
+        return str((self.root / recorded).resolve())
+
+    def record_objects(self, location: str) -> None:
+        """Record the library's object store. A folder inside the library is recorded relative
+        to its root, so a copied or moved library still finds its bytes."""
+        if not location.startswith("s3://"):
+            path = Path(location).expanduser().resolve()
+            inside = path.is_relative_to(self.root)
+            location = path.relative_to(self.root).as_posix() if inside else str(path)
+        self.update_settings(objects=location)
 
     @property
     def objects_dir(self) -> Path:

@@ -18,6 +18,7 @@ from asset_library.ids import bucket_of, check_md5, is_md5
 from asset_library.ingest.fingerprint import DEFAULT_PHASH_THRESHOLD, fingerprint
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import HASH_KINDS, SimilarityIndex
+from asset_library.storage import ObjectStore, open_store
 
 
 def default_library_path() -> Path:
@@ -37,6 +38,11 @@ class Library:
     @property
     def path(self) -> Path:
         return self.layout.root
+
+    def object_store(self) -> ObjectStore:
+        """Where this library's image bytes are: the store it records (``<root>/objects``
+        before its first ingest); S3 through ``s3_client_from_env()``."""
+        return open_store(self.layout.recorded_objects() or self.layout.objects_dir)
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A read-only connection to the catalog: views ``images``, ``occurrences``,

@@ -27,6 +27,7 @@ from asset_library.ids import batch_id_for
 from asset_library.ingest.plan import load_plan
 from asset_library.ingest.triggers import new_trigger_id
 from asset_library.layout import LibraryLayout
+from asset_library.storage import bind_store
 
 Progress = Callable[[str], None]
 
@@ -45,6 +46,7 @@ class IngestSummary:
     ok: int = 0
     uploaded: int = 0
     already_stored: int = 0
+    repaired: int = 0
     rejects_by_reason: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     checks: dict[str, bool] = field(default_factory=dict)
@@ -118,6 +120,8 @@ def _ingest_batch(
         env["ASSET_LIBRARY_WORKERS"] = str(workers)
     resources = build_resources(env, root=str(library))
     layout = resources["library"].layout()
+    # A store other than the library's own fails here, before planning or uploading anything.
+    bind_store(layout, resources["object_store"].location(), record=False)
     defs = build_definitions(resources)
     batch = batch or batch_id_for(source, datetime.now(UTC))
     trigger = new_trigger_id("cli")
@@ -163,6 +167,7 @@ def _ingest_batch(
         summary.ok += keys.get("ok", 0)
         summary.uploaded += uploads.get("uploaded", 0)
         summary.already_stored += uploads.get("already_stored", 0)
+        summary.repaired += uploads.get("repaired", 0)
         summary.rejects_by_reason.update(keys.get("rejects_by_reason", {}))
         progress(
             f"[{number}/{len(plan.shards)}] {shard.key}: {keys.get('images', 0):,} images, "

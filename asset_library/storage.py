@@ -1,8 +1,10 @@
 """Write-once, content-addressed object storage for image bytes.
 
 Images are stored under a key derived from their MD5 (`object_key`), so a key names exactly one
-body: a store never needs to overwrite, and "the key exists" means "the image is stored". Two
-back ends share one interface:
+body: a store never overwrites an intact object, and "the key holds its body" means "the image is
+stored". An object that was damaged after it was written (truncated, overwritten) no longer
+matches its key: `put_if_absent` of the right bytes replaces it, and `verify_objects` finds it.
+Two back ends share one interface:
 
 - `LocalObjectStore`, a folder: the embedded default, no server needed;
 - `S3ObjectStore`, any S3 API (AWS, SeaweedFS, MinIO...) through a boto3 client.
@@ -18,28 +20,39 @@ from __future__ import annotations
 
 import abc
 import base64
+import enum
 import hashlib
 import os
+import random
 import re
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from asset_library.ids import is_md5
+from asset_library.layout import LibraryLayout, temp_path_for
 
 __all__ = [
     "DigestMismatchError",
     "LocalObjectStore",
     "ObjectNotFoundError",
+    "ObjectProblem",
+    "ObjectStat",
     "ObjectStore",
     "ObjectStoreError",
+    "PutResult",
     "S3ObjectStore",
+    "StoreMismatchError",
+    "bind_store",
     "check_key",
     "object_key",
     "open_store",
     "parse_s3_uri",
     "s3_client_from_env",
+    "store_location",
+    "verify_objects",
 ]
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -70,6 +83,46 @@ class ObjectNotFoundError(ObjectStoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0]) if self.args else ""
+
+
+class StoreMismatchError(ObjectStoreError, ValueError):
+    """A run is configured for another object store than the one its library records."""
+
+
+class PutResult(enum.Enum):
+    """What `put_if_absent` did. True when this call wrote bytes (stored or repaired)."""
+
+    STORED = "stored"  # the key was free: this call stored the body
+    PRESENT = "present"  # an intact object was already there: nothing written
+    REPAIRED = "repaired"  # a damaged object was there: this call replaced it
+
+    def __bool__(self) -> bool:
+        return self is not PutResult.PRESENT
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    """What a store says about an object without reading its bytes.
+
+    `claimed_md5` is the MD5 the store reports for the body (an S3 single-part ETag), or None
+    when it reports none it means as one (local files, multipart or SSE-KMS/SSE-C ETags).
+    Stores can be wrong about it, so a mismatch is confirmed by reading before acting on it.
+    """
+
+    size: int
+    claimed_md5: str | None = None
+
+
+@dataclass(frozen=True)
+class ObjectProblem:
+    """A stored image whose object is missing or does not hold the image's bytes."""
+
+    md5: str
+    kind: str  # "missing", "size" or "content"
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.md5}: {self.detail}"
 
 
 def object_key(md5: str) -> str:
@@ -103,26 +156,37 @@ def _is_lower_md5(text: object) -> bool:
 def _check_md5(md5_hex: str, key: str) -> None:
     if not isinstance(md5_hex, str) or not _is_lower_md5(md5_hex):
         raise ValueError(f"bad md5_hex {md5_hex!r} for key {key!r}")
+    named = key.rpartition("/")[2]
+    if _is_lower_md5(named) and named != md5_hex:
+        # The object would be judged against the wrong digest and "repaired" with other bytes.
+        raise ValueError(f"key {key!r} names md5 {named}, but the body's md5 is {md5_hex}")
 
 
 class ObjectStore(abc.ABC):
     """Write-once storage of immutable blobs by key."""
 
     @abc.abstractmethod
-    def put_if_absent(self, key: str, data: bytes, md5_hex: str) -> bool:
-        """Store `data` under `key` unless the key exists; True if this call wrote it.
+    def put_if_absent(self, key: str, data: bytes, md5_hex: str) -> PutResult:
+        """Store `data` under `key` unless an intact object is there; say what was done.
 
         `md5_hex` is the expected MD5 of `data`; a mismatch raises `DigestMismatchError` (a
-        `ValueError`) and stores nothing. An existing object is never replaced.
+        `ValueError`) and stores nothing. An existing object is replaced only when it is
+        damaged: its size differs from `data`, or its content MD5 (when the store can tell
+        cheaply) differs from `md5_hex`. A racing writer of the same key writes the same bytes.
         """
 
     @abc.abstractmethod
+    def stat(self, key: str) -> ObjectStat | None:
+        """Size (and claimed MD5) of the stored object, or None if there is none."""
+
     def exists(self, key: str) -> bool:
         """Whether an object is stored under `key`."""
+        return self.stat(key) is not None
 
-    @abc.abstractmethod
     def head_size(self, key: str) -> int | None:
         """The stored object's size in bytes, or None if there is none."""
+        found = self.stat(key)
+        return None if found is None else found.size
 
     @abc.abstractmethod
     def get(self, key: str) -> bytes:
@@ -150,6 +214,8 @@ class LocalObjectStore(ObjectStore):
 
     A write goes to a temporary file in the target folder, then is published with `os.link`,
     which fails if the name exists: readers never see a partial file and the first writer wins.
+    A damaged object is replaced with `os.replace`, atomic too. Files get the process umask's
+    permissions (0o666 & ~umask), like any other file the process creates.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -158,7 +224,7 @@ class LocalObjectStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
-    def put_if_absent(self, key: str, data: bytes, md5_hex: str) -> bool:
+    def put_if_absent(self, key: str, data: bytes, md5_hex: str) -> PutResult:
         _check_md5(md5_hex, key)
         path = self._path(key)
         actual = hashlib.md5(data).hexdigest()
@@ -168,26 +234,41 @@ class LocalObjectStore(ObjectStore):
                 code="BadDigest",
             )
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        tmp = temp_path_for(path)
+        # os.open applies the umask to 0o666; mkstemp would make every object 0o600.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             try:
                 os.link(tmp, path)
+                return PutResult.STORED
             except FileExistsError:
-                return False
-            return True
+                if self._holds(path, md5_hex, len(data)):
+                    return PutResult.PRESENT
+                os.replace(tmp, path)
+                return PutResult.REPAIRED
         finally:
-            os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
 
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def head_size(self, key: str) -> int | None:
+    @staticmethod
+    def _holds(path: Path, md5_hex: str, size: int) -> bool:
+        """Whether the file at `path` is exactly the body with this MD5 and size."""
         try:
-            return self._path(key).stat().st_size
+            if path.stat().st_size != size:
+                return False
+            with path.open("rb") as handle:
+                return hashlib.file_digest(handle, "md5").hexdigest() == md5_hex
+        except (FileNotFoundError, IsADirectoryError):
+            return False
+
+    def stat(self, key: str) -> ObjectStat | None:
+        path = self._path(key)
+        try:
+            found = path.stat()
         except FileNotFoundError:
             return None
+        return ObjectStat(found.st_size) if path.is_file() else None
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -267,16 +348,37 @@ class S3ObjectStore(ObjectStore):
             f"S3 {op} of s3://{self.bucket}/{full_key} failed: {code}: {exc}", code=code
         )
 
-    def put_if_absent(self, key: str, data: bytes, md5_hex: str) -> bool:
+    def put_if_absent(self, key: str, data: bytes, md5_hex: str) -> PutResult:
         """Upload with `Content-MD5` (the server checks the body) and `If-None-Match: *`.
 
-        A 412 means another writer got there first: the key exists, so return False. If a
-        write succeeds but its response is lost and botocore retries, the retry sees 412 too:
-        False then means "stored, maybe by this call".
+        A 412 means the key exists: a HEAD then tells whether the object is intact (its size,
+        and its ETag when that is a single-part MD5; an ETag that disagrees is confirmed by a
+        GET before anything is replaced). A damaged object is replaced by a PUT with
+        `If-Match` on its ETag, so only the damaged version is overwritten. If a write succeeds
+        but its response is lost and botocore retries, the retry sees 412 and an intact object:
+        PRESENT then means "stored, maybe by this call".
         """
+        _check_md5(md5_hex, key)
+        for _ in range(3):
+            if self._put(key, data, md5_hex, IfNoneMatch="*"):
+                return PutResult.STORED
+            head = self._head(key)
+            if head is None:
+                continue  # deleted since the 412: try to store it again
+            if self._holds(key, _stat_of(head), md5_hex, len(data)):
+                return PutResult.PRESENT
+            if self._put(key, data, md5_hex, IfMatch=head["ETag"]):
+                return PutResult.REPAIRED
+            # Another writer changed the object since the HEAD: look again.
+        raise ObjectStoreError(
+            f"S3 put of {self.uri(key)}: the object kept changing under concurrent writers",
+            code="PreconditionFailed",
+        )
+
+    def _put(self, key: str, data: bytes, md5_hex: str, **condition: str) -> bool:
+        """One conditional PUT; False if the condition failed (412)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        _check_md5(md5_hex, key)
         full = self._full(key)
         content_md5 = base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
         try:
@@ -285,8 +387,8 @@ class S3ObjectStore(ObjectStore):
                 Key=full,
                 Body=data,
                 ContentMD5=content_md5,
-                IfNoneMatch="*",
                 ContentType="application/octet-stream",
+                **condition,
             )
         except ClientError as exc:
             code = _error_code(exc)
@@ -303,6 +405,17 @@ class S3ObjectStore(ObjectStore):
             raise self._fail("put", full, exc) from exc
         return True
 
+    def _holds(self, key: str, found: ObjectStat, md5_hex: str, size: int) -> bool:
+        """Whether the object is the body with this MD5: size, then ETag, confirmed by a GET."""
+        if found.size != size:
+            return False
+        if found.claimed_md5 is None or found.claimed_md5 == md5_hex:
+            return True
+        try:
+            return hashlib.md5(self.get(key)).hexdigest() == md5_hex
+        except ObjectNotFoundError:
+            return False
+
     def _head(self, key: str) -> dict[str, Any] | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -316,12 +429,9 @@ class S3ObjectStore(ObjectStore):
         except BotoCoreError as exc:
             raise self._fail("head", full, exc) from exc
 
-    def exists(self, key: str) -> bool:
-        return self._head(key) is not None
-
-    def head_size(self, key: str) -> int | None:
+    def stat(self, key: str) -> ObjectStat | None:
         head = self._head(key)
-        return None if head is None else int(head["ContentLength"])
+        return None if head is None else _stat_of(head)
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -370,6 +480,108 @@ class S3ObjectStore(ObjectStore):
         endpoint = getattr(getattr(self.client, "meta", None), "endpoint_url", None)
         where = f" at {endpoint}" if endpoint else ""
         return f"S3 s3://{self.bucket}/{self.prefix}{where}"
+
+
+def _stat_of(head: dict[str, Any]) -> ObjectStat:
+    """Size and, when the ETag is one, the MD5 from a HEAD response.
+
+    A multipart ETag ends in `-<parts>`; SSE-KMS and SSE-C ETags are not the MD5 of the body.
+    """
+    etag = str(head.get("ETag") or "").strip('"').lower()
+    encrypted = head.get("ServerSideEncryption") == "aws:kms" or head.get("SSECustomerAlgorithm")
+    claimed = etag if _is_lower_md5(etag) and not encrypted else None
+    return ObjectStat(int(head["ContentLength"]), claimed)
+
+
+def verify_objects(
+    store: ObjectStore,
+    items: Iterable[tuple[str, int]],
+    content_sample: int = 100,
+    *,
+    threads: int = 16,
+    rng: random.Random | None = None,
+) -> list[ObjectProblem]:
+    """The images among `items` (md5, size in bytes) whose stored object is missing or damaged.
+
+    Every object gets a HEAD (or stat): missing, or a size other than the image's, is a
+    problem. Reading bytes costs a GET each, so only a random sample of `content_sample`
+    objects is read and hashed, plus every object whose store-reported MD5 (an S3 single-part
+    ETag) disagrees: that report alone is not trusted, the bytes decide.
+    """
+    items = list(items)
+    with ThreadPoolExecutor(threads) as pool:
+        stats = list(pool.map(lambda item: store.stat(object_key(item[0])), items))
+    problems: list[ObjectProblem] = []
+    suspects: list[tuple[str, int]] = []
+    intact: list[tuple[str, int]] = []
+    for (md5, size), found in zip(items, stats, strict=True):
+        if found is None:
+            where = store.uri(object_key(md5))
+            problems.append(ObjectProblem(md5, "missing", f"no object at {where}"))
+        elif found.size != size:
+            problems.append(
+                ObjectProblem(md5, "size", f"object has {found.size:,} bytes, image has {size:,}")
+            )
+        elif found.claimed_md5 is not None and found.claimed_md5 != md5:
+            suspects.append((md5, size))
+        else:
+            intact.append((md5, size))
+    sample = (rng or random).sample(intact, min(len(intact), max(0, content_sample)))
+
+    def content_md5(md5: str) -> str | None:
+        try:
+            return hashlib.md5(store.get(object_key(md5))).hexdigest()
+        except ObjectNotFoundError:
+            return None
+
+    to_read = suspects + sample
+    with ThreadPoolExecutor(threads) as pool:
+        digests = list(pool.map(lambda item: content_md5(item[0]), to_read))
+    for (md5, _), digest in zip(to_read, digests, strict=True):
+        if digest is None:
+            problems.append(ObjectProblem(md5, "missing", "object removed while being checked"))
+        elif digest != md5:
+            problems.append(ObjectProblem(md5, "content", f"object's bytes have md5 {digest}"))
+    return problems
+
+
+def store_location(location: str | os.PathLike[str]) -> str:
+    """A store location in one spelling, so two can be compared: `s3://bucket/prefix` (no
+    trailing slash) or an absolute folder path."""
+    text = os.fspath(location)
+    if text.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(text)
+        prefix = prefix.strip("/")
+        return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    return str(Path(text).expanduser().resolve())
+
+
+def bind_store(layout: LibraryLayout, location: str | os.PathLike[str], *, record: bool) -> str:
+    """Check that `location` is the object store the library records; with `record`, record it
+    if the library has none yet. Returns the location in the form `store_location` gives.
+
+    Raises `StoreMismatchError` before anything is written when the library records another
+    store: a typo in a bucket name must not scatter a library's bytes over two stores.
+    """
+    wanted = store_location(location)
+    recorded = layout.recorded_objects()
+    if recorded is None:
+        if record:
+            layout.record_objects(wanted)
+        return wanted
+    recorded = store_location(recorded)
+    if recorded != wanted:
+        raise StoreMismatchError(
+            f"library {layout.root} keeps its images in {recorded}, but this run is configured "
+            f"for {wanted} (ASSET_LIBRARY_OBJECTS); nothing was stored. Unset "
+            "ASSET_LIBRARY_OBJECTS to use the library's store, or, to move the library on "
+            f'purpose, copy its objects to the new store and set "objects" in '
+            f"{layout.settings_path} to it.",
+            code="StoreMismatch",
+        )
+    return wanted
 
 
 def s3_client_from_env(

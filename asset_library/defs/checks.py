@@ -4,13 +4,12 @@ All are blocking: a failure fails the catalog run and stops what is built from t
 """
 
 import random
-from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
 
 from asset_library.catalog import connect
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource
-from asset_library.storage import object_key
+from asset_library.storage import verify_objects
 
 #: Up to this many images, every object is checked; above it, a uniform random sample.
 UPLOAD_CHECK_EXHAUSTIVE_LIMIT = 100_000
@@ -72,40 +71,47 @@ def hash_coverage(library: LibraryResource) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset="catalog", blocking=True, description="Every image's bytes are stored.")
+@dg.asset_check(
+    asset="catalog", blocking=True, description="Every image's bytes are stored, undamaged."
+)
 def uploads_present(
     library: LibraryResource, object_store: ObjectStoreResource
 ) -> dg.AssetCheckResult:
     """Exhaustive up to 100k images; above, a random sample of 10k HEADs. At a billion images
     a full LIST is ~1M requests and hours; 10k HEADs take seconds and find a 0.05% loss rate
-    with 99% probability. A full audit belongs to S3 Inventory, not to every refresh."""
-    with connect(library.layout()) as connection:
+    with 99% probability. A full audit belongs to S3 Inventory, not to every refresh.
+
+    Each checked object's size must be the image's; the bytes of ``verify_sample`` of them
+    (and of any whose ETag disagrees) are read and hashed, to catch same-size damage."""
+    layout = library.layout()
+    with connect(layout) as connection:
         total = connection.execute("SELECT count(*) FROM images").fetchone()[0]
         if total <= UPLOAD_CHECK_EXHAUSTIVE_LIMIT:
-            md5s = [row[0] for row in connection.execute("SELECT md5 FROM images").fetchall()]
+            items = connection.execute("SELECT md5, size_bytes FROM images").fetchall()
             method = "exhaustive"
         else:
             fraction = min(1.0, 2 * UPLOAD_CHECK_SAMPLE / total)
-            md5s = [
-                row[0]
-                for row in connection.execute(
-                    f"SELECT md5 FROM images USING SAMPLE {fraction * 100:.6f}% (bernoulli)"
-                ).fetchall()
-            ]
-            md5s = random.sample(md5s, min(len(md5s), UPLOAD_CHECK_SAMPLE))
+            items = connection.execute(
+                f"SELECT md5, size_bytes FROM images USING SAMPLE {fraction * 100:.6f}% (bernoulli)"
+            ).fetchall()
+            items = random.sample(items, min(len(items), UPLOAD_CHECK_SAMPLE))
             method = "random sample"
-    store = object_store.open()
-    with ThreadPoolExecutor(16) as pool:
-        present = list(pool.map(lambda md5: store.exists(object_key(md5)), md5s))
-    missing = [md5 for md5, ok in zip(md5s, present, strict=True) if not ok]
+    store = object_store.open_for(layout, record=False)
+    problems = verify_objects(store, items, object_store.verify_sample)
+    missing = [p.md5 for p in problems if p.kind == "missing"]
+    damaged = [p for p in problems if p.kind != "missing"]
     return _result(
-        not missing,
-        f"{len(md5s) - len(missing):,} of {len(md5s):,} checked objects present ({method})",
+        not problems,
+        f"{len(items) - len(problems):,} of {len(items):,} checked objects intact ({method})"
+        + "".join(f"; {p}" for p in problems[:10]),
         images=total,
-        checked=len(md5s),
+        checked=len(items),
+        content_checked=min(len(items), object_store.verify_sample),
         missing=len(missing),
+        damaged=len(damaged),
         method=method,
         missing_examples=", ".join(missing[:10]),
+        damaged_examples=", ".join(str(p) for p in damaged[:10]),
     )
 
 

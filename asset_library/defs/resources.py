@@ -5,8 +5,11 @@ Every setting comes from the environment, so the same code location serves the e
 
 ======================== ==================================================================
 ASSET_LIBRARY_HOME       the library root folder (default ``./library``)
-ASSET_LIBRARY_OBJECTS    where image bytes go: ``s3://bucket/prefix`` or a folder
-                         (default ``<home>/objects``)
+ASSET_LIBRARY_OBJECTS    where image bytes go: ``s3://bucket/prefix`` or a folder (default:
+                         the store the library records, else ``<home>/objects``); a library
+                         refuses a store other than the one it recorded at its first ingest
+ASSET_LIBRARY_VERIFY_SAMPLE  objects whose bytes ``uploads_present`` reads and hashes per run
+                         (default 100; every object's size is checked)
 ASSET_LIBRARY_LANDING    the landing zone the sensor watches: ``s3://bucket/prefix`` or a
                          folder (default ``<home>/landing``)
 ASSET_LIBRARY_WORKERS    fingerprinting processes per shard run (default: every core)
@@ -29,7 +32,15 @@ from asset_library.ids import DEFAULT_BUCKETS
 from asset_library.ingest.plan import DEFAULT_MAX_IMAGES_PER_SHARD
 from asset_library.ingest.sources import read_uri
 from asset_library.layout import LibraryLayout
-from asset_library.storage import LocalObjectStore, ObjectStore, S3ObjectStore, parse_s3_uri
+from asset_library.storage import (
+    LocalObjectStore,
+    ObjectStore,
+    S3ObjectStore,
+    bind_store,
+    parse_s3_uri,
+)
+
+DEFAULT_VERIFY_SAMPLE = 100
 
 
 class LibraryResource(dg.ConfigurableResource):
@@ -48,8 +59,20 @@ class LibraryResource(dg.ConfigurableResource):
 class ObjectStoreResource(dg.ConfigurableResource, ABC):
     """Write-once storage of image bytes under their md5 key."""
 
+    verify_sample: int = DEFAULT_VERIFY_SAMPLE
+
     @abstractmethod
     def open(self) -> ObjectStore: ...
+
+    @abstractmethod
+    def location(self) -> str:
+        """``s3://bucket/prefix`` or the folder: what a library records as its store."""
+
+    def open_for(self, layout: LibraryLayout, *, record: bool) -> ObjectStore:
+        """The store, once it is known to be the library's own (recorded first, if ``record``
+        and the library has none yet); ``StoreMismatchError`` before any byte moves if not."""
+        bind_store(layout, self.location(), record=record)
+        return self.open()
 
 
 class LocalObjectStoreResource(ObjectStoreResource):
@@ -59,6 +82,9 @@ class LocalObjectStoreResource(ObjectStoreResource):
 
     def open(self) -> ObjectStore:
         return LocalObjectStore(Path(self.path))
+
+    def location(self) -> str:
+        return str(Path(self.path).expanduser().resolve())
 
 
 class S3ObjectStoreResource(ObjectStoreResource):
@@ -70,6 +96,10 @@ class S3ObjectStoreResource(ObjectStoreResource):
 
     def open(self) -> ObjectStore:
         return S3ObjectStore(self.s3.get_client(), self.bucket, self.prefix)
+
+    def location(self) -> str:
+        prefix = self.prefix.strip("/")
+        return f"s3://{self.bucket}/{prefix}" if prefix else f"s3://{self.bucket}"
 
 
 class SourceReaderResource(dg.ConfigurableResource):
@@ -109,14 +139,18 @@ def build_resources(
     workers = environ.get("ASSET_LIBRARY_WORKERS")
     shard_size = environ.get("ASSET_LIBRARY_SHARD_SIZE")
     s3 = s3_resource_from_env(environ)
-    objects = environ.get("ASSET_LIBRARY_OBJECTS") or str(Path(home) / "objects")
+    layout = LibraryLayout(Path(home))  # read only: loading definitions creates no library
+    objects = (
+        environ.get("ASSET_LIBRARY_OBJECTS") or layout.recorded_objects() or str(layout.objects_dir)
+    )
+    verify_sample = int(environ.get("ASSET_LIBRARY_VERIFY_SAMPLE") or DEFAULT_VERIFY_SAMPLE)
     if objects.startswith("s3://"):
         bucket, prefix = parse_s3_uri(objects)
         object_store: ObjectStoreResource = S3ObjectStoreResource(
-            bucket=bucket, prefix=prefix, s3=s3
+            bucket=bucket, prefix=prefix, s3=s3, verify_sample=verify_sample
         )
     else:
-        object_store = LocalObjectStoreResource(path=objects)
+        object_store = LocalObjectStoreResource(path=objects, verify_sample=verify_sample)
     return {
         "library": LibraryResource(
             root=home,

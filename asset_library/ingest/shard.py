@@ -26,7 +26,7 @@ from asset_library.ingest.fingerprint import Fingerprint, rejected_unreadable
 from asset_library.ingest.sources import SourceItem, SourceReadError
 from asset_library.ingest.workers import FingerprintPool
 from asset_library.layout import temp_path_for
-from asset_library.storage import ObjectStore, object_key
+from asset_library.storage import ObjectStore, PutResult, object_key
 
 KEYS_SCHEMA = pa.schema(
     [
@@ -73,6 +73,7 @@ class ShardStats:
     rejects_by_reason: Counter[str] = field(default_factory=Counter)
     uploaded: int = 0
     already_stored: int = 0
+    repaired: int = 0  # stored objects that were damaged and were replaced with these bytes
     bytes_read: int = 0
     bytes_uploaded: int = 0
     seconds: float = 0.0
@@ -89,6 +90,7 @@ class ShardStats:
             "rejects_by_reason": dict(self.rejects_by_reason),
             "uploaded": self.uploaded,
             "already_stored": self.already_stored,
+            "repaired": self.repaired,
             "bytes_read": self.bytes_read,
             "bytes_uploaded": self.bytes_uploaded,
             "seconds": round(self.seconds, 3),
@@ -101,7 +103,7 @@ class _Outcome:
     ordinal: int
     item: SourceItem
     fp: Fingerprint
-    uploaded: bool
+    put: PutResult | None  # None: not stored (rejected)
 
 
 def ingest_shard(
@@ -134,12 +136,12 @@ def ingest_shard(
             data = read(item.uri)
         except SourceReadError as error:
             fp = replace(rejected_unreadable(str(error)), reason=error.reason)
-            return _Outcome(ordinal, item, fp, False)
+            return _Outcome(ordinal, item, fp, None)
         fp = pool.submit_chunk([data]).result()[0]
-        uploaded = False
+        put = None
         if fp.ok and fp.md5:
-            uploaded = store.put_if_absent(object_key(fp.md5), data, fp.md5)
-        return _Outcome(ordinal, item, fp, uploaded)
+            put = store.put_if_absent(object_key(fp.md5), data, fp.md5)
+        return _Outcome(ordinal, item, fp, put)
 
     def collect(outcome: _Outcome) -> None:
         fp = outcome.fp
@@ -147,11 +149,14 @@ def ingest_shard(
         stats.bytes_read += fp.size_bytes or 0
         if fp.ok:
             stats.ok += 1
-            if outcome.uploaded:
+            if outcome.put is PutResult.STORED:
                 stats.uploaded += 1
-                stats.bytes_uploaded += fp.size_bytes or 0
+            elif outcome.put is PutResult.REPAIRED:
+                stats.repaired += 1
             else:
                 stats.already_stored += 1
+            if outcome.put:
+                stats.bytes_uploaded += fp.size_bytes or 0
         else:
             stats.rejected += 1
             stats.rejects_by_reason[fp.reason or "unknown"] += 1
@@ -161,7 +166,7 @@ def ingest_shard(
             source_uri=outcome.item.uri,
             extras=_json_or_none(outcome.item.extras),
             bucket=bucket_of(fp.md5, n_buckets) if fp.md5 else None,
-            uploaded=outcome.uploaded,
+            uploaded=bool(outcome.put),
             batch=batch,
             shard=shard,
             ingested_at=ingested_at,

@@ -118,7 +118,7 @@ def shard_keys_and_uploads(
     shard_plan = next((s for s in plan.shards if s.key == shard), None)
     if shard_plan is None:
         raise dg.Failure(f"shard {shard} is not in the plan of batch {batch}")
-    store = object_store.open()
+    store = object_store.open_for(layout, record=True)
 
     def log_progress(stats: ShardStats) -> None:
         context.log.info(
@@ -160,6 +160,7 @@ def shard_keys_and_uploads(
         metadata={
             "uploaded": stats.uploaded,
             "already_stored": stats.already_stored,
+            "repaired": stats.repaired,
             "bytes_uploaded": stats.bytes_uploaded,
             "store": store.describe(),
         },
