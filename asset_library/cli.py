@@ -109,6 +109,8 @@ def _ingest(args: argparse.Namespace) -> int:
         f"images    {summary.images:,} read, {summary.ok:,} ingested, "
         f"{summary.uploaded:,} new, {summary.already_stored:,} already stored (duplicates)"
     )
+    if summary.repaired:
+        print(f"repaired  {summary.repaired:,} damaged stored objects replaced with their bytes")
     rejects = sum(summary.rejects_by_reason.values())
     detail = ", ".join(f"{r}: {n}" for r, n in summary.rejects_by_reason.most_common())
     print(f"rejected  {rejects:,}" + (f" ({detail})" if detail else ""))

@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from asset_library.cli import main
 from asset_library.definitions import build_definitions
 from asset_library.defs.resources import (
     LocalObjectStoreResource,
@@ -78,15 +79,26 @@ def test_a_library_records_its_store_so_a_moved_copy_still_finds_its_bytes(tmp_p
     assert json.loads(layout.settings_path.read_text())["n_buckets"] == layout.n_buckets
 
 
-def test_a_local_library_refuses_another_folder(tmp_path: Path, corpus_dir: Path, instance):
+def test_a_local_library_refuses_another_folder_from_the_command_line(
+    tmp_path: Path, corpus_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
     root = tmp_path / "library"
-    assert _ingest(corpus_dir / FOLDER, root, {}, instance).success
+    # The CLI sets both for the process: restored after the test.
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    monkeypatch.setenv("ASSET_LIBRARY_HOME", str(root))
+    (tmp_path / "dagster").mkdir()
+    monkeypatch.delenv("ASSET_LIBRARY_OBJECTS", raising=False)
+    assert main(["ingest", str(corpus_dir / FOLDER), "--library", str(root)]) == 0
     assert LibraryLayout(root).settings()["objects"] == "objects"
     elsewhere = tmp_path / "elsewhere"
-    with pytest.raises(StoreMismatchError) as raised:
-        _ingest(corpus_dir / FOLDER, root, {"ASSET_LIBRARY_OBJECTS": str(elsewhere)}, instance)
-    assert str(root / "objects") in str(raised.value) and str(elsewhere) in str(raised.value)
+    monkeypatch.setenv("ASSET_LIBRARY_OBJECTS", str(elsewhere))
+    capsys.readouterr()
+    assert main(["ingest", str(corpus_dir / FOLDER), "--library", str(root)]) == 2
+    error = capsys.readouterr().err
+    assert str(root / "objects") in error and str(elsewhere) in error, error
+    assert str(root / "library.json") in error
     assert not elsewhere.exists()
+    assert len(list((root / "plans").iterdir())) == 1  # refused before planning
 
 
 def test_an_s3_library_refuses_another_bucket_before_uploading_anything(
@@ -118,6 +130,8 @@ def test_an_s3_library_refuses_another_bucket_before_uploading_anything(
             partition_key=f"{first.batch}-s00000", instance=instance, raise_on_error=False
         )
         assert not rerun.success
+        failure = next(e for e in rerun.all_events if e.is_step_failure)
+        assert f"s3://{other}/library" in failure.step_failure_data.error.to_string()
         assert _keys_in(client, other) == []
         assert sorted(_keys_in(client, s3_bucket)) == stored
         assert LibraryLayout(root).settings()["objects"] == f"s3://{s3_bucket}/library"
