@@ -121,10 +121,11 @@ class Segment:
         self.const_value = const_value
         self.bands = bands
         self.widths = [len(b) for b in bands]
-        self.runs = [_runs(b) for b in bands]
+        self._band_runs = [_runs(b) for b in bands]  # bit gathering per band
         self.offsets = offsets
         self.perm = perm
-        self.bucket = bucket
+        self.bucket = bucket  # per band: rows per probed bucket, weighted as queries hit them
+        # Start of each band's table in the concatenated offsets.
         self.obase = np.concatenate(([0], np.cumsum([(1 << w) + 1 for w in self.widths])))
         self._plans: dict[int, _Plan] = {}
         self.stored: dict[str, str] = {}  # resolved save directory -> segment sub-directory
@@ -200,7 +201,7 @@ class Segment:
     def key(self, b: int, h: np.ndarray) -> np.ndarray:
         """Band ``b`` of each hash, as int64 (bits gathered from their runs)."""
         out = np.zeros(h.shape, dtype=np.uint64)
-        for src, length, dst in self.runs[b]:
+        for src, length, dst in self._band_runs[b]:
             part = (h >> _U64(src)) & _U64((1 << length) - 1)
             out |= part << _U64(dst) if dst else part
         return out.view(np.int64)
@@ -250,7 +251,7 @@ class Segment:
     def _key_int(self, b: int, h: int) -> int:
         """Band ``b`` of one hash, in Python ints (cheaper than numpy for a single value)."""
         out = 0
-        for src, length, dst in self.runs[b]:
+        for src, length, dst in self._band_runs[b]:
             out |= ((h >> src) & ((1 << length) - 1)) << dst
         return out
 
