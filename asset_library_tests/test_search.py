@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asset_library.search import HammingIndex, connected_groups, hex_to_uint64, uint64_to_hex
+from asset_library.search import HammingIndex, connected_groups
 
 N = 200_000
 N_QUERIES = 12
@@ -273,39 +273,6 @@ def test_pairs_within_with_full_buckets():
         assert np.array_equal(forced[4].pairs_within(d), expected), d
 
 
-def test_connected_groups_union_find():
-    rng = np.random.default_rng(9)
-    # A long chain in shuffled order needs several hooking rounds; plus small random groups.
-    chain = rng.permutation(5_000)[:300]
-    edges = [(int(a), int(b)) for a, b in zip(chain, chain[1:], strict=False)]
-    edges += [(int(a), int(b)) for a, b in rng.integers(5_000, 6_000, (400, 2)) if a != b]
-    rng.shuffle(edges)
-    pairs = np.array([(min(e), max(e), 1) for e in edges], dtype=np.int64)
-    groups = connected_groups(pairs, np.arange(6_000))
-    # Reference: plain union-find in Python.
-    parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in edges:
-        parent[find(a)] = find(b)
-    expected: dict[int, list[int]] = {}
-    for x in list(parent):
-        expected.setdefault(find(x), []).append(x)
-    assert sorted(tuple(g.tolist()) for g in groups) == sorted(
-        tuple(sorted(g)) for g in expected.values() if len(g) >= 2
-    )
-    sizes = [g.size for g in groups]
-    assert sizes == sorted(sizes, reverse=True) and sizes[0] == 300
-    assert connected_groups(np.zeros((0, 3), np.int64), np.arange(3)) == []
-    with pytest.raises(ValueError):
-        connected_groups(pairs, np.arange(10))
-
-
 def test_groups_from_pairs_within(random_data):
     ids, hashes, queries = random_data
     index = HammingIndex(ids, hashes)
@@ -314,18 +281,3 @@ def test_groups_from_pairs_within(random_data):
     for q in queries.tolist():
         near = {i for i, _ in index.query(q, 2)}
         assert any(near <= set(g.tolist()) for g in groups)
-
-
-def test_hex_round_trip():
-    rng = np.random.default_rng(10)
-    values = rng.integers(0, 2**64, 1_000, dtype=np.uint64)
-    text = uint64_to_hex(values)
-    assert text[0] == f"{int(values[0]):016x}"
-    assert np.array_equal(hex_to_uint64(text), values)
-    assert np.array_equal(hex_to_uint64([s.upper() for s in text.tolist()]), values)
-    assert np.array_equal(hex_to_uint64(np.array(text.tolist(), dtype=object)), values)
-    assert hex_to_uint64(["8000000000000001"])[0] == 2**63 + 1
-    assert hex_to_uint64([]).size == 0
-    for bad in (["abc"], ["0123456789abcdeg"], ["0123456789abcdef0"], [None], ["0123456789abcdé1"]):
-        with pytest.raises(ValueError):
-            hex_to_uint64(bad)
