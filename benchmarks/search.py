@@ -291,8 +291,9 @@ def bench_size(kind: str, n: int, args: argparse.Namespace) -> None:
         for d in DISTANCES:
             check(seg_index, qs, ref, d, "segments")
         widths = next(iter(seg_index.describe().values()))["widths"]
+        layout = f"{len(widths)}x{widths[0]}b" if widths else "scans"  # small segments scan
         row(
-            f"{args.segments} segments of {len(widths)}x{widths[0]}b",
+            f"{args.segments} segments of {layout}",
             build,
             seg_index.nbytes() / n,
             time_index(seg_index, qs),
