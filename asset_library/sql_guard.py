@@ -40,7 +40,9 @@ _REFUSED_FUNCTIONS = frozenset(
         "write_log",
     }
 )
-_REFUSED_FUNCTION_PARTS = ("external_resource", "enable_", "disable_")
+#: ... and those that switch a feature or a resource on or off.
+_REFUSED_FUNCTION_PREFIXES = ("enable_", "disable_")
+_REFUSED_FUNCTION_PART = "external_resource"
 
 #: Settings that keep extensions out: none installed, none loaded, no new repositories.
 _EXTENSION_SETTINGS = {
@@ -105,14 +107,25 @@ def lock_down(
     if _setting(connection, "lock_configuration"):
         _check_same_lock(connection, directories, files)
         return connection
-    for name, value in _EXTENSION_SETTINGS.items():
-        connection.execute(f"SET {name} = ?", [value])
-    connection.execute("SET allowed_configs = []")
-    connection.execute("SET allowed_directories = ?", [directories])
-    connection.execute("SET allowed_paths = ?", [files])
-    connection.execute("SET enable_external_access = false")
-    connection.execute("SET lock_configuration = true")
+    settings = {
+        **_EXTENSION_SETTINGS,
+        "allowed_configs": [],
+        "allowed_directories": directories,
+        "allowed_paths": files,
+        "enable_external_access": False,  # after the allowed paths: they cannot be set later
+        "lock_configuration": True,  # last: nothing can be changed after it
+    }
+    connection.execute(";".join(f"SET {name} = {_literal(v)}" for name, v in settings.items()))
     return connection
+
+
+def _literal(value: bool | str | list[str]) -> str:
+    """A setting's value as SQL (one round trip for all settings instead of one each)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return "[" + ", ".join(_literal(item) for item in value) + "]"
 
 
 def _split_paths(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], list[str]]:
@@ -199,16 +212,17 @@ def _type_name(statement: duckdb.Statement) -> str:
 
 def _is_refused_function(name: str) -> bool:
     name = name.lower()
-    return name in _REFUSED_FUNCTIONS or any(part in name for part in _REFUSED_FUNCTION_PARTS)
+    return (
+        name in _REFUSED_FUNCTIONS
+        or name.startswith(_REFUSED_FUNCTION_PREFIXES)
+        or _REFUSED_FUNCTION_PART in name
+    )
 
 
 def _statement_name(sql: str, kind: str) -> str:
     """The statement's first keyword (``COPY``, ``INSTALL``), with DuckDB's type where they
     differ: DuckDB files INSTALL under LOAD and CHECKPOINT under CALL."""
-    keywords = [
-        sql[start:].split(None, 1)[0].rstrip(";(").upper()
-        for start, token in duckdb.tokenize(sql)
-        if token == duckdb.token_type.keyword
-    ]
-    first = keywords[0] if keywords else kind
+    starts = (start for start, token in duckdb.tokenize(sql) if token == duckdb.token_type.keyword)
+    start = next(starts, None)
+    first = kind if start is None else sql[start:].split(None, 1)[0].rstrip(";(").upper()
     return first if first == kind else f"{first} ({kind})"
