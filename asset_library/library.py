@@ -42,7 +42,8 @@ class Library:
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A read-only connection to the catalog: views ``images``, ``occurrences``,
         ``rejects``, ``attributes`` and the table macros; locked to the lake's files (no other
-        file, no extension, no setting changes)."""
+        file, no extension, no setting changes). It does not check statements: run others'
+        SQL through :meth:`query`, or :func:`~asset_library.sql_guard.check_read_only_query`."""
         return lock_down(connect(self.layout, read_only=True), [self.layout.lake_dir])
 
     def query(
