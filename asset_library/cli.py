@@ -16,6 +16,7 @@ from typing import Any
 import duckdb
 
 from asset_library.library import Library, default_library_path
+from asset_library.sql_guard import check_read_only_query
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,6 +181,7 @@ def _duplicates(args: argparse.Namespace) -> int:
 
 
 def _sql(args: argparse.Namespace) -> int:
+    check_read_only_query(args.query)  # refused: a ValueError, exit 2 in main()
     with Library(args.library).connect() as connection:
         result = connection.execute(args.query, args.param)
         if result.description is None:

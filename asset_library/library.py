@@ -18,6 +18,7 @@ from asset_library.ids import bucket_of, check_md5, is_md5
 from asset_library.ingest.fingerprint import DEFAULT_PHASH_THRESHOLD, fingerprint
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import HASH_KINDS, SimilarityIndex
+from asset_library.sql_guard import check_read_only_query, lock_down
 from asset_library.storage import ObjectStore, open_store
 
 
@@ -46,13 +47,17 @@ class Library:
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A read-only connection to the catalog: views ``images``, ``occurrences``,
-        ``rejects``, ``attributes`` and the table macros."""
-        return connect(self.layout, read_only=True)
+        ``rejects``, ``attributes`` and the table macros; locked to the lake's files (no other
+        file, no extension, no setting changes). It does not check statements: run others'
+        SQL through :meth:`query`, or :func:`~asset_library.sql_guard.check_read_only_query`."""
+        return lock_down(connect(self.layout, read_only=True), [self.layout.lake_dir])
 
     def query(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        """Rows of a query as dicts; values are bound parameters (``?`` or ``$name``)."""
+        """Rows of one read-only query as dicts; values are bound parameters (``?`` or
+        ``$name``). Anything but one query raises ``ReadOnlyQueryError`` (a ValueError)."""
+        check_read_only_query(sql)
         with self.connect() as connection:
             result = connection.execute(sql, params or [])
             if result.description is None:
