@@ -5,9 +5,10 @@ are submitted in small chunks and at most a few chunks per worker are in flight,
 any length is consumed lazily and memory does not grow with it.
 
 A worker process ignores SIGINT (Ctrl-C reaches the whole process group; the parent decides
-when to stop and cancels what is queued), and sends its fd 2 to a private file around each
-decode: C libraries such as libtiff write their complaints there, which would otherwise land in
-the terminal of whoever runs the ingest. A rejected image's message keeps what they said.
+when to stop and cancels what is queued), ends when its parent ends, and sends its fd 2 to a
+private file around each decode: C libraries such as libtiff write their complaints there, which
+would otherwise land in the terminal of whoever runs the ingest. A rejected image's message
+keeps what they said.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -101,10 +103,20 @@ _native_stderr: NativeStderr | None = None
 
 
 def _init_worker() -> None:
-    """Set up a worker process: Ctrl-C is the parent's to handle, fd 2 is captured."""
+    """Set up a worker process: Ctrl-C is the parent's to handle, fd 2 is captured, and the
+    worker ends with its parent (a pool's worker otherwise waits for work forever once its
+    parent is killed with SIGKILL)."""
     global _native_stderr
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _native_stderr = NativeStderr()
+    threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with_parent() -> None:
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        parent.join()  # returns once the parent process has ended, however it ended
+        os._exit(1)
 
 
 def _fingerprint_chunk(items: list[Item], mode: Mode, max_pixels: int) -> list[Fingerprint]:
