@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from datetime import date, datetime
@@ -98,6 +99,23 @@ def _ingest(args: argparse.Namespace) -> int:
     except PlanningFailed as error:
         print(f"asset-library: planning failed: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before any run started: nothing to undo
+        print("asset-library: interrupted before the ingest started", file=sys.stderr)
+        return 130
+    if summary.interrupted:
+        again = ["asset-library", "ingest", args.source, "--batch", summary.batch]
+        again += ["--library", library] if args.library else []
+        again += ["--shard-size", str(args.shard_size)] if args.shard_size else []
+        again += ["--workers", str(args.workers)] if args.workers is not None else []
+        print(f"\ninterrupted: batch {summary.batch} did not finish", file=sys.stderr)
+        if summary.shards == 0:
+            print("planning did not finish; nothing was ingested", file=sys.stderr)
+        for shard in summary.unfinished_shards:
+            print(f"NOT DONE  {shard}", file=sys.stderr)
+        if summary.shards and not summary.unfinished_shards:
+            print("every shard is in; the library refresh did not finish", file=sys.stderr)
+        print(f"re-run:   {shlex.join(again)}", file=sys.stderr)
+        return 130
     rate = summary.images / summary.seconds if summary.seconds else 0.0
     print()
     print(f"library   {Path(library).resolve()}")
@@ -135,10 +153,16 @@ def _status(args: argparse.Namespace) -> int:
 
     from asset_library.defs.partitions import shards_partitions
     from asset_library.ingest.triggers import read_triggers
-    from asset_library.orchestrate import local_instance
+    from asset_library.orchestrate import local_instance, reap_dead_runs
 
     library = Library(args.library)
     instance = local_instance(library.layout)
+    for run in reap_dead_runs(instance):
+        partition = run.tags.get("dagster/partition", "")
+        print(
+            f"run {run.run_id} ({run.job_name} {partition}) was in progress but its process "
+            "is gone (killed?): marked failed"
+        )
     for record in read_triggers(library.layout.triggers_dir):
         statuses = (
             instance.get_status_by_partition(

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asset_library.ids import DEFAULT_BUCKETS, check_batch_id, check_buckets, check_shard_key
+from asset_library.ids import (
+    DEFAULT_BUCKETS,
+    batch_of,
+    check_batch_id,
+    check_buckets,
+    check_shard_key,
+)
 
 SETTINGS_FILE = "library.json"
 #: Private files being written end with this suffix; a killed writer's leftovers are found by it.
@@ -146,6 +152,17 @@ class LibraryLayout:
     def keys_path(self, shard: str) -> Path:
         """The shard's fingerprint rows: the output of its one pass over the bytes."""
         return self.root / "shards" / f"{check_shard_key(shard)}.parquet"
+
+    def remove_orphan_shard_files(self, shard: str) -> list[Path]:
+        """Delete the temporary files a killed run of ``shard`` left where shard runs write:
+        beside its keys file, its plan file and its rejects file."""
+        pattern = f"{check_shard_key(shard)}.parquet.*"
+        folders = (
+            self.keys_path(shard).parent,
+            self.plan_dir(batch_of(shard)),
+            self.rejects_path(shard).parent,
+        )
+        return [path for folder in folders for path in remove_orphan_temp_files(folder, pattern)]
 
     def table_dir(self, table: str) -> Path:
         return self.lake_dir / table

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -105,6 +107,24 @@ def test_every_file_pillow_cannot_decode_is_rejected_with_a_reason(details, fast
     reasons = Counter(fast[p].reason for p in undecodable)
     print(f"\nrejections of Pillow-undecodable files: {dict(reasons)}")
     assert reasons["truncated"] >= 3 and reasons["corrupt"] >= 3
+
+
+#: Rejected although DETAILS.tsv says Pillow decodes them: HEIF (not supported), a header over
+#: the pixel limit, and a PNG whose last chunk is cut short (Pillow 13's load() raises on it).
+REJECTED_DECODABLE = {
+    "github_ianare_exif-samples/heic/IMG_5195.HEIC",
+    "github_ianare_exif-samples/heic/samplefilehub.heif",
+    "github_lovell_sharp/giant-image.jpg",
+    "github_python-pillow_Pillow/truncated_end_chunk.png",
+}
+
+
+def test_both_modes_reject_exactly_the_undecodable_files(details, fast, exact):
+    undecodable = {p for p, row in details.items() if row["decode"] != "ok"}
+    for results in (fast, exact):
+        rejected = {path for path, fp in results.items() if not fp.ok}
+        assert rejected == undecodable | REJECTED_DECODABLE
+    assert sum(fp.ok for fp in fast.values()) == len(fast) - len(undecodable) - 4 == 334
 
 
 def test_rejections_keep_the_md5_and_name_what_was_wrong(fast, manifest):
@@ -211,3 +231,79 @@ def test_fingerprint_many_keeps_input_order_and_reports_unreadable_paths(corpus_
             for f in [files[0], missing, files[1], *files[2:]]
         ]
         assert results[1].reason == "unreadable" and str(missing) in results[1].message
+
+
+def _png_with_broken_idat(data: bytes, *, fix_crc: bool) -> bytes:
+    """The PNG with 16 bytes flipped inside its first IDAT zlib stream, the chunk CRC optionally
+    recomputed so that only the pixel data is wrong."""
+    position = 8
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        if data[position + 4 : position + 8] == b"IDAT":
+            broken = bytearray(data)
+            middle = position + 8 + length // 2
+            for index in range(middle, min(middle + 16, position + 8 + length)):
+                broken[index] ^= 0xFF
+            if fix_crc:
+                crc = zlib.crc32(bytes(broken[position + 4 : position + 8 + length]))
+                broken[position + 8 + length : position + 12 + length] = crc.to_bytes(4, "big")
+            return bytes(broken)
+        position += 12 + length
+    raise AssertionError("no IDAT chunk")
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize("fix_crc", [True, False], ids=["crc-valid", "crc-broken"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "github_python-pillow_Pillow/hopper.png",
+        "debian_desktop-base/homeworld-theme/grub/grub-16x9.png",
+    ],
+)
+def test_a_png_whose_zlib_stream_is_broken_is_rejected(corpus_dir, name, fix_crc, mode):
+    # Pillow keeps a partial image when a decode fails, and reading EXIF loads a PNG: a second
+    # load() used to hand the partial pixels to the hashes.
+    good = (corpus_dir / name).read_bytes()
+    assert fingerprint(good, mode=mode).ok
+    broken = _png_with_broken_idat(good, fix_crc=fix_crc)
+    fp = fingerprint(broken, mode=mode)
+    assert (fp.status, fp.reason, fp.format) == ("rejected", "corrupt", "png")
+    assert fp.message.startswith("png cannot be decoded: ") and "data stream" in fp.message
+    assert fp.phash is None and fp.ahash is None and fp.dhash is None
+    assert fp.md5 == hashlib.md5(broken).hexdigest() and fp.size_bytes == len(broken)
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize(
+    ("name", "kept", "says"),
+    [
+        ("github_python-pillow_Pillow/hopper.webp", 0.9, "RIFF header declares 3,282 bytes"),
+        ("github_webmproject_libwebp-test-data/lossless1.webp", 0.5, "RIFF header declares"),
+        ("debian_gnome-backgrounds/gnome/wood-d.webp", 0.95, "RIFF header declares"),
+        ("github_python-pillow_Pillow/hopper.jpg", 0.9, "image file is truncated"),
+        ("github_python-pillow_Pillow/hopper.png", 0.6, "image file is truncated"),
+        ("github_python-pillow_Pillow/hopper.gif", 0.6, "image file is truncated"),
+    ],
+)
+def test_a_file_cut_short_is_rejected_as_truncated(corpus_dir, name, kept, says, mode):
+    data = (corpus_dir / name).read_bytes()
+    fp = fingerprint(data[: int(len(data) * kept)], mode=mode)
+    assert (fp.status, fp.reason) == ("rejected", "truncated"), fp.message
+    kind = {".jpg": "jpeg"}.get(Path(name).suffix, Path(name).suffix[1:])
+    assert fp.message.startswith(f"{kind} cannot be decoded: ")
+    assert says in fp.message and fp.phash is None
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_a_png_cut_short_after_its_pixels_is_still_rejected(corpus_dir, mode):
+    # Its pixels decode, then the chunk after them ends early and Pillow's load() raises.
+    data = (corpus_dir / "github_python-pillow_Pillow/truncated_end_chunk.png").read_bytes()
+    fp = fingerprint(data, mode=mode)
+    assert (fp.status, fp.reason, fp.phash) == ("rejected", "truncated", None)
+    assert fp.message == "png cannot be decoded: Truncated File Read"
+
+
+def test_a_png_with_a_garbage_header_is_corrupt_not_truncated(corpus_dir):
+    fp = fingerprint((corpus_dir / "github_python-pillow_Pillow/broken.png").read_bytes())
+    assert (fp.reason, fp.message) == ("corrupt", "png signature but the header is unreadable")

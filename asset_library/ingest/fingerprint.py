@@ -173,9 +173,14 @@ def fingerprint(
             md5, size, "rejected", "too_large", "ran out of memory decoding it", **header
         )
     except Exception as error:  # hostile input reaches code paths nobody planned for
-        reason = "truncated" if "truncated" in str(error).lower() else "corrupt"
-        message = f"{header.get('format') or 'image'} cannot be decoded: {_describe(error)}"
-        return Fingerprint(md5, size, "rejected", reason, message, **header)
+        kind = header.get("format") or _sniff(data) or "image"
+        message = f"{kind} cannot be decoded: {_describe(error)}"
+        if "truncated" in message.lower():
+            return Fingerprint(md5, size, "rejected", "truncated", message, **header)
+        cut = _cut_short(data, kind)
+        if cut:
+            return Fingerprint(md5, size, "rejected", "truncated", f"{message}; {cut}", **header)
+        return Fingerprint(md5, size, "rejected", "corrupt", message, **header)
     return Fingerprint(md5, size, "ok", **header, **hashes)
 
 
@@ -187,6 +192,7 @@ def rejected_unreadable(message: str) -> Fingerprint:
 def _analyse(data: bytes, mode: Mode, max_pixels: int, header: dict[str, Any]) -> dict[str, str]:
     """Fill ``header`` as facts are learnt (so rejections keep them) and return the hashes."""
     image = _open(data)
+    _fail_loads_after_an_error(image)
     header["format"] = _CANONICAL_FORMAT.get(image.format or "", (image.format or "").lower())
     width, height = image.size
     if width * height > max_pixels:
@@ -223,6 +229,30 @@ def _analyse(data: bytes, mode: Mode, max_pixels: int, header: dict[str, Any]) -
         if factor >= 2:
             grey = grey.reduce(factor)
     return hashes_of_grey(grey)
+
+
+def _fail_loads_after_an_error(image: Image.Image) -> None:
+    """Make a decode that failed once fail every time it is asked for again.
+
+    Pillow keeps the partially decoded pixels when ``load()`` raises, and a second ``load()``
+    returns them without a word; Pillow's own callers may swallow the first error (``getexif``
+    loads a PNG to look for its eXIf chunk, and broken EXIF must not reject an image). The
+    instance attribute shadows the method for Pillow's internal ``self.load()`` calls too, so
+    hashes are never computed from pixels whose decode raised anywhere.
+    """
+    load = image.load
+    failures: list[Exception] = []
+
+    def load_or_raise_again() -> Any:
+        if failures:
+            raise failures[0]
+        try:
+            return load()
+        except Exception as error:
+            failures.append(error)
+            raise
+
+    image.load = load_or_raise_again  # type: ignore[method-assign]
 
 
 def _decode_grey_with_opencv(data: bytes) -> Image.Image | None:
@@ -291,6 +321,9 @@ def _open(data: bytes) -> Image.Image:
         if kind == "heif":
             raise Rejected("unsupported", "HEIF/HEIC images are not supported") from None
         if kind:
+            cut = _cut_short(data, kind)
+            if cut:
+                raise Rejected("truncated", f"{kind} header is unreadable: {cut}") from None
             raise Rejected("corrupt", f"{kind} signature but the header is unreadable") from None
         raise Rejected("unsupported", "not a recognised image format") from None
 
@@ -302,6 +335,38 @@ def _sniff(data: bytes) -> str | None:
     if data[4:8] == b"ftyp" and data[8:12] in _UNSUPPORTED_BRANDS:
         return "heif"
     return None
+
+
+def _cut_short(data: bytes, kind: str) -> str | None:
+    """How a file of ``kind`` shows that it ends early, if it does; None when it looks whole.
+
+    Only consulted once a decode has failed, to tell a cut-short file from a corrupt one.
+    Pillow names a cut JPEG or GIF itself ("image file is truncated"); a WebP says so in its
+    RIFF size and a PNG in its chunk lengths.
+    """
+    if kind == "webp" and data[:4] == b"RIFF" and len(data) >= 8:
+        declared = int.from_bytes(data[4:8], "little") + 8
+        if len(data) < declared:
+            return f"its RIFF header declares {declared:,} bytes but the file has {len(data):,}"
+    elif kind == "png":
+        return _png_cut_short(data)
+    return None
+
+
+def _png_cut_short(data: bytes) -> str | None:
+    """Walk the PNG chunks: cut short if one runs past the end or the file stops before IEND."""
+    position = 8
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        if not kind.isalpha():
+            return None  # garbage, not a cut: the file is corrupt
+        if kind == b"IEND":
+            return None
+        if position + 12 + length > len(data):
+            return f"its {kind.decode('ascii')} chunk runs past the end of the file"
+        position += 12 + length
+    return "it ends before the PNG end chunk, IEND"
 
 
 def _read_exif(image: Image.Image) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from asset_library.ingest.shard import ShardStats, ingest_shard
 from asset_library.ingest.sources import iter_batch, normalize_source
 from asset_library.ingest.triggers import TriggerRecord, write_trigger
 from asset_library.ingest.workers import FingerprintPool
+from asset_library.processes import stop_signals_deferred
 from asset_library.tables import write_base_table, write_cube_table
 
 GROUP = "ingestion"
@@ -114,6 +115,8 @@ def shard_keys_and_uploads(
     shard = context.partition_key
     batch = batch_of(shard)
     layout = library.layout()
+    for orphan in layout.remove_orphan_shard_files(shard):
+        context.log.info(f"removed {orphan}, left by a run of {shard} that was killed")
     plan = load_plan(layout.plan_dir(batch))
     shard_plan = next((s for s in plan.shards if s.key == shard), None)
     if shard_plan is None:
@@ -176,7 +179,8 @@ def shard_keys_and_uploads(
 )
 def base_table(context: dg.AssetExecutionContext, library: LibraryResource) -> dg.MaterializeResult:
     layout = library.layout()
-    with duckdb.connect() as connection:
+    # The shard's files land together: Ctrl-C waits for the last one rather than leaving a part.
+    with duckdb.connect() as connection, stop_signals_deferred():
         written = write_base_table(layout, context.partition_key, connection)
     return dg.MaterializeResult(metadata={**written, "dagster/row_count": written["rows"]})
 
@@ -191,7 +195,7 @@ def base_table(context: dg.AssetExecutionContext, library: LibraryResource) -> d
 )
 def cube_table(context: dg.AssetExecutionContext, library: LibraryResource) -> dg.MaterializeResult:
     layout = library.layout()
-    with duckdb.connect() as connection:
+    with duckdb.connect() as connection, stop_signals_deferred():
         written = write_cube_table(layout, context.partition_key, connection)
     return dg.MaterializeResult(
         metadata={
