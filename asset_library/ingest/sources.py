@@ -196,41 +196,41 @@ def _parquet_rows(location: str, source: Any) -> Iterator[tuple[int, dict[str, A
 
 
 def _csv_rows(location: str, source: Any) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Every cell as text: read as bytes (no type guessing, no null spellings), then decoded."""
+    """Every cell as text: read as bytes (no type guessing, no null spellings), then decoded.
+    The header is read first (a reader's schema), then the file again with every column typed
+    as bytes."""
     read_options = pa_csv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=False)
-    try:
-        names = pa_csv.open_csv(source, read_options=read_options).schema.names
-    except pa.ArrowInvalid as error:
-        if "Empty CSV" in str(error):
-            raise ManifestError(f"manifest {location}: the file is empty (no header row)") from None
-        raise
-    _require_uri_column(location, names)
-    source.seek(0)
     bad_rows: list[Any] = []
 
     def on_bad_row(row: Any) -> str:
         bad_rows.append(row)
         return "error"
 
-    reader = pa_csv.open_csv(
-        source,
-        read_options=read_options,
-        parse_options=pa_csv.ParseOptions(invalid_row_handler=on_bad_row),
-        convert_options=pa_csv.ConvertOptions(
-            column_types={name: pa.binary() for name in names},
-            strings_can_be_null=False,
-            quoted_strings_can_be_null=False,
-            null_values=[],
-        ),
-    )
+    parse_options = pa_csv.ParseOptions(invalid_row_handler=on_bad_row)
     number = 0
     try:
+        names = pa_csv.open_csv(source, read_options, parse_options).schema.names
+        _require_uri_column(location, names)
+        source.seek(0)
+        reader = pa_csv.open_csv(
+            source,
+            read_options,
+            parse_options,
+            pa_csv.ConvertOptions(
+                column_types=dict.fromkeys(names, pa.binary()),
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+                null_values=[],
+            ),
+        )
         for batch in reader:
             columns = batch.to_pydict()
             for values in zip(*columns.values(), strict=True):
                 number += 1
-                yield number, {name: value for name, value in zip(names, values, strict=True)}
-    except pa.ArrowInvalid:
+                yield number, dict(zip(names, values, strict=True))
+    except pa.ArrowInvalid as error:
+        if "Empty CSV" in str(error):
+            raise ManifestError(f"manifest {location}: the file is empty (no header row)") from None
         if not bad_rows:
             raise
         bad = bad_rows[0]
