@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
@@ -100,6 +101,7 @@ def test_parquet_values_are_rendered_as_text(tmp_path):
             "ok": [True, False],
             "at": pa.array([datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), None]),
             "zip": ["02134", ""],
+            "price": pa.array([Decimal("1.10"), None], pa.decimal128(5, 2)),
         }
     )
     pq.write_table(table, manifest)
@@ -111,6 +113,7 @@ def test_parquet_values_are_rendered_as_text(tmp_path):
             "ok": "true",
             "at": "2026-01-02 03:04:05+00:00",
             "zip": "02134",
+            "price": "1.10",
         },
         {"ratio": "0.1", "ok": "false"},
     ]

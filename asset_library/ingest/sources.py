@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ def as_text(value: Any) -> str | None:
         text = value.isoformat(sep=" ")
     elif isinstance(value, date | time):
         text = value.isoformat()
-    elif isinstance(value, int | float):
+    elif isinstance(value, int | float | Decimal):
         text = str(value)
     else:
         text = json.dumps(value, default=str, ensure_ascii=False)
