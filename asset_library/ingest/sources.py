@@ -77,7 +77,8 @@ def iter_batch(source: str, s3_client: Any = None) -> Iterator[SourceItem]:
         root = Path(source).expanduser().resolve()
         if not root.is_dir():
             raise FileNotFoundError(f"batch source {source!r} is neither a folder nor a manifest")
-        yield from (SourceItem(resolved(path)) for path in iter_folder(root))
+        resolve = _Resolver()
+        yield from (SourceItem(resolve(str(path))) for path in iter_folder(root))
 
 
 def iter_folder(root: Path) -> Iterator[Path]:
@@ -108,6 +109,7 @@ def iter_manifest(location: str, s3_client: Any = None) -> Iterator[SourceItem]:
     """Rows of a CSV, Parquet or JSON Lines manifest with a ``uri`` column, checked row by row.
     Relative local URIs resolve in the manifest's folder; a manifest on S3 has no folder."""
     base_dir = None if is_s3(location) else Path(resolved(location)).parent
+    resolve = _Resolver()
     rows = 0
     for row_number, row in _manifest_rows(location, s3_client):
         rows += 1
@@ -115,13 +117,15 @@ def iter_manifest(location: str, s3_client: Any = None) -> Iterator[SourceItem]:
             raise ManifestError(f"manifest {location}, row {row_number}: no 'uri' value")
         uri = row.pop("uri")
         extras = {name: text for name, value in row.items() if (text := as_text(value))}
-        yield SourceItem(_checked_uri(location, row_number, uri, base_dir), extras)
+        yield SourceItem(_checked_uri(location, row_number, uri, base_dir, resolve), extras)
     if rows == 0:
         raise ManifestError(f"manifest {location}: it has no rows")
 
 
 def as_text(value: Any) -> str | None:
     """A manifest value as text; ``None`` for no value (null or empty)."""
+    if type(value) is str:
+        return value or None
     if value is None:
         return None
     if isinstance(value, bytes):
@@ -141,7 +145,30 @@ def as_text(value: Any) -> str | None:
     return text or None
 
 
-def _checked_uri(location: str, row: int, uri: Any, base_dir: Path | None) -> str:
+class _Resolver:
+    """:func:`resolved` for many files of few folders: each folder is resolved once per
+    listing, each file's last component is still checked for a link. A folder changed into a
+    link after this is caught when the file is read (the reader resolves again)."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, str] = {}
+
+    def __call__(self, path: str) -> str:
+        folder, name = os.path.split(path)
+        if name in ("", ".", ".."):
+            return resolved(path)
+        real_folder = self._folders.get(folder)
+        if real_folder is None:
+            if len(self._folders) > 10_000:
+                self._folders.clear()
+            real_folder = self._folders[folder] = resolved(folder)
+        full = os.path.join(real_folder, name)
+        return resolved(full) if os.path.islink(full) else full
+
+
+def _checked_uri(
+    location: str, row: int, uri: Any, base_dir: Path | None, resolve: _Resolver
+) -> str:
     where = f"manifest {location}, row {row}"
     if isinstance(uri, bytes):
         uri = uri.decode("utf-8", errors="replace")
@@ -167,7 +194,7 @@ def _checked_uri(location: str, row: int, uri: Any, base_dir: Path | None) -> st
         if base_dir is None:
             return uri  # a relative path in an S3 manifest: nothing to resolve it in, refused
         path = base_dir / path
-    return resolved(path)
+    return resolve(str(path))
 
 
 def _manifest_rows(location: str, s3_client: Any) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -225,8 +252,8 @@ def _csv_rows(location: str, source: Any) -> Iterator[tuple[int, dict[str, Any]]
             ),
         )
         for batch in reader:
-            columns = batch.to_pydict()
-            for values in zip(*columns.values(), strict=True):
+            columns = [_as_strings(column) for column in batch.columns]
+            for values in zip(*columns, strict=True):
                 number += 1
                 yield number, dict(zip(names, values, strict=True))
     except pa.ArrowInvalid as error:
@@ -240,6 +267,15 @@ def _csv_rows(location: str, source: Any) -> Iterator[tuple[int, dict[str, Any]]
             f"manifest {location}, {line}: expected {bad.expected_columns} columns, "
             f"got {bad.actual_columns}"
         ) from None
+
+
+def _as_strings(column: pa.Array) -> list[str]:
+    """A column of CSV bytes as text: checked as UTF-8 by Arrow, decoded with U+FFFD in
+    Python only when it is not."""
+    try:
+        return column.cast(pa.string()).to_pylist()
+    except pa.ArrowInvalid:
+        return [value.decode("utf-8", errors="replace") for value in column.to_pylist()]
 
 
 def _jsonl_rows(location: str, source: Any) -> Iterator[tuple[int, dict[str, Any]]]:
