@@ -16,6 +16,7 @@ from typing import Any
 
 import duckdb
 
+from asset_library.ids import InvalidIdError, check_batch_id
 from asset_library.library import Library, default_library_path
 from asset_library.sql_guard import check_read_only_query
 
@@ -47,9 +48,22 @@ def _parser() -> argparse.ArgumentParser:
         "ingest", parents=[common], help="plan a batch, ingest every shard, refresh, check"
     )
     ingest.add_argument("source", help="a folder, an s3://bucket/prefix, or a manifest file")
-    ingest.add_argument("--shard-size", type=int, help="max images per shard")
-    ingest.add_argument("--workers", type=int, help="fingerprinting processes (default: cores)")
-    ingest.add_argument("--batch", help="batch id (default: from the source name and time)")
+    ingest.add_argument("--shard-size", type=_at_least(1), help="max images per shard (at least 1)")
+    ingest.add_argument(
+        "--workers",
+        type=_at_least(0),
+        help="fingerprinting processes (default: cores; 0: in this process)",
+    )
+    ingest.add_argument(
+        "--batch",
+        type=_batch_id,
+        help="batch id: letters, digits, '_', '-', '.' (default: source name, time, suffix)",
+    )
+    ingest.add_argument(
+        "--replace",
+        action="store_true",
+        help="re-plan an existing --batch from this source and re-run its shards",
+    )
     ingest.set_defaults(handler=_ingest)
 
     status = commands.add_parser("status", parents=[common], help="batches, shards, states")
@@ -83,9 +97,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_least(minimum: int) -> Any:
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
+
+
+def _batch_id(text: str) -> str:
+    try:
+        return check_batch_id(text)
+    except InvalidIdError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _ingest(args: argparse.Namespace) -> int:
+    from asset_library.ingest.plan import BatchExistsError
     from asset_library.orchestrate import PlanningFailed, ingest_batch
 
+    if args.replace and not args.batch:
+        print("asset-library: --replace needs the --batch to replace", file=sys.stderr)
+        return 2
     library = args.library or str(default_library_path())
     try:
         summary = ingest_batch(
@@ -94,8 +134,12 @@ def _ingest(args: argparse.Namespace) -> int:
             max_images_per_shard=args.shard_size,
             workers=args.workers,
             batch=args.batch,
+            replace=args.replace,
             progress=lambda line: print(line, flush=True),
         )
+    except BatchExistsError as error:
+        print(f"asset-library: {error}", file=sys.stderr)
+        return 1
     except PlanningFailed as error:
         print(f"asset-library: planning failed: {error}", file=sys.stderr)
         return 1
@@ -104,6 +148,7 @@ def _ingest(args: argparse.Namespace) -> int:
         return 130
     if summary.interrupted:
         again = ["asset-library", "ingest", args.source, "--batch", summary.batch]
+        again += ["--replace"] if summary.shards else []  # the batch's plan exists by now
         again += ["--library", library] if args.library else []
         again += ["--shard-size", str(args.shard_size)] if args.shard_size else []
         again += ["--workers", str(args.workers)] if args.workers is not None else []
@@ -156,6 +201,10 @@ def _status(args: argparse.Namespace) -> int:
     from asset_library.orchestrate import local_instance, reap_dead_runs
 
     library = Library(args.library)
+    records = read_triggers(library.layout.triggers_dir)
+    if not records:
+        print(f"no batches ingested yet in {library.path}")
+        return 0
     instance = local_instance(library.layout)
     for run in reap_dead_runs(instance):
         partition = run.tags.get("dagster/partition", "")
@@ -163,7 +212,7 @@ def _status(args: argparse.Namespace) -> int:
             f"run {run.run_id} ({run.job_name} {partition}) was in progress but its process "
             "is gone (killed?): marked failed"
         )
-    for record in read_triggers(library.layout.triggers_dir):
+    for record in records:
         statuses = (
             instance.get_status_by_partition(
                 dg.AssetKey("shard_keys"), record.shards, shards_partitions

@@ -8,6 +8,7 @@ Dagster backfill (commas split partition lists; ``..`` is range syntax and a pat
 from __future__ import annotations
 
 import re
+import secrets
 from datetime import UTC, datetime
 
 DEFAULT_BUCKETS = 256
@@ -68,12 +69,18 @@ def check_batch_id(batch: object) -> str:
 
 
 def batch_id_for(name: str, when: datetime | None = None) -> str:
-    """A readable batch id from a source name, e.g. ``photos_20261123T204311``."""
+    """A readable batch id from a source name.
+
+    Without ``when`` it is the name's stem alone (``photos``): the landing zone ingests a name
+    once. With ``when`` it also carries the time and a short random suffix
+    (``photos_20261123T204311_3fa9``), so two batches of same-named folders started in the same
+    second still get different ids.
+    """
     stem = re.sub(r"\.(csv|parquet|jsonl|ndjson)$", "", name.rstrip("/").rsplit("/", 1)[-1])
     stem = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_")[:60] or "batch"
     if when is None:
-        return stem
-    return f"{stem}_{when.astimezone(UTC):%Y%m%dT%H%M%S}"
+        return check_batch_id(stem)
+    return check_batch_id(f"{stem}_{when.astimezone(UTC):%Y%m%dT%H%M%S}_{secrets.token_hex(2)}")
 
 
 def shard_key(batch: str, number: int) -> str:

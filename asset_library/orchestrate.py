@@ -28,8 +28,8 @@ from dagster._core.storage.defs_state.base import set_defs_state_storage
 from asset_library.defs.assets.ingestion import BATCH_TAG, TRIGGER_TAG
 from asset_library.defs.partitions import batches_partitions
 from asset_library.defs.resources import build_resources
-from asset_library.ids import batch_id_for
-from asset_library.ingest.plan import BatchPlan, load_plan
+from asset_library.ids import batch_id_for, check_batch_id
+from asset_library.ingest.plan import BatchPlan, check_new_batch, load_plan
 from asset_library.ingest.triggers import new_trigger_id
 from asset_library.layout import LibraryLayout
 from asset_library.processes import StopWatch, process_is_gone, process_token, stop_signals_deferred
@@ -37,9 +37,9 @@ from asset_library.storage import bind_store
 
 Progress = Callable[[str], None]
 
-#: Runs from the terminal print our progress lines, not every Dagster event; the events are
-#: still in the instance for the UI.
-QUIET: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+#: Runs from the terminal print our progress lines, one line per failure included, not Dagster's
+#: events and tracebacks; those are still in the instance for the UI.
+QUIET: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 #: Runs started from a terminal carry the identity of their process (see ``process_token``).
 PROCESS_TAG = "asset_library/process"
@@ -108,11 +108,21 @@ def ingest_batch(
     max_images_per_shard: int | None = None,
     workers: int | None = None,
     batch: str | None = None,
+    replace: bool = False,
     environ: dict[str, str] | None = None,
     instance: dg.DagsterInstance | None = None,
     progress: Progress = print,
 ) -> IngestSummary:
-    """Plan ``source`` as a new batch, ingest every shard, refresh the catalog, run the checks."""
+    """Plan ``source`` as a new batch, ingest every shard, refresh the catalog, run the checks.
+
+    A named ``batch`` that already exists is refused (:class:`BatchExistsError`) unless
+    ``replace``: then it is re-planned from ``source`` and its shards re-run."""
+    if batch is not None:
+        check_batch_id(batch)
+    if max_images_per_shard is not None and max_images_per_shard < 1:
+        raise ValueError(f"max_images_per_shard must be at least 1, not {max_images_per_shard}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be 0 (in-process) or more, not {workers}")
     instance = instance or local_instance(_layout_for(library))
     # Dagster resolves definitions against a process-global "current" state store, the one of
     # the most recently created instance; pin it to the instance these runs are recorded in.
@@ -123,6 +133,7 @@ def ingest_batch(
             max_images_per_shard=max_images_per_shard,
             workers=workers,
             batch=batch,
+            replace=replace,
             environ=environ,
             instance=instance,
             progress=progress,
@@ -136,6 +147,7 @@ def _ingest_batch(
     max_images_per_shard: int | None,
     workers: int | None,
     batch: str | None,
+    replace: bool,
     environ: dict[str, str] | None,
     instance: dg.DagsterInstance,
     progress: Progress,
@@ -152,6 +164,7 @@ def _ingest_batch(
     bind_store(layout, resources["object_store"].location(), record=False)
     defs = build_definitions(resources)
     batch = batch or batch_id_for(source, datetime.now(UTC))
+    check_new_batch(layout.plan_dir(batch), batch, replace=replace)
     trigger = new_trigger_id("cli")
     summary = IngestSummary(batch=batch, trigger=trigger)
     tags = {BATCH_TAG: batch, TRIGGER_TAG: trigger, PROCESS_TAG: process_token()}
@@ -169,8 +182,9 @@ def _ingest_batch(
                 "source": source,
                 "trigger": trigger,
                 "trigger_kind": "cli",
+                "replace": replace,
             }
-            if max_images_per_shard:
+            if max_images_per_shard is not None:
                 plan_config["max_images_per_shard"] = max_images_per_shard
             planned = defs.resolve_job_def("plan_batch").execute_in_process(
                 partition_key=batch,
@@ -334,11 +348,12 @@ def _layout_for(library: str | Path) -> LibraryLayout:
 
 
 def _failure_message(result: dg.ExecuteInProcessResult) -> str:
-    """The root cause of the first failed step, without Dagster's wrapping."""
+    """The first line of the error our code raised in the first failed step: below Dagster's
+    wrapping, above the library errors it wraps (ours name the file, row, shard or URI)."""
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
             error = event.step_failure_data.error
-            while error.cause is not None:
+            while error.cause is not None and (error.cls_name or "").startswith("Dagster"):
                 error = error.cause
             first = (error.message or "").strip().splitlines()[0] if error.message else ""
             kind, _, text = first.partition(": ")

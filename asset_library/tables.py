@@ -8,6 +8,7 @@ of the manifest, plus a few attributes derived at ingest (see :data:`DERIVED_ATT
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,8 +144,7 @@ def typed(value: Any) -> dict[str, str]:
     if isinstance(value, float):
         return {"value": repr(value), "value_type": "double"}
     if isinstance(value, str):
-        kind = "timestamp" if _looks_like_timestamp(value) else "string"
-        return {"value": value, "value_type": kind}
+        return {"value": value, "value_type": value_type_of(value)}
     if hasattr(value, "isoformat"):
         return {"value": value.isoformat(sep=" "), "value_type": "timestamp"}
     return {"value": json.dumps(value, default=str), "value_type": "json"}
@@ -156,6 +156,26 @@ def _exif_time(value: str | None) -> str | None:
         return None
     text = f"{value[0:4]}-{value[5:7]}-{value[8:10]} {value[11:19]}"
     return text if _looks_like_timestamp(text) and not text.startswith("0000") else None
+
+
+_INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
+_DOUBLE = re.compile(r"-?(0|[1-9][0-9]*)\.[0-9]*[1-9]")
+
+
+def value_type_of(text: str) -> str:
+    """What a text value reads as, without changing it: ``integer`` and ``double`` only for
+    their one canonical spelling (``02134``, ``1.10`` and ``1e5`` stay ``string``, since
+    reading them as numbers would not give the text back), ``boolean`` for ``true``/``false``,
+    ``timestamp`` for ISO ``YYYY-MM-DD[ HH:MM:SS]``, else ``string``."""
+    if _INTEGER.fullmatch(text):
+        return "integer"
+    if _DOUBLE.fullmatch(text):
+        return "double"
+    if text in ("true", "false"):
+        return "boolean"
+    if _looks_like_timestamp(text):
+        return "timestamp"
+    return "string"
 
 
 def _looks_like_timestamp(text: str) -> bool:

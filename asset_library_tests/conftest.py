@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -86,3 +86,42 @@ def corpus_library(
             progress=lambda _: None,
         )
     yield root, summary
+
+
+#: Settings a test's CLI run must not inherit from the shell that started pytest.
+_LIBRARY_SETTINGS = (
+    "ASSET_LIBRARY_OBJECTS",
+    "ASSET_LIBRARY_LANDING",
+    "ASSET_LIBRARY_SHARD_SIZE",
+    "ASSET_LIBRARY_ALLOWED_ROOTS",
+    "ASSET_LIBRARY_MAX_IMAGE_BYTES",
+)
+
+
+@pytest.fixture
+def run_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., tuple[int, str, str]]:
+    """``asset-library ARGS...`` in this process on a library in ``tmp_path``, with its own
+    Dagster home and one fingerprinting process: returns (exit code, stdout, stderr)."""
+    from asset_library.cli import main
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("ASSET_LIBRARY_HOME", str(tmp_path / "library"))
+    monkeypatch.setenv("ASSET_LIBRARY_WORKERS", "0")
+    for name in _LIBRARY_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

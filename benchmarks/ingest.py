@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import random
@@ -256,15 +257,18 @@ def check_all_ok(results: Sequence[Fingerprint], what: str) -> None:
 
 
 def run_shard(paths: Sequence[Path], store: Any, pool: FingerprintPool, keys: Path) -> Any:
+    from asset_library.ingest.access import ReadPolicy, resolved
     from asset_library.ingest.shard import ingest_shard
     from asset_library.ingest.sources import SourceItem, read_uri
 
-    items = ((ordinal, SourceItem(str(path))) for ordinal, path in enumerate(paths))
+    files = [resolved(path) for path in paths]
+    policy = ReadPolicy((os.path.commonpath(files),))  # the benchmark's own folder
+    items = ((ordinal, SourceItem(path)) for ordinal, path in enumerate(files))
     stats = ingest_shard(
         items,
         keys_path=keys,
         store=store,
-        read=read_uri,
+        read=functools.partial(read_uri, policy=policy),
         pool=pool,
         batch="bench",
         shard="bench-s00000",

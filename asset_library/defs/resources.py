@@ -14,6 +14,12 @@ ASSET_LIBRARY_LANDING    the landing zone the sensor watches: ``s3://bucket/pref
                          folder (default ``<home>/landing``)
 ASSET_LIBRARY_WORKERS    fingerprinting processes per shard run (default: every core)
 ASSET_LIBRARY_SHARD_SIZE most images per shard when a batch is planned (default 10,000,000)
+ASSET_LIBRARY_ALLOWED_ROOTS  folders (os.pathsep-separated) a batch may read local files from
+                         besides its own folder (a folder batch's folder, a local manifest's
+                         folder); needed for absolute paths in manifests and any local path in
+                         an S3 manifest. Recorded in each plan when it is made (default: none)
+ASSET_LIBRARY_MAX_IMAGE_BYTES  the largest source file a shard reads; larger ones are rejects
+                         (``too_large``) (default 536870912, 512 MiB)
 S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION   for S3
 ======================== ==================================================================
 """
@@ -29,6 +35,12 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from asset_library.ids import DEFAULT_BUCKETS
+from asset_library.ingest.access import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    ReadPolicy,
+    allowed_roots_from,
+    max_image_bytes_from,
+)
 from asset_library.ingest.plan import DEFAULT_MAX_IMAGES_PER_SHARD
 from asset_library.ingest.sources import read_uri
 from asset_library.layout import LibraryLayout
@@ -103,16 +115,24 @@ class S3ObjectStoreResource(ObjectStoreResource):
 
 
 class SourceReaderResource(dg.ConfigurableResource):
-    """Reads batch sources: local paths, and ``s3://`` URIs through the S3 resource."""
+    """Reads batch sources: local paths, and ``s3://`` URIs through the S3 resource.
+
+    ``allowed_roots`` are folders any batch may read besides its own (recorded in each plan
+    when it is made); ``max_image_bytes`` is the largest source file read.
+    """
 
     s3: dg.ResourceDependency[S3Resource]
+    allowed_roots: list[str] = []
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
     def s3_client(self) -> Any:
         return self.s3.get_client()
 
-    def reader(self) -> Any:
-        """A ``uri -> bytes`` function holding one thread-safe client for the whole run."""
-        return partial(read_uri, s3_client=self.s3_client())
+    def reader(self, roots: list[str]) -> Any:
+        """A ``uri -> bytes`` function for a batch that may read local files under ``roots``,
+        holding one thread-safe client for the whole run."""
+        policy = ReadPolicy(tuple(roots), self.max_image_bytes)
+        return partial(read_uri, s3_client=self.s3_client(), policy=policy)
 
 
 class LandingZoneResource(dg.ConfigurableResource):
@@ -136,8 +156,8 @@ def build_resources(
     """The resources for this environment: local folders unless S3 locations are given."""
     environ = os.environ if environ is None else environ
     home = str(Path(root or environ.get("ASSET_LIBRARY_HOME") or "library").expanduser().resolve())
-    workers = environ.get("ASSET_LIBRARY_WORKERS")
-    shard_size = environ.get("ASSET_LIBRARY_SHARD_SIZE")
+    workers = _int_setting(environ, "ASSET_LIBRARY_WORKERS", minimum=0)
+    shard_size = _int_setting(environ, "ASSET_LIBRARY_SHARD_SIZE", minimum=1)
     s3 = s3_resource_from_env(environ)
     layout = LibraryLayout(Path(home))  # read only: loading definitions creates no library
     objects = (
@@ -154,13 +174,31 @@ def build_resources(
     return {
         "library": LibraryResource(
             root=home,
-            workers=int(workers) if workers else None,
-            max_images_per_shard=int(shard_size) if shard_size else DEFAULT_MAX_IMAGES_PER_SHARD,
+            workers=workers,
+            max_images_per_shard=shard_size or DEFAULT_MAX_IMAGES_PER_SHARD,
         ),
         "object_store": object_store,
-        "sources": SourceReaderResource(s3=s3),
+        "sources": SourceReaderResource(
+            s3=s3,
+            allowed_roots=allowed_roots_from(environ),
+            max_image_bytes=max_image_bytes_from(environ),
+        ),
         "landing": LandingZoneResource(
             location=environ.get("ASSET_LIBRARY_LANDING") or str(Path(home) / "landing")
         ),
         "s3": s3,
     }
+
+
+def _int_setting(environ: Mapping[str, str], name: str, *, minimum: int) -> int | None:
+    """An integer setting, ``None`` when unset; a bad value names the variable."""
+    text = (environ.get(name) or "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(f"{name}={text!r}: expected a whole number of at least {minimum}")
+    return value

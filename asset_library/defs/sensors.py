@@ -13,7 +13,7 @@ from asset_library.defs.assets.ingestion import BATCH_TAG, TRIGGER_TAG
 from asset_library.defs.jobs import SERIAL_TAG, ingest_shard_job, plan_batch_job
 from asset_library.defs.partitions import batches_partitions, shards_partitions
 from asset_library.defs.resources import LandingZoneResource, LibraryResource, SourceReaderResource
-from asset_library.ids import batch_id_for
+from asset_library.ids import InvalidIdError, batch_id_for, check_batch_id
 from asset_library.ingest.landing import find_ready_batches
 from asset_library.ingest.plan import load_plan
 from asset_library.ingest.sources import is_s3
@@ -88,6 +88,11 @@ def shard_sensor(context: dg.SensorEvaluationContext, library: LibraryResource) 
     for record in records.records:
         batch = record.partition_key
         if batch is None:
+            continue
+        try:
+            check_batch_id(batch)
+        except InvalidIdError as error:
+            context.log.warning(f"skipping a batch_plan materialization: {error}")
             continue
         plan = load_plan(layout.plan_dir(batch))
         done = _materialized_since(context.instance, plan.shard_keys, record.storage_id)

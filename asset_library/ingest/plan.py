@@ -1,13 +1,18 @@
 """Planning: a batch is cut into shards of at most N images, written down before any shard runs.
 
 The plan is durable: one Parquet file per shard (its URIs and manifest extras, in batch order)
-and a ``plan.json`` written last, so a plan either exists whole or not at all. Shard runs read
-only their own file, so a shard re-run sees exactly the images it saw the first time.
+and a ``plan.json``, written in a private folder renamed into place last, so a plan either exists
+whole or not at all. Shard runs read only their own file, so a shard re-run sees exactly the
+images it saw the first time. A batch id is planned once: planning into an existing plan is
+refused unless the caller asks to replace it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -19,7 +24,7 @@ import pyarrow.parquet as pq
 
 from asset_library.ids import shard_key
 from asset_library.ingest.sources import SourceItem
-from asset_library.layout import atomic_write_text, temp_path_for
+from asset_library.layout import TEMP_SUFFIX, atomic_write_text, temp_path_for
 
 DEFAULT_MAX_IMAGES_PER_SHARD = 10_000_000
 _PLAN_SCHEMA = pa.schema([("ordinal", pa.int64()), ("uri", pa.string()), ("extras", pa.string())])
@@ -43,6 +48,8 @@ class BatchPlan:
     max_images_per_shard: int
     images: int
     shards: list[ShardPlan] = field(default_factory=list)
+    #: Folders the batch's shards may read local files under (see ingest.access).
+    roots: list[str] = field(default_factory=list)
 
     @property
     def shard_keys(self) -> list[str]:
@@ -58,6 +65,23 @@ class BatchPlan:
         return cls(**raw)
 
 
+class BatchExistsError(ValueError):
+    """A batch id that already has a plan: ids are not reused by accident."""
+
+
+def check_new_batch(plan_dir: Path, batch: str, *, replace: bool = False) -> BatchPlan | None:
+    """The batch's current plan, if any; :class:`BatchExistsError` unless ``replace``."""
+    existing = load_plan(plan_dir) if (plan_dir / "plan.json").exists() else None
+    if existing is not None and not replace:
+        raise BatchExistsError(
+            f"batch {batch!r} already exists ({existing.images:,} images in "
+            f"{len(existing.shards)} shard(s) from {existing.source}, planned "
+            f"{existing.planned_at}); choose another batch id, or replace it on purpose "
+            "(asset-library ingest --replace, or replace: true in the batch_plan config)"
+        )
+    return existing
+
+
 def plan_batch(
     items: Iterable[SourceItem],
     *,
@@ -66,11 +90,38 @@ def plan_batch(
     plan_dir: Path,
     max_images_per_shard: int = DEFAULT_MAX_IMAGES_PER_SHARD,
     trigger: str | None = None,
+    roots: Iterable[str] = (),
+    replace: bool = False,
 ) -> BatchPlan:
-    """Stream a batch's items into shard files under ``plan_dir`` and write its plan.json."""
+    """Stream a batch's items into shard files and a plan.json, then move them into
+    ``plan_dir`` in one rename. A batch already planned is refused unless ``replace``; a
+    replacement with fewer shards than the old plan is refused too, since the old shards'
+    rows would outlive it."""
     if max_images_per_shard < 1:
         raise ValueError(f"max_images_per_shard must be at least 1, not {max_images_per_shard}")
-    plan_dir.mkdir(parents=True, exist_ok=True)
+    check_new_batch(plan_dir, batch, replace=replace)
+    staging = plan_dir.with_name(f".{plan_dir.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+    staging.mkdir(parents=True)
+    try:
+        plan = _write_plan(
+            items, batch, source, plan_dir, staging, max_images_per_shard, trigger, list(roots)
+        )
+        _move_into_place(staging, plan_dir, plan, replace=replace)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return plan
+
+
+def _write_plan(
+    items: Iterable[SourceItem],
+    batch: str,
+    source: str,
+    plan_dir: Path,
+    staging: Path,
+    max_images_per_shard: int,
+    trigger: str | None,
+    roots: list[str],
+) -> BatchPlan:
     shards: list[ShardPlan] = []
     writer: _ShardWriter | None = None
     total = 0
@@ -78,7 +129,8 @@ def plan_batch(
         if writer is None or writer.count == max_images_per_shard:
             if writer is not None:
                 shards.append(writer.close())
-            writer = _ShardWriter(plan_dir, shard_key(batch, len(shards)), len(shards))
+            key = shard_key(batch, len(shards))
+            writer = _ShardWriter(staging, plan_dir, key, len(shards))
         writer.add(total, item)
         total += 1
     if writer is not None:
@@ -93,9 +145,35 @@ def plan_batch(
         max_images_per_shard=max_images_per_shard,
         images=total,
         shards=shards,
+        roots=roots,
     )
-    atomic_write_text(plan_dir / "plan.json", plan.to_json())
+    atomic_write_text(staging / "plan.json", plan.to_json())
     return plan
+
+
+def _move_into_place(staging: Path, plan_dir: Path, plan: BatchPlan, *, replace: bool) -> None:
+    """Rename the finished plan over ``plan_dir``. Without ``replace`` the rename itself is the
+    claim on the batch id: it fails if another planner got there first."""
+    old = check_new_batch(plan_dir, plan.batch, replace=replace)
+    if old is not None and len(plan.shards) < len(old.shards):
+        raise BatchExistsError(
+            f"batch {plan.batch!r}: the replacement has {len(plan.shards)} shard(s), fewer than "
+            f"the {len(old.shards)} it replaces, whose rows would stay in the library; "
+            "ingest it under a new batch id instead"
+        )
+    if old is None:
+        if plan_dir.exists() and not (plan_dir / "plan.json").exists():
+            shutil.rmtree(plan_dir)  # what a planner killed before its rename left
+        try:
+            os.rename(staging, plan_dir)
+        except OSError:
+            check_new_batch(plan_dir, plan.batch)
+            raise
+        return
+    retired = plan_dir.with_name(f".{plan_dir.name}.{uuid.uuid4().hex[:8]}.old{TEMP_SUFFIX}")
+    os.rename(plan_dir, retired)
+    os.rename(staging, plan_dir)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def load_plan(plan_dir: Path) -> BatchPlan:
@@ -113,9 +191,12 @@ def read_shard_items(path: str | Path) -> Iterable[tuple[int, SourceItem]]:
 
 
 class _ShardWriter:
-    def __init__(self, plan_dir: Path, key: str, number: int) -> None:
+    """Writes one shard's file in the staging folder; its plan names it in ``plan_dir``."""
+
+    def __init__(self, staging: Path, plan_dir: Path, key: str, number: int) -> None:
         self.key, self.number, self.count = key, number, 0
-        self.path = plan_dir / f"{key}.parquet"
+        self.path = staging / f"{key}.parquet"
+        self.final_path = plan_dir / f"{key}.parquet"
         self.tmp = temp_path_for(self.path)
         self.writer = pq.ParquetWriter(self.tmp, _PLAN_SCHEMA)
         self.rows: dict[str, list[Any]] = {"ordinal": [], "uri": [], "extras": []}
@@ -123,7 +204,7 @@ class _ShardWriter:
     def add(self, ordinal: int, item: SourceItem) -> None:
         self.rows["ordinal"].append(ordinal)
         self.rows["uri"].append(item.uri)
-        self.rows["extras"].append(json.dumps(item.extras, default=str) if item.extras else None)
+        self.rows["extras"].append(json.dumps(item.extras) if item.extras else None)
         self.count += 1
         if len(self.rows["uri"]) >= _ROW_GROUP:
             self._flush()
@@ -137,4 +218,4 @@ class _ShardWriter:
         self._flush()
         self.writer.close()
         self.tmp.replace(self.path)
-        return ShardPlan(self.key, self.number, self.count, str(self.path))
+        return ShardPlan(self.key, self.number, self.count, str(self.final_path))

@@ -98,6 +98,18 @@ class ShardStats:
         }
 
 
+class ShardItemError(RuntimeError):
+    """A failure that stops a shard (a store or source that is down, not bad data); it names
+    the shard and the source being handled, so the one line a user sees says where to look."""
+
+    def __init__(self, shard: str, uri: str, doing: str, error: BaseException) -> None:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        super().__init__(
+            f"shard {shard} failed {doing} {uri}: {type(error).__name__}"
+            + (f": {detail}" if detail else "")
+        )
+
+
 @dataclass(frozen=True)
 class _Outcome:
     ordinal: int
@@ -137,10 +149,18 @@ def ingest_shard(
         except SourceReadError as error:
             fp = replace(rejected_unreadable(str(error)), reason=error.reason)
             return _Outcome(ordinal, item, fp, None)
-        fp = pool.submit_chunk([data]).result()[0]
+        except Exception as error:
+            raise ShardItemError(shard, item.uri, "reading", error) from error
+        try:
+            fp = pool.submit_chunk([data]).result()[0]
+        except Exception as error:
+            raise ShardItemError(shard, item.uri, "fingerprinting", error) from error
         put = None
         if fp.ok and fp.md5:
-            put = store.put_if_absent(object_key(fp.md5), data, fp.md5)
+            try:
+                put = store.put_if_absent(object_key(fp.md5), data, fp.md5)
+            except Exception as error:
+                raise ShardItemError(shard, item.uri, "storing", error) from error
         return _Outcome(ordinal, item, fp, put)
 
     def collect(outcome: _Outcome) -> None:

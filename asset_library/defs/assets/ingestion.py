@@ -1,17 +1,19 @@
 """Ingestion assets: a batch's plan, then per shard its keys and uploads, base and cube rows."""
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 
 import dagster as dg
 import duckdb
+from pydantic import Field
 
 from asset_library.defs.partitions import batches_partitions, shards_partitions
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource, SourceReaderResource
-from asset_library.ids import batch_of
+from asset_library.ids import batch_of, check_batch_id
+from asset_library.ingest.access import ReadPolicy, batch_roots
 from asset_library.ingest.plan import load_plan, plan_batch, read_shard_items
 from asset_library.ingest.shard import ShardStats, ingest_shard
-from asset_library.ingest.sources import iter_batch, normalize_source
+from asset_library.ingest.sources import SourceItem, is_s3, iter_batch, normalize_source
 from asset_library.ingest.triggers import TriggerRecord, write_trigger
 from asset_library.ingest.workers import FingerprintPool
 from asset_library.processes import stop_signals_deferred
@@ -28,7 +30,9 @@ class BatchPlanConfig(dg.Config):
     source: str
     trigger: str = "manual"
     trigger_kind: str = "manual"
-    max_images_per_shard: int | None = None
+    max_images_per_shard: int | None = Field(default=None, ge=1)
+    #: Re-plan a batch id that already has a plan (its shards are then re-run).
+    replace: bool = False
 
 
 @dg.asset(
@@ -43,18 +47,27 @@ def batch_plan(
     library: LibraryResource,
     sources: SourceReaderResource,
 ) -> dg.MaterializeResult:
-    batch = context.partition_key
+    batch = check_batch_id(context.partition_key)
     layout = library.layout()
     source = normalize_source(config.source)
-    client = sources.s3_client() if source.startswith("s3://") else None
+    client = sources.s3_client() if is_s3(source) else None
+    roots = batch_roots(source, sources.allowed_roots)
+    outside: list[str] = []
     plan = plan_batch(
-        iter_batch(source, client),
+        _noting_outside(iter_batch(source, client), ReadPolicy(tuple(roots)), outside),
         batch=batch,
         source=source,
         plan_dir=layout.plan_dir(batch),
         max_images_per_shard=config.max_images_per_shard or library.max_images_per_shard,
         trigger=config.trigger,
+        roots=roots,
+        replace=config.replace,
     )
+    if outside:
+        context.log.warning(
+            f"batch {batch}: {len(outside):,} local URI(s) outside the batch's folder and the "
+            f"allowed roots will be rejected (outside_batch), e.g. {outside[0]}"
+        )
     context.instance.add_dynamic_partitions(shards_partitions.name, plan.shard_keys)
     write_trigger(
         layout.triggers_dir,
@@ -73,6 +86,8 @@ def batch_plan(
             "source": source,
             "trigger": config.trigger,
             "images": plan.images,
+            "outside_batch": len(outside),
+            "roots": ", ".join(plan.roots),
             "shards": len(plan.shards),
             "max_images_per_shard": plan.max_images_per_shard,
             "shard_keys": dg.MetadataValue.md(
@@ -81,6 +96,17 @@ def batch_plan(
             "plan": dg.MetadataValue.path(str(layout.plan_dir(batch) / "plan.json")),
         }
     )
+
+
+def _noting_outside(
+    items: Iterable[SourceItem], policy: ReadPolicy, outside: list[str]
+) -> Iterator[SourceItem]:
+    """Pass items through, noting local URIs the shard runs will refuse to read: the check is
+    made at planning (to warn early) and again at reading (to refuse)."""
+    for item in items:
+        if not is_s3(item.uri) and policy.refusal(item.uri) is not None:
+            outside.append(item.uri)
+        yield item
 
 
 _SHARD_DEP = dg.AssetDep(batch_plan, partition_mapping=dg.AllPartitionMapping())
@@ -134,7 +160,7 @@ def shard_keys_and_uploads(
             read_shard_items(shard_plan.path),
             keys_path=layout.keys_path(shard),
             store=store,
-            read=sources.reader(),
+            read=sources.reader(plan.roots),
             pool=pool,
             batch=batch,
             shard=shard,
