@@ -254,7 +254,7 @@ def test_a_killed_ingest_is_marked_failed_and_a_rerun_cleans_up(slow_batch, tmp_
     assert states == {"killed-s00000": "failed"}
     assert _run_statuses(root) == {"killed-s00000": [dg.DagsterRunStatus.FAILURE]}
 
-    again = _run(*args, "--workers", "1")
+    again = _run(*args, "--workers", "1", "--replace")  # the killed run planned the batch
     assert again.returncode == 0, again.stdout + again.stderr
     assert "[1/1] killed-s00000: 9 images, 9 ok" in again.stdout
     assert _temp_files(root) == []
