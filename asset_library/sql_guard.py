@@ -57,6 +57,9 @@ _EXTENSION_SETTINGS = {
 class ReadOnlyQueryError(ValueError):
     """SQL that is not exactly one read-only query; the message names what was refused."""
 
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the library is read-only: {reason}")
+
 
 def check_read_only_query(sql: str) -> str:
     """Return ``sql`` unchanged if it is exactly one query that only reads; raise
