@@ -6,6 +6,7 @@ shard. Planning is real work (listing a billion URIs), so it happens in a run, n
 """
 
 import json
+import os
 
 import dagster as dg
 
@@ -23,10 +24,25 @@ from asset_library.ingest.triggers import new_trigger_id
 MAX_BATCHES_PER_TICK = 50
 MAX_PLANS_PER_TICK = 20
 
+#: Overrides every sensor's minimum interval (seconds); unset, each keeps its default.
+INTERVAL_ENV = "ASSET_LIBRARY_SENSOR_INTERVAL"
+
+
+def sensor_interval(default: int) -> int:
+    """Seconds between ticks: ``ASSET_LIBRARY_SENSOR_INTERVAL`` if set, else ``default``.
+
+    A test of the daemon lowers it: a tick every 30 s costs minutes there."""
+    value = os.environ.get(INTERVAL_ENV, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{INTERVAL_ENV}={value!r}: expected a whole number of seconds >= 1")
+    return int(value)
+
 
 @dg.sensor(
     job=plan_batch_job,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=sensor_interval(30),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Watches the landing zone for a folder with a _READY marker or a manifest.",
 )
@@ -74,7 +90,7 @@ def landing_sensor(
 
 @dg.sensor(
     job=ingest_shard_job,
-    minimum_interval_seconds=15,
+    minimum_interval_seconds=sensor_interval(15),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="When a batch plan materializes, adds its shards and requests their runs.",
 )
@@ -136,6 +152,7 @@ library_automation = dg.AutomationConditionSensorDefinition(
     "library_automation",
     target=dg.AssetSelection.groups("library"),
     default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=sensor_interval(30),
     run_tags=SERIAL_TAG,
     description="Refreshes the catalog and what depends on it as shards land.",
 )
