@@ -109,6 +109,7 @@ def test_every_deploy_profile_loads_with_credentials_from_the_environment(
             assert isinstance(coordinator, dg.QueuedRunCoordinator), profile
             # a launch waits for the run process to load the code: launch from several threads
             assert coordinator.dequeue_use_threads and coordinator.dequeue_num_workers > 1
+            assert instance.get_sensor_settings()["num_submit_workers"] > 1
             queue = instance.get_concurrency_config().run_queue_config
             assert queue is not None
             assert queue.tag_concurrency_limits == [{"key": "asset_library/serial", "limit": 1}]
@@ -213,7 +214,7 @@ def _library_count(root: Path) -> dict[str, int] | None:
     """Images per shard, once the catalog exists and every shard is in it."""
     try:
         rows = Library(root).query("SELECT shard, count(*) AS n FROM images GROUP BY shard")
-    except Exception:  # no catalog yet
+    except Exception:  # no catalog yet (the automation sensor builds it once shards land)
         return None
     return {row["shard"]: row["n"] for row in rows}
 
@@ -224,14 +225,21 @@ def test_a_landed_batch_runs_on_the_production_profile(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The working folder is laid out like a clone: workspace.yaml beside the library, whose
+    # Dagster instance is library/.dagster, so the README's backfill command runs verbatim.
+    shutil.copyfile(REPO / "workspace.yaml", tmp_path / "workspace.yaml")
     root = tmp_path / "library"
-    home = tmp_path / "dagster-home"
-    home.mkdir()
+    home = root / ".dagster"
+    home.mkdir(parents=True)
     config = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
     config["run_retries"] = {"enabled": False}  # the backfill, not a retry, repairs the shards
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "DAGSTER_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "S3_", "DAGSTER_", "ASSET_LIBRARY_")) and k != "PWD"
+    }
     env.update(postgres.env())
     env.update(
         DAGSTER_HOME=str(home),
@@ -263,16 +271,25 @@ def test_a_landed_batch_runs_on_the_production_profile(
         blocked[shards[number]] = folder
 
     with dg.DagsterInstance.from_config(str(home)) as instance:  # creates the schema once
-        daemon = start_daemon(env, REPO, tmp_path / "daemon.log")
-        webserver = Webserver(env, REPO, tmp_path / "webserver.log")
+        daemon = start_daemon(env, tmp_path, tmp_path / "daemon.log")
+        webserver = Webserver(env, tmp_path, tmp_path / "webserver.log")
         try:
-            _run(instance, daemon, webserver, env, root, landed, shards, blocked, images)
+            _run(instance, daemon, webserver, env, tmp_path, landed, shards, blocked, images)
         finally:
             webserver.stop()
             daemon.stop()
 
 
-def _run(instance, daemon, webserver, env, root, landed, shards, blocked, images) -> None:
+def _readme_backfill_command() -> str:
+    """The `dagster job backfill` command exactly as the README gives it."""
+    for line in (REPO / "README.md").read_text().splitlines():
+        if "dagster job backfill" in line and line.strip().startswith("DAGSTER_HOME="):
+            return line.strip()
+    raise AssertionError("README.md gives no `DAGSTER_HOME=... dagster job backfill` line")
+
+
+def _run(instance, daemon, webserver, env, clone, landed, shards, blocked, images) -> None:
+    root = clone / "library"
     started = time.monotonic()
     (landed / "_READY").touch()
 
@@ -309,15 +326,12 @@ def _run(instance, daemon, webserver, env, root, landed, shards, blocked, images
     for folder in blocked.values():
         folder.unlink()
     repaired = time.monotonic()
-    command = (
-        f"DAGSTER_HOME={env['DAGSTER_HOME']} dagster job backfill -w workspace.yaml "
-        f"-j ingest_shard --partitions {shards[2]} --noprompt"
-    )
+    command = _readme_backfill_command().replace("KEY1,KEY2", shards[2])
     path = f"{Path(script('dagster')).parent}:{env.get('PATH', '')}"
     cli_env = {k: v for k, v in env.items() if k != "DAGSTER_HOME"} | {"PATH": path}
     cli = subprocess.Popen(
         ["bash", "-c", command],
-        cwd=REPO,
+        cwd=clone,
         env=cli_env,
         stdout=subprocess.PIPE,
         text=True,
@@ -342,7 +356,7 @@ def _run(instance, daemon, webserver, env, root, landed, shards, blocked, images
     assert answer["__typename"] == "LaunchBackfillSuccess", answer
     backfill_id = answer["backfillId"]
     output, _ = cli.communicate(timeout=180)
-    assert cli.returncode == 0, output
+    assert cli.returncode == 0 and "Launched backfill job" in output, output
 
     def repaired_runs() -> dict[str, dg.RunRecord] | None:
         latest = {r.dagster_run.tags["dagster/partition"]: r for r in _shard_runs(instance)}
@@ -378,3 +392,31 @@ def test_sensor_interval_comes_from_the_environment(monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv(INTERVAL_ENV, bad)
         with pytest.raises(ValueError, match=INTERVAL_ENV):
             sensor_interval(30)
+
+
+def test_the_shard_sensor_requests_only_missing_shard_keys(tmp_path: Path) -> None:
+    """The plan run adds its keys in one call; the daemon would check each requested key with
+    its own query (~30 ms on Postgres), so the sensor leaves known keys out of its request."""
+    from asset_library.definitions import build_definitions
+    from asset_library.defs.resources import build_resources
+    from asset_library.defs.sensors import shard_sensor
+
+    manifest = tmp_path / "big.csv"
+    manifest.write_text("uri\n" + "".join(f"img{n}.jpg\n" for n in range(5)))
+    resources = build_resources({"ASSET_LIBRARY_SHARD_SIZE": "1"}, root=str(tmp_path / "lib"))
+    defs = build_definitions(resources)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("batches", ["big"])
+        planned = defs.resolve_job_def("plan_batch").execute_in_process(
+            partition_key="big",
+            instance=instance,
+            run_config={"ops": {"batch_plan": {"config": {"source": str(manifest)}}}},
+        )
+        assert planned.success
+        keys = [shard_key("big", n) for n in range(5)]
+        instance.delete_dynamic_partition("shards", keys[3])
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            tick = shard_sensor(context)
+        assert [r.partition_key for r in tick.run_requests] == keys
+        [add] = tick.dynamic_partitions_requests
+        assert list(add.partition_keys) == [keys[3]]

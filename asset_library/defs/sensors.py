@@ -118,6 +118,11 @@ def shard_sensor(context: dg.SensorEvaluationContext, library: LibraryResource) 
                     tags={BATCH_TAG: batch, TRIGGER_TAG: plan.trigger or "manual"},
                 )
             )
+    if keys:
+        # The plan run added its keys already; the daemon checks every requested key with its
+        # own query (~30 ms each on Postgres), so request only those still missing.
+        known = set(context.instance.get_dynamic_partitions(shards_partitions.name))
+        keys = [key for key in keys if key not in known]
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[shards_partitions.build_add_request(keys)] if keys else [],
