@@ -75,6 +75,14 @@ def postgres() -> Iterator[PostgresServer]:
         server.stop()
 
 
+def _machine_home(tmp_path: Path) -> Path:
+    """deploy/dagster.yaml in a home of its own: an instance writes local files beside it."""
+    home = tmp_path / "machine-home"
+    home.mkdir()
+    shutil.copyfile(DEPLOY / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
 def _k8s_home(tmp_path: Path) -> Path:
     """deploy/k8s/dagster.yaml with its kubeconfig_file pointed at a stand-in file."""
     kubeconfig = tmp_path / "kubeconfig"
@@ -93,7 +101,7 @@ def test_every_deploy_profile_loads_with_credentials_from_the_environment(
     for name, value in postgres.env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("ASSET_LIBRARY_IMAGE", "registry.example/asset-library:1")
-    homes = {"machine": DEPLOY, "k8s": _k8s_home(tmp_path)}
+    homes = {"machine": _machine_home(tmp_path), "k8s": _k8s_home(tmp_path)}
     for profile, home in homes.items():
         storage = yaml.safe_load((home / "dagster.yaml").read_text())["storage"]["postgres"]
         credentials = storage["postgres_db"]
@@ -130,12 +138,14 @@ def test_every_deploy_profile_loads_with_credentials_from_the_environment(
                 assert launcher.job_image == "registry.example/asset-library:1"
 
 
-def test_postgres_partition_costs_per_key(postgres: PostgresServer, monkeypatch) -> None:
+def test_postgres_partition_costs_per_key(
+    postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What a sensor tick pays per shard key on Postgres (printed; run with -s to see)."""
     for name, value in postgres.env().items():
         monkeypatch.setenv(name, value)
     keys = [shard_key("costs_001", n) for n in range(2000)]
-    with dg.DagsterInstance.from_config(str(DEPLOY)) as instance:
+    with dg.DagsterInstance.from_config(str(_machine_home(tmp_path))) as instance:
         start = time.perf_counter()
         instance.add_dynamic_partitions("shards", keys)
         add = (time.perf_counter() - start) / len(keys)
