@@ -3,6 +3,9 @@ UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 CORPUS ?= ../shared/corpus
 LIBRARY ?= library
 SHARD_SIZE ?= 100
+# PostgreSQL 15 server binaries: the production-profile tests start one (as `nobody` when root).
+PG_BIN ?= $(or $(ASSET_LIBRARY_PG_BIN),/usr/lib/postgresql/15/bin)
+SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install demo ui test lint bench
 
@@ -10,6 +13,13 @@ install:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
 		|| python3 -m pip install --quiet uv
 	$(UV) sync --frozen
+	@test -x $(PG_BIN)/postgres || { \
+		if command -v apt-get >/dev/null 2>&1; then \
+			$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15; \
+		else \
+			echo "PostgreSQL 15 not found at $(PG_BIN): install it and set ASSET_LIBRARY_PG_BIN" \
+				"for asset_library_tests/test_production_profile.py"; \
+		fi; }
 
 demo: install
 	$(UV) run asset-library ingest $(CORPUS) --library $(LIBRARY) --shard-size $(SHARD_SIZE)
