@@ -109,10 +109,6 @@ class LibraryLayout:
         return self.root / "lake"
 
     @property
-    def catalog_path(self) -> Path:
-        return self.root / "catalog.duckdb"
-
-    @property
     def index_dir(self) -> Path:
         return self.root / "index"
 
@@ -128,12 +124,5 @@ class LibraryLayout:
         return self.root / "shards" / f"{check_shard_key(shard)}.parquet"
 
     def table_dir(self, table: str) -> Path:
+        """A Delta table's folder when the lake is local (``<root>/lake/<table>``)."""
         return self.lake_dir / table
-
-    def rejects_path(self, shard: str) -> Path:
-        return self.table_dir("rejects") / f"{check_shard_key(shard)}.parquet"
-
-    def table_glob(self, table: str) -> str:
-        if table == "rejects":
-            return str(self.table_dir("rejects") / "*.parquet")
-        return str(self.table_dir(table) / "bucket=*" / "*.parquet")

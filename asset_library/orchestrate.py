@@ -1,7 +1,7 @@
 """Run the ingestion graph from a terminal: the same Dagster jobs, on a local instance.
 
 ``asset-library ingest`` plans a batch, runs each shard as its own ``ingest_shard`` run, then the
-``refresh_library`` run (catalog and checks), all recorded in the library's Dagster instance, so
+``refresh_library`` run (images merge, similarity index), all recorded in the library's Dagster instance, so
 ``dagster dev`` on the same library shows them as if the sensors had launched them.
 """
 
@@ -151,6 +151,9 @@ def _ingest_batch(
             raise_on_error=False,
         )
         metadata = _materialization_metadata(result)
+        for evaluation in result.get_asset_check_evaluations():  # the shard's own checks
+            name = evaluation.check_name
+            summary.checks[name] = summary.checks.get(name, True) and evaluation.passed
         keys = metadata.get("shard_keys", {})
         uploads = metadata.get("shard_uploads", {})
         if not result.success:
@@ -174,11 +177,13 @@ def _ingest_batch(
     refreshed = defs.resolve_job_def("refresh_library").execute_in_process(
         instance=instance, tags=tags, run_config=QUIET, raise_on_error=False
     )
-    summary.catalog = _materialization_metadata(refreshed).get("catalog", {})
-    summary.checks = {
-        evaluation.check_name: evaluation.passed
-        for evaluation in refreshed.get_asset_check_evaluations()
-    }
+    summary.catalog = _materialization_metadata(refreshed).get("images", {})
+    summary.checks.update(
+        {
+            evaluation.check_name: evaluation.passed
+            for evaluation in refreshed.get_asset_check_evaluations()
+        }
+    )
     summary.seconds = time.perf_counter() - started
     return summary
 

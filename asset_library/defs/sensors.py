@@ -137,5 +137,5 @@ library_automation = dg.AutomationConditionSensorDefinition(
     target=dg.AssetSelection.groups("library"),
     default_status=dg.DefaultSensorStatus.RUNNING,
     run_tags=SERIAL_TAG,
-    description="Refreshes the catalog and what depends on it as shards land.",
+    description="Merges landed shards into images, and what follows it, as shards land.",
 )
