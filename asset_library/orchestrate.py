@@ -1,8 +1,8 @@
 """Run the ingestion graph from a terminal: the same Dagster jobs, on a local instance.
 
 ``asset-library ingest`` plans a batch, runs each shard as its own ``ingest_shard`` run, then the
-``refresh_library`` run (images merge, similarity index), all recorded in the library's Dagster instance, so
-``dagster dev`` on the same library shows them as if the sensors had launched them.
+``refresh_library`` run (images merge, similarity index), all recorded in the library's Dagster
+instance, so ``dagster dev`` on the same library shows them as if the sensors had launched them.
 """
 
 from __future__ import annotations

@@ -205,9 +205,9 @@ class SimilarityIndex:
         tmp.replace(keys_path)
         self._keys.pop(number, None)
         for kind in HASH_KINDS:
-            hashes = np.frombuffer(
-                bytes.fromhex("".join(rows[kind].tolist())), dtype=">u8"
-            ).astype(np.uint64)
+            hashes = np.frombuffer(bytes.fromhex("".join(rows[kind].tolist())), dtype=">u8").astype(
+                np.uint64
+            )
             self.indexes[kind].add_segment(name, ids, hashes)
         self.segments[name] = {"number": number, "rows": count}
 

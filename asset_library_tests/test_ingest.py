@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -206,7 +205,9 @@ def test_a_rerun_shard_replaces_exactly_its_own_rows(corpus_library, instance):
     shard = f"{summary.batch}-s00001"
     library = Library(root)
     count = "SELECT (SELECT count(*) FROM occurrences) AS o, (SELECT count(*) FROM images) AS i, "
-    count += "(SELECT count(*) FROM attribute_occurrences) AS a, (SELECT count(*) FROM rejects) AS r"
+    count += (
+        "(SELECT count(*) FROM attribute_occurrences) AS a, (SELECT count(*) FROM rejects) AS r"
+    )
     before = library.query(count)[0]
     version = DeltaTable(str(root / "lake" / "occurrences")).version()
     defs = build_definitions(build_resources({}, root=str(root)))
@@ -222,9 +223,7 @@ def test_a_rerun_shard_replaces_exactly_its_own_rows(corpus_library, instance):
     assert library.query(count)[0] == before
 
 
-def test_the_audit_catches_a_planted_duplicate_and_a_missing_object(
-    tmp_path, corpus_dir, instance
-):
+def test_the_audit_catches_a_planted_duplicate_and_a_missing_object(tmp_path, corpus_dir, instance):
     from deltalake import write_deltalake
 
     from asset_library.definitions import build_definitions

@@ -24,7 +24,6 @@ from asset_library.cli import main
 from asset_library.ids import bucket_of
 from asset_library.ingest.shard import KEYS_SCHEMA
 from asset_library.lake import Lake, compact, merge_images, write_shard
-from asset_library.lake.migrate import migrate
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import IndexNotReady, SimilarityIndex
 from asset_library_tests.synthetic import random_md5s, write_keys
@@ -97,7 +96,10 @@ def test_the_same_shard_written_twice_at_once_never_mixes(tmp_path):
     keys = {}
     for name, md5s in (("one", one), ("two", two)):
         keys[name] = write_keys(
-            tmp_path / f"{name}.parquet", batch="x", shard="x-s00000", n_buckets=BUCKETS,
+            tmp_path / f"{name}.parquet",
+            batch="x",
+            shard="x-s00000",
+            n_buckets=BUCKETS,
             md5s=md5s,
         )
     start = threading.Barrier(2)
@@ -128,14 +130,23 @@ def test_a_replaced_shard_changes_exactly_its_counts_before_any_vacuum(tmp_path)
     _refresh(layout, lake)
     library = Library(layout.root)
     assert library.query(COUNTS)[0] == {
-        "images": 600, "counted": 700, "occurrences": 700, "distinct_md5s": 600,
-        "rejects": 4, "attribute_rows": 700 * 6,
+        "images": 600,
+        "counted": 700,
+        "occurrences": 700,
+        "distinct_md5s": 600,
+        "rejects": 4,
+        "attribute_rows": 700 * 6,
     }
     # the second shard again, other content: 20 of the first shard's md5s and 30 new ones,
     # ingested earlier than the first shard (so it becomes their first occurrence)
     replaced = first[380:] + random_md5s(rng, 30)
     _land(
-        layout, lake, "b-s00001", replaced, seed=9, rejects=5,
+        layout,
+        lake,
+        "b-s00001",
+        replaced,
+        seed=9,
+        rejects=5,
         ingested_at=datetime.now(UTC) - timedelta(days=1),
     )
     # occurrences are newer than images until the merge: images still counts the old shard
@@ -144,12 +155,14 @@ def test_a_replaced_shard_changes_exactly_its_counts_before_any_vacuum(tmp_path)
     merged = merge_images(lake)
     assert merged.shards == ["b-s00001"]
     assert library.query(COUNTS)[0] == {
-        "images": 430, "counted": 450, "occurrences": 450, "distinct_md5s": 430,
-        "rejects": 8, "attribute_rows": 450 * 6,
+        "images": 430,
+        "counted": 450,
+        "occurrences": 450,
+        "distinct_md5s": 430,
+        "rejects": 8,
+        "attribute_rows": 450 * 6,
     }
-    moved = library.query(
-        "SELECT occurrences, shard FROM images WHERE md5 = ?", [first[390]]
-    )[0]
+    moved = library.query("SELECT occurrences, shard FROM images WHERE md5 = ?", [first[390]])[0]
     assert moved == {"occurrences": 2, "shard": "b-s00001"}
     kept = library.query("SELECT occurrences, shard FROM images WHERE md5 = ?", [first[10]])
     assert kept == [{"occurrences": 1, "shard": "b-s00000"}]
@@ -172,10 +185,17 @@ def test_a_replaced_shard_changes_exactly_its_counts_before_any_vacuum(tmp_path)
 def test_manifest_values_are_text_typed_by_their_spelling(tmp_path):
     layout, lake = _library(tmp_path / "library")
     values = {
-        "i": ("42", "integer"), "neg": ("-7", "integer"), "zero_lead": ("007", "string"),
-        "d": ("3.5", "double"), "trail": ("1.10", "string"), "exp": ("1e5", "string"),
-        "t": ("true", "boolean"), "T": ("True", "string"), "day": ("2024-02-29", "timestamp"),
-        "when": ("2024-02-29 12:30:00", "timestamp"), "bad_day": ("2023-02-29", "string"),
+        "i": ("42", "integer"),
+        "neg": ("-7", "integer"),
+        "zero_lead": ("007", "string"),
+        "d": ("3.5", "double"),
+        "trail": ("1.10", "string"),
+        "exp": ("1e5", "string"),
+        "t": ("true", "boolean"),
+        "T": ("True", "string"),
+        "day": ("2024-02-29", "timestamp"),
+        "when": ("2024-02-29 12:30:00", "timestamp"),
+        "bad_day": ("2023-02-29", "string"),
         "s": ("cat", "string"),
     }
     extras = {k: v for k, (v, _) in values.items()}
@@ -262,7 +282,10 @@ def test_lookup_shows_every_value_of_a_multi_valued_attribute(tmp_path):
     for number, tag in enumerate(("red", "green", "blue")):
         shard = f"tag{number}-s00000"
         keys = write_keys(
-            layout.keys_path(shard), batch=f"tag{number}", shard=shard, n_buckets=BUCKETS,
+            layout.keys_path(shard),
+            batch=f"tag{number}",
+            shard=shard,
+            n_buckets=BUCKETS,
             md5s=md5,
         )
         rows = pq.read_table(keys).to_pylist()
@@ -304,8 +327,12 @@ def test_a_library_of_the_previous_layout_is_migrated(tmp_path, capsys):
     layout, _ = _library(tmp_path / "library")
     md5s = random_md5s(np.random.default_rng(10), 120)
     keys = write_keys(
-        layout.keys_path("old-s00000"), batch="old", shard="old-s00000", n_buckets=BUCKETS,
-        md5s=md5s, rejects=2,
+        layout.keys_path("old-s00000"),
+        batch="old",
+        shard="old-s00000",
+        n_buckets=BUCKETS,
+        md5s=md5s,
+        rejects=2,
     )
     layout.lake_dir.mkdir(parents=True)
     with duckdb.connect() as connection:  # what the previous writer laid out
@@ -337,7 +364,10 @@ def test_the_scale_benchmark_runs():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
     done = subprocess.run(
         [sys.executable, str(script), "--shards", "2", "--shard-size", "1000", "--buckets", "16"],
-        capture_output=True, text=True, timeout=600, check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
     last = json.loads(done.stdout.strip().splitlines()[-1])
     assert last["first"]["images"] == 1000 and last["last"]["images"] == 1900

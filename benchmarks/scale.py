@@ -47,78 +47,83 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
+def _shard(
+    layout: LibraryLayout, lake: Lake, root: Path, number: int, md5s: list[str], keys: int
+) -> dict:
+    batch = f"scale{number:03d}"
+    shard = f"{batch}-s00000"
+    keys_path = write_keys(
+        layout.keys_path(shard),
+        batch=batch,
+        shard=shard,
+        n_buckets=layout.n_buckets,
+        md5s=md5s,
+        seed=number,
+        rejects=10,
+    )
+    written, write_s = _timed(lambda: write_shard(lake, shard, keys_path))
+    merged, merge_s = _timed(lambda: merge_images(lake))
+    synced, index_s = _timed(lambda: SimilarityIndex(layout).sync(lake))
+    _, compact_s = _timed(lambda: compact(lake))
+    _, checks_s = _timed(
+        lambda: (
+            hash_coverage(keys_path),
+            attribute_keys_in_occurrences(
+                lake, shard, written["occurrences"]["version"], written["attributes"]["version"]
+            ),
+        )
+    )
+    sample = random.Random(number).sample(md5s, keys)
+    cold_times = [_timed(lambda m=m: Library(root).lookup(m))[1] for m in sample[:20]]
+    warm = Library(root)
+    warm.lookup(sample[0])
+    warm_times = [_timed(lambda m=m: warm.lookup(m))[1] for m in sample]
+    similar_times = [_timed(lambda m=m: warm.similar(m, limit=20))[1] for m in sample[:50]]
+    count, count_s = _timed(lambda: warm.query("SELECT count(*) AS n FROM images")[0]["n"])
+    _, attr_s = _timed(
+        lambda: warm.query(
+            "SELECT count(*) AS n FROM images_with_attribute(?, ?)", ["label", "cat"]
+        )
+    )
+    _, least_s = _timed(
+        lambda: warm.query("SELECT count(*) AS n FROM images_at_least(?, ?)", [5000, 3500])
+    )
+    files = lake_files(lake)
+    return {
+        "shard": number + 1,
+        "images": count,
+        "write_s": round(write_s, 2),
+        "merge_s": round(merge_s, 2),
+        "index_s": round(index_s, 2),
+        "compact_s": round(compact_s, 2),
+        "checks_s": round(checks_s, 2),
+        "lookup_cold_ms": _percentiles(cold_times),
+        "lookup_warm_ms": _percentiles(warm_times),
+        "similar_ms": _percentiles(similar_times),
+        "count_s": round(count_s, 3),
+        "attribute_query_s": round(attr_s, 3),
+        "images_at_least_s": round(least_s, 3),
+        "merged": {"inserted": merged.inserted, "updated": merged.updated},
+        "index_images": synced.images,
+        "lake_files": sum(f["files"] for f in files.values()),
+        "lake_bytes": sum(f["bytes"] for f in files.values()),
+        "rows": {name: f["rows"] for name, f in files.items()},
+    }
+
+
 def run(shards: int, shard_size: int, buckets: int, root: Path, keys: int = 100) -> list[dict]:
+    """Each shard: 90% new md5s, 10% repeats of earlier shards' (the first shard: all new)."""
     layout = LibraryLayout.open(root, buckets)
     lake = Lake.of(layout, {})
     rng = np.random.default_rng(7)
     seen: list[str] = []
     figures = []
     for number in range(shards):
-        batch = f"scale{number:03d}"
-        shard = f"{batch}-s00000"
         fresh = random_md5s(rng, shard_size - shard_size // 10 if seen else shard_size)
         repeats = random.Random(number).sample(seen, shard_size // 10) if seen else []
-        md5s = fresh + repeats
-        keys_path = write_keys(
-            layout.keys_path(shard), batch=batch, shard=shard, n_buckets=buckets, md5s=md5s,
-            seed=number, rejects=10,
-        )
-        seen.extend(fresh[: 200_000])
-        written, write_s = _timed(lambda: write_shard(lake, shard, keys_path))  # noqa: B023
-        merged, merge_s = _timed(lambda: merge_images(lake))
-        synced, index_s = _timed(lambda: SimilarityIndex(layout).sync(lake))
-        compacted, compact_s = _timed(lambda: compact(lake))
-        _, checks_s = _timed(
-            lambda: (  # noqa: B023
-                hash_coverage(keys_path),  # noqa: B023
-                attribute_keys_in_occurrences(
-                    lake,
-                    shard,  # noqa: B023
-                    written["occurrences"]["version"],  # noqa: B023
-                    written["attributes"]["version"],  # noqa: B023
-                ),
-            )
-        )
-        sample = random.Random(number).sample(md5s, keys)
-        cold = Library(root)
-        cold_times = [_timed(lambda m=m: cold.lookup(m))[1] for m in sample[:20]]
-        warm = Library(root)
-        warm.lookup(sample[0])
-        warm_times = [_timed(lambda m=m: warm.lookup(m))[1] for m in sample]
-        similar_times = [_timed(lambda m=m: warm.similar(m, limit=20))[1] for m in sample[:50]]
-        count, count_s = _timed(lambda: warm.query("SELECT count(*) AS n FROM images")[0]["n"])
-        _, attr_s = _timed(
-            lambda: warm.query(
-                "SELECT count(*) AS n FROM images_with_attribute(?, ?)", ["label", "cat"]
-            )
-        )
-        _, least_s = _timed(
-            lambda: warm.query("SELECT count(*) AS n FROM images_at_least(?, ?)", [5000, 3500])
-        )
-        files = lake_files(lake)
-        line = {
-            "shard": number + 1,
-            "images": count,
-            "write_s": round(write_s, 2),
-            "merge_s": round(merge_s, 2),
-            "index_s": round(index_s, 2),
-            "compact_s": round(compact_s, 2),
-            "checks_s": round(checks_s, 2),
-            "lookup_cold_ms": _percentiles(cold_times),
-            "lookup_warm_ms": _percentiles(warm_times),
-            "similar_ms": _percentiles(similar_times),
-            "count_s": round(count_s, 3),
-            "attribute_query_s": round(attr_s, 3),
-            "images_at_least_s": round(least_s, 3),
-            "merged": {"inserted": merged.inserted, "updated": merged.updated},
-            "index_images": synced.images,
-            "lake_files": sum(f["files"] for f in files.values()),
-            "lake_bytes": sum(f["bytes"] for f in files.values()),
-            "rows": {name: f["rows"] for name, f in files.items()},
-        }
-        figures.append(line)
-        print(json.dumps(line), flush=True)
-        del compacted
+        seen.extend(fresh[:200_000])
+        figures.append(_shard(layout, lake, root, number, fresh + repeats, min(keys, shard_size)))
+        print(json.dumps(figures[-1]), flush=True)
     return figures
 
 

@@ -30,9 +30,10 @@ class Migration:
 
 def old_layout(layout: LibraryLayout) -> bool:
     """Whether the library still has tables of the previous layout."""
-    return any((layout.lake_dir / name).exists() for name in _OLD_TABLES) or (
-        layout.root / "catalog.duckdb"
-    ).exists()
+    return (
+        any((layout.lake_dir / name).exists() for name in _OLD_TABLES)
+        or (layout.root / "catalog.duckdb").exists()
+    )
 
 
 def _old_shards(layout: LibraryLayout) -> set[str]:

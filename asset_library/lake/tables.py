@@ -20,6 +20,7 @@ The table format lives in this package and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -31,7 +32,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from asset_library.ids import check_shard_key
 from asset_library.layout import LibraryLayout
@@ -177,12 +178,11 @@ class Lake:
             return found
         if not self.is_s3:
             Path(self.uri(table)).mkdir(parents=True, exist_ok=True)
-        configuration = (
-            {"delta.enableChangeDataFeed": "true"} if table in _CHANGE_FEED else None
-        )
-        try:
-            # An empty append creates the table; unlike DeltaTable.create it records no
-            # absolute location in the log, so a copied lake stays self-contained.
+        configuration = {"delta.enableChangeDataFeed": "true"} if table in _CHANGE_FEED else None
+        # An empty append creates the table; unlike DeltaTable.create it records no absolute
+        # location in the log, so a copied lake stays self-contained. A conflict means another
+        # writer created it first.
+        with contextlib.suppress(DeltaError):
             write_deltalake(
                 self.uri(table),
                 SCHEMAS[table].empty_table(),
@@ -191,8 +191,6 @@ class Lake:
                 configuration=configuration,
                 storage_options=dict(self.storage_options),
             )
-        except (CommitFailedError, DeltaError):  # another writer created it first
-            pass
         return DeltaTable(self.uri(table), storage_options=dict(self.storage_options))
 
     def ensure(self) -> None:
@@ -246,45 +244,43 @@ VALUE_TYPE_SQL = r"""
 """
 _ATTRIBUTES_SQL = f"""
     WITH ok AS (
-      SELECT * FROM read_parquet($keys) WHERE status = 'ok'
+      SELECT md5, extras, width, height, frames, camera_make, camera_model, source_uri, batch,
+             shard, bucket,
+             CASE WHEN length(captured_at) >= 19 AND captured_at[5] = ':'
+                       AND captured_at[8] = ':' AND NOT starts_with(captured_at, '0000')
+                  THEN captured_at[1:4] || '-' || captured_at[6:7] || '-' || captured_at[9:10]
+                       || ' ' || captured_at[12:19] END AS exif_time
+      FROM read_parquet($keys) WHERE status = 'ok'
     ), manifest AS (
       SELECT md5, j.key AS attribute,
              CASE WHEN j.type = 'VARCHAR' THEN j.value ->> '$' ELSE j.value::VARCHAR END AS v,
              source_uri, batch, shard, bucket
       FROM ok, json_each(ok.extras) AS j
       WHERE ok.extras IS NOT NULL AND j.type <> 'NULL'
-    ), exif_time AS (
-      SELECT *, CASE WHEN length(captured_at) >= 19 AND captured_at[5] = ':'
-                      AND captured_at[8] = ':' AND NOT starts_with(captured_at, '0000')
-                 THEN captured_at[1:4] || '-' || captured_at[6:7] || '-' || captured_at[9:10]
-                      || ' ' || captured_at[12:19] END AS t
-      FROM ok
     ), derived AS (
-      SELECT md5, 'exif.make' AS attribute, camera_make AS value, 'string' AS value_type,
-             source_uri, batch, shard, bucket FROM ok WHERE coalesce(camera_make, '') <> ''
-      UNION ALL
-      SELECT md5, 'exif.model', camera_model, 'string', source_uri, batch, shard, bucket
-      FROM ok WHERE coalesce(camera_model, '') <> ''
-      UNION ALL
-      SELECT md5, 'exif.captured_at', t, 'timestamp', source_uri, batch, shard, bucket
-      FROM exif_time WHERE try_strptime(t, '%Y-%m-%d %H:%M:%S') IS NOT NULL
-      UNION ALL
-      SELECT md5, 'image.aspect_ratio', round(width / height, 4)::DOUBLE::VARCHAR, 'double',
-             source_uri, batch, shard, bucket FROM ok WHERE width > 0 AND height > 0
-      UNION ALL
-      SELECT md5, 'image.megapixels', round(width * height / 1e6, 3)::DOUBLE::VARCHAR, 'double',
-             source_uri, batch, shard, bucket FROM ok WHERE width > 0 AND height > 0
-      UNION ALL
-      SELECT md5, 'image.animated', CASE WHEN coalesce(frames, 1) > 1 THEN 'true'
-             ELSE 'false' END, 'boolean', source_uri, batch, shard, bucket FROM ok
+      -- one pass over the images: each row's derived attributes as a list, then unnested
+      SELECT md5, source_uri, batch, shard, bucket, unnest(list_filter([
+        {{'a': 'exif.make', 'v': nullif(camera_make, ''), 't': 'string'}},
+        {{'a': 'exif.model', 'v': nullif(camera_model, ''), 't': 'string'}},
+        {{'a': 'exif.captured_at',
+          'v': CASE WHEN try_strptime(exif_time, '%Y-%m-%d %H:%M:%S') IS NOT NULL
+                    THEN exif_time END, 't': 'timestamp'}},
+        {{'a': 'image.aspect_ratio',
+          'v': CASE WHEN width > 0 AND height > 0
+                    THEN round(width / height, 4)::DOUBLE::VARCHAR END, 't': 'double'}},
+        {{'a': 'image.megapixels',
+          'v': CASE WHEN width > 0 AND height > 0
+                    THEN round(width * height / 1e6, 3)::DOUBLE::VARCHAR END, 't': 'double'}},
+        {{'a': 'image.animated',
+          'v': CASE WHEN coalesce(frames, 1) > 1 THEN 'true' ELSE 'false' END, 't': 'boolean'}}
+      ], lambda x: x.v IS NOT NULL)) AS d
+      FROM ok
     )
     SELECT md5, attribute, v AS value, {VALUE_TYPE_SQL} AS value_type,
            'manifest' AS origin, source_uri, batch, shard, bucket::INTEGER AS bucket
     FROM manifest
     UNION ALL
-    SELECT md5, attribute, value, value_type, 'derived', source_uri, batch, shard, bucket
-    FROM derived
-    ORDER BY bucket, attribute, value, md5
+    SELECT md5, d.a, d.v, d.t, 'derived', source_uri, batch, shard, bucket FROM derived
 """
 
 
@@ -317,9 +313,7 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
                 predicate=f"shard = '{shard}'",
                 partition_by=["bucket"],
                 target_file_size=256 << 20,
-                commit_properties=CommitProperties(
-                    custom_metadata={"asset_library.shard": shard}
-                ),
+                commit_properties=CommitProperties(custom_metadata={"asset_library.shard": shard}),
             )
             target.update_incremental()
             metrics = target.history(1)[0].get("operationMetrics", {})
@@ -393,9 +387,7 @@ def merge_images(lake: Lake) -> MergeResult:
     if now <= last:
         result.to_version = last
         return result
-    changes = read_changes(
-        occurrences, last + 1, now, [f.name for f in OCCURRENCES_SCHEMA]
-    )
+    changes = read_changes(occurrences, last + 1, now, [f.name for f in OCCURRENCES_SCHEMA])
     with duckdb.connect() as connection:
         connection.register("changes", changes)
         # One row per occurrence that changed: n > 0 added, n < 0 removed, 0 (rewritten
@@ -609,4 +601,3 @@ def row_count(table: DeltaTable | None) -> int:
         return 0
     actions = pa.table(table.get_add_actions(flatten=True))
     return int(pc.sum(actions["num_records"]).as_py() or 0) if actions.num_rows else 0
-

@@ -22,7 +22,7 @@ from asset_library.ingest.shard import ShardStats, ingest_shard
 from asset_library.ingest.sources import iter_batch, normalize_source
 from asset_library.ingest.triggers import TriggerRecord, write_trigger
 from asset_library.ingest.workers import FingerprintPool
-from asset_library.lake import Lake, write_shard
+from asset_library.lake import write_shard
 
 GROUP = "ingestion"
 BATCH_TAG = "asset_library/batch"
@@ -121,8 +121,7 @@ _SHARD_DEP = dg.AssetDep(batch_plan, partition_mapping=dg.AllPartitionMapping())
             "uploads_present",
             asset="shard_uploads",
             blocking=True,
-            description="Every accepted image of the shard is stored under its md5, "
-            "with its size.",
+            description="Every accepted image of the shard is stored under its md5, with its size.",
         ),
     ],
     partitions_def=shards_partitions,
