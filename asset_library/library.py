@@ -18,8 +18,12 @@ import duckdb
 from asset_library.ids import bucket_of, check_md5, is_md5
 from asset_library.ingest.fingerprint import DEFAULT_PHASH_THRESHOLD, fingerprint
 from asset_library.lake import Catalog, Lake
+from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
+from asset_library.lake.tables import IMAGES_SCHEMA
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import HASH_KINDS, SimilarityIndex
+
+IMAGE_COLUMNS = IMAGES_SCHEMA.names
 
 
 def default_library_path() -> Path:
@@ -68,27 +72,26 @@ class Library:
         """The image with this key, with its attributes and every source it was ingested from;
         ``None`` if the library does not have it."""
         md5 = check_md5(md5)
-        # The bucket as a literal: DuckDB hands a constant filter to pyarrow, which then opens
-        # only that bucket's files (a bound parameter would not be pushed down).
-        bucket = int(bucket_of(md5, self.layout.n_buckets))
-        with self.connect() as connection:
-            image = _first_row(
-                connection.execute(
-                    f"SELECT * FROM images WHERE bucket = {bucket} AND md5 = ?", [md5]
-                )
-            )
-            if image is None:
-                return None
-            attributes = connection.execute(
-                "SELECT DISTINCT attribute, value, value_type, origin FROM attribute_occurrences "
-                f"WHERE bucket = {bucket} AND md5 = ? ORDER BY attribute, value",
-                [md5],
-            ).fetchall()
-            sources = connection.execute(
-                f"SELECT source_uri FROM occurrences WHERE bucket = {bucket} AND md5 = ? "
-                "ORDER BY ingested_at, shard, ordinal",
-                [md5],
-            ).fetchall()
+        # Straight from the key's bucket: pyarrow opens only that bucket's files.
+        bucket = int(bucket_of(md5, self.lake.n_buckets))
+        catalog = self.connect()
+        found = catalog.rows_of("images", bucket, md5).to_pylist()
+        if not found:
+            return None
+        row = found[0]
+        image = {name: row[name] for name in IMAGE_COLUMNS if name in row}
+        for kind in HASH_KINDS:
+            image[f"{kind}_int"] = int(row[kind], 16) if row[kind] else None
+        image = {name: image[name] for name in IMAGE_VIEW_COLUMNS}
+        cube = catalog.rows_of("attributes", bucket, md5).to_pylist()
+        attributes = sorted(
+            {(r["attribute"], r["value"], r["value_type"], r["origin"]) for r in cube}
+        )
+        occurrences = sorted(
+            catalog.rows_of("occurrences", bucket, md5).to_pylist(),
+            key=lambda r: (r["ingested_at"], r["shard"], r["ordinal"]),
+        )
+        sources = [(r["source_uri"],) for r in occurrences]
         values: dict[str, list[Any]] = {}
         for name, value, kind, _ in attributes:
             values.setdefault(name, []).append(_typed_value(value, kind))

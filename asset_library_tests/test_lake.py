@@ -24,6 +24,7 @@ from asset_library.cli import main
 from asset_library.ids import bucket_of
 from asset_library.ingest.shard import KEYS_SCHEMA
 from asset_library.lake import Lake, compact, merge_images, write_shard
+from asset_library.lake.catalog import LakeReadError
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import IndexNotReady, SimilarityIndex
 from asset_library_tests.synthetic import random_md5s, write_keys
@@ -250,7 +251,7 @@ def test_lookup_reads_one_bucket_and_a_damaged_bucket_breaks_only_itself(tmp_pat
     image = fresh.lookup(target)
     assert image is not None and image["md5"] == target and image["sources"]
     victim = next(m for m in md5s if bucket_of(m, BUCKETS) == damaged_bucket)
-    with pytest.raises(duckdb.Error):
+    with pytest.raises(LakeReadError, match=f"cannot read bucket {damaged_bucket} of images"):
         fresh.lookup(victim)
     other = (damaged_bucket + 2) % BUCKETS
     assert fresh.query(f"SELECT count(*) AS n FROM images WHERE bucket = {other}")[0]["n"] > 0
@@ -447,4 +448,4 @@ def test_a_batch_ingests_with_the_lake_on_s3(tmp_path, s3_env, s3_bucket, corpus
     library = Library(tmp_path / "library")  # credentials from the environment (s3_env)
     rows = library.query("SELECT md5, occurrences FROM images")
     assert len(rows) == summary.ok
-    assert library.similar(rows[0]["md5"], max_distance=0)[0]["md5"] == rows[0]["md5"]
+    assert rows[0]["md5"] in {r["md5"] for r in library.similar(rows[0]["md5"], max_distance=0)}

@@ -42,11 +42,18 @@ NEAR_DUPLICATES_SCHEMA = pa.schema(
 
 _HASH_INTS = ", ".join(f"('0x' || {k})::UBIGINT AS {k}_int" for k in ("phash", "ahash", "dhash"))
 
+#: The columns of the ``images`` view, in order.
+IMAGE_VIEW_COLUMNS = [
+    *("md5", "size_bytes", "format", "width", "height", "orientation", "frames"),
+    *("phash", "ahash", "dhash", "phash_int", "ahash_int", "dhash_int", "bucket"),
+    *("source_uri", "batch", "shard", "ingested_at", "occurrences"),
+]
+
 VIEWS: dict[str, str] = {
     "occurrences": f"SELECT *, {_HASH_INTS} FROM _lake_occurrences",
     "images": f"""SELECT md5, size_bytes, format, width, height, orientation, frames,
                   phash, ahash, dhash, {_HASH_INTS}, bucket, source_uri, batch, shard,
-                  ingested_at, occurrences FROM _lake_images""",
+                  ingested_at, occurrences FROM _lake_images""",  # = IMAGE_VIEW_COLUMNS
     "rejects": "SELECT * FROM _lake_rejects",
     "attribute_occurrences": "SELECT * FROM _lake_attributes",
     "attributes": """SELECT md5, attribute, value, any_value(value_type) AS value_type,
@@ -94,6 +101,10 @@ MACROS: dict[str, tuple[str, str]] = {
 _READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
 
 
+class LakeReadError(ValueError):
+    """A data file of the lake could not be read (missing or damaged)."""
+
+
 class ReadOnlyError(ValueError):
     """A statement that would change the catalog, or more than one statement."""
 
@@ -107,6 +118,8 @@ class Catalog:
         self.connection = duckdb.connect(config={"threads": 2})
         self._tables: dict[str, DeltaTable | None] = {}
         self._versions: dict[str, int | None] = {}
+        self._datasets: dict[str, pds.Dataset] = {}
+        self._by_bucket: dict[str, dict[int | None, list[pds.Fragment]]] = {}
         self._groups_mtime: int | None = -1
         self.refresh()
         bits = lake.n_buckets.bit_length() - 1
@@ -138,7 +151,10 @@ class Catalog:
             if table is None:
                 self.connection.register(f"_lake_{name}", SCHEMAS[name].empty_table())
             else:
-                _register(self.connection, f"_lake_{name}", lake_dataset(table, self.lake))
+                dataset = lake_dataset(table, self.lake)
+                self._datasets[name] = dataset
+                self._by_bucket.pop(name, None)
+                _register(self.connection, f"_lake_{name}", dataset)
             self._versions[name] = version
         self._refresh_groups()
 
@@ -154,6 +170,29 @@ class Catalog:
         )
         self.connection.register("_near_duplicates", groups)
         self._groups_mtime = mtime
+
+    def rows_of(self, table: str, bucket: int, md5: str) -> pa.Table:
+        """A key's rows of one table, reading only that bucket's files (pyarrow, no SQL)."""
+        dataset = self._datasets.get(table)
+        if dataset is None:
+            return SCHEMAS[table].empty_table()
+        by_bucket = self._by_bucket.get(table)
+        if by_bucket is None:
+            by_bucket = {}
+            for fragment in dataset.get_fragments():
+                by_bucket.setdefault(_bucket_of(fragment), []).append(fragment)
+            self._by_bucket[table] = by_bucket
+        bucket_filter = pc.field("bucket") == pa.scalar(int(bucket), pa.int32())
+        fragments = by_bucket.get(int(bucket), []) + by_bucket.get(None, [])
+        if not fragments:
+            return SCHEMAS[table].empty_table()
+        try:
+            rows = pds.FileSystemDataset(
+                fragments, dataset.schema, dataset.format, dataset.filesystem
+            ).to_table(filter=bucket_filter)
+        except (pa.ArrowException, OSError) as error:
+            raise LakeReadError(f"cannot read bucket {bucket} of {table}: {error}") from error
+        return rows.filter(pc.equal(rows["md5"].cast(pa.string()), md5))
 
     def version(self, table: str) -> int | None:
         return self._versions.get(table)
@@ -202,6 +241,12 @@ def lake_dataset(table: DeltaTable, lake: Lake) -> pds.Dataset:
     ]
     schema = table.schema().to_arrow()
     return pds.FileSystemDataset(fragments, pa.schema(schema), parquet, local)
+
+
+def _bucket_of(fragment: pds.Fragment) -> int | None:
+    """The bucket a fragment's partition expression names (None if it names none)."""
+    found = pds.get_partition_keys(fragment.partition_expression).get("bucket")
+    return None if found is None else int(found)
 
 
 def _table_name(table: DeltaTable, lake: Lake) -> str:
