@@ -18,6 +18,7 @@ import duckdb
 
 from asset_library.ids import InvalidIdError, check_batch_id
 from asset_library.library import Library, default_library_path
+from asset_library.similarity import IndexNotReady
 from asset_library.sql_guard import check_read_only_query
 
 
@@ -28,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["ASSET_LIBRARY_HOME"] = str(Path(args.library).expanduser().resolve())
     try:
         return int(args.handler(args) or 0)
-    except (FileNotFoundError, ValueError, duckdb.Error) as error:
+    except (FileNotFoundError, ValueError, duckdb.Error, IndexNotReady) as error:
         print(f"asset-library: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
@@ -94,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
         "--param", action="append", default=[], help="a bound value for ?, in order (repeatable)"
     )
     sql.set_defaults(handler=_sql)
+
+    migrate = commands.add_parser(
+        "migrate",
+        parents=[common],
+        help="move a library of the previous layout (lake/base, catalog.duckdb) onto Delta",
+    )
+    migrate.set_defaults(handler=_migrate)
     return parser
 
 
@@ -267,6 +275,22 @@ def _sql(args: argparse.Namespace) -> int:
             writer = csv.writer(sys.stdout, lineterminator="\n")
             writer.writerow(names)
             writer.writerows(result.fetchall())
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from asset_library.lake import Lake
+    from asset_library.lake.migrate import migrate
+
+    library = Library(args.library)
+    done = migrate(library.layout, Lake.of(library.layout))
+    if not done.shards and not done.removed:
+        print(f"{library.path}: already on the Delta lake, nothing to migrate")
+        return 0
+    print(
+        f"{library.path}: {len(done.shards)} shard(s) rewritten as Delta commits, "
+        f"{done.images:,} images merged; removed {', '.join(done.removed) or 'nothing'}"
+    )
     return 0
 
 

@@ -5,9 +5,14 @@ from typing import Any
 
 import dagster as dg
 
-from asset_library.defs import checks
 from asset_library.defs.assets import ingestion, library
-from asset_library.defs.jobs import ingest_shard_job, plan_batch_job, refresh_library_job
+from asset_library.defs.jobs import (
+    audit_library_job,
+    compact_library_job,
+    ingest_shard_job,
+    plan_batch_job,
+    refresh_library_job,
+)
 from asset_library.defs.resources import build_resources
 from asset_library.defs.schedules import retry_failed_shards
 from asset_library.defs.sensors import landing_sensor, library_automation, shard_sensor
@@ -17,8 +22,13 @@ def build_definitions(resources: Mapping[str, Any] | None = None) -> dg.Definiti
     """The code location; resources default to what the environment describes."""
     return dg.Definitions(
         assets=dg.load_assets_from_modules([ingestion, library]),
-        asset_checks=dg.load_asset_checks_from_modules([checks]),
-        jobs=[plan_batch_job, ingest_shard_job, refresh_library_job],
+        jobs=[
+            plan_batch_job,
+            ingest_shard_job,
+            refresh_library_job,
+            compact_library_job,
+            audit_library_job,
+        ],
         sensors=[landing_sensor, shard_sensor, library_automation],
         schedules=[retry_failed_shards],
         resources=dict(resources) if resources is not None else build_resources(),

@@ -135,10 +135,6 @@ class LibraryLayout:
         return self.root / "lake"
 
     @property
-    def catalog_path(self) -> Path:
-        return self.root / "catalog.duckdb"
-
-    @property
     def index_dir(self) -> Path:
         return self.root / "index"
 
@@ -165,12 +161,5 @@ class LibraryLayout:
         return [path for folder in folders for path in remove_orphan_temp_files(folder, pattern)]
 
     def table_dir(self, table: str) -> Path:
+        """A Delta table's folder when the lake is local (``<root>/lake/<table>``)."""
         return self.lake_dir / table
-
-    def rejects_path(self, shard: str) -> Path:
-        return self.table_dir("rejects") / f"{check_shard_key(shard)}.parquet"
-
-    def table_glob(self, table: str) -> str:
-        if table == "rejects":
-            return str(self.table_dir("rejects") / "*.parquet")
-        return str(self.table_dir(table) / "bucket=*" / "*.parquet")

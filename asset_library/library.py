@@ -1,7 +1,9 @@
 """The Python API of the output side: ``Library(path)`` answers lookups and queries.
 
-It reads only the lake and the catalog (DuckDB, read-only), never the Dagster instance, so any
-number of readers can run while shards are being ingested.
+It reads only the lake (through its Delta logs), the similarity index and the library's
+settings, never the Dagster instance, so any number of readers can run while shards are being
+ingested. A reader sees each table as of its latest commit: ``images`` is merged after the shard
+tables, so for a moment ``occurrences`` may hold rows that ``images`` does not count yet.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ from typing import Any
 
 import duckdb
 
-from asset_library.catalog import connect
 from asset_library.ids import bucket_of, check_md5, is_md5
 from asset_library.ingest.fingerprint import DEFAULT_PHASH_THRESHOLD, fingerprint
+from asset_library.lake import Catalog, Lake
+from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
+from asset_library.lake.tables import IMAGES_SCHEMA
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import HASH_KINDS, SimilarityIndex
-from asset_library.sql_guard import check_read_only_query, lock_down
+from asset_library.sql_guard import check_read_only_query
 from asset_library.storage import ObjectStore, open_store
+
+IMAGE_COLUMNS = IMAGES_SCHEMA.names
 
 
 def default_library_path() -> Path:
@@ -34,7 +40,10 @@ class Library:
         if not (root / "library.json").exists():
             raise FileNotFoundError(f"no asset library at {root} (no library.json)")
         self.layout = LibraryLayout.open(root)
+        self.lake = Lake.of(self.layout)
         self._index: SimilarityIndex | None = None
+        self._catalog: Catalog | None = None
+        self._index_stamp: int | None = None
 
     @property
     def path(self) -> Path:
@@ -45,12 +54,16 @@ class Library:
         before its first ingest); S3 through ``s3_client_from_env()``."""
         return open_store(self.layout.recorded_objects() or self.layout.objects_dir)
 
-    def connect(self) -> duckdb.DuckDBPyConnection:
-        """A read-only connection to the catalog: views ``images``, ``occurrences``,
-        ``rejects``, ``attributes`` and the table macros; locked to the lake's files (no other
-        file, no extension, no setting changes). It does not check statements: run others'
-        SQL through :meth:`query`, or :func:`~asset_library.sql_guard.check_read_only_query`."""
-        return lock_down(connect(self.layout, read_only=True), [self.layout.lake_dir])
+    def connect(self) -> Catalog:
+        """The catalog, level with the lake's latest commits: views ``images``,
+        ``occurrences``, ``rejects``, ``attributes`` and the table macros; one read-only
+        query per ``execute``, on a connection that opens no file itself. Kept open by this
+        ``Library`` between calls."""
+        if self._catalog is None:
+            self._catalog = Catalog(self.lake, self.layout.index_dir / "near_duplicates.parquet")
+        else:
+            self._catalog.refresh()
+        return self._catalog
 
     def query(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
@@ -69,18 +82,32 @@ class Library:
         """The image with this key, with its attributes and every source it was ingested from;
         ``None`` if the library does not have it."""
         md5 = check_md5(md5)
-        with self.connect() as connection:
-            image = _first_row(connection.execute("SELECT * FROM image(?)", [md5]))
-            if image is None:
-                return None
-            attributes = connection.execute("SELECT * FROM attributes_of(?)", [md5]).fetchall()
-            sources = connection.execute(
-                "SELECT source_uri FROM occurrences WHERE bucket = ? AND md5 = lower(?) "
-                "ORDER BY ingested_at, shard, ordinal",
-                [image["bucket"], md5],
-            ).fetchall()
+        # Straight from the key's bucket: pyarrow opens only that bucket's files.
+        bucket = int(bucket_of(md5, self.lake.n_buckets))
+        catalog = self.connect()
+        found = catalog.rows_of("images", bucket, md5).to_pylist()
+        if not found:
+            return None
+        row = found[0]
+        image = {name: row[name] for name in IMAGE_COLUMNS if name in row}
+        for kind in HASH_KINDS:
+            image[f"{kind}_int"] = int(row[kind], 16) if row[kind] else None
+        image = {name: image[name] for name in IMAGE_VIEW_COLUMNS}
+        cube = catalog.rows_of("attributes", bucket, md5).to_pylist()
+        attributes = sorted(
+            {(r["attribute"], r["value"], r["value_type"], r["origin"]) for r in cube}
+        )
+        occurrences = sorted(
+            catalog.rows_of("occurrences", bucket, md5).to_pylist(),
+            key=lambda r: (r["ingested_at"], r["shard"], r["ordinal"]),
+        )
+        sources = [(r["source_uri"],) for r in occurrences]
+        values: dict[str, list[Any]] = {}
+        for name, value, kind, _ in attributes:
+            values.setdefault(name, []).append(_typed_value(value, kind))
+        # One value as itself; several (a multi-valued attribute) as the list of all of them.
         image["attributes"] = {
-            name: _typed_value(value, kind) for name, value, kind, _ in attributes
+            name: found[0] if len(found) == 1 else found for name, found in values.items()
         }
         image["sources"] = [uri for (uri,) in sources]
         return image
@@ -106,7 +133,9 @@ class Library:
         if not 0 <= distance <= 64:
             raise ValueError(f"max_distance must be between 0 and 64, not {distance}")
         query = self._query_hash(image, hash)
-        found = self.index().query(query, distance, kind=hash, limit=limit)
+        index = self.index()
+        index.check_level(self.lake)  # IndexNotReady: missing, or behind the lake
+        found = index.query(query, distance, kind=hash, limit=limit)
         if not found:
             return []
         md5s = [md5 for md5, _ in found]
@@ -116,9 +145,8 @@ class Library:
         details = {
             row["md5"]: row
             for row in self.query(
-                "SELECT DISTINCT ON (md5) md5, width, height, format, source_uri "
-                f"FROM occurrences WHERE bucket IN ({buckets}) AND md5 IN (SELECT unnest($md5s)) "
-                "ORDER BY md5, ingested_at, shard, ordinal",
+                "SELECT md5, width, height, format, source_uri "
+                f"FROM images WHERE bucket IN ({buckets}) AND md5 IN (SELECT unnest($md5s))",
                 {"md5s": md5s},
             )
         }
@@ -132,10 +160,13 @@ class Library:
         return list(groups.values())
 
     def index(self) -> SimilarityIndex:
-        """The similarity index as the ``similarity_index`` asset last saved it, loaded once
-        (memory-mapped). Readers never write it; the asset keeps it level with the lake."""
-        if self._index is None:
+        """The similarity index as the ``similarity_index`` asset last saved it (memory-mapped),
+        reloaded when that asset saved a newer one. Readers never write it."""
+        manifest = self.layout.index_dir / "segments.json"
+        stamp = manifest.stat().st_mtime_ns if manifest.exists() else None
+        if self._index is None or stamp != self._index_stamp:
             self._index = SimilarityIndex(self.layout)
+            self._index_stamp = stamp
         return self._index
 
     def _query_hash(self, image: bytes | str | os.PathLike[str], kind: str) -> int:
@@ -155,8 +186,8 @@ class Library:
 
 
 def _first_row(result: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:
-    row = result.fetchone()
-    return None if row is None else dict(zip([d[0] for d in result.description], row, strict=True))
+    rows = result.fetchall()
+    return None if not rows else dict(zip([d[0] for d in result.description], rows[0], strict=True))
 
 
 def _without_md5(row: dict[str, Any] | None) -> dict[str, Any]:

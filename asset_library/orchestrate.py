@@ -1,8 +1,8 @@
 """Run the ingestion graph from a terminal: the same Dagster jobs, on a local instance.
 
 ``asset-library ingest`` plans a batch, runs each shard as its own ``ingest_shard`` run, then the
-``refresh_library`` run (catalog and checks), all recorded in the library's Dagster instance, so
-``dagster dev`` on the same library shows them as if the sensors had launched them.
+``refresh_library`` run (images merge, similarity index), all recorded in the library's Dagster
+instance, so ``dagster dev`` on the same library shows them as if the sensors had launched them.
 
 No daemon watches these runs, so the runner looks after their ends itself: Ctrl-C stops the
 ingest after the current run has ended (failed or canceled, never left in progress), and runs
@@ -225,11 +225,13 @@ def _ingest_batch(
         except KeyboardInterrupt:
             with stop_signals_deferred():  # a second Ctrl-C must not cut the bookkeeping short
                 return _stopped(summary, instance, runs, plan, started)
-    summary.catalog = _materialization_metadata(refreshed).get("catalog", {})
-    summary.checks = {
-        evaluation.check_name: evaluation.passed
-        for evaluation in refreshed.get_asset_check_evaluations()
-    }
+    summary.catalog = _materialization_metadata(refreshed).get("images", {})
+    summary.checks.update(
+        {
+            evaluation.check_name: evaluation.passed
+            for evaluation in refreshed.get_asset_check_evaluations()
+        }
+    )
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -249,6 +251,9 @@ def _add_shard(
 ) -> None:
     """Count a shard run's outcome into the summary and print its line."""
     metadata = _materialization_metadata(result)
+    for evaluation in result.get_asset_check_evaluations():  # the shard's own checks
+        name = evaluation.check_name
+        summary.checks[name] = summary.checks.get(name, True) and evaluation.passed
     keys = metadata.get("shard_keys", {})
     uploads = metadata.get("shard_uploads", {})
     label = f"{counter} {shard}"

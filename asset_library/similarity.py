@@ -1,33 +1,39 @@
-"""The library's similarity index: one exact Hamming index per hash kind, one segment per shard.
+"""The library's similarity index: one exact Hamming index per hash kind, following ``images``.
 
-Each shard's accepted images become a segment of a :class:`~asset_library.search.HammingIndex`
-(for pHash, aHash and dHash alike) plus a file of the segment's md5 keys, so a new shard adds a
-segment and a re-run shard replaces only its own: nothing is rebuilt from scratch. An id in the
-index is ``segment_number << 32 | row``; the key files map it back to an md5.
+The index is level with the lake's ``images`` table at a version it records: each sync reads the
+table's change feed since then and adds ONE segment holding the md5s that appeared (pHash, aHash
+and dHash alike, with a file of the segment's md5 keys); md5s that left ``images`` are recorded as
+removed and skipped by queries. Nothing is rebuilt from scratch. An id in the index is
+``segment_number << 32 | row``; the key files map it back to an md5.
 
 Layout under ``<library>/index/``::
 
-    segments.json                  shard -> {number, rows, signature}
-    keys/<shard>.npy               (rows, 16) uint8: the md5 digests, in row order
+    segments.json                  segments, images version and lake version reached, removed md5s
+    keys/<segment>.npy             (rows, 16) uint8: the md5 digests, in row order
     phash/ ahash/ dhash/           HammingIndex.save() directories
+    near_duplicates.parquet        the groups the near_duplicate_groups asset found
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import numpy as np
 
+from asset_library.lake.tables import IMAGES_APP, Lake, read_changes, row_count
 from asset_library.layout import LibraryLayout
 from asset_library.search import HammingIndex, connected_groups
 
 HASH_KINDS = ("phash", "ahash", "dhash")
 _ROW_BITS = 32
+
+
+class IndexNotReady(RuntimeError):
+    """The similarity index is missing, or behind the lake's ``images``."""
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,18 @@ class SimilarityIndex:
         self.layout = layout
         self.directory = layout.index_dir
         self.segments: dict[str, dict] = {}
+        self.images_version = -1
+        self.lake_version = -1
+        self.removed: set[str] = set()
         self.indexes: dict[str, HammingIndex] = {kind: HammingIndex() for kind in HASH_KINDS}
         manifest = self.directory / "segments.json"
-        if manifest.exists():
-            self.segments = json.loads(manifest.read_text())
+        self.exists = manifest.exists()
+        if self.exists:
+            saved = json.loads(manifest.read_text())
+            self.segments = saved.get("segments", {})
+            self.images_version = int(saved.get("images_version", -1))
+            self.lake_version = int(saved.get("lake_version", -1))
+            self.removed = set(saved.get("removed", []))
             for kind in HASH_KINDS:
                 if (self.directory / kind).exists():
                     self.indexes[kind] = HammingIndex.load(self.directory / kind, mmap=mmap)
@@ -57,18 +71,71 @@ class SimilarityIndex:
     def __len__(self) -> int:
         return sum(int(s["rows"]) for s in self.segments.values())
 
-    def sync(self) -> SyncResult:
-        """Bring the index level with the lake: add new or re-run shards, drop vanished ones."""
-        on_disk = _shard_signatures(self.layout)
-        removed = [s for s in self.segments if s not in on_disk]
-        changed = [s for s, sig in on_disk.items() if self.segments.get(s, {}).get("sig") != sig]
-        for shard in removed:
-            self._remove(shard)
-        for shard in changed:
-            self._add(shard, on_disk[shard])
-        if removed or changed:
-            self._save()
-        return SyncResult(changed, removed, len(on_disk) - len(changed), len(self))
+    def sync(self, lake: Lake) -> SyncResult:
+        """Bring the index level with ``images``: one new segment for the md5s that appeared
+        since the version it reached; md5s that left are recorded as removed."""
+        images = lake.open("images")
+        if images is None:
+            return SyncResult([], [], len(self.segments), len(self))
+        version = images.version()
+        merged = images.transaction_version(IMAGES_APP)
+        lake_version = -1 if merged is None else int(merged)
+        added: list[str] = []
+        gone: list[str] = []
+        if version > self.images_version:
+            changes = read_changes(
+                images, self.images_version + 1, version, ["md5", "phash", "ahash", "dhash"]
+            )
+            with duckdb.connect() as connection:
+                connection.register("changes", changes)
+                last = connection.sql(
+                    """
+                    SELECT md5, _change_type AS change, phash, ahash, dhash FROM (
+                      SELECT *, row_number() OVER (PARTITION BY md5
+                        ORDER BY _commit_version DESC,
+                                 CASE _change_type WHEN 'delete' THEN 0 ELSE 1 END DESC) AS r
+                      FROM changes WHERE _change_type IN ('insert', 'delete'))
+                    WHERE r = 1 ORDER BY md5
+                    """
+                ).fetchnumpy()
+            inserted = last["change"] == "insert"
+            gone = [str(m) for m in last["md5"][~inserted]]
+            if inserted.any():
+                name = f"v{version:010d}"
+                self._add(name, {k: last[k][inserted] for k in ("md5", *HASH_KINDS)})
+                added.append(name)
+            self.removed.difference_update(str(m) for m in last["md5"][inserted])
+            self.removed.update(gone)
+        self.images_version = version
+        self.lake_version = lake_version
+        self._save()
+        self.exists = True
+        return SyncResult(added, gone, len(self.segments) - len(added), len(self))
+
+    def check_level(self, lake: Lake) -> None:
+        """Raise :class:`IndexNotReady` if the index is missing or behind ``images``."""
+        images = lake.open("images")
+        if images is None:
+            return
+        if not self.exists:
+            if row_count(images) == 0:
+                return
+            raise IndexNotReady(
+                f"the similarity index is missing ({self.directory}): run refresh_library"
+            )
+        merged = images.transaction_version(IMAGES_APP)
+        merged = -1 if merged is None else int(merged)
+        if images.version() > self.images_version and merged != self.lake_version:
+            changes = read_changes(images, self.images_version + 1, images.version(), ["md5"])
+            with duckdb.connect() as connection:
+                connection.register("changes", changes)
+                behind = connection.sql(
+                    "SELECT count(DISTINCT md5) FROM changes WHERE _change_type = 'insert'"
+                ).fetchall()[0][0]
+            raise IndexNotReady(
+                f"the similarity index is behind the lake: {behind} images not indexed "
+                "(run refresh_library)"
+            )
 
     def query(
         self, hash_value: int, max_distance: int, *, kind: str = "phash", limit: int | None = None
@@ -77,7 +144,7 @@ class SimilarityIndex:
         found: dict[str, int] = {}
         for identifier, distance in self.indexes[_kind(kind)].query(hash_value, max_distance):
             md5 = self.md5_of(identifier)
-            if md5 not in found:
+            if md5 not in found and md5 not in self.removed:
                 found[md5] = distance
         ordered = sorted(found.items(), key=lambda item: (item[1], item[0]))
         return ordered if limit is None else ordered[:limit]
@@ -90,6 +157,9 @@ class SimilarityIndex:
         a = self.md5s_of(pairs[:, 0])
         b = self.md5s_of(pairs[:, 1])
         distinct = a != b
+        if self.removed:
+            gone = np.array(sorted(self.removed), dtype="U32")
+            distinct &= ~np.isin(a, gone) & ~np.isin(b, gone)
         names, codes = np.unique(np.concatenate([a[distinct], b[distinct]]), return_inverse=True)
         if len(names) == 0:
             return []
@@ -121,38 +191,25 @@ class SimilarityIndex:
             self._keys[number] = keys
         return keys
 
-    def _add(self, shard: str, signature: str) -> None:
-        with duckdb.connect() as connection:
-            rows = connection.execute(
-                "SELECT md5, phash_int, ahash_int, dhash_int FROM read_parquet($files) "
-                "ORDER BY md5",
-                {"files": [str(p) for p in _shard_files(self.layout, shard)]},
-            ).fetchnumpy()
-        previous = self.segments.get(shard)
-        number = previous["number"] if previous else self._next_number()
+    def _add(self, name: str, rows: dict[str, np.ndarray]) -> None:
+        number = self._next_number()
         count = len(rows["md5"])
         if count >= 1 << _ROW_BITS:
-            raise ValueError(f"shard {shard} has {count:,} images, over 2**32 per segment")
+            raise ValueError(f"segment {name} has {count:,} images, over 2**32 per segment")
         ids = (np.int64(number) << _ROW_BITS) | np.arange(count, dtype=np.int64)
-        digests = np.frombuffer(bytes.fromhex("".join(rows["md5"])), dtype=np.uint8)
-        keys_path = self._keys_path(shard)
+        digests = np.frombuffer(bytes.fromhex("".join(rows["md5"].tolist())), dtype=np.uint8)
+        keys_path = self._keys_path(name)
         keys_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = keys_path.with_name(f".{keys_path.stem}.{uuid.uuid4().hex[:8]}.npy")
         np.save(tmp, digests.reshape(count, 16))
         tmp.replace(keys_path)
         self._keys.pop(number, None)
         for kind in HASH_KINDS:
-            hashes = np.asarray(rows[f"{kind}_int"], dtype=np.uint64)
-            self.indexes[kind].add_segment(shard, ids, hashes)
-        self.segments[shard] = {"number": number, "rows": count, "sig": signature}
-
-    def _remove(self, shard: str) -> None:
-        for index in self.indexes.values():
-            if shard in index.segments():
-                index.remove_segment(shard)
-        self._keys.pop(self.segments[shard]["number"], None)
-        self._keys_path(shard).unlink(missing_ok=True)
-        del self.segments[shard]
+            hashes = np.frombuffer(bytes.fromhex("".join(rows[kind].tolist())), dtype=">u8").astype(
+                np.uint64
+            )
+            self.indexes[kind].add_segment(name, ids, hashes)
+        self.segments[name] = {"number": number, "rows": count}
 
     def _save(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -160,7 +217,13 @@ class SimilarityIndex:
             index.save(self.directory / kind)
         manifest = self.directory / "segments.json"
         tmp = manifest.with_name(f".segments.{uuid.uuid4().hex[:8]}.json")
-        tmp.write_text(json.dumps(self.segments, indent=1, sort_keys=True))
+        saved = {
+            "segments": self.segments,
+            "images_version": self.images_version,
+            "lake_version": self.lake_version,
+            "removed": sorted(self.removed),
+        }
+        tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
         tmp.replace(manifest)
 
     def _next_number(self) -> int:
@@ -174,24 +237,3 @@ def _kind(kind: str) -> str:
     if kind not in HASH_KINDS:
         raise ValueError(f"unknown hash {kind!r}: use one of {', '.join(HASH_KINDS)}")
     return kind
-
-
-def _shard_files(layout: LibraryLayout, shard: str) -> list[Path]:
-    return sorted(layout.table_dir("base").glob(f"bucket=*/{shard}.parquet"))
-
-
-def _shard_signatures(layout: LibraryLayout) -> dict[str, str]:
-    """Shard -> a signature of its base files (names, sizes, mtimes): changes when it re-runs."""
-    parts: dict[str, list[str]] = {}
-    for path in _iter_base_files(layout):
-        stat = path.stat()
-        parts.setdefault(path.stem, []).append(
-            f"{path.parent.name}:{stat.st_size}:{stat.st_mtime_ns}"
-        )
-    return {shard: "|".join(sorted(items)) for shard, items in parts.items()}
-
-
-def _iter_base_files(layout: LibraryLayout) -> Iterable[Path]:
-    for path in layout.table_dir("base").glob("bucket=*/*.parquet"):
-        if not path.name.startswith("_"):
-            yield path

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
-import duckdb
+import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 
 from asset_library.library import Library
 from asset_library.orchestrate import PlanningFailed, ingest_batch
@@ -46,10 +46,10 @@ def test_a_folder_batch_lands_whole(corpus_library, corpus_dir):
     assert {Path(r["source_uri"]).name for r in rejects} >= {"giant-image.jpg", "README.md"}
     assert all(r["reason"] and r["message"] for r in rejects)
     assert summary.checks == {
-        "md5_unique": True,
         "hash_coverage": True,
         "uploads_present": True,
-        "cube_keys_in_base": True,
+        "attribute_keys_in_occurrences": True,
+        "images_md5_unique": True,
     }
 
 
@@ -66,19 +66,30 @@ def test_every_image_is_stored_once_under_its_md5(corpus_library):
     assert twice and all(row["occurrences"] == 2 for row in twice)
 
 
-def test_tables_are_laid_out_by_bucket_and_shard(corpus_library):
+def test_tables_are_delta_tables_partitioned_by_bucket(corpus_library):
     root, _ = corpus_library
     library = Library(root)
-    files = sorted((root / "lake" / "base").glob("bucket=*/*.parquet"))
-    real = [f for f in files if not f.name.startswith("_")]
-    assert real and all(f.stem.startswith("corpus_") for f in real)
-    for path in real[:20]:
+    for name in ("occurrences", "rejects", "attributes", "images"):
+        assert (root / "lake" / name / "_delta_log").is_dir(), name
+    table = DeltaTable(str(root / "lake" / "occurrences"))
+    assert table.metadata().partition_columns == ["bucket"]
+    files = [Path(uri) for uri in table.file_uris()]
+    assert files and all(f.parent.name.startswith("bucket=") for f in files)
+    for path in files[:20]:
         bucket = int(path.parent.name.split("=")[1])
-        with duckdb.connect() as connection:
-            md5s = [r[0] for r in connection.execute(f"SELECT md5 FROM '{path}'").fetchall()]
+        md5s = pq.read_table(path, columns=["md5"])["md5"].to_pylist()
         assert all(int(m[:2], 16) == bucket for m in md5s)
         assert md5s == sorted(md5s)
     assert library.query("SELECT count(DISTINCT shard) AS n FROM occurrences")[0]["n"] == 4
+    # images: one row per md5, its occurrences counted
+    counts = library.query(
+        "SELECT (SELECT count(*) FROM images) AS images, "
+        "(SELECT count(DISTINCT md5) FROM occurrences) AS distinct_md5s, "
+        "(SELECT sum(occurrences) FROM images) AS counted, "
+        "(SELECT count(*) FROM occurrences) AS occurrences"
+    )[0]
+    assert counts["images"] == counts["distinct_md5s"]
+    assert counts["counted"] == counts["occurrences"]
 
 
 def test_lookup_returns_the_row_attributes_and_sources(corpus_library, corpus_dir):
@@ -191,53 +202,60 @@ def test_a_bad_manifest_fails_planning_naming_file_row_and_reason(
     assert str(manifest) in str(raised.value)
 
 
-def test_a_rerun_shard_replaces_exactly_its_own_files(corpus_library, instance):
+def test_a_rerun_shard_replaces_exactly_its_own_rows(corpus_library, instance):
     from asset_library.definitions import build_definitions
     from asset_library.defs.resources import build_resources
 
     root, summary = corpus_library
     shard = f"{summary.batch}-s00001"
-    before = sorted(p.relative_to(root) for p in (root / "lake").rglob(f"{shard}.parquet"))
     library = Library(root)
-    rows_before = library.query("SELECT count(*) AS n FROM occurrences")[0]["n"]
+    count = "SELECT (SELECT count(*) FROM occurrences) AS o, (SELECT count(*) FROM images) AS i, "
+    count += (
+        "(SELECT count(*) FROM attribute_occurrences) AS a, (SELECT count(*) FROM rejects) AS r"
+    )
+    before = library.query(count)[0]
+    version = DeltaTable(str(root / "lake" / "occurrences")).version()
     defs = build_definitions(build_resources({}, root=str(root)))
     instance.add_dynamic_partitions("shards", [shard])
     result = defs.resolve_job_def("ingest_shard").execute_in_process(
         partition_key=shard, instance=instance
     )
     assert result.success
-    after = sorted(p.relative_to(root) for p in (root / "lake").rglob(f"{shard}.parquet"))
-    assert after == before
-    assert library.query("SELECT count(*) AS n FROM occurrences")[0]["n"] == rows_before
-    assert not list((root / "lake" / "_staging").iterdir())
+    assert DeltaTable(str(root / "lake" / "occurrences")).version() == version + 1  # one commit
+    assert library.query(count)[0] == before  # occurrences newer than images, same counts
+    refreshed = defs.resolve_job_def("refresh_library").execute_in_process(instance=instance)
+    assert refreshed.success
+    assert library.query(count)[0] == before
 
 
-def test_checks_catch_a_planted_duplicate_and_a_missing_object(tmp_path, corpus_dir, instance):
+def test_the_audit_catches_a_planted_duplicate_and_a_missing_object(tmp_path, corpus_dir, instance):
+    from deltalake import write_deltalake
+
+    from asset_library.definitions import build_definitions
+    from asset_library.defs.resources import build_resources
+
     root = tmp_path / "library"
     folder = corpus_dir / "github_jenssegers_imagehash"
     first = ingest_batch(
         str(folder), library=root, workers=0, environ={}, instance=instance, progress=print
     )
     assert first.success
-    base = next(p for p in (root / "lake" / "base").glob("bucket=*/*.parquet") if p.stem[0] != "_")
-    shutil.copyfile(base, base.with_name("planted-copy.parquet"))
+    images = DeltaTable(str(root / "lake" / "images"))
+    write_deltalake(images, images.to_pyarrow_table().slice(0, 1), mode="append")
     md5 = Library(root).query("SELECT md5 FROM images LIMIT 1")[0]["md5"]
     (root / "objects" / object_key(md5)).unlink()
 
-    from asset_library.definitions import build_definitions
-    from asset_library.defs.resources import build_resources
-
     defs = build_definitions(build_resources({}, root=str(root)))
-    result = defs.resolve_job_def("refresh_library").execute_in_process(
+    result = defs.resolve_job_def("audit_library").execute_in_process(
         instance=instance, raise_on_error=False
     )
     outcome = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not result.success
     assert not outcome["md5_unique"].passed
-    assert outcome["md5_unique"].metadata["duplicated_occurrences"].value >= 1
+    assert outcome["md5_unique"].metadata["duplicated"].value == 1
     assert not outcome["uploads_present"].passed
     assert md5 in outcome["uploads_present"].metadata["missing_examples"].value
-    assert outcome["hash_coverage"].passed and outcome["cube_keys_in_base"].passed
+    assert outcome["hash_coverage"].passed and outcome["attribute_keys_in_images"].passed
 
 
 def test_trigger_records_name_the_batch_and_its_shards(corpus_library):

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from asset_library.ingest.sources import iter_manifest
+from asset_library.lake.tables import value_type_of
 from asset_library.library import Library
-from asset_library.tables import value_type_of
 
 FOREST = "github_jenssegers_imagehash/forest"
 

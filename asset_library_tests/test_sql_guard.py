@@ -13,7 +13,6 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from asset_library.catalog import connect as catalog_connect
 from asset_library.cli import main
 from asset_library.library import Library
 from asset_library.orchestrate import ingest_batch
@@ -234,7 +233,8 @@ def test_the_readme_commands_still_work(cli):
 def test_the_connection_itself_is_locked(library_root, outside):
     """Without the statement check, the database still refuses files and settings."""
     before = _files(library_root, outside)
-    with Library(library_root).connect() as connection:
+    with Library(library_root).connect() as catalog:
+        connection = catalog.connection  # DuckDB itself, past the statement check
         assert connection.execute("SELECT count(*) FROM occurrences").fetchone() == (5,)
         for sql in [
             "SELECT * FROM read_text('/etc/passwd')",
@@ -250,25 +250,14 @@ def test_the_connection_itself_is_locked(library_root, outside):
         ]:
             with pytest.raises(duckdb.Error):
                 connection.execute(sql)
-        # A second reader while this one is open shares DuckDB's database for the file.
+        # A second reader while this one is open has a catalog of its own.
         assert Library(library_root).query("SELECT count(*) AS n FROM images") == [{"n": 5}]
     assert _files(library_root, outside) == before
 
 
-def test_the_lock_ends_with_the_library_connection(library_root):
-    """DuckDB shares a file's database within a process: once readers close, the next
-    catalog connection (the refresh's checks) is an ordinary one again."""
-    library = Library(library_root)
-    library.query("SELECT 1 AS x")
-    with catalog_connect(library.layout) as connection:
-        assert connection.execute("SELECT current_setting('lock_configuration')").fetchone() == (
-            False,
-        )
-
-
 def test_lock_down_without_paths_serves_registered_datasets(library_root, tmp_path):
     """A catalog of Arrow datasets registered from Python needs no DuckDB file access."""
-    base = library_root / "lake" / "base"
+    base = library_root / "lake" / "occurrences"
     connection = duckdb.connect()
     connection.register("base_rows", ds.dataset(base, format="parquet", partitioning="hive"))
     connection.execute("CREATE VIEW occurrences AS SELECT * FROM base_rows")

@@ -1,23 +1,35 @@
-"""Asset checks that guard the library. They run with the catalog, over the whole lake.
+"""Checks that guard the library, at the cost of a shard, not of the library.
 
-All are blocking: a failure fails the catalog run and stops what is built from the catalog.
+In a shard's run (blocking there, so a bad shard never reaches the lake or stops at its tables):
+``hash_coverage`` and ``uploads_present`` from the shard's keys file, and
+``attribute_keys_in_occurrences`` from the rows the shard's commits wrote. md5 uniqueness holds
+by construction of ``images`` and is checked in the merged buckets by the merge
+(``images_md5_unique``). The library-wide versions run only in the explicit ``audit_library`` job.
 """
 
+from __future__ import annotations
+
 import random
+from pathlib import Path
 
 import dagster as dg
+import duckdb
 
-from asset_library.catalog import connect
-from asset_library.defs.resources import LibraryResource, ObjectStoreResource
-from asset_library.storage import verify_objects
+from asset_library.lake import Catalog, Lake
+from asset_library.lake.tables import read_changes
+from asset_library.storage import ObjectStore, verify_objects
 
 #: Up to this many images, every object is checked; above it, a uniform random sample.
 UPLOAD_CHECK_EXHAUSTIVE_LIMIT = 100_000
 UPLOAD_CHECK_SAMPLE = 10_000
 
 
-def _result(passed: bool, description: str, **metadata: object) -> dg.AssetCheckResult:
+def _result(
+    check: str, asset: str, passed: bool, description: str, **metadata: object
+) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
+        check_name=check,
+        asset_key=asset,
         passed=passed,
         severity=dg.AssetCheckSeverity.ERROR,
         description=description,
@@ -25,88 +37,58 @@ def _result(passed: bool, description: str, **metadata: object) -> dg.AssetCheck
     )
 
 
-@dg.asset_check(asset="catalog", blocking=True, description="Each md5 is one image.")
-def md5_unique(library: LibraryResource) -> dg.AssetCheckResult:
-    """An md5 seen with two sizes or two hashes, or an occurrence row written twice, means the
-    lake has duplicated or corrupted rows; ``images`` then hides it, so it is looked for here."""
-    with connect(library.layout()) as connection:
-        conflicting, duplicated, images, distinct = connection.execute(
-            """
-            SELECT
-              (SELECT count(*) FROM (SELECT md5 FROM occurrences GROUP BY md5
-                 HAVING count(DISTINCT size_bytes) > 1 OR count(DISTINCT phash) > 1)),
-              (SELECT count(*) FROM (SELECT shard, ordinal FROM occurrences
-                 GROUP BY shard, ordinal HAVING count(*) > 1)),
-              (SELECT count(*) FROM images),
-              (SELECT count(DISTINCT md5) FROM images)
-            """
-        ).fetchone()
-    passed = conflicting == 0 and duplicated == 0 and images == distinct
-    return _result(
-        passed,
-        "md5 keys are unique" if passed else "duplicated or conflicting md5 rows in the lake",
-        images=images,
-        conflicting_md5s=conflicting,
-        duplicated_occurrences=duplicated,
-    )
+def _coverage(connection: duckdb.DuckDBPyConnection, source: str) -> tuple[int, int]:
+    images, covered = connection.execute(
+        f"""
+        SELECT count(*), count(*) FILTER (WHERE
+          length(phash) = 16 AND length(ahash) = 16 AND length(dhash) = 16)
+        FROM {source}
+        """
+    ).fetchall()[0]
+    return int(images), int(covered)
 
 
-@dg.asset_check(asset="catalog", blocking=True, description="Every image has all three hashes.")
-def hash_coverage(library: LibraryResource) -> dg.AssetCheckResult:
-    with connect(library.layout()) as connection:
-        images, covered = connection.execute(
-            """
-            SELECT count(*), count(*) FILTER (WHERE
-              length(phash) = 16 AND length(ahash) = 16 AND length(dhash) = 16)
-            FROM images
-            """
-        ).fetchone()
+def hash_coverage(keys_path: Path, *, asset: str = "shard_keys") -> dg.AssetCheckResult:
+    """Every accepted image of the shard has its three hashes."""
+    with duckdb.connect() as connection:
+        literal = str(keys_path).replace("'", "''")
+        images, covered = _coverage(
+            connection, f"(SELECT * FROM read_parquet('{literal}') WHERE status = 'ok')"
+        )
     coverage = covered / images if images else 1.0
     return _result(
+        "hash_coverage",
+        asset,
         covered == images,
-        f"{coverage:.4%} of images have pHash, aHash and dHash",
+        f"{coverage:.4%} of the shard's images have pHash, aHash and dHash",
         images=images,
         missing_hashes=images - covered,
         coverage=coverage,
     )
 
 
-@dg.asset_check(
-    asset="catalog", blocking=True, description="Every image's bytes are stored, undamaged."
-)
-def uploads_present(
-    library: LibraryResource, object_store: ObjectStoreResource
+def _check_uploads(
+    store: ObjectStore,
+    rows: list[tuple[str, int]],
+    total: int,
+    method: str,
+    asset: str,
+    content_sample: int,
 ) -> dg.AssetCheckResult:
-    """Exhaustive up to 100k images; above, a random sample of 10k HEADs. At a billion images
-    a full LIST is ~1M requests and hours; 10k HEADs take seconds and find a 0.05% loss rate
-    with 99% probability. A full audit belongs to S3 Inventory, not to every refresh.
-
-    Each checked object's size must be the image's; the bytes of ``verify_sample`` of them
+    """Each checked object's size must be the image's; the bytes of ``content_sample`` of them
     (and of any whose ETag disagrees) are read and hashed, to catch same-size damage."""
-    layout = library.layout()
-    with connect(layout) as connection:
-        total = connection.execute("SELECT count(*) FROM images").fetchone()[0]
-        if total <= UPLOAD_CHECK_EXHAUSTIVE_LIMIT:
-            items = connection.execute("SELECT md5, size_bytes FROM images").fetchall()
-            method = "exhaustive"
-        else:
-            fraction = min(1.0, 2 * UPLOAD_CHECK_SAMPLE / total)
-            items = connection.execute(
-                f"SELECT md5, size_bytes FROM images USING SAMPLE {fraction * 100:.6f}% (bernoulli)"
-            ).fetchall()
-            items = random.sample(items, min(len(items), UPLOAD_CHECK_SAMPLE))
-            method = "random sample"
-    store = object_store.open_for(layout, record=False)
-    problems = verify_objects(store, items, object_store.verify_sample)
+    problems = verify_objects(store, rows, content_sample)
     missing = [p.md5 for p in problems if p.kind == "missing"]
     damaged = [p for p in problems if p.kind != "missing"]
     return _result(
+        "uploads_present",
+        asset,
         not problems,
-        f"{len(items) - len(problems):,} of {len(items):,} checked objects intact ({method})"
+        f"{len(rows) - len(problems):,} of {len(rows):,} checked objects intact ({method})"
         + "".join(f"; {p}" for p in problems[:10]),
         images=total,
-        checked=len(items),
-        content_checked=min(len(items), object_store.verify_sample),
+        checked=len(rows),
+        content_checked=min(len(rows), content_sample),
         missing=len(missing),
         damaged=len(damaged),
         method=method,
@@ -115,21 +97,121 @@ def uploads_present(
     )
 
 
-@dg.asset_check(asset="catalog", blocking=True, description="Every cube md5 is in the base.")
-def cube_keys_in_base(library: LibraryResource) -> dg.AssetCheckResult:
-    with connect(library.layout()) as connection:
+def uploads_present(
+    keys_path: Path, store: ObjectStore, *, content_sample: int, asset: str = "shard_uploads"
+) -> dg.AssetCheckResult:
+    """Every accepted image of the shard is in the store under its md5, with its size.
+    Exhaustive up to 100k distinct images; above, a random sample of 10k HEADs."""
+    with duckdb.connect() as connection:
+        rows = connection.execute(
+            "SELECT DISTINCT md5, size_bytes FROM read_parquet(?) WHERE status = 'ok'",
+            [str(keys_path)],
+        ).fetchall()
+    total = len(rows)
+    method = "exhaustive"
+    if total > UPLOAD_CHECK_EXHAUSTIVE_LIMIT:
+        rows = random.sample(rows, UPLOAD_CHECK_SAMPLE)
+        method = "random sample"
+    return _check_uploads(store, rows, total, method, asset, content_sample)
+
+
+def attribute_keys_in_occurrences(
+    lake: Lake, shard: str, occurrences_version: int, attributes_version: int
+) -> dg.AssetCheckResult:
+    """The md5s of the attribute rows a shard's commit wrote are among the occurrence rows its
+    commit wrote: read from the two commits' change feeds, so it costs the shard's rows."""
+    occurrences = read_changes(
+        lake.table("occurrences"), occurrences_version, occurrences_version, ["md5", "shard"]
+    )
+    attributes = read_changes(
+        lake.table("attributes"), attributes_version, attributes_version, ["md5", "shard"]
+    )
+    with duckdb.connect() as connection:
+        connection.register("o", occurrences)
+        connection.register("a", attributes)
         orphans, examples = connection.execute(
             """
             WITH orphans AS (
-              SELECT DISTINCT md5 FROM attributes a
-              WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.md5 = a.md5))
+              SELECT DISTINCT md5 FROM a WHERE _change_type = 'insert' AND shard = $shard
+                AND md5 NOT IN (SELECT md5 FROM o WHERE _change_type = 'insert'
+                                AND shard = $shard))
             SELECT count(*), (SELECT string_agg(md5, ', ') FROM (FROM orphans LIMIT 10))
             FROM orphans
-            """
-        ).fetchone()
+            """,
+            {"shard": shard},
+        ).fetchall()[0]
     return _result(
+        "attribute_keys_in_occurrences",
+        "attributes",
         orphans == 0,
-        "every cube md5 is in the base table" if not orphans else f"{orphans} orphan cube keys",
+        "every attribute md5 is among the shard's occurrences"
+        if not orphans
+        else f"{orphans} attribute keys without an occurrence",
         orphan_keys=orphans,
         examples=examples or "",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The full audit: library-wide, only when asked for (the audit_library job)
+
+
+def audit(
+    catalog: Catalog, store: ObjectStore, *, content_sample: int
+) -> list[dg.AssetCheckResult]:
+    """Library-wide versions of every check, on ``library_audit``."""
+    results = []
+    images, distinct, conflicting = catalog.execute(
+        """
+        SELECT (SELECT count(*) FROM images), (SELECT count(DISTINCT md5) FROM images),
+               (SELECT count(*) FROM (SELECT md5 FROM occurrences GROUP BY md5
+                  HAVING count(DISTINCT size_bytes) > 1 OR count(DISTINCT phash) > 1))
+        """
+    ).fetchall()[0]
+    results.append(
+        _result(
+            "md5_unique",
+            "library_audit",
+            images == distinct and conflicting == 0,
+            "md5 keys are unique" if images == distinct else "duplicated md5 rows in images",
+            images=images,
+            duplicated=images - distinct,
+            conflicting_md5s=conflicting,
+        )
+    )
+    total, covered = _coverage(catalog.connection, "images")
+    results.append(
+        _result(
+            "hash_coverage",
+            "library_audit",
+            total == covered,
+            f"{covered:,} of {total:,} images have pHash, aHash and dHash",
+            images=total,
+            missing_hashes=total - covered,
+        )
+    )
+    if images <= UPLOAD_CHECK_EXHAUSTIVE_LIMIT:
+        rows = catalog.execute("SELECT md5, size_bytes FROM images").fetchall()
+        method = "exhaustive"
+    else:
+        fraction = min(100.0, 200.0 * UPLOAD_CHECK_SAMPLE / images)
+        rows = catalog.execute(
+            f"SELECT md5, size_bytes FROM images USING SAMPLE {fraction:.6f}% (bernoulli)"
+        ).fetchall()[:UPLOAD_CHECK_SAMPLE]
+        method = "random sample"
+    check = _check_uploads(store, rows, images, method, "library_audit", content_sample)
+    results.append(check)
+    orphans = catalog.execute(
+        "SELECT count(DISTINCT md5) FROM attribute_occurrences a "
+        "WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.bucket = a.bucket AND i.md5 = a.md5)"
+    ).fetchall()[0][0]
+    results.append(
+        _result(
+            "attribute_keys_in_images",
+            "library_audit",
+            orphans == 0,
+            "every attribute md5 is an image" if not orphans else f"{orphans} orphan keys",
+            orphan_keys=orphans,
+        )
+    )
+    return results

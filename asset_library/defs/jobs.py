@@ -1,14 +1,15 @@
-"""Jobs: plan a batch, ingest one shard, refresh the library."""
+"""Jobs: plan a batch, ingest one shard, refresh the library, compact it, audit it."""
 
 import dagster as dg
 
-from asset_library.defs.assets.ingestion import (
-    base_table,
-    batch_plan,
-    cube_table,
-    shard_keys_and_uploads,
+from asset_library.defs.assets.ingestion import batch_plan, shard_keys_and_uploads, shard_tables
+from asset_library.defs.assets.library import (
+    images,
+    lake_compaction,
+    library_audit,
+    near_duplicate_groups,
+    similarity_index,
 )
-from asset_library.defs.assets.library import catalog
 
 #: Runs that write library-wide files carry this tag; dagster.yaml lets one run at a time.
 SERIAL_TAG = {"asset_library/serial": "library"}
@@ -21,13 +22,30 @@ plan_batch_job = dg.define_asset_job(
 
 ingest_shard_job = dg.define_asset_job(
     "ingest_shard",
-    selection=[shard_keys_and_uploads, base_table, cube_table],
-    description="Ingest one shard: keys and uploads, then its base and cube rows.",
+    selection=[shard_keys_and_uploads, shard_tables],
+    description="Ingest one shard: keys and uploads (checked), then its rows in the lake's "
+    "occurrences, rejects and attributes tables (one commit each).",
 )
 
 refresh_library_job = dg.define_asset_job(
     "refresh_library",
-    selection=dg.AssetSelection.assets(catalog).downstream(),
+    selection=dg.AssetSelection.assets(images, similarity_index, near_duplicate_groups),
     tags=SERIAL_TAG,
-    description="Rebuild the catalog (and what depends on it) and run the library's checks.",
+    description="Merge the shards that landed into images (touched buckets only), then bring "
+    "the similarity index and the near-duplicate groups level with it.",
+)
+
+compact_library_job = dg.define_asset_job(
+    "compact_library",
+    selection=[lake_compaction],
+    tags=SERIAL_TAG,
+    description="Compact every table to about one file per bucket and vacuum replaced files.",
+)
+
+audit_library_job = dg.define_asset_job(
+    "audit_library",
+    selection=[library_audit],
+    tags=SERIAL_TAG,
+    description="The library-wide checks: md5 unique, hash coverage, uploads present, "
+    "attribute keys among images.",
 )

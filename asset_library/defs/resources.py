@@ -10,6 +10,8 @@ ASSET_LIBRARY_OBJECTS    where image bytes go: ``s3://bucket/prefix`` or a folde
                          refuses a store other than the one it recorded at its first ingest
 ASSET_LIBRARY_VERIFY_SAMPLE  objects whose bytes ``uploads_present`` reads and hashes per run
                          (default 100; every object's size is checked)
+ASSET_LIBRARY_LAKE       where the lake's Delta tables live: ``s3://bucket/prefix`` or a folder
+                         (default ``<home>/lake``)
 ASSET_LIBRARY_LANDING    the landing zone the sensor watches: ``s3://bucket/prefix`` or a
                          folder (default ``<home>/landing``)
 ASSET_LIBRARY_WORKERS    fingerprinting processes per shard run (default: every core)
@@ -43,6 +45,8 @@ from asset_library.ingest.access import (
 )
 from asset_library.ingest.plan import DEFAULT_MAX_IMAGES_PER_SHARD
 from asset_library.ingest.sources import read_uri
+from asset_library.lake import Lake
+from asset_library.lake.tables import s3_storage_options
 from asset_library.layout import LibraryLayout
 from asset_library.storage import (
     LocalObjectStore,
@@ -63,9 +67,23 @@ class LibraryResource(dg.ConfigurableResource):
     max_images_per_shard: int = DEFAULT_MAX_IMAGES_PER_SHARD
     workers: int | None = None
     io_threads: int = 10  # dagster-aws S3 clients pool 10 connections
+    #: the lake's location ("" = <root>/lake) and, for S3, delta-rs storage options
+    lake_location: str = ""
+    lake_storage_options: dict[str, str] = {}
 
     def layout(self) -> LibraryLayout:
         return LibraryLayout.open(self.root, self.n_buckets)
+
+    def lake(self) -> Lake:
+        layout = self.layout()
+        if self.lake_location.startswith("s3://"):
+            if layout.settings().get("lake") != self.lake_location:
+                # Readers of this library find its lake here (a URI, never a local path).
+                layout.update_settings(lake=self.lake_location)
+            return Lake(self.lake_location, layout.n_buckets, dict(self.lake_storage_options))
+        if self.lake_location:
+            return Lake(self.lake_location, layout.n_buckets, {})
+        return Lake.of(layout, {})
 
 
 class ObjectStoreResource(dg.ConfigurableResource, ABC):
@@ -171,9 +189,12 @@ def build_resources(
         )
     else:
         object_store = LocalObjectStoreResource(path=objects, verify_sample=verify_sample)
+    lake = environ.get("ASSET_LIBRARY_LAKE") or ""
     return {
         "library": LibraryResource(
             root=home,
+            lake_location=lake,
+            lake_storage_options=s3_storage_options(environ) if lake.startswith("s3://") else {},
             workers=workers,
             max_images_per_shard=shard_size or DEFAULT_MAX_IMAGES_PER_SHARD,
         ),

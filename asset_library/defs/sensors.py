@@ -164,5 +164,5 @@ library_automation = dg.AutomationConditionSensorDefinition(
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=sensor_interval(30),
     run_tags=SERIAL_TAG,
-    description="Refreshes the catalog and what depends on it as shards land.",
+    description="Merges landed shards into images, and what follows it, as shards land.",
 )

@@ -1,4 +1,7 @@
-"""Ingestion assets: a batch's plan, then per shard its keys and uploads, base and cube rows."""
+"""Ingestion assets: a batch's plan, then per shard its keys and uploads, and its lake rows.
+
+A shard's checks run in the shard's own run, on the shard's own rows, and block there: a
+shard whose keys fail them never reaches the lake."""
 
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -7,6 +10,11 @@ import dagster as dg
 import duckdb
 from pydantic import Field
 
+from asset_library.defs.checks import (
+    attribute_keys_in_occurrences,
+    hash_coverage,
+    uploads_present,
+)
 from asset_library.defs.partitions import batches_partitions, shards_partitions
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource, SourceReaderResource
 from asset_library.ids import batch_of, check_batch_id
@@ -16,8 +24,8 @@ from asset_library.ingest.shard import ShardStats, ingest_shard
 from asset_library.ingest.sources import SourceItem, is_s3, iter_batch, normalize_source
 from asset_library.ingest.triggers import TriggerRecord, write_trigger
 from asset_library.ingest.workers import FingerprintPool
+from asset_library.lake import write_shard
 from asset_library.processes import stop_signals_deferred
-from asset_library.tables import write_base_table, write_cube_table
 
 GROUP = "ingestion"
 BATCH_TAG = "asset_library/batch"
@@ -129,6 +137,20 @@ _SHARD_DEP = dg.AssetDep(batch_plan, partition_mapping=dg.AllPartitionMapping())
             description="The shard's bytes in object storage under their md5 key, write-once.",
         ),
     ],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "hash_coverage",
+            asset="shard_keys",
+            blocking=True,
+            description="Every accepted image of the shard has pHash, aHash and dHash.",
+        ),
+        dg.AssetCheckSpec(
+            "uploads_present",
+            asset="shard_uploads",
+            blocking=True,
+            description="Every accepted image of the shard is stored under its md5, with its size.",
+        ),
+    ],
     partitions_def=shards_partitions,
 )
 def shard_keys_and_uploads(
@@ -194,41 +216,69 @@ def shard_keys_and_uploads(
             "store": store.describe(),
         },
     )
+    yield hash_coverage(layout.keys_path(shard))
+    yield uploads_present(layout.keys_path(shard), store, content_sample=object_store.verify_sample)
 
 
-@dg.asset(
-    deps=["shard_keys"],
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            "occurrences",
+            deps=["shard_keys"],
+            group_name=GROUP,
+            kinds={"deltalake"},
+            description="Delta table: one row per accepted image occurrence, by bucket.",
+        ),
+        dg.AssetSpec(
+            "rejects",
+            deps=["shard_keys"],
+            group_name=GROUP,
+            kinds={"deltalake"},
+            description="Delta table: one row per source that was not ingested, and why.",
+        ),
+        dg.AssetSpec(
+            "attributes",
+            deps=["shard_keys"],
+            group_name=GROUP,
+            kinds={"deltalake"},
+            description="Delta table, the cube: (md5, attribute, value, value_type) rows from "
+            "manifest extras and derived attributes (EXIF camera and capture time, aspect "
+            "ratio, megapixels, animation).",
+        ),
+    ],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "attribute_keys_in_occurrences",
+            asset="attributes",
+            blocking=True,
+            description="Every md5 of the shard's attributes is among the shard's occurrences.",
+        )
+    ],
     partitions_def=shards_partitions,
-    group_name=GROUP,
-    kinds={"duckdb", "parquet"},
-    description="One row per accepted image occurrence, bucketed by md5; rejects beside it.",
 )
-def base_table(context: dg.AssetExecutionContext, library: LibraryResource) -> dg.MaterializeResult:
+def shard_tables(
+    context: dg.AssetExecutionContext, library: LibraryResource
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """The shard's rows replace its previous rows in each table: one Delta commit per table."""
     layout = library.layout()
-    # The shard's files land together: Ctrl-C waits for the last one rather than leaving a part.
-    with duckdb.connect() as connection, stop_signals_deferred():
-        written = write_base_table(layout, context.partition_key, connection)
-    return dg.MaterializeResult(metadata={**written, "dagster/row_count": written["rows"]})
-
-
-@dg.asset(
-    deps=["shard_keys"],
-    partitions_def=shards_partitions,
-    group_name=GROUP,
-    kinds={"duckdb", "parquet"},
-    description="Business attributes as (md5, attribute, value) rows: manifest extras and "
-    "derived attributes (EXIF camera and capture time, aspect ratio, megapixels, animation).",
-)
-def cube_table(context: dg.AssetExecutionContext, library: LibraryResource) -> dg.MaterializeResult:
-    layout = library.layout()
-    with duckdb.connect() as connection, stop_signals_deferred():
-        written = write_cube_table(layout, context.partition_key, connection)
-    return dg.MaterializeResult(
-        metadata={
-            "rows": written["rows"],
-            "attributes": ", ".join(written["attributes"]),
-            "dagster/row_count": written["rows"],
-        }
+    lake = library.lake()
+    shard = context.partition_key
+    # One commit per table: Ctrl-C waits for the last commit rather than leaving a part.
+    with stop_signals_deferred():
+        written = write_shard(lake, shard, layout.keys_path(shard))
+    for table, done in written.items():
+        yield dg.MaterializeResult(
+            asset_key=table,
+            metadata={
+                "rows": done["rows"],
+                "delta_version": done["version"],
+                "seconds": done["seconds"],
+                "dagster/row_count": done["rows"],
+                "table": dg.MetadataValue.text(lake.uri(table)),
+            },
+        )
+    yield attribute_keys_in_occurrences(
+        lake, shard, written["occurrences"]["version"], written["attributes"]["version"]
     )
 
 

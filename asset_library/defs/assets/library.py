@@ -1,12 +1,15 @@
-"""Library-wide assets: the catalog, the similarity index and the near-duplicate groups."""
+"""Library-wide assets: ``images`` merged from the shards that landed, the similarity index that
+follows it, the near-duplicate groups, and the full audit (only when asked for)."""
 
 import dagster as dg
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from asset_library.catalog import NEAR_DUPLICATES_SCHEMA, build_catalog, connect
-from asset_library.defs.resources import LibraryResource
+from asset_library.defs.checks import audit
+from asset_library.defs.resources import LibraryResource, ObjectStoreResource
 from asset_library.ingest.fingerprint import DEFAULT_PHASH_THRESHOLD
+from asset_library.lake import NEAR_DUPLICATES_SCHEMA, Catalog, merge_images
+from asset_library.lake.tables import lake_files, row_count
+from asset_library.layout import atomic_path
 from asset_library.similarity import SimilarityIndex
 
 GROUP = "library"
@@ -24,51 +27,70 @@ REFRESH_WHEN_SHARDS_LAND = (
 
 
 @dg.asset(
-    deps=["base_table", "cube_table"],
+    deps=["occurrences", "rejects", "attributes"],
     group_name=GROUP,
-    kinds={"duckdb"},
+    kinds={"deltalake"},
     automation_condition=REFRESH_WHEN_SHARDS_LAND,
-    description="DuckDB views (images, occurrences, rejects, attributes) and table macros "
-    "over the bucketed Parquet lake.",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "images_md5_unique",
+            asset="images",
+            description="No md5 has two images rows, in the buckets this merge touched.",
+        )
+    ],
+    description="Delta table, one row per md5: every occurrences commit since the last merge "
+    "folded in (change data feed), touching only the buckets that changed.",
 )
-def catalog(library: LibraryResource) -> dg.MaterializeResult:
-    layout = library.layout()
-    path = build_catalog(layout)
-    with connect(layout) as connection:
-        images, occurrences, rejects, attributes = connection.execute(
-            "SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM occurrences), "
-            "(SELECT count(*) FROM rejects), (SELECT count(*) FROM attributes)"
-        ).fetchone()
-    return dg.MaterializeResult(
+def images(library: LibraryResource):
+    lake = library.lake()
+    lake.ensure()
+    merged = merge_images(lake)
+    counts = {name: row_count(lake.open(name)) for name in ("images", "rejects", "attributes")}
+    yield dg.MaterializeResult(
         metadata={
-            "images": images,
-            "occurrences": occurrences,
-            "rejects": rejects,
-            "attributes": attributes,
-            "dagster/row_count": images,
-            "path": dg.MetadataValue.path(str(path)),
+            "images": counts["images"],
+            "rejects": counts["rejects"],
+            "attributes": counts["attributes"],
+            "dagster/row_count": counts["images"],
+            "occurrences_versions": f"{merged.from_version + 1}..{merged.to_version}",
+            "shards_merged": ", ".join(merged.shards[:50]),
+            "buckets_touched": len(merged.buckets),
+            "md5s_merged": merged.md5s,
+            "inserted": merged.inserted,
+            "updated": merged.updated,
+            "deleted": merged.deleted,
+            "seconds": round(merged.seconds, 3),
         }
+    )
+    # Not blocking: the similarity index follows images whatever this says.
+    yield dg.AssetCheckResult(
+        check_name="images_md5_unique",
+        passed=merged.duplicated_md5s == 0,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=f"{merged.duplicated_md5s} duplicated md5s in {len(merged.buckets)} "
+        "merged buckets",
+        metadata={"duplicated_md5s": merged.duplicated_md5s, "buckets": len(merged.buckets)},
     )
 
 
 @dg.asset(
-    deps=[catalog],
+    deps=[images],
     group_name=GROUP,
     kinds={"numpy"},
     automation_condition=REFRESH_WHEN_SHARDS_LAND,
     description="Exact Hamming-radius index over pHash, aHash and dHash; one segment per "
-    "shard, so a new shard adds a segment and nothing is rebuilt.",
+    "merge of new md5s, read from the images change feed: nothing is rebuilt.",
 )
 def similarity_index(library: LibraryResource) -> dg.MaterializeResult:
     index = SimilarityIndex(library.layout())
-    synced = index.sync()
+    synced = index.sync(library.lake())
     return dg.MaterializeResult(
         metadata={
             "images": synced.images,
             "segments": len(index.segments),
             "segments_added": len(synced.added),
-            "segments_removed": len(synced.removed),
-            "segments_unchanged": synced.unchanged,
+            "md5s_removed": len(synced.removed),
+            "images_version": index.images_version,
             "bytes": sum(i.nbytes() for i in index.indexes.values()),
         }
     )
@@ -90,11 +112,10 @@ def near_duplicate_groups(library: LibraryResource) -> dg.MaterializeResult:
         "group_size": [len(group) for group in groups for _ in group],
         "md5": [md5 for group in groups for md5 in group],
     }
-    path = layout.table_dir("near_duplicates") / "groups.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".groups.parquet.tmp")
-    pq.write_table(pa.table(rows, schema=NEAR_DUPLICATES_SCHEMA), tmp)
-    tmp.replace(path)
+    import pyarrow.parquet as pq
+
+    with atomic_path(layout.index_dir / "near_duplicates.parquet") as tmp:
+        pq.write_table(pa.table(rows, schema=NEAR_DUPLICATES_SCHEMA), tmp)
     largest = "\n".join(
         f"- group {n}: {len(group)} images, e.g. `{group[0]}`"
         for n, group in enumerate(groups[:10])
@@ -107,4 +128,51 @@ def near_duplicate_groups(library: LibraryResource) -> dg.MaterializeResult:
             "largest_group": len(groups[0]) if groups else 0,
             "largest_groups": dg.MetadataValue.md(largest or "no near-duplicates"),
         }
+    )
+
+
+@dg.asset(
+    deps=[images],
+    group_name=GROUP,
+    kinds={"duckdb"},
+    check_specs=[
+        dg.AssetCheckSpec(name, asset="library_audit", blocking=True)
+        for name in ("md5_unique", "hash_coverage", "uploads_present", "attribute_keys_in_images")
+    ],
+    description="The full audit, library-wide: md5 uniqueness, hash coverage, uploads present "
+    "(exhaustive to 100k images, else a 10k sample), attribute keys among images. Costs the "
+    "library: run it on purpose (job audit_library), not on every refresh.",
+)
+def library_audit(library: LibraryResource, object_store: ObjectStoreResource):
+    lake = library.lake()
+    catalog = Catalog(lake)
+    try:
+        store = object_store.open_for(library.layout(), record=False)
+        results = audit(catalog, store, content_sample=object_store.verify_sample)
+    finally:
+        catalog.close()
+    yield dg.MaterializeResult(
+        metadata={
+            "files": dg.MetadataValue.json(lake_files(lake)),
+            "failed": ", ".join(r.check_name or "" for r in results if not r.passed),
+        }
+    )
+    yield from results
+
+
+@dg.asset(
+    deps=[images],
+    group_name=GROUP,
+    kinds={"deltalake"},
+    description="Every table compacted to about one file per bucket, then vacuumed (files "
+    "replaced more than 7 days ago deleted). Run by the compact_library job.",
+)
+def lake_compaction(library: LibraryResource) -> dg.MaterializeResult:
+    from asset_library.lake import compact
+
+    lake = library.lake()
+    merge_images(lake)  # merged first: the change feed it reads must not be vacuumed away
+    done = compact(lake)
+    return dg.MaterializeResult(
+        metadata={name: dg.MetadataValue.json(m) for name, m in done.items()}
     )

@@ -1,0 +1,285 @@
+"""The catalog: an in-process DuckDB connection over the lake's Delta tables.
+
+Each table is read through its Delta log (``DeltaTable.to_pyarrow_dataset()``, registered into
+DuckDB), never through a glob of files, so a shard replaced and not yet vacuumed is never read
+twice. No file holds the catalog and no path is stored: a library folder copied or moved answers
+from its own data. DuckDB itself opens no file (pyarrow reads the data files), so the connection
+runs with ``enable_external_access = false`` and its configuration locked.
+
+Views: ``occurrences`` (every accepted source), ``images`` (one row per md5), ``rejects``,
+``attribute_occurrences`` (the cube as written), ``attributes`` (one row per md5/attribute/value)
+and ``near_duplicates`` (groups the similarity index found). Table macros (parameterised views;
+arguments are bound values, never SQL text) are listed in :data:`MACROS`. A filter on ``bucket``
+with a constant reaches pyarrow, which then opens only that bucket's files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+from deltalake import DeltaTable
+from pyarrow import fs
+
+try:  # DuckDB 2's scan adapters: a Source we build is used as it is
+    from duckdb._sources.nodes import Col
+    from duckdb._sources.pyarrow import PyArrowDatasetSource
+except ImportError:  # pragma: no cover - other DuckDB versions push down as they do
+    PyArrowDatasetSource = None
+
+from asset_library.lake.tables import SCHEMAS, Lake
+from asset_library.sql_guard import check_read_only_query, lock_down
+
+#: Rows of the near-duplicate groups: the group (numbered from the largest), its size, members.
+NEAR_DUPLICATES_SCHEMA = pa.schema(
+    [("group_id", pa.int32()), ("group_size", pa.int32()), ("md5", pa.string())]
+)
+
+_HASH_INTS = ", ".join(f"('0x' || {k})::UBIGINT AS {k}_int" for k in ("phash", "ahash", "dhash"))
+
+#: The columns of the ``images`` view, in order.
+IMAGE_VIEW_COLUMNS = [
+    *("md5", "size_bytes", "format", "width", "height", "orientation", "frames"),
+    *("phash", "ahash", "dhash", "phash_int", "ahash_int", "dhash_int", "bucket"),
+    *("source_uri", "batch", "shard", "ingested_at", "occurrences"),
+]
+
+VIEWS: dict[str, str] = {
+    "occurrences": f"SELECT *, {_HASH_INTS} FROM _lake_occurrences",
+    "images": f"""SELECT md5, size_bytes, format, width, height, orientation, frames,
+                  phash, ahash, dhash, {_HASH_INTS}, bucket, source_uri, batch, shard,
+                  ingested_at, occurrences FROM _lake_images""",  # = IMAGE_VIEW_COLUMNS
+    "rejects": "SELECT * FROM _lake_rejects",
+    "attribute_occurrences": "SELECT * FROM _lake_attributes",
+    "attributes": """SELECT md5, attribute, value, any_value(value_type) AS value_type,
+                     any_value(origin) AS origin, any_value(bucket) AS bucket
+                     FROM _lake_attributes GROUP BY md5, attribute, value""",
+    "near_duplicates": "SELECT * FROM _near_duplicates",
+}
+
+#: name -> (signature, body) of each table macro, also the README's reference.
+MACROS: dict[str, tuple[str, str]] = {
+    "image": (
+        "key",
+        "SELECT * FROM images WHERE bucket = {bucket_expr} AND md5 = lower(key)",
+    ),
+    "images_with_attribute": (
+        "attr, val",
+        "SELECT * FROM images WHERE md5 IN (SELECT md5 FROM attribute_occurrences "
+        "WHERE attribute = attr AND value = CAST(val AS VARCHAR))",
+    ),
+    "attributes_of": (
+        "key",
+        "SELECT DISTINCT attribute, value, value_type, origin FROM attribute_occurrences "
+        "WHERE bucket = {bucket_expr} AND md5 = lower(key) ORDER BY attribute, value",
+    ),
+    "images_in_shard": (
+        "shard_key",
+        "SELECT * FROM images WHERE md5 IN (SELECT md5 FROM occurrences WHERE shard = shard_key)",
+    ),
+    "images_in_batch": (
+        "batch_id",
+        "SELECT * FROM images WHERE md5 IN (SELECT md5 FROM occurrences WHERE batch = batch_id)",
+    ),
+    "images_at_least": (
+        "min_width, min_height",
+        "SELECT * FROM images WHERE width >= min_width AND height >= min_height",
+    ),
+    "images_near": (
+        "hash_hex, max_distance",
+        "SELECT *, bit_count(xor(phash_int, ('0x' || hash_hex)::UBIGINT)) AS distance "
+        "FROM images WHERE bit_count(xor(phash_int, ('0x' || hash_hex)::UBIGINT)) "
+        "<= max_distance ORDER BY distance, md5",
+    ),
+}
+
+
+class LakeReadError(ValueError):
+    """A data file of the lake could not be read (missing or damaged)."""
+
+
+class Catalog:
+    """One DuckDB connection over the lake; :meth:`refresh` follows new commits."""
+
+    def __init__(self, lake: Lake, near_duplicates: Path | None = None) -> None:
+        self.lake = lake
+        self.near_duplicates = near_duplicates
+        self.connection = duckdb.connect(config={"threads": 2})
+        self._tables: dict[str, DeltaTable | None] = {}
+        self._versions: dict[str, int | None] = {}
+        self._datasets: dict[str, pds.Dataset] = {}
+        self._by_bucket: dict[str, dict[int | None, list[pds.Fragment]]] = {}
+        self._groups_mtime: int | None = -1
+        self.refresh()
+        bits = lake.n_buckets.bit_length() - 1
+        bucket_expr = (
+            f"(('0x' || lower(key)[1:8])::UBIGINT >> {32 - bits})::INTEGER" if bits else "0"
+        )
+        for name, body in VIEWS.items():
+            self.connection.execute(f"CREATE VIEW {name} AS {body}")
+        for name, (params, body) in MACROS.items():
+            self.connection.execute(
+                f"CREATE MACRO {name}({params}) AS TABLE {body.format(bucket_expr=bucket_expr)}"
+            )
+        # DuckDB reads nothing itself: pyarrow opens the data files. Lock that in.
+        lock_down(self.connection)
+
+    def refresh(self) -> None:
+        """Re-register every table whose Delta version moved since the last call."""
+        for name in ("occurrences", "images", "rejects", "attributes"):
+            table = self._tables.get(name)
+            if table is None:
+                table = self.lake.open(name)
+                self._tables[name] = table
+            else:
+                table.update_incremental()
+            version = None if table is None else table.version()
+            if name in self._versions and self._versions[name] == version:
+                continue
+            if table is None:
+                self.connection.register(f"_lake_{name}", SCHEMAS[name].empty_table())
+            else:
+                dataset = lake_dataset(table, self.lake)
+                self._datasets[name] = dataset
+                self._by_bucket.pop(name, None)
+                _register(self.connection, f"_lake_{name}", dataset)
+            self._versions[name] = version
+        self._refresh_groups()
+
+    def _refresh_groups(self) -> None:
+        path = self.near_duplicates
+        mtime = path.stat().st_mtime_ns if path is not None and path.exists() else None
+        if mtime == self._groups_mtime:
+            return
+        groups = (
+            NEAR_DUPLICATES_SCHEMA.empty_table()
+            if mtime is None
+            else pq.read_table(path, schema=NEAR_DUPLICATES_SCHEMA)
+        )
+        self.connection.register("_near_duplicates", groups)
+        self._groups_mtime = mtime
+
+    def rows_of(self, table: str, bucket: int, md5: str) -> pa.Table:
+        """A key's rows of one table, reading only that bucket's files (pyarrow, no SQL)."""
+        dataset = self._datasets.get(table)
+        if dataset is None:
+            return SCHEMAS[table].empty_table()
+        by_bucket = self._by_bucket.get(table)
+        if by_bucket is None:
+            by_bucket = {}
+            for fragment in dataset.get_fragments():
+                by_bucket.setdefault(_bucket_of(fragment), []).append(fragment)
+            self._by_bucket[table] = by_bucket
+        bucket_filter = pc.field("bucket") == pa.scalar(int(bucket), pa.int32())
+        fragments = by_bucket.get(int(bucket), []) + by_bucket.get(None, [])
+        if not fragments:
+            return SCHEMAS[table].empty_table()
+        try:
+            rows = pds.FileSystemDataset(
+                fragments, dataset.schema, dataset.format, dataset.filesystem
+            ).to_table(filter=bucket_filter)
+        except (pa.ArrowException, OSError) as error:
+            raise LakeReadError(f"cannot read bucket {bucket} of {table}: {error}") from error
+        return rows.filter(pc.equal(rows["md5"].cast(pa.string()), md5))
+
+    def version(self, table: str) -> int | None:
+        return self._versions.get(table)
+
+    def execute(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
+    ) -> duckdb.DuckDBPyConnection:
+        """One read-only query, parameters bound as values."""
+        check_read_only_query(sql)
+        return self.connection.execute(sql, params or [])
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # A Library keeps its catalog open across calls; closing is the owner's job.
+        pass
+
+
+def lake_dataset(table: DeltaTable, lake: Lake) -> pds.Dataset:
+    """A pyarrow dataset of the table's live files (from its log), each tagged with its
+    bucket, so a ``bucket = N`` filter opens one bucket's files. Local files are read through
+    pyarrow's own filesystem (cheaper per file than delta-rs's Python wrapper)."""
+    if lake.is_s3:
+        return table.to_pyarrow_dataset()
+    actions = pa.table(table.get_add_actions(flatten=True))
+    root = Path(lake.uri(_table_name(table, lake)))
+    parquet = pds.ParquetFileFormat()
+    local = fs.LocalFileSystem()
+    fragments = [
+        parquet.make_fragment(
+            str(root / path),
+            local,
+            partition_expression=(
+                pc.field("bucket").is_null()
+                if bucket is None
+                else pc.field("bucket") == pa.scalar(int(bucket), pa.int32())
+            ),
+        )
+        for path, bucket in zip(
+            actions["path"].to_pylist(), actions["partition.bucket"].to_pylist(), strict=True
+        )
+    ]
+    schema = table.schema().to_arrow()
+    return pds.FileSystemDataset(fragments, pa.schema(schema), parquet, local)
+
+
+def _bucket_of(fragment: pds.Fragment) -> int | None:
+    """The bucket a fragment's partition expression names (None if it names none)."""
+    found = pds.get_partition_keys(fragment.partition_expression).get("bucket")
+    return None if found is None else int(found)
+
+
+def _table_name(table: DeltaTable, lake: Lake) -> str:
+    return table.table_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _string_columns(predicate: Any) -> set[str]:
+    found: set[str] = set()
+    pending = [predicate]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, Col):
+            found.add(node.parts[0])
+        elif isinstance(node, list | tuple):
+            pending.extend(node)
+        elif hasattr(node, "__dataclass_fields__"):
+            pending.extend(getattr(node, f) for f in node.__dataclass_fields__)
+    return found
+
+
+if PyArrowDatasetSource is not None:
+
+    class _LakeScan(PyArrowDatasetSource):
+        """A lake dataset as DuckDB scans it: filters on numbers and times (the bucket above
+        all) go down to pyarrow, which prunes files and row groups by them; filters on text
+        stay in DuckDB, because files that delta-rs rewrote hold text as string_view, which
+        pyarrow will not compare with a plain string."""
+
+        def accepts(self, predicate: Any) -> bool:
+            schema = self.declared_schema()
+            strings = {f.name for f in schema if not pa.types.is_integer(f.type)}
+            if _string_columns(predicate) & strings:
+                return False
+            return super().accepts(predicate)
+
+    def _register(connection: duckdb.DuckDBPyConnection, name: str, data: pds.Dataset) -> None:
+        connection._register_arrow_source(name, _LakeScan(data))
+
+else:  # pragma: no cover
+
+    def _register(connection: duckdb.DuckDBPyConnection, name: str, data: pds.Dataset) -> None:
+        connection.register(name, data)

@@ -1,0 +1,613 @@
+"""The lake: Delta Lake tables (delta-rs), partitioned by bucket, on a folder or on S3.
+
+Tables (all partitioned by ``bucket``, the top bits of the md5; see :func:`ids.bucket_of`):
+
+``occurrences``  one row per accepted source of an image (an md5 may occur in many shards)
+``rejects``      one row per source that was not ingested, with its reason
+``attributes``   the cube: (md5, attribute, value, value_type, origin) per occurrence
+``images``       one row per md5: the image, its first occurrence and its occurrence count
+
+A shard's run replaces exactly that shard's rows of the first three with one commit per table
+(``overwrite`` with ``predicate = "shard = '<shard>'"``). Two shards commit side by side; the same
+shard written twice at once fails with a commit conflict, never a mix.
+
+``images`` is never computed on a read: :func:`merge_images` folds in what changed in
+``occurrences`` since its last merge (the change data feed, version by version), one commit,
+recording the occurrences version it reached as a Delta app transaction
+(``transaction_version(IMAGES_APP)``). Only the buckets that changed are read and rewritten.
+The table format lives in this package and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import DeltaError, TableNotFoundError
+
+from asset_library.ids import check_shard_key
+from asset_library.layout import LibraryLayout
+
+#: The Delta app id under which ``images`` records the occurrences version it has merged.
+IMAGES_APP = "asset_library.images"
+#: Default vacuum retention: files replaced longer ago than this are deleted by compaction.
+#: Delta's own default (7 days): a reader or a time-travel query older than this may fail.
+VACUUM_RETENTION_HOURS = 168
+
+#: Attributes the library derives for every image, documented for users of the cube.
+DERIVED_ATTRIBUTES = {
+    "exif.make": "camera maker from EXIF Make",
+    "exif.model": "camera model from EXIF Model",
+    "exif.captured_at": "capture time from EXIF DateTimeOriginal, as YYYY-MM-DD HH:MM:SS",
+    "image.aspect_ratio": "width / height as displayed, 4 decimals",
+    "image.megapixels": "width x height / 1e6, 3 decimals",
+    "image.animated": "true when the image has more than one frame",
+}
+
+_TS = pa.timestamp("us", tz="UTC")
+_IMAGE_COLUMNS = [
+    ("md5", pa.string()),
+    ("size_bytes", pa.int64()),
+    ("format", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("orientation", pa.int16()),
+    ("frames", pa.int32()),
+    ("phash", pa.string()),
+    ("ahash", pa.string()),
+    ("dhash", pa.string()),
+]
+OCCURRENCES_SCHEMA = pa.schema(
+    [
+        *_IMAGE_COLUMNS,
+        ("source_uri", pa.string()),
+        ("batch", pa.string()),
+        ("shard", pa.string()),
+        ("ordinal", pa.int64()),
+        ("ingested_at", _TS),
+        ("bucket", pa.int32()),
+    ]
+)
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("source_uri", pa.string()),
+        ("md5", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("format", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+        ("batch", pa.string()),
+        ("shard", pa.string()),
+        ("ordinal", pa.int64()),
+        ("ingested_at", _TS),
+        ("bucket", pa.int32()),
+    ]
+)
+ATTRIBUTES_SCHEMA = pa.schema(
+    [
+        ("md5", pa.string()),
+        ("attribute", pa.string()),
+        ("value", pa.string()),
+        ("value_type", pa.string()),
+        ("origin", pa.string()),
+        ("source_uri", pa.string()),
+        ("batch", pa.string()),
+        ("shard", pa.string()),
+        ("bucket", pa.int32()),
+    ]
+)
+#: One row per md5. ``source_uri``/``batch``/``shard``/``ordinal``/``ingested_at`` are those of
+#: its first occurrence (by ingested_at, shard, ordinal); ``occurrences`` counts them all.
+IMAGES_SCHEMA = pa.schema(
+    [
+        *_IMAGE_COLUMNS,
+        ("source_uri", pa.string()),
+        ("batch", pa.string()),
+        ("shard", pa.string()),
+        ("ordinal", pa.int64()),
+        ("ingested_at", _TS),
+        ("occurrences", pa.int64()),
+        ("bucket", pa.int32()),
+    ]
+)
+SCHEMAS: dict[str, pa.Schema] = {
+    "occurrences": OCCURRENCES_SCHEMA,
+    "rejects": REJECTS_SCHEMA,
+    "attributes": ATTRIBUTES_SCHEMA,
+    "images": IMAGES_SCHEMA,
+}
+#: Tables whose changes are read as a feed: occurrences by the images merge, images by the index.
+_CHANGE_FEED = {"occurrences", "images"}
+SHARD_TABLES = ("occurrences", "rejects", "attributes")
+
+
+# --------------------------------------------------------------------------------------------
+# Where the lake is
+
+
+@dataclass(frozen=True)
+class Lake:
+    """The lake of one library: a folder or an ``s3://bucket/prefix``, and how to reach it."""
+
+    location: str
+    n_buckets: int
+    storage_options: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, layout: LibraryLayout, environ: Mapping[str, str] | None = None) -> Lake:
+        """The library's lake: ``ASSET_LIBRARY_LAKE``, else the one recorded in library.json
+        (only ever an ``s3://`` URI, never a local path), else ``<library>/lake``."""
+        environ = os.environ if environ is None else environ
+        location = (
+            environ.get("ASSET_LIBRARY_LAKE")
+            or layout.settings().get("lake")
+            or str(layout.lake_dir)
+        )
+        options = s3_storage_options(environ) if location.startswith("s3://") else {}
+        return cls(location.rstrip("/"), layout.n_buckets, options)
+
+    @property
+    def is_s3(self) -> bool:
+        return self.location.startswith("s3://")
+
+    def uri(self, table: str) -> str:
+        if table not in SCHEMAS:
+            raise ValueError(f"unknown lake table {table!r}")
+        return f"{self.location}/{table}"
+
+    def open(self, table: str) -> DeltaTable | None:
+        """The table as of its latest commit, or ``None`` if it was never created."""
+        try:
+            return DeltaTable(self.uri(table), storage_options=dict(self.storage_options))
+        except TableNotFoundError:
+            return None
+
+    def table(self, table: str) -> DeltaTable:
+        """The table, created empty first if it does not exist yet."""
+        found = self.open(table)
+        if found is not None:
+            return found
+        if not self.is_s3:
+            Path(self.uri(table)).mkdir(parents=True, exist_ok=True)
+        configuration = {"delta.enableChangeDataFeed": "true"} if table in _CHANGE_FEED else None
+        # An empty append creates the table; unlike DeltaTable.create it records no absolute
+        # location in the log, so a copied lake stays self-contained. A conflict means another
+        # writer created it first.
+        with contextlib.suppress(DeltaError):
+            write_deltalake(
+                self.uri(table),
+                SCHEMAS[table].empty_table(),
+                mode="append",
+                partition_by=["bucket"],
+                configuration=configuration,
+                storage_options=dict(self.storage_options),
+            )
+        return DeltaTable(self.uri(table), storage_options=dict(self.storage_options))
+
+    def ensure(self) -> None:
+        for name in SCHEMAS:
+            self.table(name)
+
+
+def s3_storage_options(environ: Mapping[str, str]) -> dict[str, str]:
+    """delta-rs storage options from the same variables as dagster-aws's S3Resource."""
+    options: dict[str, str] = {}
+    endpoint = environ.get("S3_ENDPOINT_URL") or environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if environ.get(name):
+            options[name] = environ[name]
+    options["AWS_REGION"] = (
+        environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    )
+    # Commits use S3's conditional PUT (If-None-Match), which AWS and SeaweedFS honour: no lock
+    # table and no unsafe rename are needed.
+    options.setdefault("conditional_put", "etag")
+    return options
+
+
+# --------------------------------------------------------------------------------------------
+# A shard's rows, from its keys file, with DuckDB: no Python object per row
+
+_OCCURRENCES_SQL = """
+    SELECT md5, size_bytes, format, width, height, orientation, frames, phash, ahash, dhash,
+           source_uri, batch, shard, ordinal, ingested_at, bucket
+    FROM read_parquet($keys) WHERE status = 'ok' ORDER BY bucket, md5
+"""
+_REJECTS_SQL = """
+    SELECT source_uri, md5, size_bytes, format, reason, message, batch, shard, ordinal,
+           ingested_at, bucket
+    FROM read_parquet($keys) WHERE status <> 'ok' ORDER BY ordinal
+"""
+#: The value_type of a manifest value's text (see README "The cube").
+VALUE_TYPE_SQL = r"""
+    CASE
+      WHEN regexp_full_match(v, '-?(0|[1-9][0-9]*)') THEN 'integer'
+      WHEN regexp_full_match(v, '-?(0|[1-9][0-9]*)\.[0-9]*[1-9]') THEN 'double'
+      WHEN v IN ('true', 'false') THEN 'boolean'
+      WHEN regexp_full_match(v, '[0-9]{4}-[0-9]{2}-[0-9]{2}( [0-9]{2}:[0-9]{2}:[0-9]{2})?')
+           AND try_strptime(v, ['%Y-%m-%d %H:%M:%S', '%Y-%m-%d']) IS NOT NULL THEN 'timestamp'
+      ELSE 'string'
+    END
+"""
+
+
+def value_type_of(text: str) -> str:
+    """The ``value_type`` the cube records for a manifest value's text: one rule, the SQL
+    above, so what Python reports is what the lake holds."""
+    with duckdb.connect() as connection:
+        row = connection.execute(f"SELECT {VALUE_TYPE_SQL} FROM (SELECT $v AS v)", {"v": text})
+        return str(row.fetchone()[0])
+
+
+_ATTRIBUTES_SQL = f"""
+    WITH ok AS (
+      SELECT md5, extras, width, height, frames, camera_make, camera_model, source_uri, batch,
+             shard, bucket,
+             CASE WHEN length(captured_at) >= 19 AND captured_at[5] = ':'
+                       AND captured_at[8] = ':' AND NOT starts_with(captured_at, '0000')
+                  THEN captured_at[1:4] || '-' || captured_at[6:7] || '-' || captured_at[9:10]
+                       || ' ' || captured_at[12:19] END AS exif_time
+      FROM read_parquet($keys) WHERE status = 'ok'
+    ), manifest AS (
+      SELECT md5, j.key AS attribute,
+             CASE WHEN j.type = 'VARCHAR' THEN j.value ->> '$' ELSE j.value::VARCHAR END AS v,
+             source_uri, batch, shard, bucket
+      FROM ok, json_each(ok.extras) AS j
+      WHERE ok.extras IS NOT NULL AND j.type <> 'NULL'
+    ), derived AS (
+      -- one pass over the images: each row's derived attributes as a list, then unnested
+      SELECT md5, source_uri, batch, shard, bucket, unnest(list_filter([
+        {{'a': 'exif.make', 'v': nullif(camera_make, ''), 't': 'string'}},
+        {{'a': 'exif.model', 'v': nullif(camera_model, ''), 't': 'string'}},
+        {{'a': 'exif.captured_at',
+          'v': CASE WHEN try_strptime(exif_time, '%Y-%m-%d %H:%M:%S') IS NOT NULL
+                    THEN exif_time END, 't': 'timestamp'}},
+        {{'a': 'image.aspect_ratio',
+          'v': CASE WHEN width > 0 AND height > 0
+                    THEN round(width / height, 4)::DOUBLE::VARCHAR END, 't': 'double'}},
+        {{'a': 'image.megapixels',
+          'v': CASE WHEN width > 0 AND height > 0
+                    THEN round(width * height / 1e6, 3)::DOUBLE::VARCHAR END, 't': 'double'}},
+        {{'a': 'image.animated',
+          'v': CASE WHEN coalesce(frames, 1) > 1 THEN 'true' ELSE 'false' END, 't': 'boolean'}}
+      ], lambda x: x.v IS NOT NULL)) AS d
+      FROM ok
+    )
+    SELECT md5, attribute, v AS value, {VALUE_TYPE_SQL} AS value_type,
+           'manifest' AS origin, source_uri, batch, shard, bucket::INTEGER AS bucket
+    FROM manifest
+    UNION ALL
+    SELECT md5, d.a, d.v, d.t, 'derived', source_uri, batch, shard, bucket FROM derived
+"""
+
+
+def _reader(
+    connection: duckdb.DuckDBPyConnection, sql: str, keys: Path, schema: pa.Schema
+) -> pa.RecordBatchReader:
+    relation = connection.sql(sql, params={"keys": str(keys)})
+    return relation.to_arrow_reader(200_000).cast(schema)
+
+
+def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
+    """Replace the shard's rows of occurrences, rejects and attributes: one commit each.
+
+    Returns rows written per table and the Delta version each commit made."""
+    shard = check_shard_key(shard)
+    written: dict[str, Any] = {}
+    with duckdb.connect() as connection:
+        connection.execute("SET preserve_insertion_order = false").fetchall()
+        for table, sql in (
+            ("occurrences", _OCCURRENCES_SQL),
+            ("rejects", _REJECTS_SQL),
+            ("attributes", _ATTRIBUTES_SQL),
+        ):
+            started = time.perf_counter()
+            target = lake.table(table)
+            write_deltalake(
+                target,
+                _reader(connection, sql, keys_path, SCHEMAS[table]),
+                mode="overwrite",
+                predicate=f"shard = '{shard}'",
+                partition_by=["bucket"],
+                target_file_size=256 << 20,
+                commit_properties=CommitProperties(custom_metadata={"asset_library.shard": shard}),
+            )
+            target.update_incremental()
+            metrics = target.history(1)[0].get("operationMetrics", {})
+            written[table] = {
+                "rows": int(metrics.get("num_added_rows", 0)),
+                "version": target.version(),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# images: merged from the occurrences change feed
+
+
+@dataclass
+class MergeResult:
+    """What one merge did: occurrences versions folded in, buckets and md5s touched."""
+
+    from_version: int
+    to_version: int
+    shards: list[str] = field(default_factory=list)
+    buckets: list[int] = field(default_factory=list)
+    md5s: int = 0
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    duplicated_md5s: int = 0
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return self.to_version > self.from_version
+
+
+def merged_version(lake: Lake) -> int:
+    """The occurrences version ``images`` has merged up to (-1 before any merge)."""
+    images = lake.open("images")
+    if images is None:
+        return -1
+    version = images.transaction_version(IMAGES_APP)
+    return -1 if version is None else int(version)
+
+
+def read_changes(table: DeltaTable, start: int, end: int, columns: list[str]) -> pa.Table:
+    """Rows inserted and deleted in versions ``start..end`` (change data feed)."""
+    if end < start:
+        return pa.table({c: [] for c in [*columns, "_change_type", "_commit_version"]})
+    reader = table.load_cdf(
+        starting_version=start,
+        ending_version=end,
+        columns=[*columns, "_change_type", "_commit_version", "_commit_timestamp"],
+    )
+    return pa.RecordBatchReader.from_stream(reader).read_all()
+
+
+def merge_images(lake: Lake) -> MergeResult:
+    """Fold every occurrences commit since the last merge into ``images``, in one commit.
+
+    For md5s that only gained occurrences, the new count and first occurrence come from the
+    feed and the current images row (no scan of other occurrences). For md5s that lost an
+    occurrence (a shard replaced or emptied), the row is recomputed from the current
+    occurrences of that md5 only, in its bucket. Then md5 uniqueness is checked in the touched
+    buckets."""
+    started = time.perf_counter()
+    occurrences = lake.table("occurrences")
+    images = lake.table("images")
+    last = merged_version(lake)
+    now = occurrences.version()
+    result = MergeResult(from_version=last, to_version=now)
+    if now <= last:
+        result.to_version = last
+        return result
+    changes = read_changes(occurrences, last + 1, now, [f.name for f in OCCURRENCES_SCHEMA])
+    with duckdb.connect() as connection:
+        connection.register("changes", changes)
+        # One row per occurrence that changed: n > 0 added, n < 0 removed, 0 (rewritten
+        # unchanged, or added then removed within the range) dropped.
+        connection.execute(
+            """
+            CREATE TEMP TABLE net AS
+            SELECT * EXCLUDE (_change_type, _commit_version, _commit_timestamp, r) FROM (
+              SELECT *, sum(CASE WHEN _change_type = 'insert' THEN 1 ELSE -1 END)
+                        OVER (PARTITION BY md5, shard, ordinal, ingested_at) AS n,
+                     row_number() OVER (PARTITION BY md5, shard, ordinal, ingested_at
+                                        ORDER BY _commit_version DESC) AS r
+              FROM changes WHERE _change_type IN ('insert', 'delete'))
+            WHERE r = 1 AND n <> 0 AND md5 IS NOT NULL
+            """
+        ).fetchall()
+        summary = connection.execute(
+            "SELECT list(DISTINCT shard), list(DISTINCT bucket) FROM changes"
+        ).fetchall()[0]
+        result.shards = sorted(s for s in (summary[0] or []) if s)
+        touched = sorted({int(b) for b in (summary[1] or []) if b is not None})
+        result.buckets = touched
+        source = _merge_source(connection, lake, images, occurrences, touched)
+        result.md5s = source.num_rows
+    if source.num_rows:
+        metrics = (
+            images.merge(
+                source,
+                predicate=_bucket_predicate(touched) + " AND t.md5 = s.md5",
+                source_alias="s",
+                target_alias="t",
+                commit_properties=CommitProperties(
+                    app_transactions=[Transaction(app_id=IMAGES_APP, version=now)],
+                    custom_metadata={"asset_library.occurrences_version": str(now)},
+                ),
+            )
+            .when_matched_delete(predicate="s.mode = 'set' AND s.occurrences = 0")
+            .when_matched_update(updates=_SET_UPDATES, predicate="s.mode = 'set'")
+            .when_matched_update(updates=_ADD_UPDATES, predicate="s.mode = 'add'")
+            .when_not_matched_insert(updates=_INSERT, predicate="s.occurrences > 0")
+            .execute()
+        )
+        result.inserted = int(metrics.get("num_target_rows_inserted", 0))
+        result.updated = int(metrics.get("num_target_rows_updated", 0))
+        result.deleted = int(metrics.get("num_target_rows_deleted", 0))
+    else:
+        # Nothing to fold in (e.g. only rejects changed): still record how far we have read.
+        write_deltalake(
+            images,
+            IMAGES_SCHEMA.empty_table(),
+            mode="append",
+            commit_properties=CommitProperties(
+                app_transactions=[Transaction(app_id=IMAGES_APP, version=now)]
+            ),
+        )
+    result.duplicated_md5s = duplicated_md5s(lake, touched)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+_FIRST = (
+    "(s.ingested_at < t.ingested_at OR (s.ingested_at = t.ingested_at AND "
+    "(s.shard < t.shard OR (s.shard = t.shard AND s.ordinal < t.ordinal))))"
+)
+_FIRST_COLUMNS = ("source_uri", "batch", "shard", "ordinal", "ingested_at")
+_SET_UPDATES = {f.name: f"s.{f.name}" for f in IMAGES_SCHEMA if f.name != "bucket"}
+_ADD_UPDATES = {
+    "occurrences": "t.occurrences + s.occurrences",
+    **{c: f"CASE WHEN {_FIRST} THEN s.{c} ELSE t.{c} END" for c in _FIRST_COLUMNS},
+}
+_INSERT = {f.name: f"s.{f.name}" for f in IMAGES_SCHEMA}
+
+
+def _bucket_predicate(buckets: Iterable[int]) -> str:
+    listed = ", ".join(str(int(b)) for b in buckets)
+    return f"t.bucket IN ({listed})" if listed else "t.bucket = -1"
+
+
+def _merge_source(
+    connection: duckdb.DuckDBPyConnection,
+    lake: Lake,
+    images: DeltaTable,
+    occurrences: DeltaTable,
+    touched: list[int],
+) -> pa.Table:
+    """The rows to merge: ``mode = 'add'`` (count and first occurrence of what was added) for
+    md5s that only gained occurrences, ``mode = 'set'`` (the whole row recomputed, or
+    occurrences = 0 to delete it) for md5s that lost one."""
+    columns = ", ".join(f.name for f in IMAGES_SCHEMA if f.name not in ("occurrences",))
+    lost = connection.sql("SELECT DISTINCT md5, bucket FROM net WHERE n < 0").to_arrow_table()
+    connection.execute(
+        f"""
+        CREATE TEMP TABLE added AS
+        SELECT 'add' AS mode, {columns}, occurrences FROM (
+          SELECT *, count(*) OVER (PARTITION BY md5) AS occurrences,
+                 row_number() OVER (PARTITION BY md5 ORDER BY ingested_at, shard, ordinal) AS k
+          FROM net WHERE n > 0 AND md5 NOT IN (SELECT md5 FROM net WHERE n < 0))
+        WHERE k = 1
+        """
+    ).fetchall()
+    if lost.num_rows:
+        lost_buckets = sorted({int(b) for b in lost["bucket"].to_pylist()})
+        current = occurrences.to_pyarrow_dataset().to_table(
+            filter=pc.field("bucket").isin(lost_buckets) & pc.field("md5").isin(lost["md5"])
+        )
+        connection.register("current_rows", current)
+        connection.register("lost", lost)
+        connection.execute(
+            f"""
+            CREATE TEMP TABLE recomputed AS
+            SELECT 'set' AS mode, l.md5 AS md5, r.* EXCLUDE (md5, bucket, k),
+                   coalesce(r.occurrences, 0) AS occurrences2, l.bucket AS bucket
+            FROM lost l LEFT JOIN (
+              SELECT {columns}, count(*) OVER (PARTITION BY md5) AS occurrences,
+                     row_number() OVER (PARTITION BY md5 ORDER BY ingested_at, shard, ordinal) AS k
+              FROM current_rows) r ON r.md5 = l.md5 AND r.k = 1
+            """
+        ).fetchall()
+        select_set = f"SELECT mode, {columns}, occurrences2 AS occurrences FROM recomputed"
+    else:
+        select_set = None
+    order = ", ".join(["mode", *(f.name for f in IMAGES_SCHEMA)])
+    sql = f"SELECT {order} FROM added"
+    if select_set:
+        sql += f" UNION ALL SELECT {order} FROM ({select_set})"
+    schema = pa.schema([("mode", pa.string()), *IMAGES_SCHEMA])
+    return connection.sql(sql).to_arrow_table().cast(schema)
+
+
+def duplicated_md5s(lake: Lake, buckets: list[int]) -> int:
+    """md5s with more than one ``images`` row in these buckets (0 by construction)."""
+    images = lake.open("images")
+    if images is None or not buckets:
+        return 0
+    rows = images.to_pyarrow_dataset().to_table(
+        columns=["md5"], filter=pc.field("bucket").isin(buckets)
+    )
+    with duckdb.connect() as connection:
+        connection.register("rows", rows)
+        return int(
+            connection.execute(
+                "SELECT count(*) FROM (SELECT md5 FROM rows GROUP BY md5 HAVING count(*) > 1)"
+            ).fetchall()[0][0]
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Compaction and vacuum
+
+
+def compact(
+    lake: Lake,
+    *,
+    retention_hours: int = VACUUM_RETENTION_HOURS,
+    tables: Iterable[str] = tuple(SCHEMAS),
+    min_files: int = 8,
+) -> dict[str, dict[str, Any]]:
+    """Compact every bucket with ``min_files`` or more files (default 8: amortised, so a
+    shard does not rewrite the whole library) into one, then vacuum files
+    replaced more than ``retention_hours`` ago. One optimize commit per table."""
+    done: dict[str, dict[str, Any]] = {}
+    for name in tables:
+        table = lake.open(name)
+        if table is None:
+            continue
+        files = table.get_add_actions(flatten=True)
+        buckets: dict[str, int] = {}
+        for value in pa.table(files)["partition.bucket"].to_pylist():
+            key = "__null__" if value is None else str(value)
+            buckets[key] = buckets.get(key, 0) + 1
+        crowded = sorted(b for b, n in buckets.items() if n >= min_files and b != "__null__")
+        metrics: dict[str, Any] = {"files_before": sum(buckets.values()), "buckets": len(crowded)}
+        if crowded:
+            result = table.optimize.compact(
+                partition_filters=[("bucket", "in", crowded)], target_size=512 << 20
+            )
+            metrics.update(
+                files_added=result.get("numFilesAdded"), files_removed=result.get("numFilesRemoved")
+            )
+        vacuumed = table.vacuum(
+            retention_hours=retention_hours,
+            dry_run=False,
+            enforce_retention_duration=retention_hours >= VACUUM_RETENTION_HOURS,
+        )
+        table.update_incremental()
+        metrics["vacuumed_files"] = len(vacuumed)
+        metrics["files_after"] = len(table.file_uris())
+        done[name] = metrics
+    return done
+
+
+def lake_files(lake: Lake) -> dict[str, dict[str, int]]:
+    """Live data files and bytes per table (from the log: no listing)."""
+    found: dict[str, dict[str, int]] = {}
+    for name in SCHEMAS:
+        table = lake.open(name)
+        if table is None:
+            continue
+        actions = pa.table(table.get_add_actions(flatten=True))
+        found[name] = {
+            "files": actions.num_rows,
+            "bytes": int(pc.sum(actions["size_bytes"]).as_py() or 0),
+            "rows": int(pc.sum(actions["num_records"]).as_py() or 0),
+        }
+    return found
+
+
+def row_count(table: DeltaTable | None) -> int:
+    """Rows in a table from the log's per-file counts: no data file is read."""
+    if table is None:
+        return 0
+    actions = pa.table(table.get_add_actions(flatten=True))
+    return int(pc.sum(actions["num_records"]).as_py() or 0) if actions.num_rows else 0

@@ -1,0 +1,148 @@
+"""How the lake behaves as the library grows: synthetic shards through the project's own writers.
+
+    uv run python benchmarks/scale.py --shards 3 --shard-size 1000000 [--buckets 256]
+
+Each shard: random md5s (10% repeat an earlier shard's), hashes and three manifest attributes per
+image, written as a keys file, then ``write_shard`` (occurrences, rejects, attributes commits),
+``merge_images``, the similarity index sync and compaction; then reads through ``Library``.
+After each shard one line of figures; at the end one JSON line with the first and last shard's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asset_library.defs.checks import attribute_keys_in_occurrences, hash_coverage  # noqa: E402
+from asset_library.lake import Lake, compact, merge_images, write_shard  # noqa: E402
+from asset_library.lake.tables import lake_files  # noqa: E402
+from asset_library.layout import LibraryLayout  # noqa: E402
+from asset_library.library import Library  # noqa: E402
+from asset_library.similarity import SimilarityIndex  # noqa: E402
+from asset_library_tests.synthetic import random_md5s, write_keys  # noqa: E402
+
+
+def _timed(fn):
+    started = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - started
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "p50": round(statistics.median(ordered) * 1000, 2),
+        "p99": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 2),
+    }
+
+
+def _shard(
+    layout: LibraryLayout, lake: Lake, root: Path, number: int, md5s: list[str], keys: int
+) -> dict:
+    batch = f"scale{number:03d}"
+    shard = f"{batch}-s00000"
+    keys_path = write_keys(
+        layout.keys_path(shard),
+        batch=batch,
+        shard=shard,
+        n_buckets=layout.n_buckets,
+        md5s=md5s,
+        seed=number,
+        rejects=10,
+    )
+    written, write_s = _timed(lambda: write_shard(lake, shard, keys_path))
+    merged, merge_s = _timed(lambda: merge_images(lake))
+    synced, index_s = _timed(lambda: SimilarityIndex(layout).sync(lake))
+    _, compact_s = _timed(lambda: compact(lake))
+    _, checks_s = _timed(
+        lambda: (
+            hash_coverage(keys_path),
+            attribute_keys_in_occurrences(
+                lake, shard, written["occurrences"]["version"], written["attributes"]["version"]
+            ),
+        )
+    )
+    sample = random.Random(number).sample(md5s, keys)
+    cold_times = [_timed(lambda m=m: Library(root).lookup(m))[1] for m in sample[:20]]
+    warm = Library(root)
+    warm.lookup(sample[0])
+    warm_times = [_timed(lambda m=m: warm.lookup(m))[1] for m in sample]
+    similar_times = [_timed(lambda m=m: warm.similar(m, limit=20))[1] for m in sample[:50]]
+    count, count_s = _timed(lambda: warm.query("SELECT count(*) AS n FROM images")[0]["n"])
+    _, attr_s = _timed(
+        lambda: warm.query(
+            "SELECT count(*) AS n FROM images_with_attribute(?, ?)", ["label", "cat"]
+        )
+    )
+    _, least_s = _timed(
+        lambda: warm.query("SELECT count(*) AS n FROM images_at_least(?, ?)", [5000, 3500])
+    )
+    files = lake_files(lake)
+    return {
+        "shard": number + 1,
+        "images": count,
+        "write_s": round(write_s, 2),
+        "merge_s": round(merge_s, 2),
+        "index_s": round(index_s, 2),
+        "compact_s": round(compact_s, 2),
+        "checks_s": round(checks_s, 2),
+        "lookup_cold_ms": _percentiles(cold_times),
+        "lookup_warm_ms": _percentiles(warm_times),
+        "similar_ms": _percentiles(similar_times),
+        "count_s": round(count_s, 3),
+        "attribute_query_s": round(attr_s, 3),
+        "images_at_least_s": round(least_s, 3),
+        "merged": {"inserted": merged.inserted, "updated": merged.updated},
+        "index_images": synced.images,
+        "lake_files": sum(f["files"] for f in files.values()),
+        "lake_bytes": sum(f["bytes"] for f in files.values()),
+        "rows": {name: f["rows"] for name, f in files.items()},
+    }
+
+
+def run(shards: int, shard_size: int, buckets: int, root: Path, keys: int = 100) -> list[dict]:
+    """Each shard: 90% new md5s, 10% repeats of earlier shards' (the first shard: all new)."""
+    layout = LibraryLayout.open(root, buckets)
+    lake = Lake.of(layout, {})
+    rng = np.random.default_rng(7)
+    seen: list[str] = []
+    figures = []
+    for number in range(shards):
+        fresh = random_md5s(rng, shard_size - shard_size // 10 if seen else shard_size)
+        repeats = random.Random(number).sample(seen, shard_size // 10) if seen else []
+        seen.extend(fresh[:200_000])
+        figures.append(_shard(layout, lake, root, number, fresh + repeats, min(keys, shard_size)))
+        print(json.dumps(figures[-1]), flush=True)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shards", type=int, default=3)
+    parser.add_argument("--shard-size", type=int, default=100_000)
+    parser.add_argument("--buckets", type=int, default=256)
+    parser.add_argument("--keep", help="build the library here and keep it")
+    args = parser.parse_args()
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="scale-")) / "library"
+    try:
+        figures = run(args.shards, args.shard_size, args.buckets, root)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root.parent, ignore_errors=True)
+    print(json.dumps({"first": figures[0], "last": figures[-1]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
