@@ -151,13 +151,9 @@ class LibraryLayout:
 
     def remove_orphan_shard_files(self, shard: str) -> list[Path]:
         """Delete the temporary files a killed run of ``shard`` left where shard runs write:
-        beside its keys file, its plan file and its rejects file."""
+        beside its keys file and its plan file (the lake's tables commit through their log)."""
         pattern = f"{check_shard_key(shard)}.parquet.*"
-        folders = (
-            self.keys_path(shard).parent,
-            self.plan_dir(batch_of(shard)),
-            self.rejects_path(shard).parent,
-        )
+        folders = (self.keys_path(shard).parent, self.plan_dir(batch_of(shard)))
         return [path for folder in folders for path in remove_orphan_temp_files(folder, pattern)]
 
     def table_dir(self, table: str) -> Path:

@@ -178,10 +178,10 @@ def test_a_damaged_object_fails_the_check_and_reingesting_repairs_it(
         _damage(store, flipped, Path(flipped_uri).read_bytes(), "same size")
 
         defs = build_definitions(build_resources(env, root=str(root)))
-        refreshed = defs.resolve_job_def("refresh_library").execute_in_process(
+        audited = defs.resolve_job_def("audit_library").execute_in_process(
             instance=instance, raise_on_error=False
         )
-        check = {e.check_name: e for e in refreshed.get_asset_check_evaluations()}
+        check = {e.check_name: e for e in audited.get_asset_check_evaluations()}
         assert not check["uploads_present"].passed
         assert check["uploads_present"].metadata["damaged"].value == 2
         named = check["uploads_present"].metadata["damaged_examples"].value
