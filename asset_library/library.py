@@ -132,24 +132,25 @@ class Library:
         distance = DEFAULT_PHASH_THRESHOLD if max_distance is None else int(max_distance)
         if not 0 <= distance <= 64:
             raise ValueError(f"max_distance must be between 0 and 64, not {distance}")
-        query = self._query_hash(image, hash)
+        catalog = self.connect()  # one look at the lake's latest commits for the whole call
+        query = self._query_hash(image, hash, catalog)
         index = self.index()
-        index.check_level(self.lake)  # IndexNotReady: missing, or behind the lake
+        # IndexNotReady: missing, or behind the lake
+        index.check_level(self.lake, catalog.table("images"))
         found = index.query(query, distance, kind=hash, limit=limit)
         if not found:
             return []
         md5s = [md5 for md5, _ in found]
         # Literal bucket numbers let DuckDB read only those buckets' files.
-        n_buckets = self.layout.n_buckets  # read from library.json: once, not per md5
+        n_buckets = self.lake.n_buckets
         buckets = ", ".join(str(b) for b in sorted({bucket_of(m, n_buckets) for m in md5s}))
-        details = {
-            row["md5"]: row
-            for row in self.query(
-                "SELECT md5, width, height, format, source_uri "
-                f"FROM images WHERE bucket IN ({buckets}) AND md5 IN (SELECT unnest($md5s))",
-                {"md5s": md5s},
-            )
-        }
+        result = catalog.execute(
+            "SELECT md5, width, height, format, source_uri "
+            f"FROM images WHERE bucket IN ({buckets}) AND md5 IN (SELECT unnest($md5s))",
+            {"md5s": md5s},
+        )
+        names = [d[0] for d in result.description]
+        details = {row[0]: dict(zip(names, row, strict=True)) for row in result.fetchall()}
         return [{"md5": md5, "distance": d, **_without_md5(details.get(md5))} for md5, d in found]
 
     def near_duplicate_groups(self) -> list[list[str]]:
@@ -169,12 +170,15 @@ class Library:
             self._index_stamp = stamp
         return self._index
 
-    def _query_hash(self, image: bytes | str | os.PathLike[str], kind: str) -> int:
+    def _query_hash(
+        self, image: bytes | str | os.PathLike[str], kind: str, catalog: Catalog
+    ) -> int:
         if isinstance(image, str) and is_md5(image) and not Path(image).exists():
-            rows = self.query(f"SELECT {kind} FROM image(?)", [image])
-            if not rows:
+            md5 = check_md5(image)
+            rows = catalog.rows_of("images", bucket_of(md5, self.lake.n_buckets), md5)
+            if rows.num_rows == 0:
                 raise ValueError(f"no image with md5 {image} in the library")
-            return int(rows[0][kind], 16)
+            return int(rows[kind][0].as_py(), 16)
         if isinstance(image, bytes | bytearray):
             data, name = bytes(image), "the given bytes"
         else:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+from deltalake import DeltaTable
 
 from asset_library.lake.tables import IMAGES_APP, Lake, read_changes, row_count
 from asset_library.layout import LibraryLayout
@@ -112,9 +113,10 @@ class SimilarityIndex:
         self.exists = True
         return SyncResult(added, gone, len(self.segments) - len(added), len(self))
 
-    def check_level(self, lake: Lake) -> None:
-        """Raise :class:`IndexNotReady` if the index is missing or behind ``images``."""
-        images = lake.open("images")
+    def check_level(self, lake: Lake, images: DeltaTable | None = None) -> None:
+        """Raise :class:`IndexNotReady` if the index is missing or behind ``images`` (the table
+        as given, else as of its latest commit)."""
+        images = images if images is not None else lake.open("images")
         if images is None:
             return
         if not self.exists:

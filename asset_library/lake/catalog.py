@@ -188,6 +188,10 @@ class Catalog:
             raise LakeReadError(f"cannot read bucket {bucket} of {table}: {error}") from error
         return rows.filter(pc.equal(rows["md5"].cast(pa.string()), md5))
 
+    def table(self, name: str) -> DeltaTable | None:
+        """The Delta table as of the last :meth:`refresh` (``None`` if it does not exist)."""
+        return self._tables.get(name)
+
     def version(self, table: str) -> int | None:
         return self._versions.get(table)
 

@@ -3,6 +3,7 @@ follows it, the near-duplicate groups, and the full audit (only when asked for).
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from asset_library.defs.checks import audit
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource
@@ -112,8 +113,6 @@ def near_duplicate_groups(library: LibraryResource) -> dg.MaterializeResult:
         "group_size": [len(group) for group in groups for _ in group],
         "md5": [md5 for group in groups for md5 in group],
     }
-    import pyarrow.parquet as pq
-
     with atomic_path(layout.index_dir / "near_duplicates.parquet") as tmp:
         pq.write_table(pa.table(rows, schema=NEAR_DUPLICATES_SCHEMA), tmp)
     largest = "\n".join(
