@@ -13,6 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
@@ -27,9 +29,12 @@ from asset_library.ingest.fingerprint import (
     phash_block,
     phash_pixels,
 )
-from asset_library.ingest.workers import fingerprint_many
+from asset_library.ingest.shard import ingest_shard
+from asset_library.ingest.sources import SourceItem
+from asset_library.ingest.workers import FingerprintPool, fingerprint_many
 from asset_library.search import HammingIndex
 from asset_library.search.quality import informative
+from asset_library.storage import LocalObjectStore
 
 FOUND_RELATIONS = {"exact", "reencode", "resize", "exif-orientation"}
 
@@ -257,3 +262,29 @@ def test_informative_drops_low_results_and_everything_for_a_low_query():
     assert informative(80, qualities).tolist() == [True, False, True, False, True]
     assert not informative(5, qualities).any()
     assert informative(None, qualities, min_quality=50).tolist() == [1, 0, 0, 0, 1]
+
+
+def test_a_shard_keys_file_records_each_images_quality(corpus_dir, tmp_path):
+    names = [
+        "github_python-pillow_Pillow/hopper.png",
+        "pypi_pygame/red.jpg",
+        "github_ianare_exif-samples/heic/samplefilehub.heif",
+    ]
+    keys = tmp_path / "keys.parquet"
+    with FingerprintPool(0) as pool:
+        stats = ingest_shard(
+            enumerate(SourceItem(str(corpus_dir / n)) for n in names),
+            keys_path=keys,
+            store=LocalObjectStore(tmp_path / "objects"),
+            read=lambda uri: Path(uri).read_bytes(),
+            pool=pool,
+            batch="b",
+            shard="s",
+            n_buckets=4,
+        )
+    table = pq.read_table(keys)
+    assert stats.ok == 3 and table.schema.field("quality").type == pa.int16()
+    quality = dict(zip(table["source_uri"].to_pylist(), table["quality"].to_pylist(), strict=True))
+    assert quality[str(corpus_dir / names[0])] >= DEFAULT_MIN_QUALITY  # a photo
+    assert quality[str(corpus_dir / names[1])] == 0  # one red colour
+    assert quality[str(corpus_dir / names[2])] >= DEFAULT_MIN_QUALITY  # HEIF, accepted
