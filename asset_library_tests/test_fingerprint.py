@@ -109,11 +109,9 @@ def test_every_file_pillow_cannot_decode_is_rejected_with_a_reason(details, fast
     assert reasons["truncated"] >= 3 and reasons["corrupt"] >= 3
 
 
-#: Rejected although DETAILS.tsv says Pillow decodes them: HEIF (not supported), a header over
-#: the pixel limit, and a PNG whose last chunk is cut short (Pillow 13's load() raises on it).
+#: Rejected although DETAILS.tsv says Pillow decodes them: a header over the pixel limit, and a
+#: PNG whose last chunk is cut short (Pillow 13's load() raises on it).
 REJECTED_DECODABLE = {
-    "github_ianare_exif-samples/heic/IMG_5195.HEIC",
-    "github_ianare_exif-samples/heic/samplefilehub.heif",
     "github_lovell_sharp/giant-image.jpg",
     "github_python-pillow_Pillow/truncated_end_chunk.png",
 }
@@ -124,7 +122,7 @@ def test_both_modes_reject_exactly_the_undecodable_files(details, fast, exact):
     for results in (fast, exact):
         rejected = {path for path, fp in results.items() if not fp.ok}
         assert rejected == undecodable | REJECTED_DECODABLE
-    assert sum(fp.ok for fp in fast.values()) == len(fast) - len(undecodable) - 4 == 334
+    assert sum(fp.ok for fp in fast.values()) == len(fast) - len(undecodable) - 2 == 336
 
 
 def test_rejections_keep_the_md5_and_name_what_was_wrong(fast, manifest):
@@ -196,7 +194,7 @@ def test_exif_orientation_is_applied_before_hashing(corpus_dir, fast):
         (b"", "empty"),
         (b"hello, this is not an image at all" * 10, "unsupported"),
         (b"\xff\xd8\xff\xe0" + b"\x00" * 64, "corrupt"),
-        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + b"\x00" * 64, "unsupported"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + b"\x00" * 64, "corrupt"),
     ],
 )
 def test_hostile_bytes_are_rejected_not_raised(data: bytes, reason: str):
@@ -307,3 +305,66 @@ def test_a_png_cut_short_after_its_pixels_is_still_rejected(corpus_dir, mode):
 def test_a_png_with_a_garbage_header_is_corrupt_not_truncated(corpus_dir):
     fp = fingerprint((corpus_dir / "github_python-pillow_Pillow/broken.png").read_bytes())
     assert (fp.reason, fp.message) == ("corrupt", "png signature but the header is unreadable")
+
+
+HEIF_FILES = (
+    "github_ianare_exif-samples/heic/IMG_5195.HEIC",
+    "github_ianare_exif-samples/heic/samplefilehub.heif",
+)
+
+
+@pytest.mark.parametrize("name", HEIF_FILES)
+def test_heif_files_are_fingerprinted_like_imagehash_on_pillow_heif(name, fast, exact, details):
+    # DETAILS.tsv's reference hashes were computed on the decoded HEIF (no rotation in either).
+    for fp in (fast[name], exact[name]):
+        assert (fp.status, fp.format, fp.frames, fp.orientation) == ("ok", "heif", 1, 1)
+        assert fp.quality is not None and fp.quality >= 50
+    assert exact[name].phash == details[name]["phash"]
+    assert exact[name].dhash == details[name]["dhash"]
+    assert hamming(fast[name].phash, exact[name].phash) <= 2
+    assert exact["github_ianare_exif-samples/heic/IMG_5195.HEIC"].camera_make == "Apple"
+
+
+def test_the_avif_file_still_decodes(manifest, fast, exact):
+    (name,) = [path for path, row in manifest.items() if row["format"] == "AVIF"]
+    for fp in (fast[name], exact[name]):
+        assert (fp.status, fp.format) == ("ok", "avif")
+        assert (fp.width, fp.height) == (
+            int(manifest[name]["width"]),
+            int(manifest[name]["height"]),
+        )
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8, 5])
+def test_a_rotated_heif_is_hashed_as_displayed_once(corpus_dir, orientation):
+    # Written with an EXIF orientation, pillow-heif stores the turn as the container's irot/imir
+    # and the decoder applies it; the EXIF tag then reads 1, so it is not applied a second time.
+    source = Image.open(corpus_dir / "github_recurser_exif-orientation-examples/Landscape_1.jpg")
+    stored = source.convert("RGB").resize((300, 200))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, format="HEIF", exif=exif.tobytes(), quality=95)
+    displayed = ImageOps.exif_transpose(_with_orientation(stored, orientation))
+    fp = fingerprint(buffer.getvalue(), mode="exact")
+    assert (fp.status, fp.format, fp.orientation) == ("ok", "heif", 1)
+    assert (
+        (fp.width, fp.height) == displayed.size == ((300, 200) if orientation == 3 else (200, 300))
+    )
+    assert hamming(fp.phash, str(imagehash.phash(displayed))) <= 4
+    twice = ImageOps.exif_transpose(_with_orientation(displayed, orientation))
+    assert hamming(fp.phash, str(imagehash.phash(twice))) > 8
+
+
+def _with_orientation(image: Image.Image, orientation: int) -> Image.Image:
+    """A copy of ``image`` carrying an EXIF orientation tag, for ImageOps.exif_transpose."""
+    tagged = image.copy()
+    tagged.getexif()[0x0112] = orientation
+    return tagged
+
+
+def test_a_corrupt_heif_is_rejected_naming_the_format(corpus_dir):
+    data = (corpus_dir / HEIF_FILES[1]).read_bytes()
+    fp = fingerprint(data[:200])
+    assert (fp.status, fp.reason) in {("rejected", "corrupt"), ("rejected", "truncated")}
+    assert fp.message.startswith("heif ")

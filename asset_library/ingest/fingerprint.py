@@ -14,14 +14,19 @@ reason     ``None`` when ok, else ``empty``, ``truncated``, ``corrupt``, ``unsup
            ``too_large`` or ``unreadable`` (the bytes could not be read at all)
 message    a sentence naming what was wrong, ``None`` when ok
 format     canonical lower-case format: ``jpeg``, ``png``, ``webp``, ``gif``, ``bmp``, ``tiff``,
-           ``pnm``, ``ico``, ``tga``, ``avif``, ... (``heif`` and others may be rejected)
+           ``pnm``, ``ico``, ``tga``, ``avif``, ``heif`` (HEIC and other HEIF files), ...
 width      width as displayed, after EXIF orientation
 height     height as displayed, after EXIF orientation
-orientation the EXIF orientation tag (1..8); 1 when absent or invalid
+orientation the EXIF orientation tag (1..8); 1 when absent or invalid. HEIF stores its rotation
+           and mirroring in the container (``irot``/``imir``), which the decoder applies, and
+           pillow-heif resets the EXIF tag to 1 so that it is not applied twice: 1 for HEIF
 frames     number of frames (1 for still images)
 phash      64-bit perceptual hash, 16 lower-case hex digits (``None`` when rejected)
 ahash      64-bit average hash, as above
 dhash      64-bit difference hash, as above
+quality    how much the pHash can tell this image apart from others, 0-100 (see
+           :func:`information_score`; ``None`` when rejected): flat images (one colour, a
+           smooth gradient) score near 0 and their pHashes collide with each other
 camera_make, camera_model, captured_at   EXIF Make, Model, DateTimeOriginal when present
 ========== ==================================================================================
 
@@ -30,6 +35,10 @@ The hashes are bit-compatible with ImageHash 4.3's ``phash``, ``average_hash`` a
 ``mode="exact"`` reproduces ImageHash bit for bit; ``mode="fast"`` (the default) hashes a
 reduced-size decode (JPEG DCT scaling, integer box reduction for other formats), which is several
 times cheaper on photos and agrees within a couple of bits.
+
+HEIF/HEIC (what phones save) is decoded by pillow-heif (libheif), registered with Pillow when
+this module is imported, so every process that fingerprints (worker processes included) can
+open it.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+import pillow_heif
 import scipy.fftpack
 from PIL import Image, UnidentifiedImageError
 
@@ -59,6 +69,15 @@ REDUCE_MIN_SIDE = 512
 #: pHash distance within which two images count as near-duplicates. On the corpus, re-encodes,
 #: resizes and EXIF-rotated copies fall at 0-8 bits; unrelated photos rarely come under 15.
 DEFAULT_PHASH_THRESHOLD = 8
+
+#: Search results whose ``quality`` is below this are left out (see :func:`information_score`
+#: and :mod:`asset_library.search.quality`). Chosen on the corpus, fast mode, and re-measured
+#: by ``asset_library_tests/test_search_quality.py``: the lowest camera JPEGs (EXIF make, or
+#: from ianare/exif-samples and the Debian packages: 77 files) are a yellow sprite (0), two
+#: gradient wallpapers (25, 31), a login-screen screenshot (52), then photos from 70 up. The 26
+#: one-colour files score 0 and the 8 smooth gradients 4-31. At 40 all 34 flat files fall below
+#: and 3 of the 77 camera JPEGs do (3.9%; the bound was 5%), with room on both sides.
+DEFAULT_MIN_QUALITY = 40
 
 _HASH_SIZE = 8
 _PHASH_SIZE = _HASH_SIZE * 4
@@ -94,6 +113,7 @@ _CANONICAL_FORMAT = {
     "ICO": "ico",
     "TGA": "tga",
     "AVIF": "avif",
+    "HEIF": "heif",
     "JPEG2000": "jpeg2000",
 }
 
@@ -109,7 +129,8 @@ _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
     (b"MM\x00*", 0, "tiff"),
     (b"WEBP", 8, "webp"),
 )
-_UNSUPPORTED_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"}
+# ISO-BMFF brands of HEIF files ("ftyp" box), told apart when pillow-heif cannot open one.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"}
 
 # Worker processes are one per core: OpenCV's own thread pool would oversubscribe them.
 cv2.setNumThreads(1)
@@ -119,6 +140,9 @@ cv2.setNumThreads(1)
 Image.MAX_IMAGE_PIXELS = None
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+# HEIF through libheif, one decode thread per worker process like OpenCV above; embedded
+# thumbnails are not read (a reduced decode would hash the thumbnail, not the picture).
+pillow_heif.register_heif_opener(decode_threads=1, thumbnails=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +162,7 @@ class Fingerprint:
     phash: str | None = None
     ahash: str | None = None
     dhash: str | None = None
+    quality: int | None = None
     camera_make: str | None = None
     camera_model: str | None = None
     captured_at: str | None = None
@@ -159,29 +184,44 @@ def fingerprint(
     data: bytes, *, mode: Mode = "fast", max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Fingerprint:
     """Fingerprint one image's bytes; never raises on bad image data."""
+    return fingerprint_and_grey(data, mode=mode, max_pixels=max_pixels)[0]
+
+
+def fingerprint_and_grey(
+    data: bytes, *, mode: Mode = "fast", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Fingerprint, Image.Image | None]:
+    """:func:`fingerprint`, plus the greyscale image its hashes were computed from (as
+    displayed; ``None`` when rejected), for what a query derives from the same decode."""
     md5 = hashlib.md5(data).hexdigest()
     size = len(data)
     header: dict[str, Any] = {}
     try:
         if size == 0:
             raise Rejected("empty", "the file is empty (0 bytes)")
-        hashes = _analyse(data, mode, max_pixels, header)
+        grey = _displayed_grey(data, mode, max_pixels, header)
+        hashes = hashes_of_grey(grey)
     except Rejected as rejected:
-        return Fingerprint(md5, size, "rejected", rejected.reason, str(rejected), **header)
+        return Fingerprint(md5, size, "rejected", rejected.reason, str(rejected), **header), None
     except MemoryError:
-        return Fingerprint(
-            md5, size, "rejected", "too_large", "ran out of memory decoding it", **header
-        )
+        message = "ran out of memory decoding it"
+        return Fingerprint(md5, size, "rejected", "too_large", message, **header), None
     except Exception as error:  # hostile input reaches code paths nobody planned for
-        kind = header.get("format") or _sniff(data) or "image"
-        message = f"{kind} cannot be decoded: {_describe(error)}"
-        if "truncated" in message.lower():
-            return Fingerprint(md5, size, "rejected", "truncated", message, **header)
-        cut = _cut_short(data, kind)
-        if cut:
-            return Fingerprint(md5, size, "rejected", "truncated", f"{message}; {cut}", **header)
-        return Fingerprint(md5, size, "rejected", "corrupt", message, **header)
-    return Fingerprint(md5, size, "ok", **header, **hashes)
+        return _undecodable(data, md5, size, header, error), None
+    return Fingerprint(md5, size, "ok", **header, **hashes), grey
+
+
+def _undecodable(
+    data: bytes, md5: str, size: int, header: dict[str, Any], error: Exception
+) -> Fingerprint:
+    """The rejection of an image whose decode raised: truncated when it shows it, else corrupt."""
+    kind = header.get("format") or _sniff(data) or "image"
+    message = f"{kind} cannot be decoded: {_describe(error)}"
+    if "truncated" in message.lower():
+        return Fingerprint(md5, size, "rejected", "truncated", message, **header)
+    cut = _cut_short(data, kind)
+    if cut:
+        return Fingerprint(md5, size, "rejected", "truncated", f"{message}; {cut}", **header)
+    return Fingerprint(md5, size, "rejected", "corrupt", message, **header)
 
 
 def rejected_unreadable(message: str) -> Fingerprint:
@@ -189,8 +229,11 @@ def rejected_unreadable(message: str) -> Fingerprint:
     return Fingerprint(None, None, "rejected", "unreadable", message)
 
 
-def _analyse(data: bytes, mode: Mode, max_pixels: int, header: dict[str, Any]) -> dict[str, str]:
-    """Fill ``header`` as facts are learnt (so rejections keep them) and return the hashes."""
+def _displayed_grey(
+    data: bytes, mode: Mode, max_pixels: int, header: dict[str, Any]
+) -> Image.Image:
+    """Fill ``header`` as facts are learnt (so rejections keep them) and return the greyscale
+    image as displayed, the one the hashes are computed from."""
     image = _open(data)
     _fail_loads_after_an_error(image)
     header["format"] = _CANONICAL_FORMAT.get(image.format or "", (image.format or "").lower())
@@ -214,8 +257,8 @@ def _analyse(data: bytes, mode: Mode, max_pixels: int, header: dict[str, Any]) -
         captured_at=exif.get("captured_at"),
     )
     header["frames"] = int(getattr(image, "n_frames", 1) or 1)
-    if header["frames"] > 1:
-        image.seek(0)
+    if header["frames"] > 1 and header["format"] != "heif":
+        image.seek(0)  # a HEIF file opens on its primary image, which need not be the first
     grey = None
     if mode == "fast" and header["format"] == "webp" and header["frames"] == 1:
         grey = _decode_grey_with_opencv(data)
@@ -228,7 +271,7 @@ def _analyse(data: bytes, mode: Mode, max_pixels: int, header: dict[str, Any]) -
         factor = min(grey.size) // REDUCE_MIN_SIDE
         if factor >= 2:
             grey = grey.reduce(factor)
-    return hashes_of_grey(grey)
+    return grey
 
 
 def _fail_loads_after_an_error(image: Image.Image) -> None:
@@ -282,19 +325,57 @@ def _decode(data: bytes, image: Image.Image, *, reduce: bool) -> Image.Image:
     return image
 
 
-def hashes_of_grey(grey: Image.Image) -> dict[str, str]:
-    """The three ImageHash-compatible hashes of a greyscale image."""
+def hashes_of_grey(grey: Image.Image) -> dict[str, Any]:
+    """The three ImageHash-compatible hashes of a greyscale image, and its quality score."""
     lanczos = Image.Resampling.LANCZOS
-    small = np.asarray(grey.resize((_PHASH_SIZE, _PHASH_SIZE), lanczos))
-    # The same DCT routine as ImageHash: flat and symmetric images put coefficients at the
-    # median, and only the same floating-point path breaks those ties the same way.
-    low = scipy.fftpack.dct(scipy.fftpack.dct(small, axis=0), axis=1)[:_HASH_SIZE, :_HASH_SIZE]
-    phash = low > np.median(low)
+    small = phash_pixels(grey)
+    phash = phash_of_block(phash_block(small))
     avg = np.asarray(grey.resize((_HASH_SIZE, _HASH_SIZE), lanczos))
     ahash = avg > avg.mean()
     diff = np.asarray(grey.resize((_HASH_SIZE + 1, _HASH_SIZE), lanczos)).astype(np.int16)
     dhash = diff[:, 1:] > diff[:, :-1]
-    return {"phash": bits_to_hex(phash), "ahash": bits_to_hex(ahash), "dhash": bits_to_hex(dhash)}
+    return {
+        "phash": phash,
+        "ahash": bits_to_hex(ahash),
+        "dhash": bits_to_hex(dhash),
+        "quality": information_score(small),
+    }
+
+
+def phash_pixels(grey: Image.Image) -> np.ndarray:
+    """The 32x32 greyscale grid (uint8) that pHash transforms, as ImageHash resizes it."""
+    return np.asarray(grey.resize((_PHASH_SIZE, _PHASH_SIZE), Image.Resampling.LANCZOS))
+
+
+def phash_block(pixels: np.ndarray) -> np.ndarray:
+    """The 8x8 low-frequency block of the 32x32 grid's DCT (rows: vertical frequency)."""
+    # The same DCT routine as ImageHash: flat and symmetric images put coefficients at the
+    # median, and only the same floating-point path breaks those ties the same way.
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)
+    return dct[:_HASH_SIZE, :_HASH_SIZE]
+
+
+def phash_of_block(block: np.ndarray) -> str:
+    """pHash from a DCT block: a bit per coefficient, set when it is above the block's median."""
+    return bits_to_hex(block > np.median(block))
+
+
+def information_score(pixels: np.ndarray) -> int:
+    """How much detail the 32x32 pHash grid holds, 0-100: PDQ's image-domain quality metric.
+
+    pHash compares DCT coefficients with their median; a flat image (one colour, a smooth
+    gradient) has almost no AC energy, so its bits come from rounding and its hash collides with
+    every other flat image's. As PDQ does (Facebook's pdqhashing, ``computePDQImageDomain
+    QualityMetric``), sum the steps between neighbouring pixels, each in whole per cent of full
+    scale (steps under 1%, those of a smooth gradient, count 0), and scale to 0-100. PDQ sums a
+    64x64 grid and divides by 90; steps on this 32x32 grid span two of those, so the same
+    picture sums about half as much: divide by 45. Computed from the grid pHash already made.
+    """
+    grid = pixels.astype(np.int32)
+    steps = np.concatenate(
+        [np.abs(np.diff(grid, axis=0)).ravel(), np.abs(np.diff(grid, axis=1)).ravel()]
+    )
+    return min(100, int((steps * 100 // 255).sum()) // 45)
 
 
 def bits_to_hex(bits: np.ndarray) -> str:
@@ -318,8 +399,6 @@ def _open(data: bytes) -> Image.Image:
         raise Rejected("too_large", f"header declares too many pixels: {error}") from None
     except UnidentifiedImageError:
         kind = _sniff(data)
-        if kind == "heif":
-            raise Rejected("unsupported", "HEIF/HEIC images are not supported") from None
         if kind:
             cut = _cut_short(data, kind)
             if cut:
@@ -332,7 +411,7 @@ def _sniff(data: bytes) -> str | None:
     for magic, offset, kind in _SIGNATURES:
         if data[offset : offset + len(magic)] == magic:
             return kind
-    if data[4:8] == b"ftyp" and data[8:12] in _UNSUPPORTED_BRANDS:
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
         return "heif"
     return None
 

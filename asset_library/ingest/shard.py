@@ -54,6 +54,7 @@ KEYS_SCHEMA = pa.schema(
         ("batch", pa.string()),
         ("shard", pa.string()),
         ("ingested_at", pa.timestamp("us", tz="UTC")),
+        ("quality", pa.int16()),  # added last: files written before it simply lack it
     ]
 )
 _FINGERPRINT_FIELDS = [name for name in Fingerprint.__slots__ if name in KEYS_SCHEMA.names]
