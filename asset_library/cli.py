@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 
 from asset_library.ids import InvalidIdError, check_batch_id
+from asset_library.ingest.fingerprint import DEFAULT_MIN_QUALITY
 from asset_library.library import Library, default_library_path
 from asset_library.similarity import IndexNotReady
 from asset_library.sql_guard import check_read_only_query
@@ -81,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     similar.add_argument("--max-distance", type=int, help="Hamming bits (default 8)")
     similar.add_argument("--limit", type=int, default=20, help="most results (default 20)")
     similar.add_argument("--hash", default="phash", choices=["phash", "dhash", "ahash"])
+    similar.add_argument(
+        "--transforms",
+        default="none",
+        choices=["none", "dihedral"],
+        help="dihedral: also find copies rotated by 90/180/270 degrees or mirrored (phash)",
+    )
+    similar.add_argument(
+        "--min-quality",
+        type=int,
+        default=DEFAULT_MIN_QUALITY,
+        help=f"leave out results with a lower information score, 0-100 (default "
+        f"{DEFAULT_MIN_QUALITY}; 0 keeps flat images)",
+    )
     similar.set_defaults(handler=_similar)
 
     duplicates = commands.add_parser(
@@ -248,7 +262,12 @@ def _lookup(args: argparse.Namespace) -> int:
 
 def _similar(args: argparse.Namespace) -> int:
     found = Library(args.library).similar(
-        args.image, max_distance=args.max_distance, limit=args.limit, hash=args.hash
+        args.image,
+        max_distance=args.max_distance,
+        limit=args.limit,
+        hash=args.hash,
+        transforms=args.transforms,
+        min_quality=args.min_quality or None,
     )
     for record in found:
         print(json.dumps(record, default=_json_default))

@@ -14,18 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 
 from asset_library.ids import bucket_of, check_md5, is_md5
-from asset_library.ingest.fingerprint import DEFAULT_PHASH_THRESHOLD, fingerprint
+from asset_library.ingest.dihedral import query_fingerprint
+from asset_library.ingest.fingerprint import DEFAULT_MIN_QUALITY, DEFAULT_PHASH_THRESHOLD
 from asset_library.lake import Catalog, Lake
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
 from asset_library.lake.tables import IMAGES_SCHEMA
 from asset_library.layout import LibraryLayout
+from asset_library.search.codec import hex_to_int
+from asset_library.search.quality import informative
 from asset_library.similarity import HASH_KINDS, SimilarityIndex
 from asset_library.sql_guard import check_read_only_query
-from asset_library.storage import ObjectStore, open_store
+from asset_library.storage import ObjectStore, object_key, open_store
 
 IMAGE_COLUMNS = IMAGES_SCHEMA.names
+#: How a query may be turned before it is searched: as it is, or all 8 rotations and flips.
+TRANSFORMS = ("none", "dihedral")
 
 
 def default_library_path() -> Path:
@@ -119,39 +125,72 @@ class Library:
         max_distance: int | None = None,
         limit: int | None = 20,
         hash: str = "phash",
+        transforms: str = "none",
+        min_quality: int | None = DEFAULT_MIN_QUALITY,
     ) -> list[dict[str, Any]]:
         """Images within ``max_distance`` bits of an image, nearest first.
 
         ``image`` is the image's bytes, a path to an image file (fingerprinted as at ingest),
         or the md5 of an image in the library. ``max_distance`` defaults to
-        :data:`~asset_library.ingest.fingerprint.DEFAULT_PHASH_THRESHOLD` (8 bits). Each record has
-        ``md5``, ``distance``, ``width``, ``height``, ``format`` and one ``source_uri``.
+        :data:`~asset_library.ingest.fingerprint.DEFAULT_PHASH_THRESHOLD` (8 bits).
+        ``transforms="dihedral"`` also finds copies stored rotated by 90/180/270 degrees or
+        mirrored (pHash only): each record then says which ``transform`` of the query matched.
+        Results whose information score (``quality``) is below ``min_quality`` are left out,
+        and a query below it finds nothing (flat images' hashes are rounding noise); pass
+        ``min_quality=None`` to keep them. Each record has ``md5``, ``distance``, ``width``,
+        ``height``, ``format``, ``quality`` and one ``source_uri``.
         """
         if hash not in HASH_KINDS:
             raise ValueError(f"unknown hash {hash!r}: use one of {', '.join(HASH_KINDS)}")
+        if transforms not in TRANSFORMS:
+            raise ValueError(f"unknown transforms {transforms!r}: use one of {TRANSFORMS}")
+        if transforms == "dihedral" and hash != "phash":
+            raise ValueError("transforms='dihedral' works with the phash only")
         distance = DEFAULT_PHASH_THRESHOLD if max_distance is None else int(max_distance)
         if not 0 <= distance <= 64:
             raise ValueError(f"max_distance must be between 0 and 64, not {distance}")
         catalog = self.connect()  # one look at the lake's latest commits for the whole call
-        query = self._query_hash(image, hash, catalog)
+        hashes, query_quality = self._query_hashes(image, hash, transforms, catalog)
         index = self.index()
         # IndexNotReady: missing, or behind the lake
         index.check_level(self.lake, catalog.table("images"))
-        found = index.query(query, distance, kind=hash, limit=limit)
+        found: dict[str, tuple[int, str]] = {}  # md5 -> (distance, transform), nearest kept
+        for transform, value in hashes.items():
+            for md5, d in index.query(value, distance, kind=hash):
+                if md5 not in found or d < found[md5][0]:
+                    found[md5] = (d, transform)
         if not found:
             return []
-        md5s = [md5 for md5, _ in found]
-        # Literal bucket numbers let DuckDB read only those buckets' files.
+        details = self._details(catalog, list(found))
+        ordered = sorted(found.items(), key=lambda item: (item[1][0], item[0]))
+        if min_quality is not None:
+            qualities = [details.get(md5, {}).get("quality") for md5, _ in ordered]
+            keep = informative(
+                query_quality,
+                np.array([np.nan if q is None else q for q in qualities], dtype=np.float64),
+                min_quality,
+            )
+            ordered = [item for item, kept in zip(ordered, keep, strict=True) if kept]
+        records = []
+        for md5, (d, transform) in ordered[:limit] if limit is not None else ordered:
+            record = {"md5": md5, "distance": d, **_without_md5(details.get(md5))}
+            if transforms == "dihedral":
+                record["transform"] = transform
+            records.append(record)
+        return records
+
+    def _details(self, catalog: Catalog, md5s: list[str]) -> dict[str, dict[str, Any]]:
+        """What a search result shows of each image, read from ``images`` by bucket."""
+        # Literal bucket numbers let the scan open only those buckets' files.
         n_buckets = self.lake.n_buckets
         buckets = ", ".join(str(b) for b in sorted({bucket_of(m, n_buckets) for m in md5s}))
         result = catalog.execute(
-            "SELECT md5, width, height, format, source_uri "
+            "SELECT md5, width, height, format, quality, source_uri "
             f"FROM images WHERE bucket IN ({buckets}) AND md5 IN (SELECT unnest($md5s))",
             {"md5s": md5s},
         )
         names = [d[0] for d in result.description]
-        details = {row[0]: dict(zip(names, row, strict=True)) for row in result.fetchall()}
-        return [{"md5": md5, "distance": d, **_without_md5(details.get(md5))} for md5, d in found]
+        return {row[0]: dict(zip(names, row, strict=True)) for row in result.fetchall()}
 
     def near_duplicate_groups(self) -> list[list[str]]:
         """The near-duplicate groups the library last computed, largest first."""
@@ -170,23 +209,35 @@ class Library:
             self._index_stamp = stamp
         return self._index
 
-    def _query_hash(
-        self, image: bytes | str | os.PathLike[str], kind: str, catalog: Catalog
-    ) -> int:
+    def _query_hashes(
+        self,
+        image: bytes | str | os.PathLike[str],
+        kind: str,
+        transforms: str,
+        catalog: Catalog,
+    ) -> tuple[dict[str, int], int | None]:
+        """The hash (or, dihedral, the eight pHash variants) to search with, by transform,
+        and the query's information score. A query by md5 uses its stored hash, or its
+        stored bytes when the variants need the image's own DCT."""
         if isinstance(image, str) and is_md5(image) and not Path(image).exists():
             md5 = check_md5(image)
             rows = catalog.rows_of("images", bucket_of(md5, self.lake.n_buckets), md5)
             if rows.num_rows == 0:
                 raise ValueError(f"no image with md5 {image} in the library")
-            return int(rows[kind][0].as_py(), 16)
-        if isinstance(image, bytes | bytearray):
+            quality = rows["quality"][0].as_py()
+            if transforms == "none":
+                return {"identity": hex_to_int(rows[kind][0].as_py())}, quality
+            data, name = self.object_store().get(object_key(md5)), f"image {md5}"
+        elif isinstance(image, bytes | bytearray):
             data, name = bytes(image), "the given bytes"
         else:
             data, name = Path(image).read_bytes(), str(image)
-        fp = fingerprint(data)
+        fp, variants = query_fingerprint(data)
         if not fp.ok:
             raise ValueError(f"{name} cannot be searched with: {fp.reason}: {fp.message}")
-        return int(getattr(fp, kind), 16)
+        if transforms == "none":
+            return {"identity": hex_to_int(getattr(fp, kind))}, fp.quality
+        return {name: hex_to_int(value) for name, value in variants.items()}, fp.quality
 
 
 def _first_row(result: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:

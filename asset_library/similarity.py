@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,16 +152,20 @@ class SimilarityIndex:
         ordered = sorted(found.items(), key=lambda item: (item[1], item[0]))
         return ordered if limit is None else ordered[:limit]
 
-    def groups(self, max_distance: int, *, kind: str = "phash") -> list[list[str]]:
-        """Connected groups of distinct images within ``max_distance`` of a neighbour."""
+    def groups(
+        self, max_distance: int, *, kind: str = "phash", exclude: Iterable[str] = ()
+    ) -> list[list[str]]:
+        """Connected groups of distinct images within ``max_distance`` of a neighbour; md5s in
+        ``exclude`` (e.g. low-information images) neither join a group nor link two."""
         pairs = self.indexes[_kind(kind)].pairs_within(max_distance)
         if len(pairs) == 0:
             return []
         a = self.md5s_of(pairs[:, 0])
         b = self.md5s_of(pairs[:, 1])
         distinct = a != b
-        if self.removed:
-            gone = np.array(sorted(self.removed), dtype="U32")
+        left_out = self.removed | set(exclude)
+        if left_out:
+            gone = np.array(sorted(left_out), dtype="U32")
             distinct &= ~np.isin(a, gone) & ~np.isin(b, gone)
         names, codes = np.unique(np.concatenate([a[distinct], b[distinct]]), return_inverse=True)
         if len(names) == 0:

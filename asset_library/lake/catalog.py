@@ -46,14 +46,14 @@ _HASH_INTS = ", ".join(f"('0x' || {k})::UBIGINT AS {k}_int" for k in ("phash", "
 #: The columns of the ``images`` view, in order.
 IMAGE_VIEW_COLUMNS = [
     *("md5", "size_bytes", "format", "width", "height", "orientation", "frames"),
-    *("phash", "ahash", "dhash", "phash_int", "ahash_int", "dhash_int", "bucket"),
+    *("phash", "ahash", "dhash", "phash_int", "ahash_int", "dhash_int", "quality", "bucket"),
     *("source_uri", "batch", "shard", "ingested_at", "occurrences"),
 ]
 
 VIEWS: dict[str, str] = {
     "occurrences": f"SELECT *, {_HASH_INTS} FROM _lake_occurrences",
     "images": f"""SELECT md5, size_bytes, format, width, height, orientation, frames,
-                  phash, ahash, dhash, {_HASH_INTS}, bucket, source_uri, batch, shard,
+                  phash, ahash, dhash, {_HASH_INTS}, quality, bucket, source_uri, batch, shard,
                   ingested_at, occurrences FROM _lake_images""",  # = IMAGE_VIEW_COLUMNS
     "rejects": "SELECT * FROM _lake_rejects",
     "attribute_occurrences": "SELECT * FROM _lake_attributes",

@@ -65,6 +65,7 @@ _IMAGE_COLUMNS = [
     ("phash", pa.string()),
     ("ahash", pa.string()),
     ("dhash", pa.string()),
+    ("quality", pa.int16()),
 ]
 OCCURRENCES_SCHEMA = pa.schema(
     [
@@ -223,13 +224,13 @@ def s3_storage_options(environ: Mapping[str, str]) -> dict[str, str]:
 
 _OCCURRENCES_SQL = """
     SELECT md5, size_bytes, format, width, height, orientation, frames, phash, ahash, dhash,
-           source_uri, batch, shard, ordinal, ingested_at, bucket
-    FROM read_parquet($keys) WHERE status = 'ok' ORDER BY bucket, md5
+           quality, source_uri, batch, shard, ordinal, ingested_at, bucket
+    FROM shard_keys WHERE status = 'ok' ORDER BY bucket, md5
 """
 _REJECTS_SQL = """
     SELECT source_uri, md5, size_bytes, format, reason, message, batch, shard, ordinal,
            ingested_at, bucket
-    FROM read_parquet($keys) WHERE status <> 'ok' ORDER BY ordinal
+    FROM shard_keys WHERE status <> 'ok' ORDER BY ordinal
 """
 #: The value_type of a manifest value's text (see README "The cube").
 VALUE_TYPE_SQL = r"""
@@ -260,7 +261,7 @@ _ATTRIBUTES_SQL = f"""
                        AND captured_at[8] = ':' AND NOT starts_with(captured_at, '0000')
                   THEN captured_at[1:4] || '-' || captured_at[6:7] || '-' || captured_at[9:10]
                        || ' ' || captured_at[12:19] END AS exif_time
-      FROM read_parquet($keys) WHERE status = 'ok'
+      FROM shard_keys WHERE status = 'ok'
     ), manifest AS (
       SELECT md5, j.key AS attribute,
              CASE WHEN j.type = 'VARCHAR' THEN j.value ->> '$' ELSE j.value::VARCHAR END AS v,
@@ -297,8 +298,13 @@ _ATTRIBUTES_SQL = f"""
 def _reader(
     connection: duckdb.DuckDBPyConnection, sql: str, keys: Path, schema: pa.Schema
 ) -> pa.RecordBatchReader:
-    relation = connection.sql(sql, params={"keys": str(keys)})
-    return relation.to_arrow_reader(200_000).cast(schema)
+    """Rows of ``sql`` over the view ``shard_keys`` of a keys file, as Arrow in ``schema``.
+    Keys files written before images had a quality score read it as NULL."""
+    rows = connection.read_parquet(str(keys))
+    if "quality" not in rows.columns:
+        rows = rows.project("*, NULL::SMALLINT AS quality")
+    rows.create_view("shard_keys", replace=True)
+    return connection.sql(sql).to_arrow_reader(200_000).cast(schema)
 
 
 def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:

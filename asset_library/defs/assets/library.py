@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from asset_library.defs.checks import audit
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource
-from asset_library.ingest.fingerprint import DEFAULT_PHASH_THRESHOLD
+from asset_library.ingest.fingerprint import DEFAULT_MIN_QUALITY, DEFAULT_PHASH_THRESHOLD
 from asset_library.lake import NEAR_DUPLICATES_SCHEMA, Catalog, merge_images
 from asset_library.lake.tables import lake_files, row_count
 from asset_library.layout import atomic_path
@@ -107,7 +107,14 @@ def similarity_index(library: LibraryResource) -> dg.MaterializeResult:
 )
 def near_duplicate_groups(library: LibraryResource) -> dg.MaterializeResult:
     layout = library.layout()
-    groups = SimilarityIndex(layout).groups(DEFAULT_PHASH_THRESHOLD)
+    catalog = Catalog(library.lake())
+    try:  # flat images' hashes are rounding noise: they would join unrelated images
+        flat = [md5 for (md5,) in catalog.execute(
+            "SELECT md5 FROM images WHERE quality < ?", [DEFAULT_MIN_QUALITY]
+        ).fetchall()]  # fmt: skip
+    finally:
+        catalog.close()
+    groups = SimilarityIndex(layout).groups(DEFAULT_PHASH_THRESHOLD, exclude=flat)
     rows = {
         "group_id": [n for n, group in enumerate(groups) for _ in group],
         "group_size": [len(group) for group in groups for _ in group],
@@ -122,6 +129,8 @@ def near_duplicate_groups(library: LibraryResource) -> dg.MaterializeResult:
     return dg.MaterializeResult(
         metadata={
             "threshold": DEFAULT_PHASH_THRESHOLD,
+            "min_quality": DEFAULT_MIN_QUALITY,
+            "left_out_low_information": len(flat),
             "groups": len(groups),
             "images_in_groups": len(rows["md5"]),
             "largest_group": len(groups[0]) if groups else 0,
