@@ -80,6 +80,7 @@ def write_keys(
         "batch": [batch] * n,
         "shard": [shard] * n,
         "ingested_at": [when] * n,
+        "quality": rng.integers(40, 100, n).astype(np.int16),  # photos, not flat images
     }
     table = pa.table(ok, schema=KEYS_SCHEMA)
     if rejects:
