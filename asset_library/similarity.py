@@ -60,7 +60,13 @@ class SimilarityIndex:
         manifest = self.directory / "segments.json"
         self.exists = manifest.exists()
         if self.exists:
-            saved = json.loads(manifest.read_text())
+            try:
+                saved = json.loads(manifest.read_text())
+            except (OSError, ValueError) as error:
+                raise IndexNotReady(
+                    f"the similarity index is damaged: {manifest} is unreadable ({error}); "
+                    f"delete {self.directory} and run refresh_library to rebuild it"
+                ) from None
             self.segments = saved.get("segments", {})
             self.images_version = int(saved.get("images_version", -1))
             self.lake_version = int(saved.get("lake_version", -1))

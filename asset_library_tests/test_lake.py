@@ -322,6 +322,14 @@ def test_similar_says_when_the_index_is_missing_or_behind(tmp_path, capsys):
     assert "behind the lake" in capsys.readouterr().err
     SimilarityIndex(layout).sync(lake)
     assert Library(layout.root).similar(first[0], max_distance=0)[0]["md5"] == first[0]
+    manifest = layout.index_dir / "segments.json"
+    manifest.write_text('{"segments": ')  # cut short
+    assert main(["similar", first[0], "--library", str(layout.root)]) != 0
+    err = capsys.readouterr().err
+    assert f"{manifest} is unreadable" in err and "refresh_library" in err
+    shutil.rmtree(layout.index_dir)  # what the message says to do
+    SimilarityIndex(layout).sync(lake)
+    assert Library(layout.root).similar(first[0], max_distance=0)[0]["md5"] == first[0]
 
 
 def test_a_library_of_the_previous_layout_is_migrated(tmp_path, capsys):
