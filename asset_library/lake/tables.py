@@ -31,7 +31,13 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import (
+    CommitProperties,
+    DeltaTable,
+    Transaction,
+    WriterProperties,
+    write_deltalake,
+)
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from asset_library.ids import check_shard_key
@@ -292,6 +298,22 @@ _ATTRIBUTES_SQL = f"""
     UNION ALL
     SELECT md5, d.a, d.v, d.t, 'derived', source_uri, batch, shard, bucket FROM derived
 """
+#: The cube as written: each bucket's rows by (attribute, value), so the row groups' min/max
+#: statistics let a filter ``attribute = X AND value = Y`` skip all but a few of them.
+_ATTRIBUTES_SORTED_SQL = f"""
+    SELECT * FROM ({_ATTRIBUTES_SQL}) ORDER BY bucket, attribute, value, md5
+"""
+#: Rows per Parquet row group of the cube: small enough that one attribute value spans few of
+#: a bucket file's row groups, large enough that a full scan is not dominated by their overhead.
+ATTRIBUTES_ROW_GROUP = 4096
+#: Columns compaction orders each cube file by (the same pruning, after files are merged).
+ATTRIBUTES_ORDER = ("attribute", "value")
+
+
+def _writer_properties(table: str) -> WriterProperties | None:
+    if table == "attributes":
+        return WriterProperties(max_row_group_size=ATTRIBUTES_ROW_GROUP)
+    return None
 
 
 def _reader(
@@ -312,7 +334,7 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
         for table, sql in (
             ("occurrences", _OCCURRENCES_SQL),
             ("rejects", _REJECTS_SQL),
-            ("attributes", _ATTRIBUTES_SQL),
+            ("attributes", _ATTRIBUTES_SORTED_SQL),
         ):
             started = time.perf_counter()
             target = lake.table(table)
@@ -323,6 +345,7 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
                 predicate=f"shard = '{shard}'",
                 partition_by=["bucket"],
                 target_file_size=256 << 20,
+                writer_properties=_writer_properties(table),
                 commit_properties=CommitProperties(custom_metadata={"asset_library.shard": shard}),
             )
             target.update_incremental()
@@ -557,7 +580,8 @@ def compact(
 ) -> dict[str, dict[str, Any]]:
     """Compact every bucket with ``min_files`` or more files (default 8: amortised, so a
     shard does not rewrite the whole library) into one, then vacuum files
-    replaced more than ``retention_hours`` ago. One optimize commit per table."""
+    replaced more than ``retention_hours`` ago. One optimize commit per table; the cube's
+    buckets are Z-ordered by (attribute, value) as they are merged, so its files stay pruned."""
     done: dict[str, dict[str, Any]] = {}
     for name in tables:
         table = lake.open(name)
@@ -571,9 +595,16 @@ def compact(
         crowded = sorted(b for b, n in buckets.items() if n >= min_files and b != "__null__")
         metrics: dict[str, Any] = {"files_before": sum(buckets.values()), "buckets": len(crowded)}
         if crowded:
-            result = table.optimize.compact(
-                partition_filters=[("bucket", "in", crowded)], target_size=512 << 20
-            )
+            filters = [("bucket", "in", crowded)]
+            if name == "attributes":  # one file per bucket, its row groups by attribute, value
+                result = table.optimize.z_order(
+                    ATTRIBUTES_ORDER,
+                    partition_filters=filters,
+                    target_size=512 << 20,
+                    writer_properties=_writer_properties(name),
+                )
+            else:
+                result = table.optimize.compact(partition_filters=filters, target_size=512 << 20)
             metrics.update(
                 files_added=result.get("numFilesAdded"), files_removed=result.get("numFilesRemoved")
             )
