@@ -285,7 +285,10 @@ def test_text_filters_reach_pyarrow_and_skip_the_cubes_row_groups(tmp_path):
     lake = Lake.of(layout, {})
     rng = np.random.default_rng(12)
     cats: set[str] = set()
-    for shard, md5s in (("p-s00000", random_md5s(rng, 6000)), ("p-s00001", random_md5s(rng, 3000))):
+    for shard, md5s in (
+        ("p-s00000", random_md5s(rng, 14_000)),
+        ("p-s00001", random_md5s(rng, 6000)),
+    ):
         keys = write_keys(
             layout.keys_path(shard), batch="p", shard=shard, n_buckets=2, md5s=md5s, seed=len(md5s)
         )
@@ -305,14 +308,14 @@ def test_text_filters_reach_pyarrow_and_skip_the_cubes_row_groups(tmp_path):
     assert above[0]["n"] == sum(
         1 for m in library.query("SELECT md5 FROM images WHERE bucket = 1") if m["md5"] > some
     )
-    # the cube is written by (attribute, value) in small row groups: a value's rows lie in one
-    # or two of each file's row groups, and pyarrow's statistics skip the others
+    # the cube is written by (attribute, value): a value's rows lie in one (rarely two) of each
+    # file's row groups, and pyarrow's statistics skip the others (here 4 of 10 are read)
     files, groups, kept = _cat_row_groups(lake)
-    assert files == 4 and groups >= 4 * files and kept <= 2 * files, (files, groups, kept)
-    # compaction Z-orders each bucket's cube by (attribute, value): still pruned, same answer
+    assert files == 4 and groups >= 2 * files and kept <= files + 1, (files, groups, kept)
+    # compaction sorts each bucket's merged cube again: still pruned (2 of 8), same answer
     compact(lake, min_files=2)
     files, groups, kept = _cat_row_groups(lake)
-    assert files == 2 and kept * 2 < groups, (files, groups, kept)
+    assert files == 2 and groups >= 2 * files and kept <= files + 1, (files, groups, kept)
     assert {r["md5"] for r in Library(layout.root).query(query)} == cats
 
 
