@@ -32,6 +32,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import (
+    ColumnProperties,
     CommitProperties,
     DeltaTable,
     Transaction,
@@ -305,14 +306,20 @@ _ATTRIBUTES_SORTED_SQL = f"""
 """
 #: Rows per Parquet row group of the cube: small enough that one attribute value spans few of
 #: a bucket file's row groups, large enough that a full scan is not dominated by their overhead.
-ATTRIBUTES_ROW_GROUP = 16384
+ATTRIBUTES_ROW_GROUP = 4096
 
 
 def _writer_properties(table: str) -> WriterProperties | None:
     if table == "attributes":
         # Sorted by attribute, an image's rows no longer sit together: its md5 and source_uri
-        # repeat in other row groups. ZSTD entropy-codes that hex text (snappy does not).
-        return WriterProperties(max_row_group_size=ATTRIBUTES_ROW_GROUP, compression="ZSTD")
+        # recur in other row groups, nearly unique in each (no dictionary pays off), and ZSTD
+        # entropy-codes their hex text (snappy does not).
+        unique = ColumnProperties(dictionary_enabled=False)
+        return WriterProperties(
+            max_row_group_size=ATTRIBUTES_ROW_GROUP,
+            compression="ZSTD",
+            column_properties={"md5": unique, "source_uri": unique},
+        )
     return None
 
 
