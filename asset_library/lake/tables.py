@@ -626,7 +626,7 @@ def compact(
 def _sort_buckets(table: DeltaTable, buckets: list[int]) -> dict[str, Any]:
     """Rewrite the cube's files of these buckets as one file per bucket ordered by
     (attribute, value, md5), as a shard writes them: one overwrite commit restricted to those
-    buckets, made against the version read (a concurrent shard commit in them fails it).
+    buckets, made against the version read, so Delta's conflict check covers it.
 
     delta-rs's ``optimize.compact`` would keep each file's rows in file order (one sorted run
     per merged file, each matching a filter somewhere) and ``optimize.z_order`` spreads an
