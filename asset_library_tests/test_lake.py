@@ -27,6 +27,7 @@ from asset_library.ingest.shard import KEYS_SCHEMA
 from asset_library.lake import Lake, compact, merge_images, write_shard
 from asset_library.lake.catalog import LakeReadError
 from asset_library.lake.scan import lake_dataset
+from asset_library.lake.tables import _sort_buckets
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import IndexNotReady, SimilarityIndex
 from asset_library_tests.synthetic import random_md5s, write_keys
@@ -317,6 +318,21 @@ def test_text_filters_reach_pyarrow_and_skip_the_cubes_row_groups(tmp_path):
     files, groups, kept = _cat_row_groups(lake)
     assert files == 2 and kept <= 2 * files and kept * 4 <= groups, (files, groups, kept)
     assert {r["md5"] for r in Library(layout.root).query(query)} == cats
+
+
+def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(tmp_path):
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(13)
+    _land(layout, lake, "q-s00000", random_md5s(rng, 300))
+    _land(layout, lake, "q-s00001", random_md5s(rng, 300))
+    read = lake.open("attributes")  # what the compaction read
+    _land(layout, lake, "q-s00000", random_md5s(rng, 100))  # the shard replaced meanwhile
+    with pytest.raises(CommitFailedError):  # it removed files the sort would rewrite
+        _sort_buckets(read, list(range(BUCKETS)))
+    found = Library(layout.root).query(
+        "SELECT shard, count(*) AS n FROM attribute_occurrences GROUP BY shard ORDER BY shard"
+    )
+    assert found == [{"shard": "q-s00000", "n": 600}, {"shard": "q-s00001", "n": 1800}]
 
 
 def test_a_copied_library_answers_from_its_own_data(tmp_path):
