@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
@@ -25,6 +26,8 @@ from asset_library.ids import bucket_of
 from asset_library.ingest.shard import KEYS_SCHEMA
 from asset_library.lake import Lake, compact, merge_images, write_shard
 from asset_library.lake.catalog import LakeReadError
+from asset_library.lake.scan import lake_dataset
+from asset_library.lake.tables import _sort_buckets
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import IndexNotReady, SimilarityIndex
 from asset_library_tests.synthetic import random_md5s, write_keys
@@ -255,9 +258,81 @@ def test_lookup_reads_one_bucket_and_a_damaged_bucket_breaks_only_itself(tmp_pat
         fresh.lookup(victim)
     other = (damaged_bucket + 2) % BUCKETS
     assert fresh.query(f"SELECT count(*) AS n FROM images WHERE bucket = {other}")[0]["n"] > 0
+    # a text filter beside the bucket goes down too, and still opens only that bucket's files
+    assert fresh.query(f"SELECT md5 FROM image('{target}')") == [{"md5": target}]
+    cube = f"SELECT count(*) AS n FROM attribute_occurrences WHERE bucket = {other} AND "
+    assert fresh.query(cube + "attribute = 'label' AND value >= 'a'")[0]["n"] > 0
+    with pytest.raises(duckdb.Error):
+        fresh.query("SELECT count(*) AS n FROM images_with_attribute('label', 'cat')")
     with pytest.raises(duckdb.Error):
         fresh.query("SELECT count(*) AS n FROM images WHERE width > 0")
     del library
+
+
+def _cat_row_groups(lake: Lake) -> tuple[int, int, int]:
+    """(files, row groups, row groups statistics leave for label = 'cat') of the cube."""
+    dataset = lake_dataset(lake.open("attributes"), lake)
+    cat = (pc.field("attribute") == "label") & (pc.field("value") == "cat")
+    files = groups = kept = 0
+    for fragment in dataset.get_fragments():
+        files += 1
+        groups += fragment.num_row_groups
+        kept += fragment.subset(filter=cat, schema=dataset.schema).num_row_groups
+    return files, groups, kept
+
+
+def test_text_filters_reach_pyarrow_and_skip_the_cubes_row_groups(tmp_path):
+    layout = LibraryLayout.open(tmp_path / "library", 2)
+    lake = Lake.of(layout, {})
+    rng = np.random.default_rng(12)
+    cats: set[str] = set()
+    for shard, md5s in (
+        ("p-s00000", random_md5s(rng, 14_000)),
+        ("p-s00001", random_md5s(rng, 6000)),
+    ):
+        keys = write_keys(
+            layout.keys_path(shard), batch="p", shard=shard, n_buckets=2, md5s=md5s, seed=len(md5s)
+        )
+        rows = pq.read_table(keys, columns=["md5", "extras"]).to_pylist()
+        cats |= {r["md5"] for r in rows if json.loads(r["extras"])["label"] == "cat"}
+        write_shard(lake, shard, keys)
+    merge_images(lake)
+    # the MERGE wrote images with text as string_view: the case pyarrow cannot prune itself
+    image_files = [u.removeprefix("file://") for u in DeltaTable(lake.uri("images")).file_uris()]
+    assert any(pq.read_schema(f).field("md5").type == pa.string_view() for f in image_files)
+    library = Library(layout.root)
+    query = "SELECT md5 FROM images_with_attribute('label', 'cat')"
+    assert {r["md5"] for r in library.query(query)} == cats
+    some = sorted(cats)[len(cats) // 2]
+    assert library.query(f"SELECT md5 FROM images WHERE md5 = '{some}'") == [{"md5": some}]
+    above = library.query(f"SELECT count(*) AS n FROM images WHERE md5 > '{some}' AND bucket = 1")
+    assert above[0]["n"] == sum(
+        1 for m in library.query("SELECT md5 FROM images WHERE bucket = 1") if m["md5"] > some
+    )
+    # the cube is written by (attribute, value): a value's rows lie in one (rarely two) of each
+    # file's row groups, and pyarrow's statistics skip the others (here 7 of 32 are read)
+    files, groups, kept = _cat_row_groups(lake)
+    assert files == 4 and kept <= 2 * files and kept * 4 <= groups, (files, groups, kept)
+    # compaction sorts each bucket's merged cube again: still pruned (4 of 30), same answer
+    compact(lake, min_files=2)
+    files, groups, kept = _cat_row_groups(lake)
+    assert files == 2 and kept <= 2 * files and kept * 4 <= groups, (files, groups, kept)
+    assert {r["md5"] for r in Library(layout.root).query(query)} == cats
+
+
+def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(tmp_path):
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(13)
+    _land(layout, lake, "q-s00000", random_md5s(rng, 300))
+    _land(layout, lake, "q-s00001", random_md5s(rng, 300))
+    read = lake.open("attributes")  # what the compaction read
+    _land(layout, lake, "q-s00000", random_md5s(rng, 100))  # the shard replaced meanwhile
+    with pytest.raises(CommitFailedError):  # it removed files the sort would rewrite
+        _sort_buckets(read, list(range(BUCKETS)))
+    found = Library(layout.root).query(
+        "SELECT shard, count(*) AS n FROM attribute_occurrences GROUP BY shard ORDER BY shard"
+    )
+    assert found == [{"shard": "q-s00000", "n": 600}, {"shard": "q-s00001", "n": 1800}]
 
 
 def test_a_copied_library_answers_from_its_own_data(tmp_path):

@@ -9,8 +9,9 @@ runs with ``enable_external_access = false`` and its configuration locked.
 Views: ``occurrences`` (every accepted source), ``images`` (one row per md5), ``rejects``,
 ``attribute_occurrences`` (the cube as written), ``attributes`` (one row per md5/attribute/value)
 and ``near_duplicates`` (groups the similarity index found). Table macros (parameterised views;
-arguments are bound values, never SQL text) are listed in :data:`MACROS`. A filter on ``bucket``
-with a constant reaches pyarrow, which then opens only that bucket's files.
+arguments are bound values, never SQL text) are listed in :data:`MACROS`. DuckDB hands its
+filters to pyarrow (:class:`LakeDataset`): one on ``bucket`` opens only that bucket's files, and
+one on any column skips the row groups whose statistics rule it out.
 """
 
 from __future__ import annotations
@@ -25,14 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
-from pyarrow import fs
 
-try:  # DuckDB 2's scan adapters: a Source we build is used as it is
-    from duckdb._sources.nodes import Col
-    from duckdb._sources.pyarrow import PyArrowDatasetSource
-except ImportError:  # pragma: no cover - other DuckDB versions push down as they do
-    PyArrowDatasetSource = None
-
+from asset_library.lake.scan import LakeDataset, lake_dataset
 from asset_library.lake.tables import SCHEMAS, Lake
 from asset_library.sql_guard import check_read_only_query, lock_down
 
@@ -113,7 +108,7 @@ class Catalog:
         self.connection = duckdb.connect(config={"threads": 2})
         self._tables: dict[str, DeltaTable | None] = {}
         self._versions: dict[str, int | None] = {}
-        self._datasets: dict[str, pds.Dataset] = {}
+        self._datasets: dict[str, LakeDataset] = {}
         self._by_bucket: dict[str, dict[int | None, list[pds.Fragment]]] = {}
         self._groups_mtime: int | None = -1
         self.refresh()
@@ -148,7 +143,7 @@ class Catalog:
                 dataset = lake_dataset(table, self.lake)
                 self._datasets[name] = dataset
                 self._by_bucket.pop(name, None)
-                _register(self.connection, f"_lake_{name}", dataset)
+                self.connection.register(f"_lake_{name}", dataset)
             self._versions[name] = version
         self._refresh_groups()
 
@@ -176,17 +171,16 @@ class Catalog:
             for fragment in dataset.get_fragments():
                 by_bucket.setdefault(_bucket_of(fragment), []).append(fragment)
             self._by_bucket[table] = by_bucket
-        bucket_filter = pc.field("bucket") == pa.scalar(int(bucket), pa.int32())
+        key_filter = (pc.field("bucket") == pa.scalar(int(bucket), pa.int32())) & (
+            pc.field("md5") == pa.scalar(md5, pa.string())
+        )
         fragments = by_bucket.get(int(bucket), []) + by_bucket.get(None, [])
         if not fragments:
             return SCHEMAS[table].empty_table()
         try:
-            rows = pds.FileSystemDataset(
-                fragments, dataset.schema, dataset.format, dataset.filesystem
-            ).to_table(filter=bucket_filter)
+            return dataset.of_files(fragments).scanner(filter=key_filter).to_table()
         except (pa.ArrowException, OSError) as error:
             raise LakeReadError(f"cannot read bucket {bucket} of {table}: {error}") from error
-        return rows.filter(pc.equal(rows["md5"].cast(pa.string()), md5))
 
     def table(self, name: str) -> DeltaTable | None:
         """The Delta table as of the last :meth:`refresh` (``None`` if it does not exist)."""
@@ -213,77 +207,7 @@ class Catalog:
         pass
 
 
-def lake_dataset(table: DeltaTable, lake: Lake) -> pds.Dataset:
-    """A pyarrow dataset of the table's live files (from its log), each tagged with its
-    bucket, so a ``bucket = N`` filter opens one bucket's files. Local files are read through
-    pyarrow's own filesystem (cheaper per file than delta-rs's Python wrapper)."""
-    if lake.is_s3:
-        return table.to_pyarrow_dataset()
-    actions = pa.table(table.get_add_actions(flatten=True))
-    root = Path(lake.uri(_table_name(table, lake)))
-    parquet = pds.ParquetFileFormat()
-    local = fs.LocalFileSystem()
-    fragments = [
-        parquet.make_fragment(
-            str(root / path),
-            local,
-            partition_expression=(
-                pc.field("bucket").is_null()
-                if bucket is None
-                else pc.field("bucket") == pa.scalar(int(bucket), pa.int32())
-            ),
-        )
-        for path, bucket in zip(
-            actions["path"].to_pylist(), actions["partition.bucket"].to_pylist(), strict=True
-        )
-    ]
-    schema = table.schema().to_arrow()
-    return pds.FileSystemDataset(fragments, pa.schema(schema), parquet, local)
-
-
 def _bucket_of(fragment: pds.Fragment) -> int | None:
     """The bucket a fragment's partition expression names (None if it names none)."""
     found = pds.get_partition_keys(fragment.partition_expression).get("bucket")
     return None if found is None else int(found)
-
-
-def _table_name(table: DeltaTable, lake: Lake) -> str:
-    return table.table_uri.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _string_columns(predicate: Any) -> set[str]:
-    found: set[str] = set()
-    pending = [predicate]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, Col):
-            found.add(node.parts[0])
-        elif isinstance(node, list | tuple):
-            pending.extend(node)
-        elif hasattr(node, "__dataclass_fields__"):
-            pending.extend(getattr(node, f) for f in node.__dataclass_fields__)
-    return found
-
-
-if PyArrowDatasetSource is not None:
-
-    class _LakeScan(PyArrowDatasetSource):
-        """A lake dataset as DuckDB scans it: filters on numbers and times (the bucket above
-        all) go down to pyarrow, which prunes files and row groups by them; filters on text
-        stay in DuckDB, because files that delta-rs rewrote hold text as string_view, which
-        pyarrow will not compare with a plain string."""
-
-        def accepts(self, predicate: Any) -> bool:
-            schema = self.declared_schema()
-            strings = {f.name for f in schema if not pa.types.is_integer(f.type)}
-            if _string_columns(predicate) & strings:
-                return False
-            return super().accepts(predicate)
-
-    def _register(connection: duckdb.DuckDBPyConnection, name: str, data: pds.Dataset) -> None:
-        connection._register_arrow_source(name, _LakeScan(data))
-
-else:  # pragma: no cover
-
-    def _register(connection: duckdb.DuckDBPyConnection, name: str, data: pds.Dataset) -> None:
-        connection.register(name, data)

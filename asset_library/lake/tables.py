@@ -31,7 +31,14 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import (
+    ColumnProperties,
+    CommitProperties,
+    DeltaTable,
+    Transaction,
+    WriterProperties,
+    write_deltalake,
+)
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from asset_library.ids import check_shard_key
@@ -293,6 +300,28 @@ _ATTRIBUTES_SQL = f"""
     UNION ALL
     SELECT md5, d.a, d.v, d.t, 'derived', source_uri, batch, shard, bucket FROM derived
 """
+#: The cube as written: each bucket's rows by (attribute, value), so the row groups' min/max
+#: statistics let a filter ``attribute = X AND value = Y`` skip all but a few of them.
+_ATTRIBUTES_SORTED_SQL = f"""
+    SELECT * FROM ({_ATTRIBUTES_SQL}) ORDER BY bucket, attribute, value, md5
+"""
+#: Rows per Parquet row group of the cube: small enough that one attribute value spans few of
+#: a bucket file's row groups, large enough that a full scan is not dominated by their overhead.
+ATTRIBUTES_ROW_GROUP = 4096
+
+
+def _writer_properties(table: str) -> WriterProperties | None:
+    if table == "attributes":
+        # Sorted by attribute, an image's rows no longer sit together: its md5 and source_uri
+        # recur in other row groups, nearly unique in each (no dictionary pays off), and ZSTD
+        # entropy-codes their hex text (snappy does not).
+        unique = ColumnProperties(dictionary_enabled=False)
+        return WriterProperties(
+            max_row_group_size=ATTRIBUTES_ROW_GROUP,
+            compression="ZSTD",
+            column_properties={"md5": unique, "source_uri": unique},
+        )
+    return None
 
 
 def _reader(
@@ -318,7 +347,7 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
         for table, sql in (
             ("occurrences", _OCCURRENCES_SQL),
             ("rejects", _REJECTS_SQL),
-            ("attributes", _ATTRIBUTES_SQL),
+            ("attributes", _ATTRIBUTES_SORTED_SQL),
         ):
             started = time.perf_counter()
             target = lake.table(table)
@@ -329,6 +358,7 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
                 predicate=f"shard = '{shard}'",
                 partition_by=["bucket"],
                 target_file_size=256 << 20,
+                writer_properties=_writer_properties(table),
                 commit_properties=CommitProperties(custom_metadata={"asset_library.shard": shard}),
             )
             target.update_incremental()
@@ -563,7 +593,8 @@ def compact(
 ) -> dict[str, dict[str, Any]]:
     """Compact every bucket with ``min_files`` or more files (default 8: amortised, so a
     shard does not rewrite the whole library) into one, then vacuum files
-    replaced more than ``retention_hours`` ago. One optimize commit per table."""
+    replaced more than ``retention_hours`` ago. One commit per table: an optimize, or for the
+    cube a rewrite of those buckets sorted by (attribute, value) as shards write it."""
     done: dict[str, dict[str, Any]] = {}
     for name in tables:
         table = lake.open(name)
@@ -577,9 +608,12 @@ def compact(
         crowded = sorted(b for b, n in buckets.items() if n >= min_files and b != "__null__")
         metrics: dict[str, Any] = {"files_before": sum(buckets.values()), "buckets": len(crowded)}
         if crowded:
-            result = table.optimize.compact(
-                partition_filters=[("bucket", "in", crowded)], target_size=512 << 20
-            )
+            if name == "attributes":  # merged and sorted again, so its files stay pruned
+                result = _sort_buckets(table, [int(b) for b in crowded])
+            else:
+                result = table.optimize.compact(
+                    partition_filters=[("bucket", "in", crowded)], target_size=512 << 20
+                )
             metrics.update(
                 files_added=result.get("numFilesAdded"), files_removed=result.get("numFilesRemoved")
             )
@@ -593,6 +627,42 @@ def compact(
         metrics["files_after"] = len(table.file_uris())
         done[name] = metrics
     return done
+
+
+def _sort_buckets(table: DeltaTable, buckets: list[int]) -> dict[str, Any]:
+    """Rewrite the cube's files of these buckets as one file per bucket ordered by
+    (attribute, value, md5), as a shard writes them: one overwrite commit restricted to those
+    buckets, made against the version read, so Delta's conflict check covers it.
+
+    delta-rs's ``optimize.compact`` would keep each file's rows in file order (one sorted run
+    per merged file, each matching a filter somewhere) and ``optimize.z_order`` spreads an
+    attribute's rows over most row groups' min/max ranges; a plain sort keeps one value in one
+    or two row groups of the file."""
+    listed = ", ".join(str(b) for b in buckets)
+    rows = table.to_pyarrow_dataset().scanner(filter=pc.field("bucket").isin(buckets))
+    with duckdb.connect() as connection:
+        connection.register("rows", rows.to_reader())
+        sorted_rows = connection.sql(
+            "SELECT * FROM rows ORDER BY bucket, attribute, value, md5"
+        ).to_arrow_reader(200_000)
+        write_deltalake(
+            table,
+            sorted_rows.cast(ATTRIBUTES_SCHEMA),
+            mode="overwrite",
+            predicate=f"bucket IN ({listed})",
+            partition_by=["bucket"],
+            target_file_size=512 << 20,
+            writer_properties=_writer_properties("attributes"),
+            commit_properties=CommitProperties(
+                custom_metadata={"asset_library.operation": "sort buckets"}
+            ),
+        )
+    table.update_incremental()
+    metrics = table.history(1)[0].get("operationMetrics", {})
+    return {
+        "numFilesAdded": metrics.get("num_added_files"),
+        "numFilesRemoved": metrics.get("num_removed_files"),
+    }
 
 
 def lake_files(lake: Lake) -> dict[str, dict[str, int]]:
