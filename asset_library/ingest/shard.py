@@ -26,25 +26,17 @@ from asset_library.ingest.fingerprint import Fingerprint, rejected_unreadable
 from asset_library.ingest.sources import SourceItem, SourceReadError
 from asset_library.ingest.workers import FingerprintPool
 from asset_library.layout import temp_path_for
+from asset_library.schema import IMAGE_COLUMNS, TIMESTAMP
 from asset_library.storage import ObjectStore, PutResult, object_key
 
 KEYS_SCHEMA = pa.schema(
     [
         ("ordinal", pa.int64()),
         ("source_uri", pa.string()),
-        ("md5", pa.string()),
-        ("size_bytes", pa.int64()),
+        *IMAGE_COLUMNS,
         ("status", pa.string()),
         ("reason", pa.string()),
         ("message", pa.string()),
-        ("format", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("orientation", pa.int16()),
-        ("frames", pa.int32()),
-        ("phash", pa.string()),
-        ("ahash", pa.string()),
-        ("dhash", pa.string()),
         ("camera_make", pa.string()),
         ("camera_model", pa.string()),
         ("captured_at", pa.string()),
@@ -53,8 +45,7 @@ KEYS_SCHEMA = pa.schema(
         ("uploaded", pa.bool_()),
         ("batch", pa.string()),
         ("shard", pa.string()),
-        ("ingested_at", pa.timestamp("us", tz="UTC")),
-        ("quality", pa.int16()),  # added last: files written before it simply lack it
+        ("ingested_at", TIMESTAMP),
     ]
 )
 _FINGERPRINT_FIELDS = [name for name in Fingerprint.__slots__ if name in KEYS_SCHEMA.names]

@@ -43,6 +43,7 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from asset_library.ids import check_shard_key
 from asset_library.layout import LibraryLayout
+from asset_library.schema import IMAGE_COLUMNS, TIMESTAMP
 
 #: The Delta app id under which ``images`` records the occurrences version it has merged.
 IMAGES_APP = "asset_library.images"
@@ -60,28 +61,15 @@ DERIVED_ATTRIBUTES = {
     "image.animated": "true when the image has more than one frame",
 }
 
-_TS = pa.timestamp("us", tz="UTC")
-_IMAGE_COLUMNS = [
-    ("md5", pa.string()),
-    ("size_bytes", pa.int64()),
-    ("format", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("orientation", pa.int16()),
-    ("frames", pa.int32()),
-    ("phash", pa.string()),
-    ("ahash", pa.string()),
-    ("dhash", pa.string()),
-    ("quality", pa.int16()),
-]
+
 OCCURRENCES_SCHEMA = pa.schema(
     [
-        *_IMAGE_COLUMNS,
+        *IMAGE_COLUMNS,
         ("source_uri", pa.string()),
         ("batch", pa.string()),
         ("shard", pa.string()),
         ("ordinal", pa.int64()),
-        ("ingested_at", _TS),
+        ("ingested_at", TIMESTAMP),
         ("bucket", pa.int32()),
     ]
 )
@@ -96,7 +84,7 @@ REJECTS_SCHEMA = pa.schema(
         ("batch", pa.string()),
         ("shard", pa.string()),
         ("ordinal", pa.int64()),
-        ("ingested_at", _TS),
+        ("ingested_at", TIMESTAMP),
         ("bucket", pa.int32()),
     ]
 )
@@ -117,12 +105,12 @@ ATTRIBUTES_SCHEMA = pa.schema(
 #: its first occurrence (by ingested_at, shard, ordinal); ``occurrences`` counts them all.
 IMAGES_SCHEMA = pa.schema(
     [
-        *_IMAGE_COLUMNS,
+        *IMAGE_COLUMNS,
         ("source_uri", pa.string()),
         ("batch", pa.string()),
         ("shard", pa.string()),
         ("ordinal", pa.int64()),
-        ("ingested_at", _TS),
+        ("ingested_at", TIMESTAMP),
         ("occurrences", pa.int64()),
         ("bucket", pa.int32()),
     ]
