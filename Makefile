@@ -26,7 +26,8 @@ demo: install
 
 # The UI on the demo's library: its own Dagster instance holds the runs the CLI made.
 ui: install
-	mkdir -p $(LIBRARY)/.dagster && cp -n dagster.yaml $(LIBRARY)/.dagster/ || true
+	@# The project's dagster.yaml is the instance's: copied on every launch, so edits reach it.
+	mkdir -p $(LIBRARY)/.dagster && cp dagster.yaml $(LIBRARY)/.dagster/dagster.yaml
 	ASSET_LIBRARY_HOME=$(abspath $(LIBRARY)) DAGSTER_HOME=$(abspath $(LIBRARY))/.dagster \
 		$(UV) run dagster dev -w workspace.yaml
 
