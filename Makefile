@@ -20,6 +20,13 @@ install:
 			echo "PostgreSQL 15 not found at $(PG_BIN): install it and set ASSET_LIBRARY_PG_BIN" \
 				"for asset_library_tests/test_production_profile.py"; \
 		fi; }
+	@test -x /usr/bin/chromedriver || { \
+		if command -v apt-get >/dev/null 2>&1; then \
+			$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+		else \
+			echo "Chromium and chromedriver not found in /usr/bin: install them" \
+				"for asset_library_tests/test_serve_browser.py"; \
+		fi; }
 
 demo: install
 	$(UV) run asset-library ingest $(CORPUS) --library $(LIBRARY) --shard-size $(SHARD_SIZE)
