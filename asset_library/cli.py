@@ -110,6 +110,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     sql.set_defaults(handler=_sql)
 
+    serve = commands.add_parser(
+        "serve", parents=[common], help="the library over HTTP: a JSON API and a gallery page"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    serve.add_argument("--port", type=_at_least(0), default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--cache-dir", help="thumbnail cache (default: ~/.cache/asset-library/<library>)"
+    )
+    serve.add_argument(
+        "--max-upload-mb",
+        type=float,
+        help="largest upload /similar accepts (default $ASSET_LIBRARY_MAX_UPLOAD_MB or 20)",
+    )
+    serve.add_argument(
+        "--upload-workers", type=_at_least(1), default=2, help="uploads fingerprinted at once"
+    )
+    serve.set_defaults(handler=_serve)
+
     migrate = commands.add_parser(
         "migrate",
         parents=[common],
@@ -294,6 +312,20 @@ def _sql(args: argparse.Namespace) -> int:
             writer = csv.writer(sys.stdout, lineterminator="\n")
             writer.writerow(names)
             writer.writerows(result.fetchall())
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from asset_library.serve import ServeSettings, serve
+
+    settings = ServeSettings.resolve(
+        args.library,
+        host=args.host,
+        cache_dir=args.cache_dir,
+        max_upload_mb=args.max_upload_mb,
+        upload_workers=args.upload_workers,
+    )
+    serve(settings, host=args.host, port=args.port)
     return 0
 
 

@@ -1,0 +1,281 @@
+"""The JSON API over one library, read-only: lookups, bytes, thumbnails, search, macros, pages.
+
+Nothing a request does writes the library: the catalog is read-only, and thumbnails go to the
+service's own cache folder. Errors are JSON ``{"detail": ...}`` naming the bad input.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import duckdb
+import uvicorn
+from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from asset_library.ids import InvalidIdError, check_md5
+from asset_library.ingest.fingerprint import DEFAULT_MIN_QUALITY
+from asset_library.library import Library
+from asset_library.serve import reads
+from asset_library.serve.auth import TokenRequired
+from asset_library.serve.settings import ServeSettings
+from asset_library.serve.thumbs import ThumbnailCache
+from asset_library.serve.uploads import BodyLimit, PoolBusy, UploadPool
+from asset_library.similarity import IndexNotReady
+from asset_library.storage import ObjectNotFoundError, ObjectStoreError, object_key
+
+T = TypeVar("T")
+STATIC = Path(__file__).parent / "static"
+#: Content-addressed: the bytes behind a key never change.
+IMMUTABLE = "private, max-age=31536000, immutable"
+
+Limit = Annotated[int, Query(ge=1, le=1000, description="rows per page")]
+Offset = Annotated[int, Query(ge=0, description="rows to skip")]
+
+router = APIRouter()
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """The service: the API, the gallery and its static files, behind the upload cap and, when
+    a token is set, the token rule."""
+    from asset_library.serve.gallery import router as gallery_router
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.uploads = UploadPool(settings.upload_workers, settings.upload_wait_s)
+        try:
+            yield
+        finally:
+            app.state.uploads.close()
+
+    app = FastAPI(
+        title="asset-library",
+        summary="A read-only image library: lookups, near-duplicate search, catalog macros.",
+        version="1",
+        docs_url=None,  # Swagger UI loads from a CDN; /docs is a plain page built from the schema
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.libraries = reads.LibraryPool(settings.library, settings.readers)
+    app.state.thumbs = ThumbnailCache(settings.cache_dir / "thumbs", settings.thumb_size)
+    app.include_router(router)
+    app.include_router(gallery_router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    for error, status in (
+        (InvalidIdError, 422),
+        (reads.MacroArgumentsError, 422),
+        (IndexNotReady, 503),
+        (PoolBusy, 503),
+        (ObjectStoreError, 502),
+    ):
+        app.add_exception_handler(error, _status_of(status))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    if settings.token:
+        app.add_middleware(TokenRequired, token=settings.token)  # outermost: checked first
+    return app
+
+
+def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the service in this process until interrupted."""
+    print(f"library   {settings.library}", flush=True)
+    print(f"cache     {settings.cache_dir}", flush=True)
+    print(f"token     {'required' if settings.token else 'none (loopback only)'}", flush=True)
+    uvicorn.run(create_app(settings), host=host, port=port, server_header=False)
+
+
+def _status_of(status: int) -> Callable[[Request, Exception], Any]:
+    async def handle(request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=status)
+
+    return handle
+
+
+def with_library(request: Request, work: Callable[[Library], T]) -> T:
+    """Run ``work`` on one of the service's library handles."""
+    with request.app.state.libraries.borrow() as library:
+        return work(library)
+
+
+def page_body(request: Request, page: reads.Page, key: str) -> dict[str, Any]:
+    """A page as JSON: its slice under ``key``, the total, and a link to the next page."""
+    following = None
+    if page.has_next:
+        following = str(request.url.include_query_params(offset=page.offset + page.limit))
+    return {
+        "total": page.total,
+        "limit": page.limit,
+        "offset": page.offset,
+        "next": following,
+        key: page.items,
+    }
+
+
+def _known(library: Library, md5: str) -> str:
+    """The image's format; 404 if the library does not have it."""
+    found = reads.image_format(library, md5)
+    if found is None:
+        raise HTTPException(404, f"no image with md5 {md5} in the library")
+    return found
+
+
+def _etag_matches(request: Request, etag: str) -> bool:
+    header = request.headers.get("if-none-match")
+    if header is None:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+@router.get("/images/{md5}", summary="An image's record, as Library.lookup returns it")
+def image(request: Request, md5: str) -> dict[str, Any]:
+    key = check_md5(md5)
+    found = with_library(request, lambda library: library.lookup(key))
+    if found is None:
+        raise HTTPException(404, f"no image with md5 {key} in the library")
+    return found
+
+
+@router.get(
+    "/images/{md5}/bytes",
+    summary="The stored bytes (ETag = md5; If-None-Match gives 304)",
+    response_class=Response,
+)
+def image_bytes(request: Request, md5: str) -> Response:
+    key = check_md5(md5)
+    etag = f'"{key}"'
+    headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
+
+    def read(library: Library) -> Response:
+        kind = _known(library, key)
+        if _etag_matches(request, etag):
+            return Response(status_code=304, headers=headers)
+        data = request.app.state.libraries.object_store(library).get(object_key(key))
+        media = reads.MEDIA_TYPES.get(kind, "application/octet-stream")
+        return Response(data, media_type=media, headers=headers)
+
+    return with_library(request, read)
+
+
+@router.get(
+    "/images/{md5}/thumb",
+    summary="A JPEG thumbnail (longest side 256 px), made once and cached",
+    response_class=FileResponse,
+)
+def image_thumb(request: Request, md5: str) -> Response:
+    key = check_md5(md5)
+    thumbs: ThumbnailCache = request.app.state.thumbs
+    etag = f'"{key}-{thumbs.size}"'
+    headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
+    path = thumbs.cached(key)
+    if path is None:
+
+        def make(library: Library) -> Path:
+            _known(library, key)
+            try:
+                data = request.app.state.libraries.object_store(library).get(object_key(key))
+            except ObjectNotFoundError as error:
+                raise HTTPException(404, f"image {key}: {error}") from None
+            return thumbs.make(key, data)
+
+        path = with_library(request, make)
+    if _etag_matches(request, etag):
+        return Response(status_code=304, headers=headers)
+    return FileResponse(path, media_type="image/jpeg", headers=headers)
+
+
+@router.post("/similar", summary="Images near an uploaded image (field 'image') or ?md5=")
+async def similar(
+    request: Request,
+    image: Annotated[UploadFile | None, File(description="an image file")] = None,
+    md5: Annotated[str | None, Query(description="an image of the library")] = None,
+    max_distance: Annotated[int | None, Query(ge=0, le=64, description="bits (8)")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    hash: Literal["phash", "ahash", "dhash"] = "phash",
+    transforms: Literal["none", "dihedral"] = "none",
+    min_quality: Annotated[
+        int, Query(ge=0, le=100, description="leave out flatter images; 0 keeps them")
+    ] = DEFAULT_MIN_QUALITY,
+) -> dict[str, Any]:
+    if (image is None) == (md5 is None):
+        raise HTTPException(
+            422, "give either an image (multipart field 'image') or ?md5=, and not both"
+        )
+    options = {
+        "max_distance": max_distance,
+        "limit": limit,
+        "hash": hash,
+        "transforms": transforms,
+        "min_quality": min_quality or None,
+    }
+    if md5 is not None:
+        key = check_md5(md5)
+
+        def by_md5(library: Library) -> list[dict[str, Any]]:
+            _known(library, key)
+            return library.similar(key, **options)
+
+        found = await run_in_threadpool(with_library, request, by_md5)
+    else:
+        data = await image.read()
+        if not data:
+            raise HTTPException(422, f"the uploaded file {image.filename!r} is empty")
+        try:
+            found = await request.app.state.uploads.run(
+                lambda: with_library(request, lambda library: library.similar(data, **options))
+            )
+        except ValueError as error:  # not an image, or one too flat to search with
+            raise HTTPException(422, f"{image.filename or 'the upload'}: {error}") from None
+    return {"count": len(found), "results": found}
+
+
+@router.get("/query/{macro}", summary="A page of a catalog table macro; arguments by name")
+def query_macro(request: Request, macro: str, limit: Limit = 50, offset: Offset = 0) -> Any:
+    try:
+        reads.macro_arguments(macro)
+    except KeyError as error:
+        raise HTTPException(404, error.args[0]) from None
+    items = [(k, v) for k, v in request.query_params.multi_items() if k not in ("limit", "offset")]
+    repeated = sorted(k for k, n in Counter(k for k, _ in items).items() if n > 1)
+    if repeated:
+        raise HTTPException(422, f"{macro}: give each argument once, not {', '.join(repeated)}")
+    given = dict(items)
+    try:
+        page = with_library(request, lambda lib: reads.call_macro(lib, macro, given, limit, offset))
+    except duckdb.Error as error:
+        shown = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise HTTPException(422, f"{macro}({shown}): {error}") from None
+    return {"macro": macro, "arguments": given, **page_body(request, page, "rows")}
+
+
+@router.get("/duplicates", summary="Near-duplicate groups, largest first")
+def duplicates(request: Request, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
+    page = with_library(request, lambda lib: reads.duplicate_groups(lib, limit, offset))
+    return page_body(request, page, "groups")
+
+
+@router.get("/duplicates/{group}", summary="The images of one near-duplicate group")
+def duplicate_group(request: Request, group: int) -> dict[str, Any]:
+    members = with_library(request, lambda lib: reads.group_members(lib, group))
+    if not members:
+        raise HTTPException(404, f"no near-duplicate group {group}")
+    return {"group": group, "size": len(members), "images": members}
+
+
+@router.get("/rejects", summary="Rejected sources, with their reason; filter by reason")
+def rejects(
+    request: Request, reason: str | None = None, limit: Limit = 50, offset: Offset = 0
+) -> dict[str, Any]:
+    page = with_library(request, lambda lib: reads.rejects(lib, reason, limit, offset))
+    return page_body(request, page, "rejects")
+
+
+@router.get("/stats", summary="Images by format, rejects by reason, groups, batches")
+def stats(request: Request) -> dict[str, Any]:
+    return with_library(request, reads.stats)

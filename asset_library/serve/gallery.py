@@ -1,0 +1,310 @@
+"""The gallery: server-rendered pages over the same reads as the API, with a little JavaScript
+for the search upload. Everything it loads is served here (no CDN, no web fonts)."""
+
+from __future__ import annotations
+
+import html
+import math
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from asset_library.ids import check_md5, is_md5
+from asset_library.ingest.fingerprint import DEFAULT_MIN_QUALITY, DEFAULT_PHASH_THRESHOLD
+from asset_library.library import Library
+from asset_library.serve import reads
+from asset_library.serve.auth import COOKIE
+
+GROUPS_PER_PAGE = 20
+#: Thumbnails shown in a group's row on the groups page; the group page shows them all.
+ROW_THUMBS = 10
+REJECTS_PER_PAGE = 50
+
+router = APIRouter(include_in_schema=False)
+
+
+def e(value: object) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def layout(title: str, body: str, active: str = "", status: int = 200) -> HTMLResponse:
+    links = [("/", "Search"), ("/groups", "Near-duplicates"), ("/rejects", "Rejects")]
+    links.append(("/docs", "API"))
+    nav = "".join(
+        f'<a href="{href}"{" class=active" if label == active else ""}>{label}</a>'
+        for href, label in links
+    )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{e(title)} · asset-library</title>
+<link rel="icon" href="data:,"><link rel="stylesheet" href="/static/gallery.css">
+</head><body>
+<header class="bar"><a class="brand" href="/">asset&#8209;library</a><nav>{nav}</nav>
+<form class="lookup" action="/lookup" method="get" role="search">
+<input name="md5" placeholder="look up an md5" aria-label="md5" spellcheck="false"></form>
+</header>
+<main>{body}</main>
+<script src="/static/gallery.js" defer></script>
+</body></html>"""
+    return HTMLResponse(page, status_code=status)
+
+
+def tile(image: dict[str, Any], badge: str | None = None) -> str:
+    """One thumbnail linking to the image's page."""
+    md5 = image["md5"]
+    name = str(image.get("source_uri") or "").rsplit("/", 1)[-1]
+    size = f"{image.get('width')}×{image.get('height')} {image.get('format') or ''}"
+    mark = f'<span class="badge">{e(badge)}</span>' if badge is not None else ""
+    return (
+        f'<a class="tile" href="/view/{md5}" title="{e(image.get("source_uri"))}">'
+        f'<span class="frame"><img src="/images/{md5}/thumb" alt="{e(name)}" loading="lazy">'
+        f'{mark}</span><span class="meta"><span class="name">{e(name)}</span>'
+        f'<span class="dims">{e(size)}</span></span></a>'
+    )
+
+
+def pager(base: str, page: int, pages: int, **params: str) -> str:
+    if pages <= 1:
+        return ""
+
+    def link(number: int, label: str) -> str:
+        query = urlencode({**{k: v for k, v in params.items() if v}, "page": number})
+        return f'<a href="{base}?{query}">{label}</a>'
+
+    back = link(page - 1, "← previous") if page > 1 else '<span class="off">← previous</span>'
+    ahead = link(page + 1, "next →") if page < pages else '<span class="off">next →</span>'
+    return f'<nav class="pager">{back}<span>page {page} of {pages}</span>{ahead}</nav>'
+
+
+def _library(request: Request) -> Any:
+    return request.app.state.libraries.borrow()
+
+
+@router.get("/")
+def home(request: Request) -> Response:
+    with _library(request) as library:
+        counts = reads.stats(library)
+    formats = ", ".join(f"{n} {e(f)}" for f, n in counts["formats"].items())
+    body = f"""
+<section class="hero">
+  <h1>Find an image's near-duplicates</h1>
+  <p class="lede">{counts["images"]:,} images ({formats}) ·
+  <a href="/groups">{counts["near_duplicate_groups"]:,} near-duplicate groups</a> ·
+  <a href="/rejects">{sum(counts["rejects"].values()):,} rejects</a> ·
+  {len(counts["batches"])} batch{"es" if len(counts["batches"]) != 1 else ""}</p>
+  <label id="drop" class="drop" for="file">
+    <input id="file" type="file" accept="image/*" hidden>
+    <img id="query-preview" alt="" hidden>
+    <span class="hint"><strong>Drop an image here</strong> or click to choose one</span>
+  </label>
+  <form id="options" class="options">
+    <label>max distance <input name="max_distance" type="number" min="0" max="64"
+      value="{DEFAULT_PHASH_THRESHOLD}"></label>
+    <label>hash <select name="hash"><option>phash</option><option>dhash</option>
+      <option>ahash</option></select></label>
+    <label>min quality <input name="min_quality" type="number" min="0" max="100"
+      value="{DEFAULT_MIN_QUALITY}"></label>
+    <label class="check"><input name="transforms" type="checkbox" value="dihedral">
+      rotated &amp; mirrored copies</label>
+  </form>
+</section>
+<p id="status" class="status" role="status"></p>
+<section id="results" class="grid"></section>
+"""
+    return layout("Search", body, "Search")
+
+
+@router.get("/lookup")
+def lookup(md5: str = "") -> Response:
+    md5 = md5.strip()
+    if not is_md5(md5):
+        message = f"not an md5 key: {md5!r} (expected 32 hexadecimal digits)"
+        return layout("Not an md5", f'<p class="error">{e(message)}</p>', status=422)
+    return RedirectResponse(f"/view/{md5.lower()}", status_code=303)
+
+
+@router.get("/view/{md5}")
+def view(request: Request, md5: str) -> Response:
+    if not is_md5(md5):
+        message = f"not an md5 key: {md5!r} (expected 32 hexadecimal digits)"
+        return layout("Not an md5", f'<p class="error">{e(message)}</p>', status=422)
+    key = check_md5(md5)
+    with _library(request) as library:
+        record = library.lookup(key)
+        if record is None:
+            message = f"no image with md5 {key} in the library"
+            return layout("Not found", f'<p class="error">{e(message)}</p>', status=404)
+        near = _similar_or_none(library, key)
+        group = library.query("SELECT group_id FROM near_duplicates WHERE md5 = ?", [key])
+    shown = {k: v for k, v in record.items() if k not in ("attributes", "sources")}
+    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(_text(v))}</td></tr>" for k, v in shown.items())
+    attributes = "".join(
+        f"<tr><th>{e(k)}</th><td>{e(_text(v))}</td></tr>" for k, v in record["attributes"].items()
+    )
+    sources = "".join(f"<li>{e(uri)}</li>" for uri in record["sources"])
+    in_group = (
+        f'<p>In <a href="/groups/{group[0]["group_id"]}">near-duplicate group '
+        f"{group[0]['group_id']}</a>.</p>"
+        if group
+        else ""
+    )
+    others = [r for r in near or [] if r["md5"] != key]
+    similar = (
+        '<p class="muted">Too flat to search with (its information score is low).</p>'
+        if near is None
+        else "".join(tile(r, f"{r['distance']} bits") for r in others)
+        or '<p class="muted">No other image within the default distance.</p>'
+    )
+    body = f"""
+<h1 class="mono">{key}</h1>
+<div class="record">
+  <a class="big" href="/images/{key}/bytes"><img src="/images/{key}/thumb" alt="image {key}"></a>
+  <div><table class="kv">{rows}</table>{in_group}
+  <p><a href="/images/{key}">JSON</a> · <a href="/images/{key}/bytes">original bytes</a></p></div>
+</div>
+<h2>Attributes</h2><table class="kv">{attributes}</table>
+<h2>Sources</h2><ul class="sources">{sources}</ul>
+<h2>Similar images</h2><section class="grid">{similar}</section>
+"""
+    return layout(key, body)
+
+
+def _similar_or_none(library: Library, md5: str) -> list[dict[str, Any]] | None:
+    try:
+        return library.similar(md5, limit=40)
+    except ValueError:
+        return None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="seconds")
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+@router.get("/groups")
+def groups(request: Request, page: int = 1) -> Response:
+    page = max(page, 1)
+    with _library(request) as library:
+        found = reads.duplicate_groups(library, GROUPS_PER_PAGE, (page - 1) * GROUPS_PER_PAGE)
+        shown = [md5 for g in found.items for md5 in g["md5s"][:ROW_THUMBS]]
+        details = {
+            r["md5"]: r
+            for r in library.query(
+                f"SELECT {reads.SUMMARY_COLUMNS} FROM images WHERE md5 IN (SELECT unnest(?))",
+                [shown],
+            )
+        }
+    pages = max(1, math.ceil(found.total / GROUPS_PER_PAGE))
+    rows = []
+    for row in found.items:
+        number, more = row["group"], row["size"] - ROW_THUMBS
+        tiles = "".join(tile(details.get(m, {"md5": m})) for m in row["md5s"][:ROW_THUMBS])
+        tail = f'<a class="more" href="/groups/{number}">+{more} more</a>' if more > 0 else ""
+        rows.append(
+            f'<section class="group"><h2><a href="/groups/{number}">Group {number}</a> '
+            f'<span class="muted">{row["size"]} images</span></h2>'
+            f'<div class="row">{tiles}{tail}</div></section>'
+        )
+    body = (
+        f"<h1>Near-duplicate groups</h1><p class='lede'>{found.total:,} groups, largest first: "
+        "images the similarity index links within the default distance.</p>"
+        + ("".join(rows) or '<p class="muted">No near-duplicates found.</p>')
+        + pager("/groups", page, pages)
+    )
+    return layout("Near-duplicate groups", body, "Near-duplicates")
+
+
+@router.get("/groups/{group}")
+def group_page(request: Request, group: int) -> Response:
+    with _library(request) as library:
+        members = reads.group_members(library, group)
+    if not members:
+        message = f"no near-duplicate group {group}"
+        return layout("Not found", f'<p class="error">{e(message)}</p>', status=404)
+    body = (
+        f'<p><a href="/groups">← all groups</a></p><h1>Group {group}</h1>'
+        f'<p class="lede">{len(members)} images</p>'
+        f'<section class="grid" id="members">{"".join(tile(m) for m in members)}</section>'
+    )
+    return layout(f"Group {group}", body, "Near-duplicates")
+
+
+@router.get("/rejects")
+def rejects(request: Request, reason: str = "", page: int = 1) -> Response:
+    page = max(page, 1)
+    with _library(request) as library:
+        counts = reads.stats(library)["rejects"]
+        found = reads.rejects(
+            library, reason or None, REJECTS_PER_PAGE, (page - 1) * REJECTS_PER_PAGE
+        )
+    chips = [f'<a href="/rejects"{" class=active" if not reason else ""}>all '
+             f"<b>{sum(counts.values())}</b></a>"]  # fmt: skip
+    for name, n in counts.items():
+        active = " class=active" if name == reason else ""
+        chips.append(f'<a href="/rejects?reason={quote(name)}"{active}>{e(name)} <b>{n}</b></a>')
+    rows = "".join(
+        f"<tr><td class='src' title='{e(r['source_uri'])}'>{e(r['source_uri'])}</td>"
+        f"<td><span class='reason'>{e(r['reason'])}</span></td><td>{e(r['message'])}</td>"
+        f"<td class='mono small'>{e(r['batch'])}</td></tr>"
+        for r in found.items
+    )
+    pages = max(1, math.ceil(found.total / REJECTS_PER_PAGE))
+    body = (
+        f"<h1>Rejects</h1><nav class='chips'>{''.join(chips)}</nav>"
+        "<table class='list'><thead><tr><th>source</th><th>reason</th><th>message</th>"
+        f"<th>batch</th></tr></thead><tbody>{rows}</tbody></table>"
+        + pager("/rejects", page, pages, reason=reason)
+    )
+    return layout("Rejects", body, "Rejects")
+
+
+@router.get("/docs")
+def docs(request: Request) -> Response:
+    """The API reference from the OpenAPI schema, without Swagger UI's CDN scripts."""
+    schema = request.app.openapi()
+    rows = []
+    for path, operations in schema["paths"].items():
+        for method, op in operations.items():
+            params = ", ".join(
+                f"{p['name']}{'' if p.get('required') else '?'}" for p in op.get("parameters", [])
+            )
+            if "requestBody" in op:
+                params = ", ".join(filter(None, [params, "multipart image?"]))
+            rows.append(
+                f"<tr><td><span class='method'>{method.upper()}</span></td>"
+                f"<td class='mono'>{e(path)}</td><td>{e(op.get('summary'))}</td>"
+                f"<td class='mono small'>{e(params)}</td></tr>"
+            )
+    body = (
+        "<h1>API</h1><p class='lede'>JSON over HTTP, read-only. The full schema is at "
+        "<a href='/openapi.json'>/openapi.json</a>; errors are <code>{\"detail\": ...}</code>."
+        "</p><table class='list'><thead><tr><th></th><th>path</th><th>what</th>"
+        f"<th>parameters</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+    return layout("API", body, "API")
+
+
+@router.get("/login")
+def login_form() -> Response:
+    body = (
+        "<h1>Token required</h1><p class='lede'>This library is served beyond loopback: "
+        "enter its token (ASSET_LIBRARY_TOKEN).</p><form method='post' action='/login' "
+        "class='login'><input type='password' name='token' autofocus aria-label='token'>"
+        "<button>Open the gallery</button></form>"
+    )
+    return layout("Token required", body)
+
+
+@router.post("/login")
+def login(request: Request, token: str = Form()) -> Response:
+    """Keep the token in an HttpOnly cookie; a wrong one is refused on the next page."""
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+    return response
