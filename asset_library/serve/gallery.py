@@ -31,7 +31,7 @@ def e(value: object) -> str:
 
 
 def layout(title: str, body: str, active: str = "", status: int = 200) -> HTMLResponse:
-    links = [("/", "Search"), ("/groups", "Near-duplicates"), ("/rejects", "Rejects")]
+    links = [("/", "Search"), ("/groups", "Near-duplicates"), ("/rejected", "Rejects")]
     links.append(("/docs", "API"))
     nav = "".join(
         f'<a href="{href}"{" class=active" if label == active else ""}>{label}</a>'
@@ -94,7 +94,7 @@ def home(request: Request) -> Response:
   <h1>Find an image's near-duplicates</h1>
   <p class="lede">{counts["images"]:,} images ({formats}) ·
   <a href="/groups">{counts["near_duplicate_groups"]:,} near-duplicate groups</a> ·
-  <a href="/rejects">{sum(counts["rejects"].values()):,} rejects</a> ·
+  <a href="/rejected">{sum(counts["rejects"].values()):,} rejects</a> ·
   {len(counts["batches"])} batch{"es" if len(counts["batches"]) != 1 else ""}</p>
   <label id="drop" class="drop" for="file">
     <input id="file" type="file" accept="image/*" hidden>
@@ -236,19 +236,19 @@ def group_page(request: Request, group: int) -> Response:
     return layout(f"Group {group}", body, "Near-duplicates")
 
 
-@router.get("/rejects")
-def rejects(request: Request, reason: str = "", page: int = 1) -> Response:
+@router.get("/rejected")
+def rejected(request: Request, reason: str = "", page: int = 1) -> Response:
     page = max(page, 1)
     with _library(request) as library:
         counts = reads.stats(library)["rejects"]
         found = reads.rejects(
             library, reason or None, REJECTS_PER_PAGE, (page - 1) * REJECTS_PER_PAGE
         )
-    chips = [f'<a href="/rejects"{" class=active" if not reason else ""}>all '
+    chips = [f'<a href="/rejected"{" class=active" if not reason else ""}>all '
              f"<b>{sum(counts.values())}</b></a>"]  # fmt: skip
     for name, n in counts.items():
         active = " class=active" if name == reason else ""
-        chips.append(f'<a href="/rejects?reason={quote(name)}"{active}>{e(name)} <b>{n}</b></a>')
+        chips.append(f'<a href="/rejected?reason={quote(name)}"{active}>{e(name)} <b>{n}</b></a>')
     rows = "".join(
         f"<tr><td class='src' title='{e(r['source_uri'])}'>{e(r['source_uri'])}</td>"
         f"<td><span class='reason'>{e(r['reason'])}</span></td><td>{e(r['message'])}</td>"
@@ -260,7 +260,7 @@ def rejects(request: Request, reason: str = "", page: int = 1) -> Response:
         f"<h1>Rejects</h1><nav class='chips'>{''.join(chips)}</nav>"
         "<table class='list'><thead><tr><th>source</th><th>reason</th><th>message</th>"
         f"<th>batch</th></tr></thead><tbody>{rows}</tbody></table>"
-        + pager("/rejects", page, pages, reason=reason)
+        + pager("/rejected", page, pages, reason=reason)
     )
     return layout("Rejects", body, "Rejects")
 
