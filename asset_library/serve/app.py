@@ -214,24 +214,30 @@ async def similar(
         "transforms": transforms,
         "min_quality": min_quality or None,
     }
-    if md5 is not None:
-        key = check_md5(md5)
+    try:
+        if md5 is not None:
+            key = check_md5(md5)
 
-        def by_md5(library: Library) -> list[dict[str, Any]]:
-            _known(library, key)
-            return library.similar(key, **options)
+            def by_md5(library: Library) -> list[dict[str, Any]]:
+                try:
+                    return library.similar(key, **options)
+                except ValueError:
+                    _known(library, key)  # 404 if that is why; looked up on failure only
+                    raise
 
-        found = await run_in_threadpool(with_library, request, by_md5)
-    else:
-        data = await image.read()
-        if not data:
-            raise HTTPException(422, f"the uploaded file {image.filename!r} is empty")
-        try:
+            found = await run_in_threadpool(with_library, request, by_md5)
+        else:
+            data = await image.read()
+            if not data:
+                raise HTTPException(422, f"the uploaded file {image.filename!r} is empty")
             found = await request.app.state.uploads.run(
                 lambda: with_library(request, lambda library: library.similar(data, **options))
             )
-        except ValueError as error:  # not an image, or one too flat to search with
-            raise HTTPException(422, f"{image.filename or 'the upload'}: {error}") from None
+    except InvalidIdError:
+        raise
+    except ValueError as error:  # not an image, one too flat to search with, bad options
+        name = image.filename if image is not None else md5
+        raise HTTPException(422, f"{name or 'the upload'}: {error}") from None
     return {"count": len(found), "results": found}
 
 

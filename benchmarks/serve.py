@@ -1,0 +1,173 @@
+"""HTTP serving benchmark: lookups, similar-by-md5 and similar-by-upload through
+``asset-library serve``, against the same calls on ``Library`` in this process.
+
+Run by hand, never in CI (about a minute):
+
+    uv run python benchmarks/serve.py --library library     # after `make demo`
+
+It starts ``asset-library serve`` on a free loopback port (a real process, its own thumbnail
+cache in a temporary folder), then per call runs a bounded client (``--threads`` threads, each
+with one keep-alive ``http.client`` connection) over the library's md5s in a shuffled order for
+``--seconds``, and prints requests/s with latency p50/p99, with one client and with
+``--threads``; the baseline, measured in the same run, is the same call on one ``Library`` in
+this process (one thread), and the ratios are against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asset_library import Library  # noqa: E402
+from asset_library.storage import object_key  # noqa: E402
+from asset_library_tests.http_server import multipart  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(library: Path, cache: Path, port: int) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "asset_library.cli", "serve", "--library", str(library),
+               "--port", str(port), "--cache-dir", str(cache)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "ASSET_LIBRARY_TOKEN"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/stats")
+            if connection.getresponse().status == 200:
+                return process
+        except OSError:
+            time.sleep(0.2)
+        if process.poll() is not None:
+            break
+    process.kill()
+    raise SystemExit(f"the server did not start: {process.stderr.read().decode()[-2000:]}")
+
+
+Request = Callable[[int], tuple[str, str, bytes | None, dict[str, str]]]
+
+
+def over_http(port: int, make: Request, n_items: int, threads: int, seconds: float) -> np.ndarray:
+    """Latencies (s) of as many requests as ``threads`` clients make in ``seconds``."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    counter = iter(range(10**12))
+
+    def client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine = []
+        while time.monotonic() < deadline:
+            method, path, body, headers = make(next(counter) % n_items)
+            start = time.perf_counter()
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            mine.append(time.perf_counter() - start)
+            if response.status != 200:
+                raise SystemExit(f"{method} {path}: HTTP {response.status}")
+        connection.close()
+        with lock:
+            latencies.extend(mine)
+
+    workers = [threading.Thread(target=client) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return np.array(latencies)
+
+
+def in_process(call: Callable[[int], object], n_items: int, seconds: float) -> np.ndarray:
+    latencies = []
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        start = time.perf_counter()
+        call(i % n_items)
+        latencies.append(time.perf_counter() - start)
+        i += 1
+    return np.array(latencies)
+
+
+def line(name: str, latencies: np.ndarray, seconds: float) -> tuple[float, float]:
+    rate = len(latencies) / seconds
+    p50, p99 = np.percentile(latencies, [50, 99]) * 1000
+    print(f"  {name:<34} {rate:8.1f} /s   p50 {p50:7.2f} ms   p99 {p99:7.2f} ms")
+    return rate, p50
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--library", default=os.environ.get("ASSET_LIBRARY_HOME", "library"))
+    parser.add_argument("--threads", type=int, default=4, help="concurrent HTTP clients")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    args = parser.parse_args()
+    library = Library(args.library)
+    rows = library.query("SELECT md5 FROM images")
+    random.Random(0).shuffle(rows)
+    md5s = [r["md5"] for r in rows]
+    store = library.object_store()
+    uploads = [store.get(object_key(m)) for m in md5s[:64]]
+    bodies = [multipart("image", "query", data) for data in uploads]
+    print(f"library {library.path}: {len(md5s)} images; {args.threads} HTTP clients, "
+          f"{args.seconds:g} s per measurement; {os.cpu_count()} cores")  # fmt: skip
+
+    cases: list[tuple[str, Request, int, Callable[[int], object]]] = [
+        ("lookup  GET /images/{md5}",
+         lambda i: ("GET", f"/images/{md5s[i]}", None, {}), len(md5s),
+         lambda i: library.lookup(md5s[i])),
+        ("similar POST /similar?md5=",
+         lambda i: ("POST", f"/similar?md5={md5s[i]}", None, {}), len(md5s),
+         lambda i: library.similar(md5s[i])),
+        ("upload  POST /similar (image)",
+         lambda i: ("POST", "/similar?min_quality=0", bodies[i][0],
+                    {"Content-Type": bodies[i][1]}), len(bodies),
+         lambda i: library.similar(uploads[i], min_quality=None)),
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory() as cache:
+        port = free_port()
+        server = start_server(library.path, Path(cache), port)
+        try:
+            results = {}
+            for name, request, n, direct in cases:
+                over_http(port, request, n, args.threads, 1.0)  # warm up
+                in_process(direct, n, 1.0)
+                print(name)
+                measured = in_process(direct, n, args.seconds)
+                base_rate, base_p50 = line("Library in-process, 1 thread", measured, args.seconds)
+                for clients in sorted({1, args.threads}):
+                    measured = over_http(port, request, n, clients, args.seconds)
+                    rate, p50 = line(f"HTTP, {clients} client(s)", measured, args.seconds)
+                    results[f"{name}, {clients} client(s)"] = (rate / base_rate, p50 / base_p50)
+                    print(f"    ratio to in-process: {rate / base_rate:.2f}x the rate, "
+                          f"{p50 / base_p50:.2f}x the p50 latency")  # fmt: skip
+            print(json.dumps({k: [round(a, 3), round(b, 3)] for k, (a, b) in results.items()}))
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
