@@ -19,6 +19,7 @@ from PIL import Image
 
 from asset_library import Library
 from asset_library.cli import main
+from asset_library.orchestrate import ingest_batch
 from asset_library.serve import ServeRefused, ServeSettings, create_app
 from asset_library.serve.settings import TOKEN_ENV, default_cache_dir
 from asset_library.serve.uploads import PoolBusy, UploadPool
@@ -382,3 +383,24 @@ def test_the_serve_command_starts_the_service(corpus_library, tmp_path):
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
+
+
+def test_bytes_and_thumbnails_come_from_an_s3_library_store(
+    s3_bucket, s3_env, corpus_dir, tmp_path, instance
+):
+    root = tmp_path / "library"
+    env = {**s3_env, "ASSET_LIBRARY_OBJECTS": f"s3://{s3_bucket}/library"}
+    source = corpus_dir / "github_jenssegers_imagehash"
+    summary = ingest_batch(
+        str(source), library=root, workers=0, environ=env, instance=instance, progress=print
+    )
+    assert summary.success and not (root / "objects").exists()
+    rows = Library(root).query("SELECT md5, format FROM images ORDER BY md5")
+    settings = ServeSettings(library=root, cache_dir=tmp_path / "cache")
+    with LiveServer(create_app(settings)) as live:
+        for row in rows:
+            reply = live.get(f"/images/{row['md5']}/bytes")
+            assert reply.status == 200 and hashlib.md5(reply.body).hexdigest() == row["md5"]
+            assert reply.headers["content-type"] == f"image/{row['format']}"
+            assert live.get(f"/images/{row['md5']}/thumb").status == 200
+    assert len(list((tmp_path / "cache").rglob("*.jpg"))) == len(rows)
