@@ -17,10 +17,11 @@ from asset_library.ingest.fingerprint import DEFAULT_MIN_QUALITY, DEFAULT_PHASH_
 from asset_library.library import Library
 from asset_library.serve import reads
 from asset_library.serve.auth import COOKIE
+from asset_library.similarity import IndexNotReady
 
 GROUPS_PER_PAGE = 20
 #: Thumbnails shown in a group's row on the groups page; the group page shows them all.
-ROW_THUMBS = 10
+ROW_THUMBS = 9
 REJECTS_PER_PAGE = 50
 
 router = APIRouter(include_in_schema=False)
@@ -138,7 +139,7 @@ def view(request: Request, md5: str) -> Response:
         if record is None:
             message = f"no image with md5 {key} in the library"
             return layout("Not found", f'<p class="error">{e(message)}</p>', status=404)
-        near = _similar_or_none(library, key)
+        near = _similar_or_why_not(library, key)
         group = library.query("SELECT group_id FROM near_duplicates WHERE md5 = ?", [key])
     shown = {k: v for k, v in record.items() if k not in ("attributes", "sources")}
     rows = "".join(f"<tr><th>{e(k)}</th><td>{e(_text(v))}</td></tr>" for k, v in shown.items())
@@ -152,13 +153,13 @@ def view(request: Request, md5: str) -> Response:
         if group
         else ""
     )
-    others = [r for r in near or [] if r["md5"] != key]
-    similar = (
-        '<p class="muted">Too flat to search with (its information score is low).</p>'
-        if near is None
-        else "".join(tile(r, f"{r['distance']} bits") for r in others)
-        or '<p class="muted">No other image within the default distance.</p>'
-    )
+    if isinstance(near, str):
+        similar = f'<p class="muted">{e(near)}</p>'
+    else:
+        others = [r for r in near if r["md5"] != key]
+        similar = "".join(tile(r, f"{r['distance']} bits") for r in others)
+        similar = similar or '<p class="muted">No other image within the default distance.</p>'
+
     body = f"""
 <h1 class="mono">{key}</h1>
 <div class="record">
@@ -173,11 +174,12 @@ def view(request: Request, md5: str) -> Response:
     return layout(key, body)
 
 
-def _similar_or_none(library: Library, md5: str) -> list[dict[str, Any]] | None:
+def _similar_or_why_not(library: Library, md5: str) -> list[dict[str, Any]] | str:
+    """The image's nearest images, or why they can't be shown now."""
     try:
         return library.similar(md5, limit=40)
-    except ValueError:
-        return None
+    except (ValueError, IndexNotReady) as error:
+        return f"No search: {error}"
 
 
 def _text(value: Any) -> str:
