@@ -23,6 +23,7 @@ from asset_library.orchestrate import ingest_batch
 from asset_library.serve import ServeRefused, ServeSettings, create_app
 from asset_library.serve.settings import TOKEN_ENV, default_cache_dir
 from asset_library.serve.uploads import PoolBusy, UploadPool
+from asset_library.storage import object_key
 from asset_library_tests.http_server import LiveServer, multipart
 
 FOREST = "github_jenssegers_imagehash/forest/forest-high.jpg"
@@ -403,4 +404,9 @@ def test_bytes_and_thumbnails_come_from_an_s3_library_store(
             assert reply.status == 200 and hashlib.md5(reply.body).hexdigest() == row["md5"]
             assert reply.headers["content-type"] == f"image/{row['format']}"
             assert live.get(f"/images/{row['md5']}/thumb").status == 200
-    assert len(list((tmp_path / "cache").rglob("*.jpg"))) == len(rows)
+        assert len(list((tmp_path / "cache").rglob("*.jpg"))) == len(rows)
+        gone = rows[0]["md5"]
+        Library(root).object_store().delete(object_key(gone))  # the store lost it since
+        lost = live.get(f"/images/{gone}/bytes")
+        assert lost.status == 502 and gone in lost.json()["detail"]
+        assert live.get(f"/images/{gone}/thumb").status == 200  # made before: from the cache

@@ -28,7 +28,7 @@ from asset_library.serve.settings import ServeSettings
 from asset_library.serve.thumbs import ThumbnailCache
 from asset_library.serve.uploads import BodyLimit, PoolBusy, UploadPool
 from asset_library.similarity import IndexNotReady
-from asset_library.storage import ObjectNotFoundError, ObjectStoreError, object_key
+from asset_library.storage import ObjectStoreError, object_key
 
 T = TypeVar("T")
 STATIC = Path(__file__).parent / "static"
@@ -73,7 +73,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         (reads.MacroArgumentsError, 422),
         (IndexNotReady, 503),
         (PoolBusy, 503),
-        (ObjectStoreError, 502),
+        (ObjectStoreError, 502),  # the catalog has the image but its store fails to give it
     ):
         app.add_exception_handler(error, _status_of(status))
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
@@ -178,10 +178,7 @@ def image_thumb(request: Request, md5: str) -> Response:
 
         def make(library: Library) -> Path:
             _known(library, key)
-            try:
-                data = request.app.state.libraries.object_store(library).get(object_key(key))
-            except ObjectNotFoundError as error:
-                raise HTTPException(404, f"image {key}: {error}") from None
+            data = request.app.state.libraries.object_store(library).get(object_key(key))
             return thumbs.make(key, data)
 
         path = with_library(request, make)
