@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -116,5 +116,17 @@ def _save_screenshot(driver: webdriver.Chrome) -> None:
         out = io.BytesIO()
         small.save(out, "PNG", optimize=True)
     assert len(out.getvalue()) < 300_000
+    if SCREENSHOT.exists() and _same_picture(SCREENSHOT, small):
+        return  # rendering noise only: leave the committed file alone
     with atomic_path(SCREENSHOT) as temp:
         temp.write_bytes(out.getvalue())
+
+
+def _same_picture(path: Path, image: Image.Image) -> bool:
+    """Whether at most 0.1% of the pixels differ (anti-aliasing changes from run to run)."""
+    with Image.open(path) as saved:
+        if saved.size != image.size:
+            return False
+        diff = ImageChops.difference(saved.convert("RGB"), image.convert("RGB")).convert("L")
+    changed = sum(diff.point(lambda v: 255 if v > 24 else 0).histogram()[255:])
+    return changed <= image.width * image.height / 1000
