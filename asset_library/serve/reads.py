@@ -45,12 +45,11 @@ class LibraryPool:
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
         self._free: queue.LifoQueue[Library] = queue.LifoQueue()
-        self._made = 0
+        self._free.put(Library(path))  # fails now, not on the first request, if it's no library
+        self._made = 1
         self._size = size
         self._lock = threading.Lock()
         self._store: tuple[str, ObjectStore] | None = None
-        self._free.put(Library(path))  # fails now, not on the first request, if it's no library
-        self._made = 1
 
     @contextmanager
     def borrow(self) -> Iterator[Library]:
