@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -305,6 +306,9 @@ def test_the_schema_the_docs_and_the_gallery_pages_answer(server, library):
         reply = server.get(page)
         assert reply.status == 200 and reply.headers["content-type"].startswith("text/html")
         assert b"http://" not in reply.body and b"https://" not in reply.body, page
+    for asset in ("/static/gallery.css", "/static/gallery.js"):
+        reply = server.get(asset)
+        assert reply.status == 200 and not re.search(rb"https?:|@import|//\w", reply.body), asset
     assert md5.encode() in server.get("/groups/0").body
     assert server.get("/view/nothex").status == 422
     assert server.get(f"/view/{'0' * 32}").status == 404
