@@ -17,7 +17,7 @@ from typing import Any
 import duckdb
 
 from asset_library.ids import InvalidIdError, check_batch_id
-from asset_library.ingest.fingerprint import DEFAULT_MIN_QUALITY
+from asset_library.ingest.fingerprint import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 from asset_library.library import Library, default_library_path
 from asset_library.similarity import IndexNotReady
 from asset_library.sql_guard import check_read_only_query
@@ -94,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MIN_QUALITY,
         help=f"leave out results with a lower information score, 0-100 (default "
         f"{DEFAULT_MIN_QUALITY}; 0 keeps flat images)",
+    )
+    similar.add_argument(
+        "--confirm",
+        type=int,
+        default=DEFAULT_CONFIRM_DISTANCE,
+        help="keep a match only when a second hash (dHash; pHash for --hash dhash) is within "
+        f"this many bits too (default {DEFAULT_CONFIRM_DISTANCE}; 64 keeps every match)",
     )
     similar.set_defaults(handler=_similar)
 
@@ -286,6 +293,7 @@ def _similar(args: argparse.Namespace) -> int:
         hash=args.hash,
         transforms=args.transforms,
         min_quality=args.min_quality or None,
+        confirm=args.confirm,
     )
     for record in found:
         print(json.dumps(record, default=_json_default))

@@ -13,18 +13,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 
 from asset_library.ids import bucket_of, check_md5, is_md5
 from asset_library.ingest.dihedral import query_fingerprint
-from asset_library.ingest.fingerprint import DEFAULT_MIN_QUALITY, DEFAULT_PHASH_THRESHOLD
+from asset_library.ingest.fingerprint import (
+    DEFAULT_CONFIRM_DISTANCE,
+    DEFAULT_MIN_QUALITY,
+    DEFAULT_PHASH_THRESHOLD,
+    fingerprint,
+    hamming,
+)
 from asset_library.lake import Catalog, Lake
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
 from asset_library.lake.tables import IMAGES_SCHEMA
 from asset_library.layout import LibraryLayout
 from asset_library.search.codec import hex_to_int
-from asset_library.search.quality import informative
+from asset_library.search.quality import CONFIRMING_HASH, informative
 from asset_library.similarity import HASH_KINDS, SimilarityIndex
 from asset_library.sql_guard import check_read_only_query
 from asset_library.storage import ObjectStore, object_key, open_store
@@ -127,6 +132,7 @@ class Library:
         hash: str = "phash",
         transforms: str = "none",
         min_quality: int | None = DEFAULT_MIN_QUALITY,
+        confirm: int | None = DEFAULT_CONFIRM_DISTANCE,
     ) -> list[dict[str, Any]]:
         """Images within ``max_distance`` bits of an image, nearest first.
 
@@ -137,8 +143,11 @@ class Library:
         mirrored (pHash only): each record then says which ``transform`` of the query matched.
         Results whose information score (``quality``) is below ``min_quality`` are left out,
         and a query below it finds nothing (flat images' hashes are rounding noise); pass
-        ``min_quality=None`` to keep them. Each record has ``md5``, ``distance``, ``width``,
-        ``height``, ``format``, ``quality`` and one ``source_uri``.
+        ``min_quality=None`` to keep them. A match is kept only when a second hash confirms
+        it, within ``confirm`` bits (dHash for a pHash or aHash search, pHash for a dHash one;
+        :mod:`asset_library.search.quality`); pass ``confirm=None`` to keep every match. Each
+        record has ``md5``, ``distance``, ``width``, ``height``, ``format``, ``quality`` and
+        one ``source_uri``.
         """
         if hash not in HASH_KINDS:
             raise ValueError(f"unknown hash {hash!r}: use one of {', '.join(HASH_KINDS)}")
@@ -149,19 +158,32 @@ class Library:
         distance = DEFAULT_PHASH_THRESHOLD if max_distance is None else int(max_distance)
         if not 0 <= distance <= 64:
             raise ValueError(f"max_distance must be between 0 and 64, not {distance}")
+        if confirm is not None and not 0 <= confirm <= 64:
+            raise ValueError(f"confirm must be between 0 and 64 bits, not {confirm}")
+        second = CONFIRMING_HASH[hash]
         catalog = self.connect()  # one look at the lake's latest commits for the whole call
         hashes, query_quality = self._query_hashes(image, hash, transforms, catalog)
         index = self.index()
         # IndexNotReady: missing, or behind the lake
         index.check_level(self.lake, catalog.table("images"))
-        found: dict[str, tuple[int, str]] = {}  # md5 -> (distance, transform), nearest kept
-        for transform, value in hashes.items():
+        matches: dict[str, list[tuple[int, str]]] = {}  # md5 -> (distance, transform)
+        for transform, (value, _) in hashes.items():
             for md5, d in index.query(value, distance, kind=hash):
-                if md5 not in found or d < found[md5][0]:
-                    found[md5] = (d, transform)
-        if not found:
+                matches.setdefault(md5, []).append((d, transform))
+        if not matches:
             return []
-        details = self._details(catalog, list(found))
+        details = self._details(catalog, list(matches), second)
+        found: dict[str, tuple[int, str]] = {}  # md5 -> the nearest match a second hash confirms
+        for md5, candidates in matches.items():
+            stored = details.get(md5, {}).get(second)
+            for d, transform in sorted(candidates):
+                if (
+                    confirm is None
+                    or stored is None
+                    or hamming(hashes[transform][1], stored) <= confirm
+                ):
+                    found[md5] = (d, transform)
+                    break
         ordered = sorted(found.items(), key=lambda item: (item[1][0], item[0]))
         if min_quality is not None:
             qualities = [details.get(md5, {}).get("quality") for md5, _ in ordered]
@@ -173,19 +195,21 @@ class Library:
             ordered = [item for item, kept in zip(ordered, keep, strict=True) if kept]
         records = []
         for md5, (d, transform) in ordered[:limit] if limit is not None else ordered:
-            record = {"md5": md5, "distance": d, **_without_md5(details.get(md5))}
+            shown = {k: v for k, v in details.get(md5, {}).items() if k not in ("md5", second)}
+            record = {"md5": md5, "distance": d, **shown}
             if transforms == "dihedral":
                 record["transform"] = transform
             records.append(record)
         return records
 
-    def _details(self, catalog: Catalog, md5s: list[str]) -> dict[str, dict[str, Any]]:
-        """What a search result shows of each image, read from ``images`` by bucket."""
+    def _details(self, catalog: Catalog, md5s: list[str], second: str) -> dict[str, dict[str, Any]]:
+        """What a search result shows of each image, and its ``second`` hash that confirms a
+        match, read from ``images`` by bucket."""
         # Literal bucket numbers let the scan open only those buckets' files.
         n_buckets = self.lake.n_buckets
         buckets = ", ".join(str(b) for b in sorted({bucket_of(m, n_buckets) for m in md5s}))
         result = catalog.execute(
-            "SELECT md5, width, height, format, quality, source_uri "
+            f"SELECT md5, width, height, format, quality, source_uri, {_hash_column(second)} "
             f"FROM images WHERE bucket IN ({buckets}) AND md5 IN (SELECT unnest($md5s))",
             {"md5s": md5s},
         )
@@ -215,10 +239,12 @@ class Library:
         kind: str,
         transforms: str,
         catalog: Catalog,
-    ) -> tuple[dict[str, int], int | None]:
-        """The hash (or, dihedral, the eight pHash variants) to search with, by transform,
-        and the query's information score. A query by md5 uses its stored hash, or its
-        stored bytes when the variants need the image's own DCT."""
+    ) -> tuple[dict[str, tuple[int, int]], int | None]:
+        """By transform, the hash to search with and the second hash that confirms a match
+        (for ``dihedral``, the eight pHash and dHash variants), and the query's information
+        score. A query by md5 uses its stored hashes, or its stored bytes when the variants
+        need the image's own pixels."""
+        second = CONFIRMING_HASH[kind]
         if isinstance(image, str) and is_md5(image) and not Path(image).exists():
             md5 = check_md5(image)
             rows = catalog.rows_of("images", bucket_of(md5, self.lake.n_buckets), md5)
@@ -226,27 +252,33 @@ class Library:
                 raise ValueError(f"no image with md5 {image} in the library")
             quality = rows["quality"][0].as_py()
             if transforms == "none":
-                return {"identity": hex_to_int(rows[kind][0].as_py())}, quality
+                stored = (hex_to_int(rows[kind][0].as_py()), hex_to_int(rows[second][0].as_py()))
+                return {"identity": stored}, quality
             data, name = self.object_store().get(object_key(md5)), f"image {md5}"
         elif isinstance(image, bytes | bytearray):
             data, name = bytes(image), "the given bytes"
         else:
             data, name = Path(image).read_bytes(), str(image)
-        fp, variants = query_fingerprint(data)
+        if transforms == "none":
+            fp = fingerprint(data)
+            phashes, dhashes = {}, {}
+        else:
+            fp, phashes, dhashes = query_fingerprint(data)
         if not fp.ok:
             raise ValueError(f"{name} cannot be searched with: {fp.reason}: {fp.message}")
         if transforms == "none":
-            return {"identity": hex_to_int(getattr(fp, kind))}, fp.quality
-        return {name: hex_to_int(value) for name, value in variants.items()}, fp.quality
+            return {
+                "identity": (hex_to_int(getattr(fp, kind)), hex_to_int(getattr(fp, second)))
+            }, fp.quality
+        variants = {t: (hex_to_int(phashes[t]), hex_to_int(dhashes[t])) for t in phashes}
+        return variants, fp.quality
 
 
-def _first_row(result: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:
-    rows = result.fetchall()
-    return None if not rows else dict(zip([d[0] for d in result.description], rows[0], strict=True))
-
-
-def _without_md5(row: dict[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (row or {}).items() if k != "md5"}
+def _hash_column(kind: str) -> str:
+    """A hash column's name, checked against the known kinds (it is put into SQL)."""
+    if kind not in HASH_KINDS:
+        raise ValueError(f"unknown hash {kind!r}: use one of {', '.join(HASH_KINDS)}")
+    return kind
 
 
 def _typed_value(value: str, value_type: str) -> Any:

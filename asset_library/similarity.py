@@ -29,6 +29,7 @@ from deltalake import DeltaTable
 from asset_library.lake.tables import IMAGES_APP, Lake, read_changes, row_count
 from asset_library.layout import LibraryLayout
 from asset_library.search import HammingIndex, connected_groups
+from asset_library.search.quality import CONFIRMING_HASH, confirmed
 
 HASH_KINDS = ("phash", "ahash", "dhash")
 _ROW_BITS = 32
@@ -159,11 +160,22 @@ class SimilarityIndex:
         return ordered if limit is None else ordered[:limit]
 
     def groups(
-        self, max_distance: int, *, kind: str = "phash", exclude: Iterable[str] = ()
+        self,
+        max_distance: int,
+        *,
+        kind: str = "phash",
+        exclude: Iterable[str] = (),
+        confirm: int | None = None,
     ) -> list[list[str]]:
         """Connected groups of distinct images within ``max_distance`` of a neighbour; md5s in
-        ``exclude`` (e.g. low-information images) neither join a group nor link two."""
+        ``exclude`` (e.g. low-information images) neither join a group nor link two. With
+        ``confirm``, a pair links only when its second hash is within that many bits too, as
+        :meth:`Library.similar` keeps a match (:mod:`asset_library.search.quality`)."""
         pairs = self.indexes[_kind(kind)].pairs_within(max_distance)
+        if len(pairs) and confirm is not None:
+            second = self.indexes[CONFIRMING_HASH[kind]]
+            close = confirmed(second.hashes_of(pairs[:, 0]), second.hashes_of(pairs[:, 1]), confirm)
+            pairs = pairs[close]
         if len(pairs) == 0:
             return []
         a = self.md5s_of(pairs[:, 0])

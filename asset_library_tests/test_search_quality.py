@@ -18,8 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from asset_library.ingest.dihedral import VARIANTS, fingerprint_variants, variants_of_blocks
+from asset_library.ingest.dihedral import (
+    VARIANTS,
+    fingerprint_variants,
+    query_fingerprint,
+    variants_of_blocks,
+)
 from asset_library.ingest.fingerprint import (
+    DEFAULT_CONFIRM_DISTANCE,
     DEFAULT_MIN_QUALITY,
     DEFAULT_PHASH_THRESHOLD,
     Fingerprint,
@@ -33,7 +39,7 @@ from asset_library.ingest.shard import ingest_shard
 from asset_library.ingest.sources import SourceItem
 from asset_library.ingest.workers import FingerprintPool, fingerprint_many
 from asset_library.search import HammingIndex
-from asset_library.search.quality import informative
+from asset_library.search.quality import confirmed, informative
 from asset_library.storage import LocalObjectStore
 
 FOUND_RELATIONS = {"exact", "reencode", "resize", "exif-orientation"}
@@ -51,7 +57,8 @@ GRADIENTS = {
 }
 
 #: Files seen (by eye, and within 0-8 bits on all three hashes) to be the same picture, which
-#: near_dups.tsv does not pair: counted as related in the second set of figures.
+#: near_dups.tsv does not pair: counted as related in the second set of figures, each joined
+#: to the labelled families it shares a file with.
 SEEN_SAME_PICTURE = [
     # a 16x16 icon of the hopper picture, family F024
     {"github_python-pillow_Pillow/hopper.ico", "github_python-pillow_Pillow/hopper.png"},
@@ -107,15 +114,24 @@ class Evaluation:
         self.row = {md5: i for i, md5 in enumerate(self.md5s)}
         self.fp = [corpus[paths_of[m][0]] for m in self.md5s]
         self.quality = np.array([fp.quality for fp in self.fp])
+        self.dhash = np.array([int(fp.dhash, 16) for fp in self.fp], dtype=np.uint64)
         self.family = [set() for _ in self.md5s]
         for number, members in enumerate(families):
             for path in members & corpus.keys():
                 self.family[self.row[corpus[path].md5]].add(number)
         self.index = HammingIndex(hashes=np.array([int(fp.phash, 16) for fp in self.fp], "u8"))
 
-    def results(self, hashes: list[str], query: int, cut: bool) -> set[int]:
-        """Rows within the threshold of any of ``hashes``, the query's own row left out."""
-        found = {i for h in hashes for i, _ in self.index.query(h, DEFAULT_PHASH_THRESHOLD)}
+    def results(
+        self, hashes: list[tuple[str, str]], query: int, cut: bool, confirm: int | None = None
+    ) -> set[int]:
+        """Rows within the threshold of any of the (pHash, dHash) ``hashes`` (with ``confirm``,
+        and whose dHash is within that of the same variant's), the query's own row left out."""
+        found = set()
+        for phash, dhash in hashes:
+            rows = np.array([i for i, _ in self.index.query(phash, DEFAULT_PHASH_THRESHOLD)])
+            if confirm is not None and rows.size:
+                rows = rows[confirmed(int(dhash, 16), self.dhash[rows], confirm)]
+            found.update(rows.tolist())
         found.discard(query)
         rows = np.array(sorted(found), dtype=np.int64)
         if cut and rows.size:
@@ -133,18 +149,35 @@ def _families(pairs: list[dict[str, str]]) -> list[set[str]]:
     return list(by_name.values())
 
 
-def _figures(ev: Evaluation, queries: list[int], cut: bool) -> float:
-    total = sum(ev.unrelated(q, ev.results([ev.fp[q].phash], q, cut)) for q in queries)
+def _by_eye(families: list[set[str]]) -> list[set[str]]:
+    """The labelled families with each SEEN_SAME_PICTURE set joined to those it overlaps."""
+    merged = [set(f) for f in families]
+    for seen in SEEN_SAME_PICTURE:
+        joined = set(seen)
+        for family in [f for f in merged if f & seen]:
+            joined |= family
+            merged.remove(family)
+        merged.append(joined)
+    return merged
+
+
+def _own(ev: Evaluation, q: int) -> list[tuple[str, str]]:
+    return [(ev.fp[q].phash, ev.fp[q].dhash)]
+
+
+def _figures(ev: Evaluation, queries: list[int], cut: bool, confirm: int | None = None) -> float:
+    total = sum(ev.unrelated(q, ev.results(_own(ev, q), q, cut, confirm)) for q in queries)
     return total / len(queries)
 
 
-def test_labelled_copies_are_found_with_the_cut_off(corpus, pairs):
+@pytest.mark.parametrize("confirm", [None, DEFAULT_CONFIRM_DISTANCE])
+def test_labelled_copies_are_found_with_the_cut_off(corpus, pairs, confirm):
     ev = Evaluation(corpus, _families(pairs))
     wanted = [row for row in pairs if row["relation"] in FOUND_RELATIONS]
     assert len(wanted) == 100
     for row in wanted:
         a, b = ev.row[corpus[row["path_a"]].md5], ev.row[corpus[row["path_b"]].md5]
-        assert a == b or b in ev.results([ev.fp[a].phash], a, cut=True), row
+        assert a == b or b in ev.results(_own(ev, a), a, cut=True, confirm=confirm), row
 
 
 def test_the_cut_off_removes_most_unrelated_results(corpus, pairs):
@@ -152,7 +185,7 @@ def test_the_cut_off_removes_most_unrelated_results(corpus, pairs):
     figures = {}
     for name, families in (
         ("near_dups.tsv", labelled_families),
-        ("+ seen same picture", labelled_families + SEEN_SAME_PICTURE),
+        ("+ seen same picture", _by_eye(labelled_families)),
     ):
         ev = Evaluation(corpus, families)
         labelled = sorted(
@@ -169,25 +202,61 @@ def test_the_cut_off_removes_most_unrelated_results(corpus, pairs):
         )
     before, after = figures["near_dups.tsv", False], figures["near_dups.tsv", True]
     assert before[1] > 3.0 and after[1] <= 0.3  # every image queried: 3.18 -> 0.22
-    assert after[0] <= before[0] / 2  # labelled queries: 0.86 -> 0.29, not the 0.1 wanted
+    assert after[0] <= before[0] / 2  # labelled queries: 0.86 -> 0.29
     # What is left, bar one pair of pictures (a flag and a grey gradient in bands), are copies
     # of the same picture that near_dups.tsv does not pair.
-    assert figures["+ seen same picture", True][0] <= 0.1
-    assert figures["+ seen same picture", True][1] <= 0.1
+    assert figures["+ seen same picture", True][0] <= 0.05  # 0.04
+    assert figures["+ seen same picture", True][1] <= 0.05  # 0.04
+
+
+def test_dhash_confirmation_leaves_only_copies_near_dups_tsv_misses(corpus, pairs):
+    labelled_families = _families(pairs)
+    strict, by_eye = (
+        Evaluation(corpus, labelled_families),
+        Evaluation(corpus, _by_eye(labelled_families)),
+    )
+    labelled = sorted(
+        {strict.row[corpus[p].md5] for f in labelled_families for p in f & corpus.keys()}
+    )
+    everyone = list(range(len(strict.md5s)))
+    figures = {
+        (name, confirm): (
+            _figures(ev, labelled, True, confirm),
+            _figures(ev, everyone, True, confirm),
+        )
+        for name, ev in (("near_dups.tsv", strict), ("+ seen same picture", by_eye))
+        for confirm in (None, DEFAULT_CONFIRM_DISTANCE)
+    }
+    print(f"\nunrelated results per query, cut-off {DEFAULT_MIN_QUALITY}:")
+    for (name, confirm), (per_labelled, per_query) in figures.items():
+        print(
+            f"  {name:20} dHash <= {confirm or '-':4}: labelled queries {per_labelled:.3f}, "
+            f"every image {per_query:.3f}"
+        )
+    plain = figures["near_dups.tsv", None]
+    confirmed_ = figures["near_dups.tsv", DEFAULT_CONFIRM_DISTANCE]
+    # The flag against the banded grey gradient (pHash 3 bits, dHash 64) goes: 0.29 -> 0.25 on
+    # the labelled queries, 0.21 -> 0.17 on every image. Not the 0.1 wanted on the labels as
+    # they are: the 36 results left are all SEEN_SAME_PICTURE copies (frames of one sprite,
+    # one checkerboard, hopper as an icon), within 0-8 bits on every hash.
+    assert confirmed_[0] < plain[0] and confirmed_[0] <= 0.26
+    assert confirmed_[1] < plain[1] and confirmed_[1] <= 0.18
+    assert figures["+ seen same picture", DEFAULT_CONFIRM_DISTANCE] == (0.0, 0.0)
 
 
 def test_dihedral_queries_find_more_but_stay_near_the_unrelated_budget(corpus_dir, corpus, pairs):
-    ev = Evaluation(corpus, _families(pairs) + SEEN_SAME_PICTURE)
+    ev = Evaluation(corpus, _by_eye(_families(pairs)))
     pictures = list(range(len(ev.md5s)))
     path_of = {fp.md5: path for path, fp in corpus.items()}
     plain = dihedral = 0
     for q in pictures:
-        hashes = [ev.fp[q].phash]
-        plain += ev.unrelated(q, ev.results(hashes, q, cut=True))
+        hashes = _own(ev, q)
+        plain += ev.unrelated(q, ev.results(hashes, q, True, DEFAULT_CONFIRM_DISTANCE))
         if ev.quality[q] >= DEFAULT_MIN_QUALITY:  # a low query keeps no results either way
             data = (corpus_dir / path_of[ev.md5s[q]]).read_bytes()
-            hashes = list(fingerprint_variants(data).values())
-        dihedral += ev.unrelated(q, ev.results(hashes, q, cut=True))
+            _, phashes, dhashes = query_fingerprint(data)
+            hashes = [(phashes[v], dhashes[v]) for v in VARIANTS]
+        dihedral += ev.unrelated(q, ev.results(hashes, q, True, DEFAULT_CONFIRM_DISTANCE))
     print(f"\nunrelated per query, cut-off on: {plain / len(pictures):.3f} plain, ", end="")
     print(f"{dihedral / len(pictures):.3f} with the 8 dihedral variants")
     assert dihedral >= plain and dihedral / len(pictures) <= 0.3
@@ -225,17 +294,22 @@ PHOTOS = (
 def test_each_variant_is_the_phash_of_the_transformed_image(corpus_dir, name):
     data = (corpus_dir / name).read_bytes()
     displayed = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-    exact, fast = fingerprint_variants(data, mode="exact"), fingerprint_variants(data)
-    assert set(exact) == set(VARIANTS) and len(set(exact.values())) >= 6
+    _, exact, exact_dhashes = query_fingerprint(data, mode="exact")
+    _, fast, fast_dhashes = query_fingerprint(data)
+    assert set(exact) == set(exact_dhashes) == set(VARIANTS) and len(set(exact.values())) >= 6
+    assert exact == fingerprint_variants(data, mode="exact")
     assert exact["identity"] == fingerprint(data, mode="exact").phash
     worst = 0
     for variant, transpose in VARIANTS.items():
         image = displayed if transpose is None else displayed.transpose(transpose)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", compress_level=1)
-        assert fingerprint(buffer.getvalue(), mode="exact").phash == exact[variant], variant
-        worst = max(worst, hamming(fingerprint(buffer.getvalue()).phash, fast[variant]))
-    print(f"\n{name}: fast-mode variants within {worst} bits of the transformed image's pHash")
+        turned = fingerprint(buffer.getvalue(), mode="exact")
+        assert (turned.phash, turned.dhash) == (exact[variant], exact_dhashes[variant]), variant
+        turned = fingerprint(buffer.getvalue())
+        worst = max(worst, hamming(turned.phash, fast[variant]))
+        worst = max(worst, hamming(turned.dhash, fast_dhashes[variant]))
+    print(f"\n{name}: fast-mode variants within {worst} bits of the transformed image's hashes")
     assert worst <= 4
 
 

@@ -11,8 +11,10 @@ brighter, more contrast, blur, a watermark box, greyscale, padding), and queries
 against the whole corpus (all accepted files: the originals and everything else as distractors)
 at the default threshold. Printed per edit: recall (the copy finds its original) for ImageHash's
 pHash (hashed on the image as displayed, no cut-off), ours (fast mode, quality cut-off on
-results), and ours querying the 8 dihedral variants; then unrelated results per query
-(anything but the original and its labelled near_dups.tsv family, per md5).
+results) and ours querying the 8 dihedral variants, each without and with the dHash
+confirmation (``--confirm`` bits, default the library's); then unrelated results per query
+(anything but the original and its labelled near_dups.tsv family, per md5), and the largest
+dHash distance between a copy and the original its pHash found.
 """
 
 from __future__ import annotations
@@ -32,14 +34,16 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from asset_library.ingest.dihedral import query_fingerprint
 from asset_library.ingest.fingerprint import (
+    DEFAULT_CONFIRM_DISTANCE,
     DEFAULT_MIN_QUALITY,
     DEFAULT_PHASH_THRESHOLD,
     Fingerprint,
     fingerprint,
+    hamming,
 )
 from asset_library.ingest.workers import fingerprint_many
 from asset_library.search import HammingIndex
-from asset_library.search.quality import informative
+from asset_library.search.quality import confirmed, informative
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus"
@@ -98,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     parser.add_argument("--photos", type=int, default=12)
     parser.add_argument("--max-side", type=int, default=1024, help="edited copies' longest side")
+    parser.add_argument("--confirm", type=int, default=DEFAULT_CONFIRM_DISTANCE, help="dHash bits")
     args = parser.parse_args(argv)
     corpus: Path = args.corpus
     with open(corpus / "MANIFEST.tsv", newline="") as handle:
@@ -118,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         first_path.setdefault(fp.md5, p)
     quality = np.array([fps[first_path[m]].quality for m in md5s])
     ours = HammingIndex(hashes=np.array([int(fps[first_path[m]].phash, 16) for m in md5s], "u8"))
+    dhashes = np.array([int(fps[first_path[m]].dhash, 16) for m in md5s], dtype=np.uint64)
     theirs_hashes = [_imagehash_phash((corpus / first_path[m]).read_bytes()) for m in md5s]
     theirs = np.array([h if h is not None else 0 for h in theirs_hashes], dtype=np.uint64)
     families: dict[int, set[str]] = defaultdict(set)
@@ -132,8 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for p, fp in sorted(fps.items())
         if fp.format == "jpeg" and fp.camera_make and fp.quality >= DEFAULT_MIN_QUALITY
     ][: args.photos]
+    kinds = ("ih", "ours", "dih", "ours_c", "dih_c")
     results: dict[str, dict[str, list[int]]] = {
-        e: {"ih": [], "ours": [], "dih": [], "u_ih": [], "u_ours": [], "u_dih": []} for e in EDITS
+        e: {"dhash": [], **{key: [] for kind in kinds for key in (kind, "u_" + kind)}}
+        for e in EDITS
     }
     plain_ms: list[float] = []
     extra_ms: list[float] = []
@@ -149,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 fingerprint(data)
                 t1 = time.perf_counter()
-                fp, variants = query_fingerprint(data)
+                fp, variants, dhash_variants = query_fingerprint(data)
                 t2 = time.perf_counter()
                 plain_ms.append(1e3 * (t1 - t0))
                 extra_ms.append(1e3 * ((t2 - t1) - (t1 - t0)))
@@ -158,35 +166,58 @@ def main(argv: Sequence[str] | None = None) -> int:
                 hits_ih = set(
                     np.flatnonzero(np.bitwise_count(theirs ^ np.uint64(ih)) <= 8).tolist()
                 )
-                for key, hashes in (("ours", [fp.phash]), ("dih", list(variants.values()))):
-                    found = {i for h in hashes for i, _ in ours.query(h, DEFAULT_PHASH_THRESHOLD)}
+                searches = (
+                    ("ours", {"identity": fp.phash}, None),
+                    ("dih", variants, None),
+                    ("ours_c", {"identity": fp.phash}, args.confirm),
+                    ("dih_c", variants, args.confirm),
+                )
+                for key, hashes, confirm in searches:
+                    found = set()
+                    for transform, h in hashes.items():
+                        rows = np.array(
+                            [i for i, _ in ours.query(h, DEFAULT_PHASH_THRESHOLD)], dtype=np.int64
+                        )
+                        if confirm is not None and rows.size:
+                            query_dhash = int(dhash_variants[transform], 16)
+                            rows = rows[confirmed(query_dhash, dhashes[rows], confirm)]
+                        found.update(rows.tolist())
                     kept = np.array(sorted(found), dtype=np.int64)
                     if kept.size:
                         kept = kept[informative(fp.quality, quality[kept])]
                     got[key].append(original in kept)
                     got["u_" + key].append(_unrelated(set(kept.tolist()), original, families))
+                if got["ours"][-1]:  # how far the dHash of a copy pHash finds can be
+                    got["dhash"].append(hamming(fp.dhash, int(dhashes[original])))
                 got["ih"].append(original in hits_ih)
                 got["u_ih"].append(_unrelated(hits_ih, original, families))
     print(
         f"{len(photos)} camera photos, longest side <= {args.max_side}, "
         f"threshold {DEFAULT_PHASH_THRESHOLD}, cut-off {DEFAULT_MIN_QUALITY}\n"
     )
-    print("| edit | ImageHash pHash | ours | ours + dihedral | unrelated/query IH / ours / dih |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, got in results.items():
-        rates = [f"{np.mean(got[k]):.0%}" for k in ("ih", "ours", "dih")]
-        unrelated = " / ".join(f"{np.mean(got['u_' + k]):.2f}" for k in ("ih", "ours", "dih"))
-        print(f"| {name} | {' | '.join(rates)} | {unrelated} |")
-    total = {k: np.mean([v for got in results.values() for v in got[k]]) for k in results["blur"]}
     print(
-        f"| all edits | {total['ih']:.0%} | {total['ours']:.0%} | {total['dih']:.0%} | "
-        f"{total['u_ih']:.2f} / {total['u_ours']:.2f} / {total['u_dih']:.2f} |"
+        f"| edit | ImageHash pHash | ours | ours + dihedral | ours, dHash <= {args.confirm} | "
+        f"ours + dihedral, dHash <= {args.confirm} | unrelated/query, same order | "
+        "largest dHash distance found |"
     )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, got in results.items():
+        print(_row(name, got))
+    every = {k: [v for got in results.values() for v in got[k]] for k in results["blur"]}
+    print(_row("all edits", every))
     print(
         f"\nper query image: fingerprint median {np.median(plain_ms):.1f} ms; the 8 variants "
         f"add median {np.median(extra_ms):.2f} ms (p90 {np.percentile(extra_ms, 90):.2f} ms)"
     )
     return 0
+
+
+def _row(name: str, got: dict[str, list[int]]) -> str:
+    kinds = ("ih", "ours", "dih", "ours_c", "dih_c")
+    rates = " | ".join(f"{np.mean(got[k]):.0%}" for k in kinds)
+    unrelated = " / ".join(f"{np.mean(got['u_' + k]):.2f}" for k in kinds)
+    farthest = max(got["dhash"], default="-")
+    return f"| {name} | {rates} | {unrelated} | {farthest} |"
 
 
 def _unrelated(hits: set[int], original: int, families: dict[int, set[str]]) -> int:

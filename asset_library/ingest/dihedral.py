@@ -31,6 +31,8 @@ from asset_library.ingest.fingerprint import (
     DEFAULT_MAX_PIXELS,
     Fingerprint,
     Mode,
+    dhash_grid,
+    dhash_of_grid,
     fingerprint_and_grey,
     phash_block,
     phash_of_block,
@@ -69,6 +71,12 @@ _FROM_BLOCK: dict[str, tuple[bool, Callable[[np.ndarray], np.ndarray]]] = {
 }
 
 
+# The variants that flip the rows (top-bottom) or the columns (left-right) of their grid, as
+# the sign flips of _FROM_BLOCK do to the DCT block.
+_FLIPS_ROWS = {"flip_v", "rot180", "rot90", "transverse"}
+_FLIPS_COLUMNS = {"flip_h", "rot180", "rot270", "transverse"}
+
+
 class QueryImageError(ValueError):
     """A query image that cannot be fingerprinted; says which image and why."""
 
@@ -97,13 +105,34 @@ def phash_variants(grey: Image.Image) -> dict[str, str]:
     return variants_of_blocks(block, transposed)
 
 
+def dhash_variants(grey: Image.Image) -> dict[str, str]:
+    """The dHashes of a greyscale image's eight rotations and mirror images, by name: what
+    confirms a match of the pHash variant of the same name. dHash compares horizontal
+    neighbours on a 9x8 grid; the grid of a mirrored image is the mirrored grid (the resize is
+    symmetric), so the eight come from two grids, the image's and its transpose's, by the same
+    flips as the pHash variants."""
+    grids = {False: dhash_grid(grey), True: dhash_grid(grey.transpose(Image.Transpose.TRANSPOSE))}
+    out = {}
+    for name, (transposed, _) in _FROM_BLOCK.items():
+        grid = grids[transposed]
+        if name in _FLIPS_ROWS:
+            grid = grid[::-1, :]
+        if name in _FLIPS_COLUMNS:
+            grid = grid[:, ::-1]
+        out[name] = dhash_of_grid(grid)
+    return out
+
+
 def query_fingerprint(
     data: bytes, *, mode: Mode = "fast", max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[Fingerprint, dict[str, str]]:
-    """A query image's fingerprint and its eight pHash variants, from one decode. Never raises
-    on bad image data: a rejected image comes back with its reason and no variants."""
+) -> tuple[Fingerprint, dict[str, str], dict[str, str]]:
+    """A query image's fingerprint and its eight pHash and eight dHash variants, from one
+    decode. Never raises on bad image data: a rejected image comes back with its reason and
+    no variants."""
     fp, grey = fingerprint_and_grey(data, mode=mode, max_pixels=max_pixels)
-    return fp, ({} if grey is None else phash_variants(grey))
+    if grey is None:
+        return fp, {}, {}
+    return fp, phash_variants(grey), dhash_variants(grey)
 
 
 def fingerprint_variants(
@@ -111,7 +140,7 @@ def fingerprint_variants(
 ) -> dict[str, str]:
     """The eight pHash variants of an image given as bytes (a file, or the stored bytes of an
     md5); ``identity`` is its own pHash. Raises :class:`QueryImageError` if it is rejected."""
-    fp, variants = query_fingerprint(data, mode=mode, max_pixels=max_pixels)
+    fp, variants, _ = query_fingerprint(data, mode=mode, max_pixels=max_pixels)
     if not fp.ok:
         raise QueryImageError(fp)
     return variants

@@ -79,6 +79,13 @@ DEFAULT_PHASH_THRESHOLD = 8
 #: and 3 of the 77 camera JPEGs do (3.9%; the bound was 5%), with room on both sides.
 DEFAULT_MIN_QUALITY = 40
 
+#: A pHash match is kept only when the two images' dHashes are within this many bits too (see
+#: :mod:`asset_library.search.quality`). Two unrelated images' dHashes differ by 32 bits on
+#: average (binomial, standard deviation 4: 20 or fewer by chance about once in 500 pairs, 1%
+#: of the corpus's unrelated pairs); labelled copies differ by 0-8, and the edited copies of
+#: ``benchmarks/quality.py`` that pHash finds by at most 11.
+DEFAULT_CONFIRM_DISTANCE = 20
+
 _HASH_SIZE = 8
 _PHASH_SIZE = _HASH_SIZE * 4
 
@@ -332,14 +339,24 @@ def hashes_of_grey(grey: Image.Image) -> dict[str, Any]:
     phash = phash_of_block(phash_block(small))
     avg = np.asarray(grey.resize((_HASH_SIZE, _HASH_SIZE), lanczos))
     ahash = avg > avg.mean()
-    diff = np.asarray(grey.resize((_HASH_SIZE + 1, _HASH_SIZE), lanczos)).astype(np.int16)
-    dhash = diff[:, 1:] > diff[:, :-1]
     return {
         "phash": phash,
         "ahash": bits_to_hex(ahash),
-        "dhash": bits_to_hex(dhash),
+        "dhash": dhash_of_grid(dhash_grid(grey)),
         "quality": information_score(small),
     }
+
+
+def dhash_grid(grey: Image.Image) -> np.ndarray:
+    """The 9x8 greyscale grid (uint8, 8 rows of 9) that dHash compares, as ImageHash resizes."""
+    return np.asarray(grey.resize((_HASH_SIZE + 1, _HASH_SIZE), Image.Resampling.LANCZOS))
+
+
+def dhash_of_grid(grid: np.ndarray) -> str:
+    """ImageHash's dHash: a bit per pair of horizontal neighbours, set when the right one is
+    brighter."""
+    diff = grid.astype(np.int16)
+    return bits_to_hex(diff[:, 1:] > diff[:, :-1])
 
 
 def phash_pixels(grey: Image.Image) -> np.ndarray:

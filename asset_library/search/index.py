@@ -116,6 +116,24 @@ class HammingIndex:
             out[name] = info
         return out
 
+    def hashes_of(self, ids: np.ndarray) -> np.ndarray:
+        """The stored hash (uint64) of each id, as another hash kind's index over the same ids
+        needs to confirm its pairs; KeyError naming the first id not stored."""
+        ids = np.asarray(ids, dtype=np.int64)
+        segs = [s for s in self._segments.values() if s.n]
+        if not segs:
+            if ids.size:
+                raise KeyError(f"id {int(ids[0])} is not in the index")
+            return np.zeros(0, dtype=np.uint64)
+        stored = np.concatenate([np.asarray(s.ids, dtype=np.int64) for s in segs])
+        hashes = np.concatenate([np.asarray(s.hashes, dtype=np.uint64) for s in segs])
+        order = np.argsort(stored, kind="stable")
+        pos = np.minimum(np.searchsorted(stored, ids, sorter=order), len(stored) - 1)
+        missing = stored[order[pos]] != ids
+        if missing.any():
+            raise KeyError(f"id {int(ids[missing][0])} is not in the index")
+        return hashes[order[pos]]
+
     # -- queries
 
     def query(

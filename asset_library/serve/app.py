@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from asset_library.ids import InvalidIdError, check_md5
-from asset_library.ingest.fingerprint import DEFAULT_MIN_QUALITY
+from asset_library.ingest.fingerprint import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 from asset_library.library import Library
 from asset_library.serve import reads
 from asset_library.serve.auth import TokenRequired
@@ -199,6 +199,15 @@ async def similar(
     min_quality: Annotated[
         int, Query(ge=0, le=100, description="leave out flatter images; 0 keeps them")
     ] = DEFAULT_MIN_QUALITY,
+    confirm: Annotated[
+        int,
+        Query(
+            ge=0,
+            le=64,
+            description="keep a match only when a second hash (dHash; pHash for hash=dhash) "
+            "is within this many bits too; 64 keeps every match",
+        ),
+    ] = DEFAULT_CONFIRM_DISTANCE,
 ) -> dict[str, Any]:
     if (image is None) == (md5 is None):
         raise HTTPException(
@@ -210,6 +219,7 @@ async def similar(
         "hash": hash,
         "transforms": transforms,
         "min_quality": min_quality or None,
+        "confirm": confirm,
     }
     try:
         if md5 is not None:

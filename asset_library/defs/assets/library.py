@@ -7,7 +7,11 @@ import pyarrow.parquet as pq
 
 from asset_library.defs.checks import audit
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource
-from asset_library.ingest.fingerprint import DEFAULT_MIN_QUALITY, DEFAULT_PHASH_THRESHOLD
+from asset_library.ingest.fingerprint import (
+    DEFAULT_CONFIRM_DISTANCE,
+    DEFAULT_MIN_QUALITY,
+    DEFAULT_PHASH_THRESHOLD,
+)
 from asset_library.lake import NEAR_DUPLICATES_SCHEMA, Catalog, merge_images
 from asset_library.lake.tables import lake_files, row_count
 from asset_library.layout import atomic_path
@@ -103,7 +107,8 @@ def similarity_index(library: LibraryResource) -> dg.MaterializeResult:
     kinds={"parquet"},
     automation_condition=REFRESH_WHEN_SHARDS_LAND,
     description=f"Connected groups of images within pHash distance {DEFAULT_PHASH_THRESHOLD} "
-    "of a neighbour: the catalog's near_duplicates view.",
+    f"(and dHash distance {DEFAULT_CONFIRM_DISTANCE}, as a search confirms a match) of a "
+    "neighbour: the catalog's near_duplicates view.",
 )
 def near_duplicate_groups(library: LibraryResource) -> dg.MaterializeResult:
     layout = library.layout()
@@ -114,7 +119,9 @@ def near_duplicate_groups(library: LibraryResource) -> dg.MaterializeResult:
         ).fetchall()]  # fmt: skip
     finally:
         catalog.close()
-    groups = SimilarityIndex(layout).groups(DEFAULT_PHASH_THRESHOLD, exclude=flat)
+    groups = SimilarityIndex(layout).groups(
+        DEFAULT_PHASH_THRESHOLD, exclude=flat, confirm=DEFAULT_CONFIRM_DISTANCE
+    )
     rows = {
         "group_id": [n for n, group in enumerate(groups) for _ in group],
         "group_size": [len(group) for group in groups for _ in group],
@@ -130,6 +137,7 @@ def near_duplicate_groups(library: LibraryResource) -> dg.MaterializeResult:
         metadata={
             "threshold": DEFAULT_PHASH_THRESHOLD,
             "min_quality": DEFAULT_MIN_QUALITY,
+            "confirm_dhash_distance": DEFAULT_CONFIRM_DISTANCE,
             "left_out_low_information": len(flat),
             "groups": len(groups),
             "images_in_groups": len(rows["md5"]),
