@@ -281,3 +281,21 @@ def test_groups_from_pairs_within(random_data):
     for q in queries.tolist():
         near = {i for i, _ in index.query(q, 2)}
         assert any(near <= set(g.tolist()) for g in groups)
+
+
+def test_hashes_of_reads_each_ids_hash_across_segments(tmp_path: Path):
+    rng = np.random.default_rng(7)
+    hashes = rng.integers(0, 2**64, 500, dtype=np.uint64)
+    ids = rng.permutation(10_000)[:500].astype(np.int64)  # unique, unordered, gaps between
+    index = HammingIndex()
+    index.add_segment("a", ids[:300], hashes[:300])
+    index.add_segment("b", ids[300:], hashes[300:])
+    wanted = rng.permutation(500)[:80]
+    assert np.array_equal(index.hashes_of(ids[wanted]), hashes[wanted])
+    index.save(tmp_path / "index")
+    loaded = HammingIndex.load(tmp_path / "index")
+    assert np.array_equal(loaded.hashes_of(ids[wanted]), hashes[wanted])
+    absent = int(np.setdiff1d(np.arange(10_001), ids)[0])
+    with pytest.raises(KeyError, match=f"id {absent} is not in the index"):
+        index.hashes_of(np.array([ids[0], absent]))
+    assert index.hashes_of(np.array([], dtype=np.int64)).size == 0

@@ -13,7 +13,7 @@ from PIL import Image
 
 from asset_library import Library
 from asset_library.cli import main
-from asset_library.ingest.fingerprint import DEFAULT_PHASH_THRESHOLD
+from asset_library.ingest.fingerprint import DEFAULT_CONFIRM_DISTANCE, DEFAULT_PHASH_THRESHOLD
 from asset_library.orchestrate import ingest_batch
 from asset_library.similarity import SimilarityIndex
 
@@ -81,10 +81,40 @@ def test_similar_agrees_with_a_brute_force_scan_of_the_catalog(library):
                 found = index.query(query, distance, kind=kind)
                 assert sorted(md5 for md5, _ in found) == sorted(brute.tolist())
     hashes = np.array([int(r["phash"], 16) for r in rows], np.uint64)
+    dhashes = np.array([int(r["dhash"], 16) for r in rows], np.uint64)
     for row in rows[::40]:
-        brute = md5s[np.bitwise_count(hashes ^ np.uint64(int(row["phash"], 16))) <= 8]
+        near = np.bitwise_count(hashes ^ np.uint64(int(row["phash"], 16))) <= 8
+        found = library.similar(row["md5"], limit=None, min_quality=None, confirm=None)
+        assert sorted(r["md5"] for r in found) == sorted(md5s[near].tolist())
+        # by default a pHash match stays only when the dHashes are close too
+        close = np.bitwise_count(dhashes ^ np.uint64(int(row["dhash"], 16)))
         found = library.similar(row["md5"], limit=None, min_quality=None)
-        assert sorted(r["md5"] for r in found) == sorted(brute.tolist())
+        confirmed = near & (close <= DEFAULT_CONFIRM_DISTANCE)
+        assert sorted(r["md5"] for r in found) == sorted(md5s[confirmed].tolist())
+
+
+FLAG = "github_lovell_sharp/Flag_of_the_Netherlands.png"
+BANDED_GREY = "github_lunapaint_pngsuite/png/basn0g04.png"
+
+
+def test_a_match_the_dhash_does_not_confirm_is_left_out_of_search_and_groups(library, corpus_dir):
+    # A flag in three horizontal bands and a grey gradient in vertical bands: 3 pHash bits
+    # apart, 64 dHash bits (every horizontal step is flat in one, rising in the other).
+    md5_of = {row["path"]: row["md5"] for row in _tsv(corpus_dir / "MANIFEST.tsv")}
+    flag, grey = md5_of[FLAG], md5_of[BANDED_GREY]
+    loose = {r["md5"]: r["distance"] for r in library.similar(flag, confirm=None)}
+    assert loose[grey] <= 3
+    found = {r["md5"] for r in library.similar(flag)}
+    assert (
+        grey not in found
+        and md5_of["github_lovell_sharp/Flag_of_the_Netherlands-16bit.png"] in found
+    )
+    assert grey not in {r["md5"] for r in library.similar(corpus_dir / FLAG, confirm=64 - 1)}
+    assert grey in {r["md5"] for r in library.similar(corpus_dir / FLAG, confirm=64)}
+    group_of = {md5: n for n, group in enumerate(library.near_duplicate_groups()) for md5 in group}
+    assert group_of[flag] != group_of[grey]
+    with pytest.raises(ValueError, match="confirm must be between 0 and 64"):
+        library.similar(flag, confirm=65)
 
 
 def test_near_duplicate_groups_hold_the_labelled_families(library, corpus_dir):

@@ -143,6 +143,10 @@ def test_similar_by_md5_and_by_upload_is_library_similar(server, library, corpus
     query = "max_distance=12&limit=5&hash=dhash&min_quality=0"
     found = server.upload(f"/similar?{query}", photo).json()["results"]
     assert found == library.similar(photo, max_distance=12, limit=5, hash="dhash", min_quality=None)
+    flag = (corpus_dir / "github_lovell_sharp/Flag_of_the_Netherlands.png").read_bytes()
+    loose = server.upload("/similar?confirm=64", flag).json()["results"]
+    assert loose == library.similar(flag, confirm=64)
+    assert len(loose) > len(server.upload("/similar", flag).json()["results"])
     turned = server.request("POST", f"/similar?md5={md5}&transforms=dihedral").json()["results"]
     assert turned == library.similar(md5, transforms="dihedral")
     assert {"transform", "distance"} <= set(turned[0])
@@ -163,7 +167,8 @@ def test_similar_refuses_bad_input_naming_it(server, corpus_dir):
     assert unknown.status == 404 and "1" * 32 in unknown.json()["detail"]
     assert server.request("POST", "/similar?md5=zz").status == 422
     for bad, name in (("hash=md5", "hash"), ("max_distance=65", "max_distance"),
-                      ("transforms=all", "transforms"), ("limit=0", "limit")):  # fmt: skip
+                      ("transforms=all", "transforms"), ("limit=0", "limit"),
+                      ("confirm=65", "confirm")):  # fmt: skip
         reply = server.upload(f"/similar?{bad}", photo)
         assert reply.status == 422 and name in json.dumps(reply.json()["detail"]), bad
     dihedral_dhash = server.upload("/similar?hash=dhash&transforms=dihedral", photo)
