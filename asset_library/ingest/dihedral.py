@@ -18,6 +18,10 @@ grey levels (on 80 corpus JPEGs, a pair of bits differed in 18 of the 320 transp
 variants). So the grid of the
 transposed image is made once more (one more resize and DCT, 0.1-2.5 ms on a reduced decode)
 and the four transposing variants come from its block by the same sign flips.
+
+A match is confirmed by a second hash (:mod:`asset_library.search.quality`), so a query also
+has the dHashes of its eight variants (:func:`dhash_variants`): a rotated copy's dHash is far
+from the query's own, close to that of the query turned the same way.
 """
 
 from __future__ import annotations
