@@ -187,6 +187,13 @@ def test_cli_similar_duplicates_lookup_and_sql(corpus_library, corpus_dir, capsy
     assert main(["similar", str(photo), "--library", root, "--limit", "3"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 3 and lines[0]["distance"] == 0
+    counts = []
+    for confirm in ("64", "20"):
+        assert (
+            main(["similar", str(corpus_dir / FLAG), "--library", root, "--confirm", confirm]) == 0
+        )
+        counts.append(len(capsys.readouterr().out.splitlines()))
+    assert counts[0] == counts[1] + 2  # the banded grey ramp, as PNG interlaced and not
     assert main(["duplicates", "--library", root]) == 0
     groups = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert groups[0]["size"] == len(groups[0]["md5s"]) >= groups[-1]["size"] >= 2
