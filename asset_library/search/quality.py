@@ -6,7 +6,7 @@ other, 31 unrelated results per query. Results below the cut-off are left out. A
 itself below it keeps none: its hash cannot tell its own copies from other flat images, so any
 match would be a guess (byte-identical copies are found by md5, not by hash).
 
-A match is also confirmed by a second hash, as PDQ and ImageHash users combine hashes: a pHash
+A match is also confirmed by a second hash, a common way to combine perceptual hashes: a pHash
 match is kept only when the dHash is close too. The two hashes read different things (pHash the
 low DCT frequencies against their median, dHash the sign of horizontal steps), so a chance
 pHash collision between unrelated pictures is rarely a dHash one, while a real copy moves both
