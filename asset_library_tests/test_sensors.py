@@ -106,7 +106,7 @@ def test_manifests_and_marked_folders_are_ready_batches(tmp_path):
 def test_sensors_and_schedule_start_running(tmp_path):
     defs = build_definitions(build_resources({}, root=str(tmp_path)))
     with dg.instance_for_test():
-        for name in ("landing_sensor", "shard_sensor", "library_automation"):
+        for name in ("landing_sensor", "shard_sensor", "refresh_sensor"):
             sensor = defs.resolve_sensor_def(name)
             assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
         schedule = defs.resolve_schedule_def("retry_failed_shards")
