@@ -109,3 +109,20 @@ def test_a_module_added_to_defs_is_part_of_the_code_location(tmp_path, monkeypat
     finally:
         module.unlink()
     assert dg.AssetKey(name) in defs.resolve_asset_graph().get_all_asset_keys()
+
+
+def test_s3_keys_from_the_environment_stay_environment_variables(tmp_path, monkeypatch):
+    """The code location holds the variables' names, not the secrets; a run reads the values."""
+    from asset_library.defs.resources import build_resources
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-from-env")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-from-env")
+    resources = build_resources(root=str(tmp_path / "library"))
+    s3 = resources["s3"]
+    assert isinstance(s3.aws_access_key_id, dg.EnvVar)
+    assert s3.aws_secret_access_key.env_var_name == "AWS_SECRET_ACCESS_KEY"
+    with dg.build_sensor_context(resources={"sources": resources["sources"]}) as context:
+        assert context.resources.sources.s3.aws_access_key_id == "key-from-env"
+    # keys given only to build_resources (not this process's environment) are literal
+    given = build_resources({"AWS_ACCESS_KEY_ID": "given"}, root=str(tmp_path / "library"))
+    assert given["s3"].aws_access_key_id == "given"
