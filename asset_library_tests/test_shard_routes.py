@@ -6,6 +6,7 @@ asset, an asset backfill, a job backfill, re-execution from failure), against th
 loaded in process and a test instance whose runs execute as they are launched; backfills are
 advanced by the daemon's own backfill iteration. Each shard first fails for a real reason (its
 plan file is missing) in a run tagged as a sensor tags it, then is repaired and re-run.
+A shard whose keys fail a check writes no lake row.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from dagster_graphql.test.utils import execute_dagster_graphql
 from asset_library import Library
 from asset_library.definitions import build_definitions
 from asset_library.defs.assets.ingestion import SHARD_OUTPUTS
+from asset_library.defs.resources import LocalObjectStoreResource, build_resources
 from asset_library.defs.schedules import retry_failed_shards
 from asset_library.defs.shard_status import shard_statuses
 from asset_library.ids import shard_key
 from asset_library.lake import Lake
 from asset_library.layout import LibraryLayout
+from asset_library.storage import LocalObjectStore, ObjectStore, PutResult
 
 PROJECT = Path(__file__).resolve().parents[1]
 LOCATION = "asset_library"
@@ -337,3 +340,51 @@ def test_the_retry_schedule_judges_and_reruns_the_shard_whole(setup: Setup) -> N
     rows = Library(setup.root).query("SELECT shard, count(*) AS n FROM images GROUP BY shard")
     assert {r["shard"]: r["n"] for r in rows} == dict.fromkeys(whole, 1)
     assert _tags(refresh)[0] == BATCH  # the batch of the shards it merged
+
+
+class ForgetfulStore(LocalObjectStore):
+    """A store that acknowledges writes it does not keep (a lost disk, a bucket's lifecycle
+    rule gone wrong): what ``uploads_present`` is there to catch."""
+
+    def put_if_absent(self, key: str, data: bytes, md5_hex: str) -> PutResult:
+        result = super().put_if_absent(key, data, md5_hex)
+        Path(self.uri(key)).unlink()
+        return result
+
+
+class ForgetfulStoreResource(LocalObjectStoreResource):
+    def open(self) -> ObjectStore:
+        return ForgetfulStore(Path(self.path))
+
+
+def test_a_shard_whose_keys_fail_a_check_writes_no_lake_row(corpus_dir: Path, tmp_path: Path):
+    landed = tmp_path / BATCH
+    landed.mkdir()
+    for path in sorted((corpus_dir / FOLDER).glob("*.jpg"))[:2]:
+        shutil.copyfile(path, landed / path.name)
+    root = tmp_path / "library"
+    resources = build_resources({}, root=str(root))
+    resources["object_store"] = ForgetfulStoreResource(path=str(root / "objects"))
+    defs = build_definitions(resources)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("batches", [BATCH])
+        assert (
+            defs.resolve_job_def("plan_batch")
+            .execute_in_process(
+                partition_key=BATCH,
+                run_config={"ops": {"batch_plan": {"config": {"source": str(landed)}}}},
+                instance=instance,
+            )
+            .success
+        )
+        shard = shard_key(BATCH, 0)
+        result = defs.resolve_job_def("ingest_shard").execute_in_process(
+            partition_key=shard, instance=instance, raise_on_error=False
+        )
+        assert not result.success
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert checks == {"hash_coverage": True, "uploads_present": False}  # shown in the UI
+        assert result.get_asset_materialization_events() == []
+        assert shard_statuses(instance, [shard])[shard] == dg.AssetPartitionStatus.FAILED
+    lake = Lake.of(LibraryLayout.open(root), {})
+    assert all(lake.open(table) is None for table in ("occurrences", "rejects", "attributes"))
