@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster._core.storage.defs_state.base import set_defs_state_storage
 
 
 def load_defs() -> dg.Definitions:
@@ -16,8 +17,13 @@ def load_defs() -> dg.Definitions:
 
 
 def build_definitions(resources: Mapping[str, Any] | None = None) -> dg.Definitions:
-    """The code location; ``resources`` replace the environment's (tests, the CLI's runs)."""
-    loaded = load_defs()
+    """The code location; ``resources`` replace the environment's (tests, the CLI's runs).
+
+    Built outside a code server, loading would consult the state store of the most recently
+    created Dagster instance, closed or not; this project keeps no state there, so none is read.
+    """
+    with set_defs_state_storage(None):
+        loaded = load_defs()
     if resources is None:
         return loaded
     return dg.Definitions(

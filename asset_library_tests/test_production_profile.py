@@ -224,7 +224,7 @@ def _library_count(root: Path) -> dict[str, int] | None:
     """Images per shard, once the catalog exists and every shard is in it."""
     try:
         rows = Library(root).query("SELECT shard, count(*) AS n FROM images GROUP BY shard")
-    except Exception:  # no catalog yet (the automation sensor builds it once shards land)
+    except Exception:  # no catalog yet (refresh_sensor requests it once shards land)
         return None
     return {row["shard"]: row["n"] for row in rows}
 

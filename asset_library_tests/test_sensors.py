@@ -139,7 +139,8 @@ def test_good_shards_reach_the_library_while_a_sibling_is_still_failing(tmp_path
         for shard in (good, other):
             assert shard_job.execute_in_process(partition_key=shard, instance=instance).success
         plan_file = tmp_path / "library" / "plans" / "photos_002" / f"{bad}.parquet"
-        plan_file.unlink()  # this shard fails, and its retry is still running
+        away = plan_file.rename(plan_file.with_suffix(".away"))  # this shard fails, and its
+        # retry is still running
         assert not shard_job.execute_in_process(
             partition_key=bad, instance=instance, raise_on_error=False
         ).success
@@ -174,3 +175,15 @@ def test_good_shards_reach_the_library_while_a_sibling_is_still_failing(tmp_path
 
         # nothing new landed: no second refresh
         assert isinstance(_tick(refresh_sensor, instance, resources, tick.cursor), dg.SkipReason)
+
+        # the failing shard lands while a refresh is about to start: its refresh waits for it
+        away.rename(plan_file)
+        assert shard_job.execute_in_process(partition_key=bad, instance=instance).success
+        pending = instance.create_run_for_job(
+            defs.resolve_job_def("refresh_library"), status=dg.DagsterRunStatus.NOT_STARTED
+        )
+        waiting = _tick(refresh_sensor, instance, resources, tick.cursor)
+        assert isinstance(waiting, dg.SkipReason) and pending.run_id in waiting.skip_message
+        instance.report_run_canceled(pending)
+        [later] = _tick(refresh_sensor, instance, resources, tick.cursor).run_requests
+        assert later.tags["asset_library/batch"] == "photos_002"
