@@ -187,3 +187,16 @@ def test_good_shards_reach_the_library_while_a_sibling_is_still_failing(tmp_path
         instance.report_run_canceled(pending)
         [later] = _tick(refresh_sensor, instance, resources, tick.cursor).run_requests
         assert later.tags["asset_library/batch"] == "photos_002"
+
+
+def test_a_refresh_of_several_batches_names_them_all():
+    from asset_library.defs.tags import MAX_BATCHES_TAG_CHARS, batch_tags
+
+    assert batch_tags(["b1", "b1"]) == {"asset_library/batch": "b1"}
+    assert batch_tags(["b2", "b1", "b2"]) == {
+        "asset_library/batch": "several",
+        "asset_library/batches": "b1,b2",
+    }
+    many = batch_tags([f"photos_{n:04d}" for n in range(500)])
+    assert len(many["asset_library/batches"]) == MAX_BATCHES_TAG_CHARS
+    assert many["asset_library/batches"].endswith("...")

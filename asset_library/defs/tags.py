@@ -14,7 +14,7 @@ TRIGGER_TAG = "asset_library/trigger"
 BATCHES_TAG = "asset_library/batches"
 #: ``asset_library/batch`` of a run that carries several batches.
 SEVERAL = "several"
-#: Tag values stay readable in the UI's run list; the full list is in the refresh's metadata.
+#: Tag values stay readable in the run list: a longer list is cut and ends in "...".
 MAX_BATCHES_TAG_CHARS = 1000
 
 BACKFILL_TAG = "dagster/backfill"
