@@ -33,10 +33,10 @@ demo: install
 
 # The UI on the demo's library: its own Dagster instance holds the runs the CLI made.
 ui: install
-	@# The project's dagster.yaml is the instance's: copied on every launch, so edits reach it.
-	mkdir -p $(LIBRARY)/.dagster && cp dagster.yaml $(LIBRARY)/.dagster/dagster.yaml
+	@# The instance reads the project's dagster.yaml through a link: an edit reaches it at once.
+	mkdir -p $(LIBRARY)/.dagster && ln -sfn $(abspath dagster.yaml) $(LIBRARY)/.dagster/dagster.yaml
 	ASSET_LIBRARY_HOME=$(abspath $(LIBRARY)) DAGSTER_HOME=$(abspath $(LIBRARY))/.dagster \
-		$(UV) run dagster dev -w workspace.yaml
+		$(UV) run dg dev
 
 test: install
 	$(UV) run ruff check .

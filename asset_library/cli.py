@@ -241,9 +241,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import dagster as dg
-
-    from asset_library.defs.partitions import shards_partitions
+    from asset_library.defs.shard_status import shard_statuses
     from asset_library.ingest.triggers import read_triggers
     from asset_library.orchestrate import local_instance, reap_dead_runs
 
@@ -260,12 +258,7 @@ def _status(args: argparse.Namespace) -> int:
             "is gone (killed?): marked failed"
         )
     for record in records:
-        statuses = (
-            instance.get_status_by_partition(
-                dg.AssetKey("shard_keys"), record.shards, shards_partitions
-            )
-            or {}
-        )
+        statuses = shard_statuses(instance, record.shards)
         print(
             f"{record.batch}  {record.images:,} images  trigger {record.trigger} "
             f"({record.kind}, {record.triggered_at})  source {record.source}"

@@ -1,41 +1,45 @@
-"""The Dagster code location: every asset, check, job, sensor and schedule, gathered here."""
+"""The Dagster code location: every module under ``defs/`` is loaded, as ``dg`` expects.
+
+A file added to ``defs/`` is part of the code location without being listed here."""
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster._core.storage.defs_state.base import set_defs_state_storage
 
-from asset_library.defs.assets import ingestion, library
-from asset_library.defs.jobs import (
-    audit_library_job,
-    compact_library_job,
-    ingest_shard_job,
-    plan_batch_job,
-    refresh_library_job,
-)
-from asset_library.defs.resources import build_resources
-from asset_library.defs.schedules import retry_failed_shards
-from asset_library.defs.sensors import landing_sensor, library_automation, shard_sensor
+
+def load_defs() -> dg.Definitions:
+    """Everything under ``defs/``: assets, checks, jobs, sensors, schedules, the resources the
+    environment describes (``defs/resources.py``) and the executor (``defs/execution.py``)."""
+    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
 
 
 def build_definitions(resources: Mapping[str, Any] | None = None) -> dg.Definitions:
-    """The code location; resources default to what the environment describes."""
+    """The code location; ``resources`` replace the environment's (tests, the CLI's runs).
+
+    Built outside a code server, loading would consult the state store of the most recently
+    created Dagster instance, closed or not; this project keeps no state there, so none is read.
+    """
+    with set_defs_state_storage(None):
+        loaded = load_defs()
+    if resources is None:
+        return loaded
     return dg.Definitions(
-        assets=dg.load_assets_from_modules([ingestion, library]),
-        jobs=[
-            plan_batch_job,
-            ingest_shard_job,
-            refresh_library_job,
-            compact_library_job,
-            audit_library_job,
-        ],
-        sensors=[landing_sensor, shard_sensor, library_automation],
-        schedules=[retry_failed_shards],
-        resources=dict(resources) if resources is not None else build_resources(),
-        # Per-step subprocesses re-import the code (~50 s a shard run here); shards run side
-        # by side as concurrent runs instead, bounded in dagster.yaml.
-        executor=dg.in_process_executor,
+        assets=loaded.assets,
+        asset_checks=loaded.asset_checks,
+        jobs=loaded.jobs,
+        sensors=loaded.sensors,
+        schedules=loaded.schedules,
+        executor=loaded.executor,
+        loggers=loaded.loggers,
+        metadata=loaded.metadata,
+        component_tree=loaded.component_tree,
+        resources=dict(resources),
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    return load_defs()

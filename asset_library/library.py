@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from asset_library.search.quality import CONFIRMING_HASH, informative
 from asset_library.similarity import HASH_KINDS, SimilarityIndex
 from asset_library.sql_guard import check_read_only_query
 from asset_library.storage import ObjectStore, object_key, open_store
+
+if TYPE_CHECKING:  # pandas is imported by ``frame`` alone: the CLI starts without it
+    import pandas as pd
 
 IMAGE_COLUMNS = IMAGES_SCHEMA.names
 #: How a query may be turned before it is searched: as it is, or all 8 rotations and flips.
@@ -88,6 +91,17 @@ class Library:
                 return []
             names = [d[0] for d in result.description]
             return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+
+    def frame(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """``query`` as a pandas DataFrame (DuckDB's own conversion, column types kept)."""
+        import pandas as pd
+
+        check_read_only_query(sql)
+        with self.connect() as connection:
+            result = connection.execute(sql, params or [])
+            return pd.DataFrame() if result.description is None else result.df()
 
     def lookup(self, md5: str) -> dict[str, Any] | None:
         """The image with this key, with its attributes and every source it was ingested from;

@@ -224,7 +224,7 @@ def _library_count(root: Path) -> dict[str, int] | None:
     """Images per shard, once the catalog exists and every shard is in it."""
     try:
         rows = Library(root).query("SELECT shard, count(*) AS n FROM images GROUP BY shard")
-    except Exception:  # no catalog yet (the automation sensor builds it once shards land)
+    except Exception:  # no catalog yet (refresh_sensor requests it once shards land)
         return None
     return {row["shard"]: row["n"] for row in rows}
 
@@ -377,12 +377,21 @@ def _run(instance, daemon, webserver, env, clone, landed, shards, blocked, image
     assert latest[shards[1]].dagster_run.tags.get("dagster/backfill") == backfill_id
     assert latest[shards[2]].dagster_run.tags.get("dagster/backfill")
     assert latest[shards[2]].dagster_run.tags["dagster/backfill"] != backfill_id
+    for shard in shards[1:]:  # launched without them, the runs tagged themselves
+        tags = latest[shard].dagster_run.tags
+        assert tags["asset_library/batch"] == BATCH
+        assert tags["asset_library/trigger"] == f"backfill-{tags['dagster/backfill']}"
 
     expected = {shard: IMAGES_PER_SHARD for shard in shards}
     counts = _wait("the complete library", lambda: _library_count(root) == expected, 180, daemon)
     assert counts
     [total] = Library(root).query("SELECT count(*) AS n FROM images")
     assert total["n"] == len({md5 for _, md5 in images})
+    refreshes = instance.get_runs(dg.RunsFilter(job_name="refresh_library"))
+    assert refreshes and all(
+        r.tags["asset_library/trigger"] == "sensor" and r.tags["asset_library/batch"] == BATCH
+        for r in refreshes
+    )
     print(
         f"\nproduction profile: landing -> {len(shards)} shard runs finished "
         f"{landed_to_runs:.0f} s (at most {overlap} at once); unblock -> backfilled "

@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asset_library.defs.checks import attribute_keys_in_occurrences, hash_coverage  # noqa: E402
+from asset_library.defs.resources import IN_MEMORY_DUCKDB  # noqa: E402
 from asset_library.lake import Lake, compact, merge_images, write_shard  # noqa: E402
 from asset_library.lake.tables import lake_files  # noqa: E402
 from asset_library.layout import LibraryLayout  # noqa: E402
@@ -67,9 +68,13 @@ def _shard(
     _, compact_s = _timed(lambda: compact(lake))
     _, checks_s = _timed(
         lambda: (
-            hash_coverage(keys_path),
+            hash_coverage(keys_path, IN_MEMORY_DUCKDB),
             attribute_keys_in_occurrences(
-                lake, shard, written["occurrences"]["version"], written["attributes"]["version"]
+                lake,
+                shard,
+                written["occurrences"]["version"],
+                written["attributes"]["version"],
+                IN_MEMORY_DUCKDB,
             ),
         )
     )

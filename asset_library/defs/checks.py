@@ -1,8 +1,9 @@
 """Checks that guard the library, at the cost of a shard, not of the library.
 
-In a shard's run (blocking there, so a bad shard never reaches the lake or stops at its tables):
-``hash_coverage`` and ``uploads_present`` from the shard's keys file, and
-``attribute_keys_in_occurrences`` from the rows the shard's commits wrote. md5 uniqueness holds
+In a shard's run (blocking there: judged before the next write, so a bad shard never reaches
+the lake, or fails at its tables): ``hash_coverage`` and ``uploads_present`` from the shard's
+keys file, and ``attribute_keys_in_occurrences`` from the rows the shard's commits wrote. They
+read through the ``duckdb`` resource (dagster-duckdb; in memory). md5 uniqueness holds
 by construction of ``images`` and is checked in the merged buckets by the merge
 (``images_md5_unique``). The library-wide versions run only in the explicit ``audit_library`` job.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+from dagster_duckdb import DuckDBResource
 
 from asset_library.lake import Catalog, Lake
 from asset_library.lake.tables import read_changes
@@ -48,9 +50,11 @@ def _coverage(connection: duckdb.DuckDBPyConnection, source: str) -> tuple[int, 
     return int(images), int(covered)
 
 
-def hash_coverage(keys_path: Path, *, asset: str = "shard_keys") -> dg.AssetCheckResult:
+def hash_coverage(
+    keys_path: Path, db: DuckDBResource, *, asset: str = "shard_keys"
+) -> dg.AssetCheckResult:
     """Every accepted image of the shard has its three hashes."""
-    with duckdb.connect() as connection:
+    with db.get_connection() as connection:
         literal = str(keys_path).replace("'", "''")
         images, covered = _coverage(
             connection, f"(SELECT * FROM read_parquet('{literal}') WHERE status = 'ok')"
@@ -98,11 +102,16 @@ def _check_uploads(
 
 
 def uploads_present(
-    keys_path: Path, store: ObjectStore, *, content_sample: int, asset: str = "shard_uploads"
+    keys_path: Path,
+    store: ObjectStore,
+    db: DuckDBResource,
+    *,
+    content_sample: int,
+    asset: str = "shard_uploads",
 ) -> dg.AssetCheckResult:
     """Every accepted image of the shard is in the store under its md5, with its size.
     Exhaustive up to 100k distinct images; above, a random sample of 10k HEADs."""
-    with duckdb.connect() as connection:
+    with db.get_connection() as connection:
         rows = connection.execute(
             "SELECT DISTINCT md5, size_bytes FROM read_parquet(?) WHERE status = 'ok'",
             [str(keys_path)],
@@ -116,7 +125,11 @@ def uploads_present(
 
 
 def attribute_keys_in_occurrences(
-    lake: Lake, shard: str, occurrences_version: int, attributes_version: int
+    lake: Lake,
+    shard: str,
+    occurrences_version: int,
+    attributes_version: int,
+    db: DuckDBResource,
 ) -> dg.AssetCheckResult:
     """The md5s of the attribute rows a shard's commit wrote are among the occurrence rows its
     commit wrote: read from the two commits' change feeds, so it costs the shard's rows."""
@@ -126,7 +139,7 @@ def attribute_keys_in_occurrences(
     attributes = read_changes(
         lake.table("attributes"), attributes_version, attributes_version, ["md5", "shard"]
     )
-    with duckdb.connect() as connection:
+    with db.get_connection() as connection:
         connection.register("o", occurrences)
         connection.register("a", attributes)
         orphans, examples = connection.execute(

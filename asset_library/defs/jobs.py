@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from asset_library.defs.assets.ingestion import batch_plan, shard_keys_and_uploads, shard_tables
+from asset_library.defs.assets.ingestion import batch_plan, shard
 from asset_library.defs.assets.library import (
     images,
     lake_compaction,
@@ -22,9 +22,9 @@ plan_batch_job = dg.define_asset_job(
 
 ingest_shard_job = dg.define_asset_job(
     "ingest_shard",
-    selection=[shard_keys_and_uploads, shard_tables],
-    description="Ingest one shard: keys and uploads (checked), then its rows in the lake's "
-    "occurrences, rejects and attributes tables (one commit each).",
+    selection=[shard],
+    description="Ingest one shard, whole: keys and uploads (checked), then its rows in the "
+    "lake's occurrences, rejects and attributes tables (one commit each).",
 )
 
 refresh_library_job = dg.define_asset_job(

@@ -22,7 +22,8 @@ ASSET_LIBRARY_ALLOWED_ROOTS  folders (os.pathsep-separated) a batch may read loc
                          an S3 manifest. Recorded in each plan when it is made (default: none)
 ASSET_LIBRARY_MAX_IMAGE_BYTES  the largest source file a shard reads; larger ones are rejects
                          (``too_large``) (default 536870912, 512 MiB)
-S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION   for S3
+S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION   for S3 (the keys are
+                         ``dg.EnvVar``: read when a run starts, never shown in the UI)
 ======================== ==================================================================
 """
 
@@ -35,6 +36,7 @@ from typing import Any
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
+from dagster_duckdb import DuckDBResource
 
 from asset_library.ids import DEFAULT_BUCKETS
 from asset_library.ingest.access import (
@@ -57,6 +59,13 @@ from asset_library.storage import (
 )
 
 DEFAULT_VERIFY_SAMPLE = 100
+
+#: What the Dagster layer opens DuckDB with (the keys preview, the shard's checks): in memory,
+#: one connection per use, so runs side by side never wait on a file lock.
+IN_MEMORY_DUCKDB = DuckDBResource(database=":memory:")
+
+#: Read from the environment when a run starts, never written into the run's config.
+SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 class LibraryResource(dg.ConfigurableResource):
@@ -160,11 +169,19 @@ class LandingZoneResource(dg.ConfigurableResource):
 
 
 def s3_resource_from_env(environ: Mapping[str, str]) -> S3Resource:
+    """The S3 resource; keys that come from this process's environment stay ``dg.EnvVar``s
+    (the UI shows the variable, not the secret); keys given in ``environ`` alone are literal."""
+    secrets: dict[str, Any] = {}
+    for name in SECRET_VARIABLES:
+        value = environ.get(name)
+        if value and os.environ.get(name) == value:
+            secrets[name.lower()] = dg.EnvVar(name)
+        else:
+            secrets[name.lower()] = value
     return S3Resource(
         endpoint_url=environ.get("S3_ENDPOINT_URL") or environ.get("AWS_ENDPOINT_URL"),
         region_name=environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        aws_access_key_id=environ.get("AWS_ACCESS_KEY_ID"),
-        aws_secret_access_key=environ.get("AWS_SECRET_ACCESS_KEY"),
+        **secrets,
     )
 
 
@@ -208,7 +225,14 @@ def build_resources(
             location=environ.get("ASSET_LIBRARY_LANDING") or str(Path(home) / "landing")
         ),
         "s3": s3,
+        "duckdb": IN_MEMORY_DUCKDB,
     }
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    """The code location's resources, from the environment it loads in."""
+    return dg.Definitions(resources=build_resources())
 
 
 def _int_setting(environ: Mapping[str, str], name: str, *, minimum: int) -> int | None:

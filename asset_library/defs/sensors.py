@@ -3,6 +3,7 @@
 ``landing_sensor`` sees a batch land, records the trigger and requests the batch's plan run.
 ``shard_sensor`` sees a plan materialize, adds its shard partitions and requests one run per
 shard. Planning is real work (listing a billion URIs), so it happens in a run, not in a tick.
+``refresh_sensor`` sees shards' lake rows land and requests a ``refresh_library`` run.
 """
 
 import json
@@ -10,11 +11,11 @@ import os
 
 import dagster as dg
 
-from asset_library.defs.assets.ingestion import BATCH_TAG, TRIGGER_TAG
-from asset_library.defs.jobs import SERIAL_TAG, ingest_shard_job, plan_batch_job
+from asset_library.defs.jobs import ingest_shard_job, plan_batch_job, refresh_library_job
 from asset_library.defs.partitions import batches_partitions, shards_partitions
 from asset_library.defs.resources import LandingZoneResource, LibraryResource, SourceReaderResource
-from asset_library.ids import InvalidIdError, batch_id_for, check_batch_id
+from asset_library.defs.tags import BATCH_TAG, TRIGGER_TAG, batch_tags
+from asset_library.ids import InvalidIdError, batch_id_for, batch_of, check_batch_id
 from asset_library.ingest.landing import find_ready_batches
 from asset_library.ingest.plan import load_plan
 from asset_library.ingest.sources import is_s3
@@ -23,6 +24,9 @@ from asset_library.ingest.triggers import new_trigger_id
 #: Keeps a tick well inside the 60 s sensor timeout: the daemon checks each new key.
 MAX_BATCHES_PER_TICK = 50
 MAX_PLANS_PER_TICK = 20
+#: Landed shards one refresh request names; more are merged all the same (the merge reads the
+#: lake's change feed), only named by the next request.
+MAX_LANDED_PER_TICK = 10_000
 
 #: Overrides every sensor's minimum interval (seconds); unset, each keeps its default.
 INTERVAL_ENV = "ASSET_LIBRARY_SENSOR_INTERVAL"
@@ -158,11 +162,55 @@ def _materialized_since(
         cursor = page.cursor
 
 
-library_automation = dg.AutomationConditionSensorDefinition(
-    "library_automation",
-    target=dg.AssetSelection.groups("library"),
-    default_status=dg.DefaultSensorStatus.RUNNING,
+#: Runs of the refresh job that have not ended: while one is queued or running, wait.
+_REFRESH_PENDING = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+@dg.sensor(
+    job=refresh_library_job,
     minimum_interval_seconds=sensor_interval(30),
-    run_tags=SERIAL_TAG,
-    description="Merges landed shards into images, and what follows it, as shards land.",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Requests a refresh_library run when shards' lake rows landed since the last "
+    "request and no refresh is queued or running. It waits for no other shard: a failing "
+    "shard's retries do not hold its siblings back.",
 )
+def refresh_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+    after = int(context.cursor) if context.cursor else None
+    shards: list[str] = []
+    last = after
+    cursor = None
+    while len(shards) < MAX_LANDED_PER_TICK:
+        page = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("occurrences"), after_storage_id=after),
+            limit=1000,
+            cursor=cursor,
+            ascending=True,
+        )
+        shards += [r.partition_key for r in page.records if r.partition_key]
+        last = page.records[-1].storage_id if page.records else last
+        if not page.has_more:
+            break
+        cursor = page.cursor
+    if last == after:
+        return dg.SkipReason("no shard landed since the last refresh request")
+    pending = context.instance.get_run_ids(
+        dg.RunsFilter(job_name=refresh_library_job.name, statuses=_REFRESH_PENDING), limit=1
+    )
+    if pending:  # the cursor stays: the shards are requested once that refresh has ended
+        return dg.SkipReason(f"{len(shards)} shard(s) landed; refresh {pending[0]} not ended yet")
+    batches = [batch_of(shard) for shard in shards]
+    context.log.info(f"{len(shards)} shard(s) of {len(set(batches))} batch(es) landed")
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=f"refresh:{last}", tags={**batch_tags(batches), TRIGGER_TAG: "sensor"}
+            )
+        ],
+        cursor=str(last),
+    )

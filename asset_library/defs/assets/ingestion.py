@@ -1,13 +1,15 @@
-"""Ingestion assets: a batch's plan, then per shard its keys and uploads, and its lake rows.
+"""Ingestion assets: a batch's plan, then each shard as one unit: its keys and uploads and its
+lake rows, materialized together by one non-subsettable multi-asset.
 
 A shard's checks run in the shard's own run, on the shard's own rows, and block there: a
-shard whose keys fail them never reaches the lake."""
+shard whose keys fail them never reaches the lake. Whatever launches a shard (its job, any one
+of its assets, a backfill, a re-execution) runs all of it."""
 
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 
 import dagster as dg
-import duckdb
+from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from asset_library.defs.checks import (
@@ -17,6 +19,7 @@ from asset_library.defs.checks import (
 )
 from asset_library.defs.partitions import batches_partitions, shards_partitions
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource, SourceReaderResource
+from asset_library.defs.tags import BATCH_TAG, TRIGGER_TAG, tag_run
 from asset_library.ids import batch_of, check_batch_id
 from asset_library.ingest.access import ReadPolicy, batch_roots
 from asset_library.ingest.plan import load_plan, plan_batch, read_shard_items
@@ -28,8 +31,7 @@ from asset_library.lake import write_shard
 from asset_library.processes import stop_signals_deferred
 
 GROUP = "ingestion"
-BATCH_TAG = "asset_library/batch"
-TRIGGER_TAG = "asset_library/trigger"
+__all__ = ["BATCH_TAG", "TRIGGER_TAG", "SHARD_OUTPUTS", "batch_plan", "shard"]
 
 
 class BatchPlanConfig(dg.Config):
@@ -56,6 +58,7 @@ def batch_plan(
     sources: SourceReaderResource,
 ) -> dg.MaterializeResult:
     batch = check_batch_id(context.partition_key)
+    tag_run(context, [batch])
     layout = library.layout()
     source = normalize_source(config.source)
     client = sources.s3_client() if is_s3(source) else None
@@ -119,6 +122,9 @@ def _noting_outside(
 
 _SHARD_DEP = dg.AssetDep(batch_plan, partition_mapping=dg.AllPartitionMapping())
 
+#: Everything one shard run writes; one unit: none is materialized without the others.
+SHARD_OUTPUTS = ("shard_keys", "shard_uploads", "occurrences", "rejects", "attributes")
+
 
 @dg.multi_asset(
     specs=[
@@ -136,92 +142,6 @@ _SHARD_DEP = dg.AssetDep(batch_plan, partition_mapping=dg.AllPartitionMapping())
             kinds={"s3"},
             description="The shard's bytes in object storage under their md5 key, write-once.",
         ),
-    ],
-    check_specs=[
-        dg.AssetCheckSpec(
-            "hash_coverage",
-            asset="shard_keys",
-            blocking=True,
-            description="Every accepted image of the shard has pHash, aHash and dHash.",
-        ),
-        dg.AssetCheckSpec(
-            "uploads_present",
-            asset="shard_uploads",
-            blocking=True,
-            description="Every accepted image of the shard is stored under its md5, with its size.",
-        ),
-    ],
-    partitions_def=shards_partitions,
-)
-def shard_keys_and_uploads(
-    context: dg.AssetExecutionContext,
-    library: LibraryResource,
-    object_store: ObjectStoreResource,
-    sources: SourceReaderResource,
-) -> Iterator[dg.MaterializeResult]:
-    """One pass over the shard's bytes, so each image is read from its source only once."""
-    shard = context.partition_key
-    batch = batch_of(shard)
-    layout = library.layout()
-    for orphan in layout.remove_orphan_shard_files(shard):
-        context.log.info(f"removed {orphan}, left by a run of {shard} that was killed")
-    plan = load_plan(layout.plan_dir(batch))
-    shard_plan = next((s for s in plan.shards if s.key == shard), None)
-    if shard_plan is None:
-        raise dg.Failure(f"shard {shard} is not in the plan of batch {batch}")
-    store = object_store.open_for(layout, record=True)
-
-    def log_progress(stats: ShardStats) -> None:
-        context.log.info(
-            f"{shard}: {stats.images:,}/{shard_plan.images:,} images, "
-            f"{stats.images_per_second:.1f} img/s"
-        )
-
-    with FingerprintPool(library.workers) as pool:
-        stats = ingest_shard(
-            read_shard_items(shard_plan.path),
-            keys_path=layout.keys_path(shard),
-            store=store,
-            read=sources.reader(plan.roots),
-            pool=pool,
-            batch=batch,
-            shard=shard,
-            n_buckets=layout.n_buckets,
-            io_threads=library.io_threads,
-            progress=log_progress,
-            progress_every=max(1000, shard_plan.images // 20),
-        )
-    preview = _keys_preview(layout.keys_path(shard))
-    yield dg.MaterializeResult(
-        asset_key="shard_keys",
-        metadata={
-            "images": stats.images,
-            "ok": stats.ok,
-            "rejected": stats.rejected,
-            "rejects_by_reason": dict(stats.rejects_by_reason),
-            "images_per_second": round(stats.images_per_second, 1),
-            "seconds": round(stats.seconds, 2),
-            "bytes_read": stats.bytes_read,
-            "preview": dg.MetadataValue.md(preview),
-            "path": dg.MetadataValue.path(str(layout.keys_path(shard))),
-        },
-    )
-    yield dg.MaterializeResult(
-        asset_key="shard_uploads",
-        metadata={
-            "uploaded": stats.uploaded,
-            "already_stored": stats.already_stored,
-            "repaired": stats.repaired,
-            "bytes_uploaded": stats.bytes_uploaded,
-            "store": store.describe(),
-        },
-    )
-    yield hash_coverage(layout.keys_path(shard))
-    yield uploads_present(layout.keys_path(shard), store, content_sample=object_store.verify_sample)
-
-
-@dg.multi_asset(
-    specs=[
         dg.AssetSpec(
             "occurrences",
             deps=["shard_keys"],
@@ -248,24 +168,116 @@ def shard_keys_and_uploads(
     ],
     check_specs=[
         dg.AssetCheckSpec(
+            "hash_coverage",
+            asset="shard_keys",
+            blocking=True,
+            description="Every accepted image of the shard has pHash, aHash and dHash; "
+            "judged before the shard's lake rows are written.",
+        ),
+        dg.AssetCheckSpec(
+            "uploads_present",
+            asset="shard_uploads",
+            blocking=True,
+            description="Every accepted image of the shard is stored under its md5, with its "
+            "size; judged before the shard's lake rows are written.",
+        ),
+        dg.AssetCheckSpec(
             "attribute_keys_in_occurrences",
             asset="attributes",
             blocking=True,
             description="Every md5 of the shard's attributes is among the shard's occurrences.",
-        )
+        ),
     ],
     partitions_def=shards_partitions,
+    can_subset=False,
+    description="One shard, whole: its keys and uploads (one pass over the bytes), checked, "
+    "then its rows in the lake's occurrences, rejects and attributes tables (one commit "
+    "each). Materializing any one of these assets runs all of them.",
 )
-def shard_tables(
-    context: dg.AssetExecutionContext, library: LibraryResource
+def shard(
+    context: dg.AssetExecutionContext,
+    library: LibraryResource,
+    object_store: ObjectStoreResource,
+    sources: SourceReaderResource,
+    duckdb: DuckDBResource,
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    """The shard's rows replace its previous rows in each table: one Delta commit per table."""
-    layout = library.layout()
-    lake = library.lake()
+    """Read the shard once, check its keys, then write its lake rows: a shard whose keys fail
+    a check never reaches the lake, and its outputs are materialized together or not at all."""
     shard = context.partition_key
+    batch = batch_of(shard)
+    tag_run(context, [batch])
+    layout = library.layout()
+    keys_path = layout.keys_path(shard)
+    for orphan in layout.remove_orphan_shard_files(shard):
+        context.log.info(f"removed {orphan}, left by a run of {shard} that was killed")
+    plan = load_plan(layout.plan_dir(batch))
+    shard_plan = next((s for s in plan.shards if s.key == shard), None)
+    if shard_plan is None:
+        raise dg.Failure(f"shard {shard} is not in the plan of batch {batch}")
+    store = object_store.open_for(layout, record=True)
+
+    def log_progress(stats: ShardStats) -> None:
+        context.log.info(
+            f"{shard}: {stats.images:,}/{shard_plan.images:,} images, "
+            f"{stats.images_per_second:.1f} img/s"
+        )
+
+    with FingerprintPool(library.workers) as pool:
+        stats = ingest_shard(
+            read_shard_items(shard_plan.path),
+            keys_path=keys_path,
+            store=store,
+            read=sources.reader(plan.roots),
+            pool=pool,
+            batch=batch,
+            shard=shard,
+            n_buckets=layout.n_buckets,
+            io_threads=library.io_threads,
+            progress=log_progress,
+            progress_every=max(1000, shard_plan.images // 20),
+        )
+
+    key_checks = [
+        hash_coverage(keys_path, duckdb),
+        uploads_present(keys_path, store, duckdb, content_sample=object_store.verify_sample),
+    ]
+    yield from _failing(key_checks, f"shard {shard}: its keys fail a check; no lake row written")
+
+    lake = library.lake()
     # One commit per table: Ctrl-C waits for the last commit rather than leaving a part.
     with stop_signals_deferred():
-        written = write_shard(lake, shard, layout.keys_path(shard))
+        written = write_shard(lake, shard, keys_path)
+    table_checks = [
+        attribute_keys_in_occurrences(
+            lake, shard, written["occurrences"]["version"], written["attributes"]["version"], duckdb
+        )
+    ]
+    yield from _failing(table_checks, f"shard {shard}: its lake rows fail a check")
+
+    yield dg.MaterializeResult(
+        asset_key="shard_keys",
+        metadata={
+            "images": stats.images,
+            "ok": stats.ok,
+            "rejected": stats.rejected,
+            "rejects_by_reason": dict(stats.rejects_by_reason),
+            "images_per_second": round(stats.images_per_second, 1),
+            "seconds": round(stats.seconds, 2),
+            "bytes_read": stats.bytes_read,
+            "preview": dg.MetadataValue.md(_keys_preview(keys_path, duckdb)),
+            "path": dg.MetadataValue.path(str(keys_path)),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key="shard_uploads",
+        metadata={
+            "uploaded": stats.uploaded,
+            "already_stored": stats.already_stored,
+            "repaired": stats.repaired,
+            "bytes_uploaded": stats.bytes_uploaded,
+            "store": store.describe(),
+        },
+    )
     for table, done in written.items():
         yield dg.MaterializeResult(
             asset_key=table,
@@ -277,13 +289,22 @@ def shard_tables(
                 "table": dg.MetadataValue.text(lake.uri(table)),
             },
         )
-    yield attribute_keys_in_occurrences(
-        lake, shard, written["occurrences"]["version"], written["attributes"]["version"]
-    )
+    yield from key_checks
+    yield from table_checks
 
 
-def _keys_preview(path: object, rows: int = 8) -> str:
-    with duckdb.connect() as connection:
+def _failing(checks: list[dg.AssetCheckResult], message: str) -> Iterator[dg.AssetCheckResult]:
+    """If a check failed, record every result (the UI shows them) and fail the run here,
+    before anything further is written or materialized."""
+    failed = [c for c in checks if not c.passed]
+    if not failed:
+        return
+    yield from checks
+    raise dg.Failure(f"{message}: " + "; ".join(f"{c.check_name}: {c.description}" for c in failed))
+
+
+def _keys_preview(path: object, duckdb: DuckDBResource, rows: int = 8) -> str:
+    with duckdb.get_connection() as connection:
         result = connection.execute(
             "SELECT md5, status, reason, format, width, height, phash, source_uri "
             "FROM read_parquet($path) ORDER BY ordinal LIMIT $rows",

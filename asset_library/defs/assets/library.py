@@ -1,5 +1,7 @@
 """Library-wide assets: ``images`` merged from the shards that landed, the similarity index that
-follows it, the near-duplicate groups, and the full audit (only when asked for)."""
+follows it, the near-duplicate groups, and the full audit (only when asked for).
+
+``refresh_sensor`` runs the first three as the ``refresh_library`` job when shards land."""
 
 import dagster as dg
 import pyarrow as pa
@@ -7,6 +9,8 @@ import pyarrow.parquet as pq
 
 from asset_library.defs.checks import audit
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource
+from asset_library.defs.tags import tag_run
+from asset_library.ids import batch_of
 from asset_library.ingest.fingerprint import (
     DEFAULT_CONFIRM_DISTANCE,
     DEFAULT_MIN_QUALITY,
@@ -19,23 +23,11 @@ from asset_library.similarity import SimilarityIndex
 
 GROUP = "library"
 
-#: Refresh once shards have landed: waits while shard runs are still going, then runs once for
-#: everything that landed meanwhile. Unlike ``eager()``, it does not wait for every shard
-#: partition ever added to exist, so one failed shard does not freeze the library.
-REFRESH_WHEN_SHARDS_LAND = (
-    (
-        dg.AutomationCondition.newly_missing() | dg.AutomationCondition.any_deps_updated()
-    ).since_last_handled()
-    & ~dg.AutomationCondition.any_deps_in_progress()
-    & ~dg.AutomationCondition.in_progress()
-).with_label("refresh when shards land")
-
 
 @dg.asset(
     deps=["occurrences", "rejects", "attributes"],
     group_name=GROUP,
     kinds={"deltalake"},
-    automation_condition=REFRESH_WHEN_SHARDS_LAND,
     check_specs=[
         dg.AssetCheckSpec(
             "images_md5_unique",
@@ -46,10 +38,12 @@ REFRESH_WHEN_SHARDS_LAND = (
     description="Delta table, one row per md5: every occurrences commit since the last merge "
     "folded in (change data feed), touching only the buckets that changed.",
 )
-def images(library: LibraryResource):
+def images(context: dg.AssetExecutionContext, library: LibraryResource):
     lake = library.lake()
     lake.ensure()
     merged = merge_images(lake)
+    # A refresh launched by hand learns its batches only now: what it merged.
+    tag_run(context, [batch_of(shard) for shard in merged.shards])
     counts = {name: row_count(lake.open(name)) for name in ("images", "rejects", "attributes")}
     yield dg.MaterializeResult(
         metadata={
@@ -82,7 +76,6 @@ def images(library: LibraryResource):
     deps=[images],
     group_name=GROUP,
     kinds={"numpy"},
-    automation_condition=REFRESH_WHEN_SHARDS_LAND,
     description="Exact Hamming-radius index over pHash, aHash and dHash; one segment per "
     "merge of new md5s, read from the images change feed: nothing is rebuilt.",
 )
@@ -105,7 +98,6 @@ def similarity_index(library: LibraryResource) -> dg.MaterializeResult:
     deps=[similarity_index],
     group_name=GROUP,
     kinds={"parquet"},
-    automation_condition=REFRESH_WHEN_SHARDS_LAND,
     description=f"Connected groups of images within pHash distance {DEFAULT_PHASH_THRESHOLD} "
     f"(and dHash distance {DEFAULT_CONFIRM_DISTANCE}, as a search confirms a match) of a "
     "neighbour: the catalog's near_duplicates view.",
