@@ -241,38 +241,31 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import dagster as dg
-
-    from asset_library.defs.partitions import shards_partitions
     from asset_library.ingest.triggers import read_triggers
-    from asset_library.orchestrate import local_instance, reap_dead_runs
+    from asset_library.layout import LibraryLayout
+    from asset_library.terminal_runs import local_instance, reap_dead_runs, shard_states
 
-    library = Library(args.library)
-    records = read_triggers(library.layout.triggers_dir)
+    layout = LibraryLayout.open(args.library or default_library_path())
+    records = read_triggers(layout.triggers_dir)
     if not records:
-        print(f"no batches ingested yet in {library.path}")
+        print(f"no batches ingested yet in {layout.root}")
         return 0
-    instance = local_instance(library.layout)
+    instance = local_instance(layout)
     for run in reap_dead_runs(instance):
         partition = run.tags.get("dagster/partition", "")
         print(
             f"run {run.run_id} ({run.job_name} {partition}) was in progress but its process "
             "is gone (killed?): marked failed"
         )
+    states = shard_states(instance, [shard for record in records for shard in record.shards])
+    lines = []
     for record in records:
-        statuses = (
-            instance.get_status_by_partition(
-                dg.AssetKey("shard_keys"), record.shards, shards_partitions
-            )
-            or {}
-        )
-        print(
+        lines.append(
             f"{record.batch}  {record.images:,} images  trigger {record.trigger} "
             f"({record.kind}, {record.triggered_at})  source {record.source}"
         )
-        for shard in record.shards:
-            state = statuses.get(shard)
-            print(f"  {shard}  {state.value.lower() if state else 'missing'}")
+        lines += [f"  {shard}  {states[shard]}" for shard in record.shards]
+    print("\n".join(lines))
     return 0
 
 

@@ -15,7 +15,6 @@ canceled, never in progress), and runs whose process was killed are marked faile
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import tempfile
 import time
@@ -39,9 +38,10 @@ from asset_library.ingest.progress import ShardProgress, read_progress
 from asset_library.ingest.triggers import new_trigger_id
 from asset_library.ingest.workers import default_workers
 from asset_library.layout import LibraryLayout
-from asset_library.processes import process_is_gone, stop_signals_deferred
-from asset_library.run_worker import ATTEMPT_TAG, INSTANCE_ENV, PROCESS_TAG, RunWorkers
+from asset_library.processes import stop_signals_deferred
+from asset_library.run_worker import INSTANCE_ENV, RunWorkers
 from asset_library.storage import bind_store
+from asset_library.terminal_runs import ATTEMPT_TAG, NOT_ENDED, local_instance, reap_dead_runs
 
 Progress = Callable[[str], None]
 
@@ -50,13 +50,6 @@ DEFAULT_RETRIES = 2
 #: Seconds a stopped run may take to end before its worker is killed.
 STOP_TIMEOUT = 60.0
 
-#: Statuses of a run that has not ended; the CLI's runs never wait in a queue.
-_NOT_ENDED = [
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-]
 #: The settings a worker takes from the caller's ``environ`` rather than from this process.
 _SETTING_PREFIXES = ("ASSET_LIBRARY_", "S3_", "AWS_")
 
@@ -109,22 +102,6 @@ class IngestSummary:
             and all(self.checks.values())
             and bool(self.checks)
         )
-
-
-def instance_home(layout: LibraryLayout) -> Path:
-    """The library's own Dagster instance folder, so the UI on this library sees these runs."""
-    home = layout.root / ".dagster"
-    home.mkdir(parents=True, exist_ok=True)
-    project_yaml = Path.cwd() / "dagster.yaml"
-    if not (home / "dagster.yaml").exists() and project_yaml.exists():
-        shutil.copyfile(project_yaml, home / "dagster.yaml")
-    return home
-
-
-def local_instance(layout: LibraryLayout) -> dg.DagsterInstance:
-    home = os.environ.get("DAGSTER_HOME") or str(instance_home(layout))
-    os.environ["DAGSTER_HOME"] = home
-    return dg.DagsterInstance.get()
 
 
 def default_parallel() -> int:
@@ -361,7 +338,7 @@ def _stopped(
     """
     succeeded = set()
     for run in instance.get_runs(filters=dg.RunsFilter(tags={TRIGGER_TAG: summary.trigger})):
-        if run.status in _NOT_ENDED:
+        if run.status in NOT_ENDED:
             instance.report_run_canceled(run, "Interrupted (Ctrl-C) before the run finished.")
         elif run.status == dg.DagsterRunStatus.SUCCESS and run.job_name == "ingest_shard":
             succeeded.add(run.tags.get("dagster/partition"))
@@ -380,13 +357,15 @@ def _worker_env(
     instance: dg.DagsterInstance,
 ) -> dict[str, str]:
     """The environment of the run workers: this process's, with the library settings of
-    ``env`` only, the library root, the fingerprinting share, and the instance to record in."""
+    ``env`` only, the library root, the instance to record in, and the fingerprinting processes
+    per shard (``workers``, else ``ASSET_LIBRARY_WORKERS``, else the cores' share)."""
     worker_env = {k: v for k, v in os.environ.items() if not k.startswith(_SETTING_PREFIXES)}
     worker_env.update(env)
     worker_env["ASSET_LIBRARY_HOME"] = str(layout.root)
-    worker_env["ASSET_LIBRARY_WORKERS"] = str(
-        workers if workers is not None else workers_per_shard(parallel)
-    )
+    if workers is not None or not env.get("ASSET_LIBRARY_WORKERS"):
+        worker_env["ASSET_LIBRARY_WORKERS"] = str(
+            workers if workers is not None else workers_per_shard(parallel)
+        )
     worker_env[INSTANCE_ENV] = dg.serialize_value(instance.get_ref())
     return worker_env
 
@@ -407,26 +386,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def reap_dead_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
-    """Mark failed the runs started from a terminal whose process is gone.
-
-    A run whose process was killed (``kill -9``, out of memory, a closed laptop) never records
-    its end, and with no daemon to notice it would show in progress forever. Runs without the
-    process tag (launched by a daemon or the UI) are left to Dagster's own run monitoring.
-    """
-    reaped = []
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=_NOT_ENDED)):
-        token = run.tags.get(PROCESS_TAG)
-        if token and process_is_gone(token):
-            instance.report_run_failed(
-                run,
-                f"Its process ({token}) ended before the run did (killed or crashed); "
-                "marked failed by asset-library.",
-            )
-            reaped.append(run)
-    return reaped
 
 
 def _run_label(run: dg.DagsterRun) -> str:

@@ -29,10 +29,6 @@ import dagster as dg
 
 #: The serialized ref of the instance the runs are recorded in (set by the parent).
 INSTANCE_ENV = "ASSET_LIBRARY_INSTANCE_REF"
-#: Runs started from a terminal carry the identity of the process that runs them.
-PROCESS_TAG = "asset_library/process"
-#: A retried shard's run says which attempt it is (1 for the first).
-ATTEMPT_TAG = "asset_library/attempt"
 
 #: Runs from the terminal print the CLI's lines, not Dagster's events and tracebacks; those are
 #: still in the instance for the UI.
@@ -70,6 +66,7 @@ def run_job(
 ) -> dict[str, Any]:
     """Run ``job`` to its end; what the parent needs to know about it, as plain JSON."""
     from asset_library.processes import process_token
+    from asset_library.terminal_runs import PROCESS_TAG
 
     tags = {**tags, PROCESS_TAG: process_token()}
     try:
