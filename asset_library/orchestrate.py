@@ -168,7 +168,8 @@ def ingest_batch(
     check_new_batch(layout.plan_dir(batch), batch, replace=replace)
     trigger = new_trigger_id("cli")
     summary = IngestSummary(batch=batch, trigger=trigger, parallel=parallel)
-    tags = {BATCH_TAG: batch, TRIGGER_TAG: trigger}
+    # This process retries its shards itself; a daemon on the same instance must not as well.
+    tags = {BATCH_TAG: batch, TRIGGER_TAG: trigger, "dagster/max_retries": "0"}
 
     for run in reap_dead_runs(instance):
         summary.reaped_runs.append(run.run_id)
