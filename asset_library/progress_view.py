@@ -69,10 +69,16 @@ def describe(state: RunningShard) -> str:
         return f"      {state.shard}{attempt}: starting ({waited:.0f} s)"
     percent = 100 * progress.done / progress.total if progress.total else 100.0
     eta = progress.eta_seconds
+    then = (
+        "checks and lake tables"
+        if progress.done >= progress.total
+        else f"ETA {format_seconds(eta)}"
+        if eta is not None
+        else "ETA unknown"
+    )
     return (
         f"      {state.shard}{attempt}: {progress.done:,}/{progress.total:,} images "
-        f"({percent:.0f}%), {progress.images_per_second:.1f} img/s"
-        + (f", ETA {format_seconds(eta)}" if eta is not None else "")
+        f"({percent:.0f}%), {progress.images_per_second:.1f} img/s, {then}"
     )
 
 
