@@ -70,7 +70,7 @@ def describe(state: RunningShard) -> str:
     percent = 100 * progress.done / progress.total if progress.total else 100.0
     eta = progress.eta_seconds
     then = (
-        "checks and lake tables"
+        "finishing (checks, lake tables)"
         if progress.done >= progress.total
         else f"ETA {format_seconds(eta)}"
         if eta is not None
