@@ -187,13 +187,13 @@ def _ingest(args: argparse.Namespace) -> int:
         return 130
     finally:
         view.close()
+    again = ["asset-library", "ingest", args.source, "--batch", summary.batch]
+    again += ["--replace"] if summary.shards else []  # the batch's plan exists by now
+    again += ["--library", library] if args.library else []
+    again += ["--shard-size", str(args.shard_size)] if args.shard_size else []
+    again += ["--workers", str(args.workers)] if args.workers is not None else []
+    again += ["--parallel", str(args.parallel)] if args.parallel else []
     if summary.interrupted:
-        again = ["asset-library", "ingest", args.source, "--batch", summary.batch]
-        again += ["--replace"] if summary.shards else []  # the batch's plan exists by now
-        again += ["--library", library] if args.library else []
-        again += ["--shard-size", str(args.shard_size)] if args.shard_size else []
-        again += ["--workers", str(args.workers)] if args.workers is not None else []
-        again += ["--parallel", str(args.parallel)] if args.parallel else []
         print(f"\ninterrupted: batch {summary.batch} did not finish", file=sys.stderr)
         if summary.shards == 0:
             print("planning did not finish; nothing was ingested", file=sys.stderr)
@@ -234,8 +234,6 @@ def _ingest(args: argparse.Namespace) -> int:
     for shard in summary.failed_shards:
         print(f"FAILED    {shard}: {summary.failures.get(shard, '')}")
     if summary.failed_shards:
-        again = ["asset-library", "ingest", args.source, "--batch", summary.batch, "--replace"]
-        again += ["--library", library] if args.library else []
         print(f"re-run:   {shlex.join(again)}  (or a backfill of the failed shards in the UI)")
     return 0 if summary.success else 1
 

@@ -60,6 +60,7 @@ def test_a_failed_shard_names_the_shard_and_the_source(run_cli, tmp_path, corpus
     # The summary names the shard and the first line of its failure once more.
     [named] = [line for line in out.splitlines() if line.startswith("FAILED    ")]
     assert named.startswith("FAILED    broken-s00000: shard broken-s00000 failed storing")
+    assert f"re-run:   asset-library ingest {batch} --batch broken --replace" in out
 
 
 def test_status_of_a_library_with_no_batches_says_so(run_cli, tmp_path):
