@@ -193,7 +193,8 @@ def ingest_batch(
             if max_images_per_shard is not None:
                 plan_config["max_images_per_shard"] = max_images_per_shard
             config = {"ops": {"batch_plan": {"config": plan_config}}}
-            planned = _run_one(pool, "plan_batch", {**tags, "dagster/partition": batch}, config)
+            plan_tags = {**tags, "dagster/partition": batch}
+            planned = _run_one(pool, instance, "plan_batch", plan_tags, config)
             if not planned["success"]:
                 raise PlanningFailed(planned["failure"] or f"planning {source} failed")
             plan = load_plan(layout.plan_dir(batch))
@@ -203,7 +204,7 @@ def ingest_batch(
                 f"{min(parallel, len(plan.shards))} at a time"
             )
             _run_shards(pool, plan, tags, retries, layout, instance, summary, progress, live)
-            refreshed = _run_one(pool, "refresh_library", tags, {})
+            refreshed = _run_one(pool, instance, "refresh_library", tags, {})
         except KeyboardInterrupt:
             with stop_signals_deferred():  # a second Ctrl-C must not cut the bookkeeping short
                 pool.stop(STOP_TIMEOUT)
@@ -218,15 +219,30 @@ def ingest_batch(
 
 
 def _run_one(
-    pool: RunWorkers, job: str, tags: dict[str, str], config: dict[str, Any]
+    pool: RunWorkers,
+    instance: dg.DagsterInstance,
+    job: str,
+    tags: dict[str, str],
+    config: dict[str, Any],
 ) -> dict[str, Any]:
     """One run on the first idle worker, waited for."""
     worker = pool.idle()
     assert worker is not None, "every worker is busy"
     worker.submit(job, job, tags, config)
     while True:
-        for _, answer in pool.answers(timeout=1.0):
+        for _, answer in _answers(pool, instance, timeout=1.0):
             return answer
+
+
+def _answers(
+    pool: RunWorkers, instance: dg.DagsterInstance, timeout: float
+) -> list[tuple[Any, dict[str, Any]]]:
+    """The runs that ended within ``timeout``; a run whose worker died (killed, out of memory)
+    is marked failed at once rather than left in progress."""
+    answers = pool.answers(timeout)
+    if any(answer.get("ended") for _, answer in answers):
+        reap_dead_runs(instance)
+    return answers
 
 
 def _run_shards(
@@ -252,7 +268,7 @@ def _run_shards(
             shard_tags = {**tags, "dagster/partition": shard, ATTEMPT_TAG: str(attempt)}
             worker.submit(shard, "ingest_shard", shard_tags, {})
             running[shard] = RunningShard(shard, attempt, time.monotonic())
-        for shard, answer in pool.answers(timeout=0.5):
+        for shard, answer in _answers(pool, instance, timeout=0.5):
             attempt = running.pop(shard).attempt
             layout.progress_path(shard).unlink(missing_ok=True)
             if not answer["success"] and attempt <= retries:

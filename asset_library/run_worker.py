@@ -139,6 +139,7 @@ class Worker:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.log = log
         self.task: Any = None  # what the parent asked it to run, None while idle
+        self._unread = b""  # what the worker wrote past its last full line
         self._log_file = log.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from asset_library.run_worker import serve; serve()"],
@@ -146,7 +147,6 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=self._log_file,
             env=env,
-            text=True,
             start_new_session=True,  # a terminal's Ctrl-C reaches the parent, which forwards it
         )
 
@@ -154,25 +154,34 @@ class Worker:
         assert self.process.stdin is not None
         self.task = task
         request = {"job": job, "tags": tags, "config": config}
-        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
         self.process.stdin.flush()
 
     def read_answer(self) -> dict[str, Any] | None:
-        """The next line the worker wrote (None for its "ready" line); a worker that ended
-        answers its running task with a failure naming its exit and its log's last line."""
+        """The answer to the running task if it has come whole (its "ready" line is skipped);
+        a worker that ended answers with a failure naming its exit and its log's last line.
+
+        Read from the pipe itself, not a buffered file: a line held in a buffer would never
+        wake ``select`` again."""
         assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if line:
+        data = os.read(self.process.stdout.fileno(), 1 << 16)
+        if not data:
+            code = self.process.wait()
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+            said = lines[-1].strip() if lines else "no message"
+            return {
+                "run_id": None,
+                "success": False,
+                "failure": f"its worker process ended (exit code {code}): {said}",
+                "ended": True,
+            }
+        self._unread += data
+        while b"\n" in self._unread:
+            line, _, self._unread = self._unread.partition(b"\n")
             answer = json.loads(line)
-            return None if answer.get("ready") else answer
-        code = self.process.wait()
-        said = _first_line("\n".join(reversed(self.log.read_text(errors="replace").splitlines())))
-        return {
-            "run_id": None,
-            "success": False,
-            "failure": f"its worker process ended (exit code {code}): {said or 'no message'}",
-            "ended": True,
-        }
+            if not answer.get("ready"):
+                return answer
+        return None
 
     def interrupt(self) -> None:
         """Forward a stop signal to the worker's process group (it and its fingerprinting)."""

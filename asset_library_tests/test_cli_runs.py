@@ -315,3 +315,29 @@ def test_ctrl_c_stops_shards_running_side_by_side(slow_batch, tmp_path):
     assert all(runs[shard] == [dg.DagsterRunStatus.FAILURE] for shard in running)
     assert all(statuses == [dg.DagsterRunStatus.SUCCESS] for shard, statuses in runs.items()
                if shard not in running)  # fmt: skip
+
+
+def test_a_shard_whose_worker_is_killed_is_run_again_on_a_new_worker(slow_batch, tmp_path):
+    """A worker killed mid-shard (as the out-of-memory killer would): its run is marked failed
+    at once, the shard is run again on a worker started in its place, and the batch completes."""
+    root = tmp_path / "library"
+    ingest = _start(
+        "ingest", str(slow_batch), "--library", str(root), "--batch", "oom",
+        "--shard-size", "9", "--workers", "1", "--parallel", "1", "--retries", "1",
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: _temp_files(root / "shards"), ingest)
+        [worker] = _run_workers(root)
+        os.killpg(worker, signal.SIGKILL)  # the worker and its fingerprinting process
+        out, err = ingest.communicate(timeout=300)
+    finally:
+        if ingest.poll() is None:
+            os.killpg(ingest.pid, signal.SIGKILL)
+    assert ingest.returncode == 0, out + err
+    assert "oom-s00000: attempt 1 failed (its worker process ended (exit code -9)" in out
+    assert "[1/1] oom-s00000: 9 images, 9 ok" in out and "(after 2 attempts)" in out
+    assert "shards    1 ok, 1 of them after a retry, 0 failed" in out
+    assert _run_statuses(root) == {
+        "oom-s00000": [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS]
+    }
+    assert _run_workers(root) == [] and _temp_files(root) == []
