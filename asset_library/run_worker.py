@@ -112,7 +112,9 @@ def serve(requests: IO[str] = sys.stdin) -> None:
     os.dup2(2, 1)  # anything else printed goes to the worker's log, not into the answers
     _end_with_parent(os.getppid())
     ref = dg.deserialize_value(os.environ[INSTANCE_ENV])
-    # Entering the instance makes it the one Dagster loads definitions state from.
+    # Entering the instance makes it the "current" definitions state store that Dagster reads
+    # when it loads the code location (state-backed components); outside a `with`, that store
+    # is whichever instance was entered last in this process, or none.
     with dg.DagsterInstance.from_ref(ref) as instance:
         answers.write(json.dumps({"ready": True}) + "\n")
         for line in requests:
