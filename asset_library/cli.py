@@ -52,9 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("source", help="a folder, an s3://bucket/prefix, or a manifest file")
     ingest.add_argument("--shard-size", type=_at_least(1), help="max images per shard (at least 1)")
     ingest.add_argument(
+        "--parallel",
+        type=_at_least(1),
+        help="shards run side by side, each its own Dagster run (default: half the cores)",
+    )
+    ingest.add_argument(
         "--workers",
         type=_at_least(0),
-        help="fingerprinting processes (default: cores; 0: in this process)",
+        help="fingerprinting processes per shard (default: the cores shared out among the "
+        "parallel shards; 0: in the run's process)",
+    )
+    ingest.add_argument(
+        "--retries",
+        type=_at_least(0),
+        help="times a failed shard is run again (default: run_retries.max_retries of the "
+        "instance's dagster.yaml, else 2)",
     )
     ingest.add_argument(
         "--batch",
@@ -169,20 +181,25 @@ def _batch_id(text: str) -> str:
 def _ingest(args: argparse.Namespace) -> int:
     from asset_library.ingest.plan import BatchExistsError
     from asset_library.orchestrate import PlanningFailed, ingest_batch
+    from asset_library.progress_view import ProgressView
 
     if args.replace and not args.batch:
         print("asset-library: --replace needs the --batch to replace", file=sys.stderr)
         return 2
     library = args.library or str(default_library_path())
+    view = ProgressView(sys.stdout)
     try:
         summary = ingest_batch(
             args.source,
             library=library,
             max_images_per_shard=args.shard_size,
             workers=args.workers,
+            parallel=args.parallel,
+            retries=args.retries,
             batch=args.batch,
             replace=args.replace,
-            progress=lambda line: print(line, flush=True),
+            progress=view.line,
+            live=view.running,
         )
     except BatchExistsError as error:
         print(f"asset-library: {error}", file=sys.stderr)
@@ -193,12 +210,15 @@ def _ingest(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # before any run started: nothing to undo
         print("asset-library: interrupted before the ingest started", file=sys.stderr)
         return 130
+    finally:
+        view.close()
+    again = ["asset-library", "ingest", args.source, "--batch", summary.batch]
+    again += ["--replace"] if summary.shards else []  # the batch's plan exists by now
+    again += ["--library", library] if args.library else []
+    again += ["--shard-size", str(args.shard_size)] if args.shard_size else []
+    again += ["--workers", str(args.workers)] if args.workers is not None else []
+    again += ["--parallel", str(args.parallel)] if args.parallel else []
     if summary.interrupted:
-        again = ["asset-library", "ingest", args.source, "--batch", summary.batch]
-        again += ["--replace"] if summary.shards else []  # the batch's plan exists by now
-        again += ["--library", library] if args.library else []
-        again += ["--shard-size", str(args.shard_size)] if args.shard_size else []
-        again += ["--workers", str(args.workers)] if args.workers is not None else []
         print(f"\ninterrupted: batch {summary.batch} did not finish", file=sys.stderr)
         if summary.shards == 0:
             print("planning did not finish; nothing was ingested", file=sys.stderr)
@@ -212,9 +232,10 @@ def _ingest(args: argparse.Namespace) -> int:
     print()
     print(f"library   {Path(library).resolve()}")
     print(f"batch     {summary.batch} (trigger {summary.trigger})")
+    retried = f", {len(summary.retried)} of them after a retry" if summary.retried else ""
     print(
-        f"shards    {summary.shards - len(summary.failed_shards)} ok, "
-        f"{len(summary.failed_shards)} failed"
+        f"shards    {summary.shards - len(summary.failed_shards)} ok{retried}, "
+        f"{len(summary.failed_shards)} failed, {summary.parallel} at a time"
     )
     print(
         f"images    {summary.images:,} read, {summary.ok:,} ingested, "
@@ -236,36 +257,39 @@ def _ingest(args: argparse.Namespace) -> int:
     print(f"checks    {checks or 'did not run'}")
     print(f"time      {summary.seconds:.1f} s, {rate:.1f} images/s")
     for shard in summary.failed_shards:
-        print(f"FAILED    {shard}: re-run it with `dagster job launch` or a backfill in the UI")
+        print(f"FAILED    {shard}: {summary.failures.get(shard, '')}")
+    if summary.failed_shards:
+        print(f"re-run:   {shlex.join(again)}  (or a backfill of the failed shards in the UI)")
     return 0 if summary.success else 1
 
 
 def _status(args: argparse.Namespace) -> int:
-    from asset_library.defs.shard_status import shard_statuses
+    from asset_library.defs.shard_status import shard_states
     from asset_library.ingest.triggers import read_triggers
-    from asset_library.orchestrate import local_instance, reap_dead_runs
+    from asset_library.layout import LibraryLayout
+    from asset_library.terminal_runs import local_instance, reap_dead_runs
 
-    library = Library(args.library)
-    records = read_triggers(library.layout.triggers_dir)
+    layout = LibraryLayout.open(args.library or default_library_path())
+    records = read_triggers(layout.triggers_dir)
     if not records:
-        print(f"no batches ingested yet in {library.path}")
+        print(f"no batches ingested yet in {layout.root}")
         return 0
-    instance = local_instance(library.layout)
+    instance = local_instance(layout)
     for run in reap_dead_runs(instance):
         partition = run.tags.get("dagster/partition", "")
         print(
             f"run {run.run_id} ({run.job_name} {partition}) was in progress but its process "
             "is gone (killed?): marked failed"
         )
+    states = shard_states(instance, [shard for record in records for shard in record.shards])
+    lines = []
     for record in records:
-        statuses = shard_statuses(instance, record.shards)
-        print(
+        lines.append(
             f"{record.batch}  {record.images:,} images  trigger {record.trigger} "
             f"({record.kind}, {record.triggered_at})  source {record.source}"
         )
-        for shard in record.shards:
-            state = statuses.get(shard)
-            print(f"  {shard}  {state.value.lower() if state else 'missing'}")
+        lines += [f"  {shard}  {states[shard]}" for shard in record.shards]
+    print("\n".join(lines))
     return 0
 
 

@@ -2,12 +2,12 @@
 
 A file added to ``defs/`` is part of the code location without being listed here."""
 
+import contextvars
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster._core.storage.defs_state.base import set_defs_state_storage
 
 
 def load_defs() -> dg.Definitions:
@@ -20,10 +20,10 @@ def build_definitions(resources: Mapping[str, Any] | None = None) -> dg.Definiti
     """The code location; ``resources`` replace the environment's (tests, the CLI's runs).
 
     Built outside a code server, loading would consult the state store of the most recently
-    created Dagster instance, closed or not; this project keeps no state there, so none is read.
+    entered Dagster instance (a context variable its exit leaves set), closed or not; this
+    project keeps no state there, so loading runs in a fresh context where none is set.
     """
-    with set_defs_state_storage(None):
-        loaded = load_defs()
+    loaded = contextvars.Context().run(load_defs)
     if resources is None:
         return loaded
     return dg.Definitions(

@@ -149,6 +149,10 @@ class LibraryLayout:
         """The shard's fingerprint rows: the output of its one pass over the bytes."""
         return self.root / "shards" / f"{check_shard_key(shard)}.parquet"
 
+    def progress_path(self, shard: str) -> Path:
+        """The running shard's progress (``ingest.progress``), rewritten as it goes."""
+        return self.root / "progress" / f"{check_shard_key(shard)}.json"
+
     def remove_orphan_shard_files(self, shard: str) -> list[Path]:
         """Delete the temporary files a killed run of ``shard`` left where shard runs write:
         beside its keys file and its plan file (the lake's tables commit through their log)."""

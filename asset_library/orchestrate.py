@@ -1,56 +1,70 @@
 """Run the ingestion graph from a terminal: the same Dagster jobs, on a local instance.
 
-``asset-library ingest`` plans a batch, runs each shard as its own ``ingest_shard`` run, then the
-``refresh_library`` run (images merge, similarity index), all recorded in the library's Dagster
-instance, so ``dagster dev`` on the same library shows them as if the sensors had launched them.
+``asset-library ingest`` plans a batch, runs its shards side by side, each as its own
+``ingest_shard`` run, then the ``refresh_library`` run (images merge, similarity index), all
+recorded in the library's Dagster instance, so ``dagster dev`` on the same library shows them as
+if the sensors had launched them. Runs execute in worker processes (:mod:`run_worker`) through
+Dagster's public execution API; no daemon and no server are needed.
 
-No daemon watches these runs, so the runner looks after their ends itself: Ctrl-C stops the
-ingest after the current run has ended (failed or canceled, never left in progress), and runs
-whose process was killed are marked failed by the next ``ingest`` or ``status``.
+No daemon watches these runs, so the runner looks after them itself: a failed shard is run again
+(up to the retries asked for), Ctrl-C stops the running shards (their runs end failed or
+canceled, never in progress), and runs whose process was killed are marked failed by the next
+``ingest`` or ``status``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import signal
+import tempfile
 import time
-import uuid
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import dagster as dg
-from dagster._core.storage.defs_state.base import set_defs_state_storage
 
 from asset_library.defs.assets.ingestion import BATCH_TAG, TRIGGER_TAG
 from asset_library.defs.partitions import batches_partitions
 from asset_library.defs.resources import build_resources
 from asset_library.ids import batch_id_for, check_batch_id
 from asset_library.ingest.plan import BatchPlan, check_new_batch, load_plan
+from asset_library.ingest.progress import ShardProgress, read_progress
 from asset_library.ingest.triggers import new_trigger_id
+from asset_library.ingest.workers import default_workers
 from asset_library.layout import LibraryLayout
-from asset_library.processes import StopWatch, process_is_gone, process_token, stop_signals_deferred
+from asset_library.processes import stop_signals_deferred
+from asset_library.run_worker import INSTANCE_ENV, RunWorkers
 from asset_library.storage import bind_store
+from asset_library.terminal_runs import ATTEMPT_TAG, NOT_ENDED, local_instance, reap_dead_runs
 
 Progress = Callable[[str], None]
 
-#: Runs from the terminal print our progress lines, one line per failure included, not Dagster's
-#: events and tracebacks; those are still in the instance for the UI.
-QUIET: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+#: Retries of a failed shard when neither the caller nor the instance's ``run_retries`` says.
+DEFAULT_RETRIES = 2
+#: Seconds a stopped run may take to end before its worker is killed.
+STOP_TIMEOUT = 60.0
 
-#: Runs started from a terminal carry the identity of their process (see ``process_token``).
-PROCESS_TAG = "asset_library/process"
+#: The settings a worker takes from the caller's ``environ`` rather than from this process.
+_SETTING_PREFIXES = ("ASSET_LIBRARY_", "S3_", "AWS_")
 
-#: Statuses of a run that has not ended; the CLI's runs never wait in a queue.
-_NOT_ENDED = [
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-]
+
+@dataclass
+class RunningShard:
+    """A shard whose run is under way, for a progress display."""
+
+    shard: str
+    attempt: int
+    started: float  # time.monotonic() when its run was requested
+    progress: ShardProgress | None = None
+
+
+Live = Callable[[list[RunningShard]], None]
 
 
 @dataclass
@@ -59,6 +73,10 @@ class IngestSummary:
     trigger: str
     shards: int = 0
     failed_shards: list[str] = field(default_factory=list)
+    #: The first line of each failed shard's last failure.
+    failures: dict[str, str] = field(default_factory=dict)
+    #: Shards that failed at least once and then succeeded, with their number of attempts.
+    retried: dict[str, int] = field(default_factory=dict)
     images: int = 0
     ok: int = 0
     uploaded: int = 0
@@ -66,6 +84,7 @@ class IngestSummary:
     repaired: int = 0
     rejects_by_reason: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    parallel: int = 1
     checks: dict[str, bool] = field(default_factory=dict)
     catalog: dict[str, Any] = field(default_factory=dict)
     #: Set when a stop signal (Ctrl-C) ended the ingest early.
@@ -85,20 +104,23 @@ class IngestSummary:
         )
 
 
-def instance_home(layout: LibraryLayout) -> Path:
-    """The library's own Dagster instance folder, so the UI on this library sees these runs."""
-    home = layout.root / ".dagster"
-    home.mkdir(parents=True, exist_ok=True)
-    project_yaml = Path.cwd() / "dagster.yaml"
-    if not (home / "dagster.yaml").exists() and project_yaml.exists():
-        shutil.copyfile(project_yaml, home / "dagster.yaml")
-    return home
+def default_parallel() -> int:
+    """Shards run side by side by default: half the cores, each shard fingerprinting with the
+    other half's share (see :func:`workers_per_shard`)."""
+    return max(1, default_workers() // 2)
 
 
-def local_instance(layout: LibraryLayout) -> dg.DagsterInstance:
-    home = os.environ.get("DAGSTER_HOME") or str(instance_home(layout))
-    os.environ["DAGSTER_HOME"] = home
-    return dg.DagsterInstance.get()
+def workers_per_shard(parallel: int) -> int:
+    """Fingerprinting processes per shard so ``parallel`` shards do not oversubscribe the cores."""
+    return max(1, default_workers() // parallel)
+
+
+def default_retries(instance: dg.DagsterInstance) -> int:
+    """The instance's ``run_retries.max_retries`` when retries are enabled there, else 2."""
+    settings = instance.get_settings("run_retries") or {}
+    if settings.get("enabled") and "max_retries" in settings:
+        return int(settings["max_retries"])
+    return DEFAULT_RETRIES
 
 
 def ingest_batch(
@@ -107,75 +129,59 @@ def ingest_batch(
     library: str | Path,
     max_images_per_shard: int | None = None,
     workers: int | None = None,
+    parallel: int | None = None,
+    retries: int | None = None,
     batch: str | None = None,
     replace: bool = False,
     environ: dict[str, str] | None = None,
     instance: dg.DagsterInstance | None = None,
     progress: Progress = print,
+    live: Live | None = None,
 ) -> IngestSummary:
-    """Plan ``source`` as a new batch, ingest every shard, refresh the catalog, run the checks.
+    """Plan ``source`` as a new batch, ingest its shards ``parallel`` at a time (a failed one
+    up to ``retries`` more times), refresh the library, and gather the checks.
 
-    A named ``batch`` that already exists is refused (:class:`BatchExistsError`) unless
-    ``replace``: then it is re-planned from ``source`` and its shards re-run."""
+    ``workers`` is fingerprinting processes per shard (default: the cores shared out among the
+    parallel shards). A named ``batch`` that already exists is refused
+    (:class:`BatchExistsError`) unless ``replace``: then it is re-planned and its shards re-run.
+    ``live`` is called about twice a second with the shards under way."""
     if batch is not None:
         check_batch_id(batch)
     if max_images_per_shard is not None and max_images_per_shard < 1:
         raise ValueError(f"max_images_per_shard must be at least 1, not {max_images_per_shard}")
     if workers is not None and workers < 0:
         raise ValueError(f"workers must be 0 (in-process) or more, not {workers}")
-    instance = instance or local_instance(_layout_for(library))
-    # Dagster resolves definitions against a process-global "current" state store, the one of
-    # the most recently created instance; pin it to the instance these runs are recorded in.
-    with set_defs_state_storage(instance.defs_state_storage):
-        return _ingest_batch(
-            source,
-            library=library,
-            max_images_per_shard=max_images_per_shard,
-            workers=workers,
-            batch=batch,
-            replace=replace,
-            environ=environ,
-            instance=instance,
-            progress=progress,
-        )
-
-
-def _ingest_batch(
-    source: str,
-    *,
-    library: str | Path,
-    max_images_per_shard: int | None,
-    workers: int | None,
-    batch: str | None,
-    replace: bool,
-    environ: dict[str, str] | None,
-    instance: dg.DagsterInstance,
-    progress: Progress,
-) -> IngestSummary:
-    from asset_library.definitions import build_definitions
-
+    if parallel is not None and parallel < 1:
+        raise ValueError(f"parallel must be at least 1, not {parallel}")
+    if retries is not None and retries < 0:
+        raise ValueError(f"retries must be 0 or more, not {retries}")
     started = time.perf_counter()
     env = dict(os.environ if environ is None else environ)
-    if workers is not None:
-        env["ASSET_LIBRARY_WORKERS"] = str(workers)
     resources = build_resources(env, root=str(library))
     layout = resources["library"].layout()
     # A store other than the library's own fails here, before planning or uploading anything.
     bind_store(layout, resources["object_store"].location(), record=False)
-    defs = build_definitions(resources)
+    instance = instance or local_instance(layout)
+    parallel = parallel or default_parallel()
+    retries = default_retries(instance) if retries is None else retries
     batch = batch or batch_id_for(source, datetime.now(UTC))
     check_new_batch(layout.plan_dir(batch), batch, replace=replace)
     trigger = new_trigger_id("cli")
-    summary = IngestSummary(batch=batch, trigger=trigger)
-    tags = {BATCH_TAG: batch, TRIGGER_TAG: trigger, PROCESS_TAG: process_token()}
+    summary = IngestSummary(batch=batch, trigger=trigger, parallel=parallel)
+    # This process retries its shards itself; a daemon on the same instance must not as well.
+    tags = {BATCH_TAG: batch, TRIGGER_TAG: trigger, "dagster/max_retries": "0"}
 
     for run in reap_dead_runs(instance):
         summary.reaped_runs.append(run.run_id)
         progress(f"run {run.run_id} ({_run_label(run)}) marked failed: its process is gone")
 
-    runs: dict[str, str] = {}  # what each run is for -> its run id
-    plan = None
-    with StopWatch() as stop:
+    worker_env = _worker_env(env, layout, workers, parallel, instance)
+    plan: BatchPlan | None = None
+    with (
+        tempfile.TemporaryDirectory(prefix="asset-library-workers-") as logs,
+        RunWorkers(parallel, worker_env, Path(logs)) as pool,
+        _sigterm_as_interrupt(),
+    ):
         try:
             instance.add_dynamic_partitions(batches_partitions.name, [batch])
             plan_config: dict[str, Any] = {
@@ -186,81 +192,124 @@ def _ingest_batch(
             }
             if max_images_per_shard is not None:
                 plan_config["max_images_per_shard"] = max_images_per_shard
-            planned = defs.resolve_job_def("plan_batch").execute_in_process(
-                partition_key=batch,
-                run_config={"ops": {"batch_plan": {"config": plan_config}}, **QUIET},
-                instance=instance,
-                tags=tags,
-                raise_on_error=False,
-                run_id=runs.setdefault("plan", _new_run_id()),
-            )
-            _raise_if_stopped(stop)
-            if not planned.success:
-                raise PlanningFailed(_failure_message(planned) or f"planning {source} failed")
+            config = {"ops": {"batch_plan": {"config": plan_config}}}
+            plan_tags = {**tags, "dagster/partition": batch}
+            planned = _run_one(pool, instance, "plan_batch", plan_tags, config)
+            if not planned["success"]:
+                raise PlanningFailed(planned["failure"] or f"planning {source} failed")
             plan = load_plan(layout.plan_dir(batch))
             summary.shards = len(plan.shards)
-            progress(f"batch {batch}: {plan.images:,} images in {len(plan.shards)} shard(s)")
-
-            shard_job = defs.resolve_job_def("ingest_shard")
-            for number, shard in enumerate(plan.shards, start=1):
-                result = shard_job.execute_in_process(
-                    partition_key=shard.key,
-                    instance=instance,
-                    tags=tags,
-                    run_config=QUIET,
-                    raise_on_error=False,
-                    run_id=runs.setdefault(shard.key, _new_run_id()),
-                )
-                _raise_if_stopped(stop)
-                _add_shard(summary, result, shard.key, f"[{number}/{len(plan.shards)}]", progress)
-
-            refreshed = defs.resolve_job_def("refresh_library").execute_in_process(
-                instance=instance,
-                tags=tags,
-                run_config=QUIET,
-                raise_on_error=False,
-                run_id=runs.setdefault("refresh", _new_run_id()),
+            progress(
+                f"batch {batch}: {plan.images:,} images in {len(plan.shards)} shard(s), "
+                f"{min(parallel, len(plan.shards))} at a time"
             )
-            _raise_if_stopped(stop)
+            _run_shards(pool, plan, tags, retries, layout, instance, summary, progress, live)
+            refreshed = _run_one(pool, instance, "refresh_library", tags, {})
         except KeyboardInterrupt:
             with stop_signals_deferred():  # a second Ctrl-C must not cut the bookkeeping short
-                return _stopped(summary, instance, runs, plan, started)
-    summary.catalog = _materialization_metadata(refreshed).get("images", {})
-    summary.checks.update(
-        {
-            evaluation.check_name: evaluation.passed
-            for evaluation in refreshed.get_asset_check_evaluations()
-        }
-    )
+                pool.stop(STOP_TIMEOUT)
+                return _stopped(summary, instance, plan, started)
+    if not refreshed["success"]:
+        summary.checks["refresh_library"] = False
+        progress(f"library refresh FAILED: {refreshed['failure']}")
+    summary.checks.update(refreshed.get("checks", {}))
+    summary.catalog = _metadata(instance, "images", None, refreshed["run_id"])
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _raise_if_stopped(stop: StopWatch) -> None:
-    """A stop signal that Dagster turned into a failed step (or dropped) stops us as Ctrl-C."""
-    if stop.received() is not None:
-        raise KeyboardInterrupt
+def _run_one(
+    pool: RunWorkers,
+    instance: dg.DagsterInstance,
+    job: str,
+    tags: dict[str, str],
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """One run on the first idle worker, waited for."""
+    worker = pool.idle()
+    assert worker is not None, "every worker is busy"
+    worker.submit(job, job, tags, config)
+    while True:
+        for _, answer in _answers(pool, instance, timeout=1.0):
+            return answer
+
+
+def _answers(
+    pool: RunWorkers, instance: dg.DagsterInstance, timeout: float
+) -> list[tuple[Any, dict[str, Any]]]:
+    """The runs that ended within ``timeout``; a run whose worker died (killed, out of memory)
+    is marked failed at once rather than left in progress."""
+    answers = pool.answers(timeout)
+    if any(answer.get("ended") for _, answer in answers):
+        reap_dead_runs(instance)
+    return answers
+
+
+def _run_shards(
+    pool: RunWorkers,
+    plan: BatchPlan,
+    tags: dict[str, str],
+    retries: int,
+    layout: LibraryLayout,
+    instance: dg.DagsterInstance,
+    summary: IngestSummary,
+    progress: Progress,
+    live: Live | None,
+) -> None:
+    """Every shard of the plan, as many at a time as there are workers; a failed shard goes
+    to the back of the queue as a new run of its partition until its attempts are used up."""
+    waiting: deque[tuple[str, int]] = deque((shard.key, 1) for shard in plan.shards)
+    running: dict[str, RunningShard] = {}
+    done = 0
+    while waiting or running:
+        while waiting and (worker := pool.idle()) is not None:
+            shard, attempt = waiting.popleft()
+            layout.progress_path(shard).unlink(missing_ok=True)
+            shard_tags = {**tags, "dagster/partition": shard, ATTEMPT_TAG: str(attempt)}
+            worker.submit(shard, "ingest_shard", shard_tags, {})
+            running[shard] = RunningShard(shard, attempt, time.monotonic())
+        for shard, answer in _answers(pool, instance, timeout=0.5):
+            attempt = running.pop(shard).attempt
+            layout.progress_path(shard).unlink(missing_ok=True)
+            if not answer["success"] and attempt <= retries:
+                progress(
+                    f"      {shard}: attempt {attempt} failed ({answer['failure']}); "
+                    f"running it again"
+                )
+                waiting.append((shard, attempt + 1))
+                continue
+            done += 1
+            counter = f"[{done}/{len(plan.shards)}]"
+            _add_shard(summary, instance, shard, attempt, answer, counter, progress)
+        if live is not None:
+            for state in running.values():
+                state.progress = read_progress(layout.progress_path(state.shard))
+            live(list(running.values()))
 
 
 def _add_shard(
     summary: IngestSummary,
-    result: dg.ExecuteInProcessResult,
+    instance: dg.DagsterInstance,
     shard: str,
+    attempt: int,
+    answer: dict[str, Any],
     counter: str,
     progress: Progress,
 ) -> None:
-    """Count a shard run's outcome into the summary and print its line."""
-    metadata = _materialization_metadata(result)
-    for evaluation in result.get_asset_check_evaluations():  # the shard's own checks
-        name = evaluation.check_name
-        summary.checks[name] = summary.checks.get(name, True) and evaluation.passed
-    keys = metadata.get("shard_keys", {})
-    uploads = metadata.get("shard_uploads", {})
+    """Count a shard's last run into the summary, from what the run recorded, and say so."""
+    for name, passed in answer.get("checks", {}).items():  # the shard's own checks
+        summary.checks[name] = summary.checks.get(name, True) and passed
     label = f"{counter} {shard}"
-    if not result.success:
+    tries = f" (after {attempt} attempts)" if attempt > 1 else ""
+    if not answer["success"]:
         summary.failed_shards.append(shard)
-        progress(f"{label}: FAILED {_failure_message(result)}")
+        summary.failures[shard] = answer["failure"]
+        progress(f"{label}: FAILED {answer['failure']}{tries}")
         return
+    if attempt > 1:
+        summary.retried[shard] = attempt
+    keys = _metadata(instance, "shard_keys", shard, answer["run_id"])
+    uploads = _metadata(instance, "shard_uploads", shard, answer["run_id"])
     summary.images += keys.get("images", 0)
     summary.ok += keys.get("ok", 0)
     summary.uploaded += uploads.get("uploaded", 0)
@@ -271,14 +320,30 @@ def _add_shard(
         f"{label}: {keys.get('images', 0):,} images, "
         f"{keys.get('ok', 0):,} ok, {keys.get('rejected', 0):,} rejected, "
         f"{uploads.get('uploaded', 0):,} uploaded, "
-        f"{keys.get('images_per_second', 0):.1f} img/s"
+        f"{keys.get('images_per_second', 0):.1f} img/s{tries}"
     )
+
+
+def _metadata(
+    instance: dg.DagsterInstance, asset: str, partition: str | None, run_id: str | None
+) -> dict[str, Any]:
+    """The metadata ``run_id`` recorded with its materialization of ``asset`` (empty if none)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey(asset),
+            asset_partitions=[partition] if partition is not None else None,
+        ),
+        limit=1,
+    ).records
+    if not records or records[0].run_id != run_id or records[0].asset_materialization is None:
+        return {}
+    metadata = records[0].asset_materialization.metadata
+    return {name: getattr(value, "value", value) for name, value in metadata.items()}
 
 
 def _stopped(
     summary: IngestSummary,
     instance: dg.DagsterInstance,
-    runs: dict[str, str],
     plan: BatchPlan | None,
     started: float,
 ) -> IngestSummary:
@@ -289,14 +354,11 @@ def _stopped(
     failed (Dagster's own handling); one interrupted while Dagster was starting it is canceled.
     """
     succeeded = set()
-    for purpose, run_id in runs.items():
-        run = instance.get_run_by_id(run_id)
-        if run is None:
-            continue
-        if run.status in _NOT_ENDED:
+    for run in instance.get_runs(filters=dg.RunsFilter(tags={TRIGGER_TAG: summary.trigger})):
+        if run.status in NOT_ENDED:
             instance.report_run_canceled(run, "Interrupted (Ctrl-C) before the run finished.")
-        elif run.status == dg.DagsterRunStatus.SUCCESS:
-            succeeded.add(purpose)
+        elif run.status == dg.DagsterRunStatus.SUCCESS and run.job_name == "ingest_shard":
+            succeeded.add(run.tags.get("dagster/partition"))
     summary.interrupted = True
     if plan is not None:
         summary.unfinished_shards = [s.key for s in plan.shards if s.key not in succeeded]
@@ -304,24 +366,43 @@ def _stopped(
     return summary
 
 
-def reap_dead_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
-    """Mark failed the runs started from a terminal whose process is gone.
+def _worker_env(
+    env: dict[str, str],
+    layout: LibraryLayout,
+    workers: int | None,
+    parallel: int,
+    instance: dg.DagsterInstance,
+) -> dict[str, str]:
+    """The environment of the run workers: this process's, with the library settings of
+    ``env`` only, the library root, the instance to record in, and the fingerprinting processes
+    per shard (``workers``, else ``ASSET_LIBRARY_WORKERS``, else the cores' share)."""
+    worker_env = {k: v for k, v in os.environ.items() if not k.startswith(_SETTING_PREFIXES)}
+    worker_env.update(env)
+    worker_env["ASSET_LIBRARY_HOME"] = str(layout.root)
+    if workers is not None or not env.get("ASSET_LIBRARY_WORKERS"):
+        worker_env["ASSET_LIBRARY_WORKERS"] = str(
+            workers if workers is not None else workers_per_shard(parallel)
+        )
+    worker_env[INSTANCE_ENV] = dg.serialize_value(instance.get_ref())
+    return worker_env
 
-    A run whose process was killed (``kill -9``, out of memory, a closed laptop) never records
-    its end, and with no daemon to notice it would show in progress forever. Runs without the
-    process tag (launched by a daemon or the UI) are left to Dagster's own run monitoring.
-    """
-    reaped = []
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=_NOT_ENDED)):
-        token = run.tags.get(PROCESS_TAG)
-        if token and process_is_gone(token):
-            instance.report_run_failed(
-                run,
-                f"Its process ({token}) ended before the run did (killed or crashed); "
-                "marked failed by asset-library.",
-            )
-            reaped.append(run)
-    return reaped
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the ingest the way Ctrl-C does (in the main thread; elsewhere as it is)."""
+
+    def interrupt(_number: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_label(run: dg.DagsterRun) -> str:
@@ -329,38 +410,5 @@ def _run_label(run: dg.DagsterRun) -> str:
     return f"{run.job_name} {partition}" if partition else run.job_name
 
 
-def _new_run_id() -> str:
-    """A run id chosen before the run starts, so an interrupted start can still be found."""
-    return str(uuid.uuid4())
-
-
 class PlanningFailed(RuntimeError):
     """The batch could not be planned (a bad manifest, an empty or missing source)."""
-
-
-def _materialization_metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = {}
-    for event in result.get_asset_materialization_events():
-        materialization = event.event_specific_data.materialization  # type: ignore[union-attr]
-        found[materialization.asset_key.to_user_string()] = {
-            name: getattr(value, "value", value) for name, value in materialization.metadata.items()
-        }
-    return found
-
-
-def _layout_for(library: str | Path) -> LibraryLayout:
-    return LibraryLayout.open(Path(library).expanduser().resolve())
-
-
-def _failure_message(result: dg.ExecuteInProcessResult) -> str:
-    """The first line of the error our code raised in the first failed step: below Dagster's
-    wrapping, above the library errors it wraps (ours name the file, row, shard or URI)."""
-    for event in result.all_events:
-        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-            error = event.step_failure_data.error
-            while error.cause is not None and (error.cls_name or "").startswith("Dagster"):
-                error = error.cause
-            first = (error.message or "").strip().splitlines()[0] if error.message else ""
-            kind, _, text = first.partition(": ")
-            return text if text and " " not in kind else first
-    return ""

@@ -2,9 +2,8 @@
 
 A run started from a terminal has no daemon watching it: if its process is killed, only its
 identity (host, pid and the pid's start time, so a reused pid is not mistaken for it) tells the
-next command that the run is dead. Ctrl-C is seen by a watch on the interpreter's signal wakeup
-fd, which the interpreter writes for every signal whichever Python handler is installed: Dagster
-takes SIGINT over during a run and may swallow it between steps.
+next command that the run is dead. A write of several files that must land together holds stop
+signals until its end.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import FrameType, TracebackType
+from types import FrameType
 
 #: Signals that stop an ingest from a terminal: Ctrl-C, and SIGTERM, which Dagster maps to the
 #: SIGINT handler while it runs.
@@ -57,54 +56,6 @@ def _start_time(pid: int) -> str | None:
     # Field 22, counted after the command name, which is in parentheses and may hold spaces.
     fields = stat[stat.rfind(b")") + 2 :].split()
     return fields[19].decode() if len(fields) > 19 else None
-
-
-class StopWatch:
-    """Whether a stop signal arrived since the watch began, whoever handled it.
-
-    Dagster's handler turns SIGINT in a step into a failed step and carries on with the next
-    shard, or drops it when it lands between steps; the wakeup fd still records it.
-    """
-
-    def __init__(self) -> None:
-        self._received: set[int] = set()
-        self._read_fd: int | None = None
-        self._write_fd: int | None = None
-        self._previous_fd = -1
-
-    def __enter__(self) -> StopWatch:
-        if threading.current_thread() is threading.main_thread():
-            self._read_fd, self._write_fd = os.pipe()
-            os.set_blocking(self._read_fd, False)
-            os.set_blocking(self._write_fd, False)
-            self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._read_fd is not None and self._write_fd is not None:
-            self.received()
-            signal.set_wakeup_fd(self._previous_fd)
-            os.close(self._read_fd)
-            os.close(self._write_fd)
-            self._read_fd = self._write_fd = None
-
-    def received(self) -> int | None:
-        """The first stop signal seen so far (its number), or None."""
-        if self._read_fd is not None:
-            while True:
-                try:
-                    data = os.read(self._read_fd, 512)
-                except BlockingIOError:
-                    break
-                if not data:
-                    break
-                self._received.update(n for n in data if n in STOP_SIGNALS)
-        return min(self._received) if self._received else None
 
 
 @contextmanager

@@ -90,6 +90,8 @@ def test_planning_refuses_an_existing_plan(tmp_path):
         (["--shard-size", "0"], "argument --shard-size: 0 is less than 1"),
         (["--workers", "-1"], "argument --workers: -1 is less than 0"),
         (["--workers", "many"], "argument --workers: 'many' is not a whole number"),
+        (["--parallel", "0"], "argument --parallel: 0 is less than 1"),
+        (["--retries", "-1"], "argument --retries: -1 is less than 0"),
     ],
 )
 def test_bad_ingest_arguments_exit_2_naming_them(run_cli, tmp_path, two_sources, args, expected):
@@ -108,6 +110,8 @@ def test_the_python_and_dagster_layers_check_their_arguments_too(tmp_path, two_s
             ({"batch": "../../x"}, "invalid batch id '../../x'"),
             ({"max_images_per_shard": 0}, "max_images_per_shard must be at least 1, not 0"),
             ({"workers": -1}, r"workers must be 0 \(in-process\) or more, not -1"),
+            ({"parallel": 0}, "parallel must be at least 1, not 0"),
+            ({"retries": -1}, "retries must be 0 or more, not -1"),
         ]
         for bad, message in cases:
             with pytest.raises((InvalidIdError, ValueError), match=message):

@@ -48,12 +48,19 @@ def test_a_failed_shard_names_the_shard_and_the_source(run_cli, tmp_path, corpus
     objects = tmp_path / "objects"
     objects.write_text("a file where the object store's folder should be")
     monkeypatch.setenv("ASSET_LIBRARY_OBJECTS", str(objects))
-    code, out, err = run_cli("ingest", str(batch), "--batch", "broken")
+    code, out, err = run_cli("ingest", str(batch), "--batch", "broken", "--retries", "1")
     assert code == 1
     assert "Traceback" not in out + err
+    [again] = [line for line in out.splitlines() if "attempt 1 failed" in line]
+    assert "broken-s00000: attempt 1 failed (shard broken-s00000 failed storing" in again
     [failure] = [line for line in out.splitlines() if "FAILED shard" in line]
     assert failure.startswith("[1/1] broken-s00000: FAILED shard broken-s00000 failed storing")
     assert str(batch / "low.jpg") in failure and "Error" in failure
+    assert failure.endswith("(after 2 attempts)")
+    # The summary names the shard and the first line of its failure once more.
+    [named] = [line for line in out.splitlines() if line.startswith("FAILED    ")]
+    assert named.startswith("FAILED    broken-s00000: shard broken-s00000 failed storing")
+    assert f"re-run:   asset-library ingest {batch} --batch broken --replace" in out
 
 
 def test_status_of_a_library_with_no_batches_says_so(run_cli, tmp_path):

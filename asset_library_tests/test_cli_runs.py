@@ -164,6 +164,29 @@ def _wait_for_no_processes(group: int, seconds: float = 10.0) -> list[int]:
     return live
 
 
+def _run_workers(root: Path) -> list[int]:
+    """The ingest's run workers for the library at ``root`` that are still running (each is
+    the leader of its own process group, so the CLI's group does not hold them)."""
+    marker = f"ASSET_LIBRARY_HOME={root}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0") and _live_processes(
+                int(environ.parent.name)
+            ):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _wait_for_no_workers(root: Path, seconds: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (live := _run_workers(root)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return live
+
+
 def test_ctrl_c_stops_the_ingest_and_a_rerun_completes(slow_batch, tmp_path):
     root = tmp_path / "library"
     batch = "slow"
@@ -188,12 +211,13 @@ def test_ctrl_c_stops_the_ingest_and_a_rerun_completes(slow_batch, tmp_path):
     out = "".join(lines) + out
     assert ingest.returncode == 130, out + err
     assert "[1/3] slow-s00000: 3 images, 3 ok" in out
-    assert "[2/3]" not in out and "[3/3]" not in out and "checks" not in out
+    assert "[2/3]" not in out and "[3/3]" not in out and "checks    " not in out
     assert "NOT DONE  slow-s00001" in err and "NOT DONE  slow-s00002" in err
     assert "NOT DONE  slow-s00000" not in err
     rerun = next(line for line in err.splitlines() if line.startswith("re-run:"))
     assert f"--batch {batch}" in rerun and f"--library {root}" in rerun
     assert _wait_for_no_processes(ingest.pid) == []
+    assert _run_workers(root) == []  # the CLI waited for its workers to end
 
     # Nothing half-written: no temporary file, no shard part in the lake.
     assert _temp_files(root) == []
@@ -242,8 +266,9 @@ def test_a_killed_ingest_is_marked_failed_and_a_rerun_cleans_up(slow_batch, tmp_
         if ingest.poll() is None:
             os.killpg(ingest.pid, signal.SIGKILL)
     assert ingest.returncode == -signal.SIGKILL
-    # Its worker processes end with it rather than wait for work forever.
+    # Its run worker and fingerprinting processes end with it rather than go on or wait.
     assert _wait_for_no_processes(ingest.pid) == []
+    assert _wait_for_no_workers(root) == []
     orphans = _temp_files(root)
     assert orphans and all(p.name.startswith(".killed-s00000.parquet.") for p in orphans)
     assert _run_statuses(root) == {"killed-s00000": [dg.DagsterRunStatus.STARTED]}
@@ -261,3 +286,58 @@ def test_a_killed_ingest_is_marked_failed_and_a_rerun_cleans_up(slow_batch, tmp_
         dg.DagsterRunStatus.FAILURE,
         dg.DagsterRunStatus.SUCCESS,
     ]
+
+
+def test_ctrl_c_stops_shards_running_side_by_side(slow_batch, tmp_path):
+    root = tmp_path / "library"
+    ingest = _start(
+        "ingest", str(slow_batch), "--library", str(root), "--batch", "two",
+        "--shard-size", "3", "--workers", "1", "--parallel", "2", "--retries", "0",
+    )  # fmt: skip
+    try:
+        # Ctrl-C once two shards are reading their images at the same time.
+        _wait_for(lambda: len(_temp_files(root / "shards")) >= 2, ingest)
+        os.killpg(ingest.pid, signal.SIGINT)
+        running = sorted({p.name[1:].split(".")[0] for p in _temp_files(root / "shards")})
+        out, err = ingest.communicate(timeout=120)
+    finally:
+        if ingest.poll() is None:
+            os.killpg(ingest.pid, signal.SIGKILL)
+    assert ingest.returncode == 130, out + err
+    assert len(running) == 2
+    assert all(f"NOT DONE  {shard}" in err for shard in running)
+    assert "--parallel 2" in next(line for line in err.splitlines() if line.startswith("re-run:"))
+    assert _run_workers(root) == []
+    assert _temp_files(root) == []
+    # Both runs under way ended failed, by Dagster's own handling of the forwarded stop; none
+    # is left in progress.
+    runs = _run_statuses(root)
+    assert all(runs[shard] == [dg.DagsterRunStatus.FAILURE] for shard in running)
+    assert all(statuses == [dg.DagsterRunStatus.SUCCESS] for shard, statuses in runs.items()
+               if shard not in running)  # fmt: skip
+
+
+def test_a_shard_whose_worker_is_killed_is_run_again_on_a_new_worker(slow_batch, tmp_path):
+    """A worker killed mid-shard (as the out-of-memory killer would): its run is marked failed
+    at once, the shard is run again on a worker started in its place, and the batch completes."""
+    root = tmp_path / "library"
+    ingest = _start(
+        "ingest", str(slow_batch), "--library", str(root), "--batch", "oom",
+        "--shard-size", "9", "--workers", "1", "--parallel", "1", "--retries", "1",
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: _temp_files(root / "shards"), ingest)
+        [worker] = _run_workers(root)
+        os.killpg(worker, signal.SIGKILL)  # the worker and its fingerprinting process
+        out, err = ingest.communicate(timeout=300)
+    finally:
+        if ingest.poll() is None:
+            os.killpg(ingest.pid, signal.SIGKILL)
+    assert ingest.returncode == 0, out + err
+    assert "oom-s00000: attempt 1 failed (its worker process ended (exit code -9)" in out
+    assert "[1/1] oom-s00000: 9 images, 9 ok" in out and "(after 2 attempts)" in out
+    assert "shards    1 ok, 1 of them after a retry, 0 failed" in out
+    assert _run_statuses(root) == {
+        "oom-s00000": [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS]
+    }
+    assert _run_workers(root) == [] and _temp_files(root) == []

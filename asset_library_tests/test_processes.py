@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from asset_library.processes import (
-    StopWatch,
     process_is_gone,
     process_token,
     stop_signals_deferred,
@@ -36,21 +35,9 @@ def test_a_process_is_gone_once_it_has_ended_and_a_reused_pid_is_not_it():
 
 def test_stop_signals_wait_for_the_end_of_a_deferred_block():
     finished = []
-    with pytest.raises(KeyboardInterrupt), StopWatch() as watch:
+    with pytest.raises(KeyboardInterrupt):
         with stop_signals_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             finished.append("the block ran to its end")
         finished.append("never reached")
     assert finished == ["the block ran to its end"]
-    assert watch.received() == signal.SIGINT
-
-
-def test_the_watch_sees_a_signal_that_a_handler_swallowed():
-    previous = signal.signal(signal.SIGINT, lambda *_: None)
-    try:
-        with StopWatch() as watch:
-            assert watch.received() is None
-            os.kill(os.getpid(), signal.SIGINT)
-            assert watch.received() == signal.SIGINT
-    finally:
-        signal.signal(signal.SIGINT, previous)

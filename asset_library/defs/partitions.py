@@ -7,3 +7,6 @@ batches_partitions = dg.DynamicPartitionsDefinition(name="batches")
 
 #: One partition per shard, named after its batch: ``photos_20261123T204311-s00003``.
 shards_partitions = dg.DynamicPartitionsDefinition(name="shards")
+
+#: Every asset a shard's run materializes: a shard is in only when all of them are.
+SHARD_OUTPUTS = ("shard_keys", "shard_uploads", "occurrences", "rejects", "attributes")

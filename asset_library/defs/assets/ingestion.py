@@ -17,12 +17,13 @@ from asset_library.defs.checks import (
     hash_coverage,
     uploads_present,
 )
-from asset_library.defs.partitions import batches_partitions, shards_partitions
+from asset_library.defs.partitions import SHARD_OUTPUTS, batches_partitions, shards_partitions
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource, SourceReaderResource
 from asset_library.defs.tags import BATCH_TAG, TRIGGER_TAG, tag_run
 from asset_library.ids import batch_of, check_batch_id
 from asset_library.ingest.access import ReadPolicy, batch_roots
 from asset_library.ingest.plan import load_plan, plan_batch, read_shard_items
+from asset_library.ingest.progress import write_progress
 from asset_library.ingest.shard import ShardStats, ingest_shard
 from asset_library.ingest.sources import SourceItem, is_s3, iter_batch, normalize_source
 from asset_library.ingest.triggers import TriggerRecord, write_trigger
@@ -122,9 +123,6 @@ def _noting_outside(
 
 _SHARD_DEP = dg.AssetDep(batch_plan, partition_mapping=dg.AllPartitionMapping())
 
-#: Everything one shard run writes; one unit: none is materialized without the others.
-SHARD_OUTPUTS = ("shard_keys", "shard_uploads", "occurrences", "rejects", "attributes")
-
 
 @dg.multi_asset(
     specs=[
@@ -216,11 +214,17 @@ def shard(
         raise dg.Failure(f"shard {shard} is not in the plan of batch {batch}")
     store = object_store.open_for(layout, record=True)
 
+    progress_path = layout.progress_path(shard)  # read by whoever started the run
+    log_every, logged = max(1000, shard_plan.images // 20), [0]
+
     def log_progress(stats: ShardStats) -> None:
-        context.log.info(
-            f"{shard}: {stats.images:,}/{shard_plan.images:,} images, "
-            f"{stats.images_per_second:.1f} img/s"
-        )
+        write_progress(progress_path, stats.images, shard_plan.images, stats.images_per_second)
+        if stats.images // log_every > logged[0]:
+            logged[0] = stats.images // log_every
+            context.log.info(
+                f"{shard}: {stats.images:,}/{shard_plan.images:,} images, "
+                f"{stats.images_per_second:.1f} img/s"
+            )
 
     with FingerprintPool(library.workers) as pool:
         stats = ingest_shard(
@@ -234,7 +238,7 @@ def shard(
             n_buckets=layout.n_buckets,
             io_threads=library.io_threads,
             progress=log_progress,
-            progress_every=max(1000, shard_plan.images // 20),
+            progress_every=min(100, max(1, shard_plan.images // 100)),
         )
 
     key_checks = [
