@@ -296,9 +296,12 @@ def test_ctrl_c_stops_shards_running_side_by_side(slow_batch, tmp_path):
     )  # fmt: skip
     try:
         # Ctrl-C once two shards are reading their images at the same time.
-        _wait_for(lambda: len(_temp_files(root / "shards")) >= 2, ingest)
+        def reading() -> list[str]:
+            return sorted({p.name[1:].split(".")[0] for p in _temp_files(root / "shards")})
+
+        _wait_for(lambda: len(reading()) >= 2, ingest)
         os.killpg(ingest.pid, signal.SIGINT)
-        running = sorted({p.name[1:].split(".")[0] for p in _temp_files(root / "shards")})
+        running = reading()
         out, err = ingest.communicate(timeout=120)
     finally:
         if ingest.poll() is None:
