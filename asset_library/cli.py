@@ -12,15 +12,14 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
-
-import duckdb
+from typing import TYPE_CHECKING, Any
 
 from asset_library.ids import InvalidIdError, check_batch_id
-from asset_library.ingest.fingerprint import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
-from asset_library.library import Library, default_library_path
-from asset_library.similarity import IndexNotReady
-from asset_library.sql_guard import check_read_only_query
+from asset_library.layout import default_library_path
+
+if TYPE_CHECKING:
+    from asset_library.library import Library
+from asset_library.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,11 +29,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["ASSET_LIBRARY_HOME"] = str(Path(args.library).expanduser().resolve())
     try:
         return int(args.handler(args) or 0)
-    except (FileNotFoundError, ValueError, duckdb.Error, IndexNotReady) as error:
+    except Exception as error:
+        if not _is_refusal(error):
+            raise
         print(f"asset-library: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
+
+
+def _is_refusal(error: Exception) -> bool:
+    """An error that is the user's input or the library's state, said in one line (exit 2),
+    not a defect (a traceback). Imported here so that ``--help`` and ``status`` stay quick."""
+    import duckdb
+
+    from asset_library.similarity import IndexNotReady
+
+    return isinstance(error, FileNotFoundError | ValueError | duckdb.Error | IndexNotReady)
+
+
+def _library(args: argparse.Namespace) -> Library:
+    from asset_library.library import Library
+
+    return Library(args.library)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -294,7 +311,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _lookup(args: argparse.Namespace) -> int:
-    image = Library(args.library).lookup(args.md5)
+    image = _library(args).lookup(args.md5)
     if image is None:
         print(f"asset-library: no image with md5 {args.md5}", file=sys.stderr)
         return 1
@@ -303,7 +320,7 @@ def _lookup(args: argparse.Namespace) -> int:
 
 
 def _similar(args: argparse.Namespace) -> int:
-    found = Library(args.library).similar(
+    found = _library(args).similar(
         args.image,
         max_distance=args.max_distance,
         limit=args.limit,
@@ -318,14 +335,16 @@ def _similar(args: argparse.Namespace) -> int:
 
 
 def _duplicates(args: argparse.Namespace) -> int:
-    for number, group in enumerate(Library(args.library).near_duplicate_groups()):
+    for number, group in enumerate(_library(args).near_duplicate_groups()):
         print(json.dumps({"group": number, "size": len(group), "md5s": group}))
     return 0
 
 
 def _sql(args: argparse.Namespace) -> int:
+    from asset_library.sql_guard import check_read_only_query
+
     check_read_only_query(args.query)  # refused: a ValueError, exit 2 in main()
-    with Library(args.library).connect() as connection:
+    with _library(args).connect() as connection:
         result = connection.execute(args.query, args.param)
         if result.description is None:
             return 0
@@ -358,7 +377,7 @@ def _migrate(args: argparse.Namespace) -> int:
     from asset_library.lake import Lake
     from asset_library.lake.migrate import migrate
 
-    library = Library(args.library)
+    library = _library(args)
     done = migrate(library.layout, Lake.of(library.layout))
     if not done.shards and not done.removed:
         print(f"{library.path}: already on the Delta lake, nothing to migrate")

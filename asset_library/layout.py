@@ -32,6 +32,11 @@ SETTINGS_FILE = "library.json"
 TEMP_SUFFIX = ".tmp"
 
 
+def default_library_path() -> Path:
+    """``ASSET_LIBRARY_HOME``, else ``./library``: where a command finds its library by default."""
+    return Path(os.environ.get("ASSET_LIBRARY_HOME") or "library").expanduser().resolve()
+
+
 def temp_path_for(path: Path) -> Path:
     """A private name beside ``path``: hidden, unique, ending in :data:`TEMP_SUFFIX`."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")

@@ -17,22 +17,21 @@ import numpy as np
 
 from asset_library.ids import bucket_of, check_md5, is_md5
 from asset_library.ingest.dihedral import query_fingerprint
-from asset_library.ingest.fingerprint import (
-    DEFAULT_CONFIRM_DISTANCE,
-    DEFAULT_MIN_QUALITY,
-    DEFAULT_PHASH_THRESHOLD,
-    fingerprint,
-    hamming,
-)
+from asset_library.ingest.fingerprint import fingerprint, hamming
 from asset_library.lake import Catalog, Lake
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
 from asset_library.lake.tables import IMAGES_SCHEMA
-from asset_library.layout import LibraryLayout
+from asset_library.layout import LibraryLayout, default_library_path
 from asset_library.search.codec import hex_to_int
 from asset_library.search.quality import CONFIRMING_HASH, informative
 from asset_library.similarity import HASH_KINDS, SimilarityIndex
 from asset_library.sql_guard import check_read_only_query
 from asset_library.storage import ObjectStore, object_key, open_store
+from asset_library.thresholds import (
+    DEFAULT_CONFIRM_DISTANCE,
+    DEFAULT_MIN_QUALITY,
+    DEFAULT_PHASH_THRESHOLD,
+)
 
 if TYPE_CHECKING:  # pandas is imported by ``frame`` alone: the CLI starts without it
     import pandas as pd
@@ -40,10 +39,6 @@ if TYPE_CHECKING:  # pandas is imported by ``frame`` alone: the CLI starts witho
 IMAGE_COLUMNS = IMAGES_SCHEMA.names
 #: How a query may be turned before it is searched: as it is, or all 8 rotations and flips.
 TRANSFORMS = ("none", "dihedral")
-
-
-def default_library_path() -> Path:
-    return Path(os.environ.get("ASSET_LIBRARY_HOME") or "library").expanduser().resolve()
 
 
 class Library:

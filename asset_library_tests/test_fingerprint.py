@@ -14,14 +14,9 @@ import imagehash
 import pytest
 from PIL import Image, ImageOps
 
-from asset_library.ingest.fingerprint import (
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_PHASH_THRESHOLD,
-    Fingerprint,
-    fingerprint,
-    hamming,
-)
+from asset_library.ingest.fingerprint import DEFAULT_MAX_PIXELS, Fingerprint, fingerprint, hamming
 from asset_library.ingest.workers import fingerprint_many
+from asset_library.thresholds import DEFAULT_PHASH_THRESHOLD
 
 HASHES = ("phash", "ahash", "dhash")
 NEAR_LABELS = {"exact", "reencode", "resize", "exif-orientation"}

@@ -25,9 +25,6 @@ from asset_library.ingest.dihedral import (
     variants_of_blocks,
 )
 from asset_library.ingest.fingerprint import (
-    DEFAULT_CONFIRM_DISTANCE,
-    DEFAULT_MIN_QUALITY,
-    DEFAULT_PHASH_THRESHOLD,
     Fingerprint,
     fingerprint,
     fingerprint_and_grey,
@@ -41,6 +38,11 @@ from asset_library.ingest.workers import FingerprintPool, fingerprint_many
 from asset_library.search import HammingIndex
 from asset_library.search.quality import confirmed, informative
 from asset_library.storage import LocalObjectStore
+from asset_library.thresholds import (
+    DEFAULT_CONFIRM_DISTANCE,
+    DEFAULT_MIN_QUALITY,
+    DEFAULT_PHASH_THRESHOLD,
+)
 
 FOUND_RELATIONS = {"exact", "reencode", "resize", "exif-orientation"}
 

@@ -33,17 +33,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from asset_library.ingest.dihedral import query_fingerprint
-from asset_library.ingest.fingerprint import (
-    DEFAULT_CONFIRM_DISTANCE,
-    DEFAULT_MIN_QUALITY,
-    DEFAULT_PHASH_THRESHOLD,
-    Fingerprint,
-    fingerprint,
-    hamming,
-)
+from asset_library.ingest.fingerprint import Fingerprint, fingerprint, hamming
 from asset_library.ingest.workers import fingerprint_many
 from asset_library.search import HammingIndex
 from asset_library.search.quality import confirmed, informative
+from asset_library.thresholds import (
+    DEFAULT_CONFIRM_DISTANCE,
+    DEFAULT_MIN_QUALITY,
+    DEFAULT_PHASH_THRESHOLD,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus"

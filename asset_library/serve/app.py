@@ -20,7 +20,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from asset_library.ids import InvalidIdError, check_md5
-from asset_library.ingest.fingerprint import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 from asset_library.library import Library
 from asset_library.serve import reads
 from asset_library.serve.auth import TokenRequired
@@ -29,6 +28,7 @@ from asset_library.serve.thumbs import ThumbnailCache
 from asset_library.serve.uploads import BodyLimit, PoolBusy, UploadPool
 from asset_library.similarity import IndexNotReady
 from asset_library.storage import ObjectStoreError, object_key
+from asset_library.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 
 T = TypeVar("T")
 STATIC = Path(__file__).parent / "static"

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from asset_library.library import default_library_path
+from asset_library.layout import default_library_path
 
 #: The bearer token every request must carry; required to listen beyond loopback.
 TOKEN_ENV = "ASSET_LIBRARY_TOKEN"
