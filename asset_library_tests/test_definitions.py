@@ -126,3 +126,10 @@ def test_s3_keys_from_the_environment_stay_environment_variables(tmp_path, monke
     # keys given only to build_resources (not this process's environment) are literal
     given = build_resources({"AWS_ACCESS_KEY_ID": "given"}, root=str(tmp_path / "library"))
     assert given["s3"].aws_access_key_id == "given"
+    # an S3 lake: its delta-rs options hold no secret from the environment; opening reads them
+    monkeypatch.setenv("ASSET_LIBRARY_LAKE", "s3://lake-bucket/lake")
+    library = build_resources(root=str(tmp_path / "library"))["library"]
+    assert "secret-from-env" not in str(library.lake_storage_options)
+    assert library.lake_storage_options["AWS_REGION"]
+    lake = library.lake()
+    assert lake.storage_options["AWS_SECRET_ACCESS_KEY"] == "secret-from-env"

@@ -65,7 +65,7 @@ DEFAULT_VERIFY_SAMPLE = 100
 IN_MEMORY_DUCKDB = DuckDBResource(database=":memory:")
 
 #: Read from the environment when a run starts, never written into the run's config.
-SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 class LibraryResource(dg.ConfigurableResource):
@@ -76,7 +76,8 @@ class LibraryResource(dg.ConfigurableResource):
     max_images_per_shard: int = DEFAULT_MAX_IMAGES_PER_SHARD
     workers: int | None = None
     io_threads: int = 10  # dagster-aws S3 clients pool 10 connections
-    #: the lake's location ("" = <root>/lake) and, for S3, delta-rs storage options
+    #: the lake's location ("" = <root>/lake) and, for S3, delta-rs storage options; keys that
+    #: this process's environment holds are left out and read from it when the lake opens
     lake_location: str = ""
     lake_storage_options: dict[str, str] = {}
 
@@ -89,7 +90,9 @@ class LibraryResource(dg.ConfigurableResource):
             if layout.settings().get("lake") != self.lake_location:
                 # Readers of this library find its lake here (a URI, never a local path).
                 layout.update_settings(lake=self.lake_location)
-            return Lake(self.lake_location, layout.n_buckets, dict(self.lake_storage_options))
+            secrets = {name: os.environ[name] for name in SECRET_VARIABLES if os.environ.get(name)}
+            options = {**secrets, **self.lake_storage_options}
+            return Lake(self.lake_location, layout.n_buckets, options)
         if self.lake_location:
             return Lake(self.lake_location, layout.n_buckets, {})
         return Lake.of(layout, {})
@@ -211,7 +214,9 @@ def build_resources(
         "library": LibraryResource(
             root=home,
             lake_location=lake,
-            lake_storage_options=s3_storage_options(environ) if lake.startswith("s3://") else {},
+            lake_storage_options=_without_process_secrets(s3_storage_options(environ))
+            if lake.startswith("s3://")
+            else {},
             workers=workers,
             max_images_per_shard=shard_size or DEFAULT_MAX_IMAGES_PER_SHARD,
         ),
@@ -233,6 +238,15 @@ def build_resources(
 def resources() -> dg.Definitions:
     """The code location's resources, from the environment it loads in."""
     return dg.Definitions(resources=build_resources())
+
+
+def _without_process_secrets(options: dict[str, str]) -> dict[str, str]:
+    """Storage options minus the keys this process's environment holds (read at run time)."""
+    return {
+        name: value
+        for name, value in options.items()
+        if not (name in SECRET_VARIABLES and os.environ.get(name) == value)
+    }
 
 
 def _int_setting(environ: Mapping[str, str], name: str, *, minimum: int) -> int | None:
