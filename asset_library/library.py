@@ -96,6 +96,9 @@ class Library:
             return None
         row = found[0]
         image = {name: row[name] for name in IMAGE_COLUMNS if name in row}
+        # As the images view counts: merged first, plus what later merges added.
+        gained = catalog.rows_of("image_counts", bucket, md5)["occurrences"]
+        image["occurrences"] += sum(gained.to_pylist())
         for kind in HASH_KINDS:
             image[f"{kind}_int"] = int(row[kind], 16) if row[kind] else None
         image = {name: image[name] for name in IMAGE_VIEW_COLUMNS}

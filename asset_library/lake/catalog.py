@@ -47,9 +47,16 @@ IMAGE_VIEW_COLUMNS = [
 
 VIEWS: dict[str, str] = {
     "occurrences": f"SELECT *, {_HASH_INTS} FROM _lake_occurrences",
-    "images": f"""SELECT md5, size_bytes, format, width, height, orientation, frames,
-                  phash, ahash, dhash, {_HASH_INTS}, quality, bucket, source_uri, batch, shard,
-                  ingested_at, occurrences FROM _lake_images""",  # = IMAGE_VIEW_COLUMNS
+    # The count as merged first plus what image_counts added since; a query that does not
+    # read it skips the join (DuckDB drops a left join to a table grouped by its join keys).
+    "images": f"""SELECT i.md5, size_bytes, format, width, height, orientation, frames,
+                  phash, ahash, dhash, {_HASH_INTS}, quality, i.bucket, source_uri, batch, shard,
+                  ingested_at, (i.occurrences + coalesce(c.occurrences, 0))::BIGINT
+                  AS occurrences
+                  FROM _lake_images i LEFT JOIN (
+                    SELECT bucket, md5, sum(occurrences) AS occurrences
+                    FROM _lake_image_counts GROUP BY bucket, md5) c
+                  ON c.bucket = i.bucket AND c.md5 = i.md5""",  # = IMAGE_VIEW_COLUMNS
     "rejects": "SELECT * FROM _lake_rejects",
     "attribute_occurrences": "SELECT * FROM _lake_attributes",
     "attributes": """SELECT md5, attribute, value, any_value(value_type) AS value_type,
@@ -127,7 +134,7 @@ class Catalog:
 
     def refresh(self) -> None:
         """Re-register every table whose Delta version moved since the last call."""
-        for name in ("occurrences", "images", "rejects", "attributes"):
+        for name in SCHEMAS:
             table = self._tables.get(name)
             if table is None:
                 table = self.lake.open(name)

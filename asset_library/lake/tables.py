@@ -6,15 +6,19 @@ Tables (all partitioned by ``bucket``, the top bits of the md5; see :func:`ids.b
 ``rejects``      one row per source that was not ingested, with its reason
 ``attributes``   the cube: (md5, attribute, value, value_type, origin) per occurrence
 ``images``       one row per md5: the image, its first occurrence and its occurrence count
+                 when it was first merged (appended once, rewritten only when it loses one)
+``image_counts`` the occurrence count changes since: ``images.occurrences`` + their sum is
+                 the count
 
 A shard's run replaces exactly that shard's rows of the first three with one commit per table
 (``overwrite`` with ``predicate = "shard = '<shard>'"``). Two shards commit side by side; the same
 shard written twice at once fails with a commit conflict, never a mix.
 
 ``images`` is never computed on a read: :func:`merge_images` folds in what changed in
-``occurrences`` since its last merge (the change data feed, version by version), one commit,
-recording the occurrences version it reached as a Delta app transaction
-(``transaction_version(IMAGES_APP)``). Only the buckets that changed are read and rewritten.
+``occurrences`` since its last merge (the change data feed, version by version), recording the
+occurrences version it reached as a Delta app transaction (``transaction_version(IMAGES_APP)``).
+A merge appends: new md5s to ``images``, count changes to ``image_counts``; it rewrites
+``images`` files only for md5s that lost an occurrence.
 The table format lives in this package and nowhere else.
 """
 
@@ -101,8 +105,9 @@ ATTRIBUTES_SCHEMA = pa.schema(
         ("bucket", pa.int32()),
     ]
 )
-#: One row per md5. ``source_uri``/``batch``/``shard``/``ordinal``/``ingested_at`` are those of
-#: its first occurrence (by ingested_at, shard, ordinal); ``occurrences`` counts them all.
+#: One row per md5, written once when the md5 is first merged. ``source_uri``/``batch``/
+#: ``shard``/``ordinal``/``ingested_at`` are those of its first occurrence then (by ingested_at,
+#: shard, ordinal); ``occurrences`` counts them then, ``image_counts`` holds what changed since.
 IMAGES_SCHEMA = pa.schema(
     [
         *IMAGE_COLUMNS,
@@ -115,11 +120,17 @@ IMAGES_SCHEMA = pa.schema(
         ("bucket", pa.int32()),
     ]
 )
+#: What ``image_counts`` adds to an md5's ``images.occurrences``: one row per merge that changed
+#: the count of an md5 already in ``images`` (the sum of its rows is the change since then).
+IMAGE_COUNTS_SCHEMA = pa.schema(
+    [("md5", pa.string()), ("occurrences", pa.int64()), ("bucket", pa.int32())]
+)
 SCHEMAS: dict[str, pa.Schema] = {
     "occurrences": OCCURRENCES_SCHEMA,
     "rejects": REJECTS_SCHEMA,
     "attributes": ATTRIBUTES_SCHEMA,
     "images": IMAGES_SCHEMA,
+    "image_counts": IMAGE_COUNTS_SCHEMA,
 }
 #: Tables whose changes are read as a feed: occurrences by the images merge, images by the index.
 _CHANGE_FEED = {"occurrences", "images"}
@@ -298,7 +309,13 @@ _ATTRIBUTES_SORTED_SQL = f"""
 ATTRIBUTES_ROW_GROUP = 4096
 
 
+#: Rows per Parquet row group of ``images``: a lookup by md5 reads one of a file's row groups.
+IMAGES_ROW_GROUP = 4096
+
+
 def _writer_properties(table: str) -> WriterProperties | None:
+    if table == "images":  # written sorted by md5: the row groups' md5 ranges do not overlap
+        return WriterProperties(max_row_group_size=IMAGES_ROW_GROUP, compression="ZSTD")
     if table == "attributes":
         # Sorted by attribute, an image's rows no longer sit together: its md5 and source_uri
         # recur in other row groups, nearly unique in each (no dictionary pays off), and ZSTD
@@ -405,16 +422,21 @@ def read_changes(table: DeltaTable, start: int, end: int, columns: list[str]) ->
 
 
 def merge_images(lake: Lake) -> MergeResult:
-    """Fold every occurrences commit since the last merge into ``images``, in one commit.
+    """Fold every occurrences commit since the last merge into ``images`` and ``image_counts``.
 
-    For md5s that only gained occurrences, the new count and first occurrence come from the
-    feed and the current images row (no scan of other occurrences). For md5s that lost an
-    occurrence (a shard replaced or emptied), the row is recomputed from the current
-    occurrences of that md5 only, in its bucket. Then md5 uniqueness is checked in the touched
-    buckets."""
+    An md5 new to ``images`` is appended once (its first occurrence and its count then); an md5
+    already there that only gained occurrences gets one ``image_counts`` row with the gain:
+    no ``images`` file is rewritten. Only an md5 that lost an occurrence (its shard was replaced
+    or emptied) is recomputed from its current occurrences in its bucket and rewritten (or
+    deleted) by a Delta ``MERGE``, its ``image_counts`` rows offset to zero. Two commits:
+    ``image_counts`` first, then ``images``, each recording the occurrences version reached, so
+    a merge cut between them finishes on the next run without counting twice, and two merges
+    at once make one fail with a commit conflict. Then md5 uniqueness is checked in the
+    touched buckets."""
     started = time.perf_counter()
     occurrences = lake.table("occurrences")
     images = lake.table("images")
+    counts = lake.table("image_counts")
     last = merged_version(lake)
     now = occurrences.version()
     result = MergeResult(from_version=last, to_version=now)
@@ -444,55 +466,63 @@ def merge_images(lake: Lake) -> MergeResult:
         result.shards = sorted(s for s in (summary[0] or []) if s)
         touched = sorted({int(b) for b in (summary[1] or []) if b is not None})
         result.buckets = touched
-        source = _merge_source(connection, lake, images, occurrences, touched)
-        result.md5s = source.num_rows
-    if source.num_rows:
+        plan = _merge_plan(connection, lake, images, occurrences, counts, touched)
+    result.md5s = plan.md5s
+    if (
+        counts.transaction_version(IMAGES_APP) is None
+        or int(counts.transaction_version(IMAGES_APP)) < now
+    ):  # not written yet by a merge of this range that stopped before images
+        write_deltalake(
+            counts,
+            plan.counts,
+            mode="append",
+            partition_by=["bucket"],
+            commit_properties=_merged_to(now),
+        )
+    result.updated = plan.counts.num_rows
+    if plan.recomputed.num_rows:
+        source = pa.concat_tables([plan.new.cast(_SOURCE_SCHEMA), plan.recomputed])
         metrics = (
             images.merge(
                 source,
                 predicate=_bucket_predicate(touched) + " AND t.md5 = s.md5",
                 source_alias="s",
                 target_alias="t",
-                commit_properties=CommitProperties(
-                    app_transactions=[Transaction(app_id=IMAGES_APP, version=now)],
-                    custom_metadata={"asset_library.occurrences_version": str(now)},
-                ),
+                commit_properties=_merged_to(now),
             )
             .when_matched_delete(predicate="s.mode = 'set' AND s.occurrences = 0")
             .when_matched_update(updates=_SET_UPDATES, predicate="s.mode = 'set'")
-            .when_matched_update(updates=_ADD_UPDATES, predicate="s.mode = 'add'")
             .when_not_matched_insert(updates=_INSERT, predicate="s.occurrences > 0")
             .execute()
         )
         result.inserted = int(metrics.get("num_target_rows_inserted", 0))
-        result.updated = int(metrics.get("num_target_rows_updated", 0))
+        result.updated += int(metrics.get("num_target_rows_updated", 0))
         result.deleted = int(metrics.get("num_target_rows_deleted", 0))
-    else:
-        # Nothing to fold in (e.g. only rejects changed): still record how far we have read.
+    else:  # the usual case: new md5s appended, sorted by md5 so a lookup skips row groups
         write_deltalake(
             images,
-            IMAGES_SCHEMA.empty_table(),
+            plan.new.drop_columns(["mode"]).cast(IMAGES_SCHEMA),
             mode="append",
-            commit_properties=CommitProperties(
-                app_transactions=[Transaction(app_id=IMAGES_APP, version=now)]
-            ),
+            partition_by=["bucket"],
+            writer_properties=_writer_properties("images"),
+            commit_properties=_merged_to(now),
         )
+        result.inserted = plan.new.num_rows
     result.duplicated_md5s = duplicated_md5s(lake, touched)
     result.seconds = time.perf_counter() - started
     return result
 
 
-_FIRST = (
-    "(s.ingested_at < t.ingested_at OR (s.ingested_at = t.ingested_at AND "
-    "(s.shard < t.shard OR (s.shard = t.shard AND s.ordinal < t.ordinal))))"
-)
-_FIRST_COLUMNS = ("source_uri", "batch", "shard", "ordinal", "ingested_at")
+def _merged_to(version: int) -> CommitProperties:
+    return CommitProperties(
+        app_transactions=[Transaction(app_id=IMAGES_APP, version=version)],
+        custom_metadata={"asset_library.occurrences_version": str(version)},
+    )
+
+
 _SET_UPDATES = {f.name: f"s.{f.name}" for f in IMAGES_SCHEMA if f.name != "bucket"}
-_ADD_UPDATES = {
-    "occurrences": "t.occurrences + s.occurrences",
-    **{c: f"CASE WHEN {_FIRST} THEN s.{c} ELSE t.{c} END" for c in _FIRST_COLUMNS},
-}
 _INSERT = {f.name: f"s.{f.name}" for f in IMAGES_SCHEMA}
+_SOURCE_SCHEMA = pa.schema([("mode", pa.string()), *IMAGES_SCHEMA])
 
 
 def _bucket_predicate(buckets: Iterable[int]) -> str:
@@ -500,55 +530,112 @@ def _bucket_predicate(buckets: Iterable[int]) -> str:
     return f"t.bucket IN ({listed})" if listed else "t.bucket = -1"
 
 
-def _merge_source(
+@dataclass
+class _Plan:
+    """What a merge writes: ``new`` images rows to add, ``counts`` rows to append, and the
+    ``recomputed`` rows of md5s that lost an occurrence (``mode = 'set'``)."""
+
+    new: pa.Table
+    counts: pa.Table
+    recomputed: pa.Table
+    md5s: int
+
+
+def _in_buckets(
+    table: DeltaTable, schema: pa.Schema, buckets: list[int], md5s: pa.Array
+) -> pa.Table:
+    """These md5s' rows of a table (``schema``'s columns), reading only their buckets' files.
+    The md5 filter is applied after the read: files a MERGE wrote hold text as string_view,
+    which pyarrow's dataset filter will not compare with a string."""
+    if not buckets or len(md5s) == 0:
+        return schema.empty_table()
+    rows = table.to_pyarrow_dataset().to_table(
+        columns=schema.names, filter=pc.field("bucket").isin(buckets)
+    )
+    rows = rows.filter(pc.is_in(rows["md5"].cast(pa.string()), value_set=md5s.cast(pa.string())))
+    return rows.cast(schema)
+
+
+def _merge_plan(
     connection: duckdb.DuckDBPyConnection,
     lake: Lake,
     images: DeltaTable,
     occurrences: DeltaTable,
+    counts: DeltaTable,
     touched: list[int],
-) -> pa.Table:
-    """The rows to merge: ``mode = 'add'`` (count and first occurrence of what was added) for
-    md5s that only gained occurrences, ``mode = 'set'`` (the whole row recomputed, or
-    occurrences = 0 to delete it) for md5s that lost one."""
-    columns = ", ".join(f.name for f in IMAGES_SCHEMA if f.name not in ("occurrences",))
-    lost = connection.sql("SELECT DISTINCT md5, bucket FROM net WHERE n < 0").to_arrow_table()
+) -> _Plan:
+    """Split the net changes: md5s new to ``images`` (their first added occurrence and count),
+    md5s already there that only gained (their gain, for ``image_counts``), and md5s that lost
+    an occurrence (recomputed from their current occurrences)."""
+    columns = ", ".join(f.name for f in IMAGES_SCHEMA if f.name != "occurrences")
     connection.execute(
-        f"""
-        CREATE TEMP TABLE added AS
-        SELECT 'add' AS mode, {columns}, occurrences FROM (
-          SELECT *, count(*) OVER (PARTITION BY md5) AS occurrences,
-                 row_number() OVER (PARTITION BY md5 ORDER BY ingested_at, shard, ordinal) AS k
-          FROM net WHERE n > 0 AND md5 NOT IN (SELECT md5 FROM net WHERE n < 0))
-        WHERE k = 1
+        """
+        CREATE TEMP TABLE per_md5 AS
+        SELECT md5, any_value(bucket) AS bucket, sum(n)::BIGINT AS gained,
+               bool_or(n < 0) AS lost
+        FROM net GROUP BY md5
         """
     ).fetchall()
+    changed = connection.sql("SELECT md5 FROM per_md5").to_arrow_table()["md5"]
+    # The only read that grows with the library: the md5 column of the touched buckets.
+    connection.register(
+        "known", _in_buckets(images, pa.schema([("md5", pa.string())]), touched, changed)
+    )
+    new = connection.sql(
+        f"""
+        SELECT 'add' AS mode, {columns}, gained AS occurrences FROM (
+          SELECT net.*, p.gained,
+                 row_number() OVER (PARTITION BY net.md5
+                                    ORDER BY ingested_at, shard, ordinal) AS k
+          FROM net JOIN per_md5 p USING (md5)
+          WHERE n > 0 AND p.gained > 0 AND net.md5 NOT IN (SELECT md5 FROM known))
+        WHERE k = 1 ORDER BY bucket, md5
+        """
+    ).to_arrow_table()
+    gains = connection.sql(
+        "SELECT md5, gained AS occurrences, bucket FROM per_md5 WHERE NOT lost AND gained <> 0 "
+        "AND md5 IN (SELECT md5 FROM known) ORDER BY bucket, md5"
+    ).to_arrow_table()
+    lost = connection.sql(
+        "SELECT md5, bucket FROM per_md5 WHERE lost AND md5 IN (SELECT md5 FROM known)"
+    ).to_arrow_table()
+    recomputed = _SOURCE_SCHEMA.empty_table()
+    offsets = IMAGE_COUNTS_SCHEMA.empty_table()
     if lost.num_rows:
         lost_buckets = sorted({int(b) for b in lost["bucket"].to_pylist()})
-        current = occurrences.to_pyarrow_dataset().to_table(
-            filter=pc.field("bucket").isin(lost_buckets) & pc.field("md5").isin(lost["md5"])
-        )
-        connection.register("current_rows", current)
         connection.register("lost", lost)
-        connection.execute(
+        connection.register(
+            "current_rows",
+            _in_buckets(occurrences, OCCURRENCES_SCHEMA, lost_buckets, lost["md5"]),
+        )
+        connection.register(
+            "counted", _in_buckets(counts, IMAGE_COUNTS_SCHEMA, lost_buckets, lost["md5"])
+        )
+        recomputed = connection.sql(
             f"""
-            CREATE TEMP TABLE recomputed AS
-            SELECT 'set' AS mode, l.md5 AS md5, r.* EXCLUDE (md5, bucket, k),
-                   coalesce(r.occurrences, 0) AS occurrences2, l.bucket AS bucket
+            SELECT 'set' AS mode, l.md5 AS md5, r.* EXCLUDE (md5, bucket, k, occurrences),
+                   coalesce(r.occurrences, 0) AS occurrences, l.bucket AS bucket
             FROM lost l LEFT JOIN (
               SELECT {columns}, count(*) OVER (PARTITION BY md5) AS occurrences,
                      row_number() OVER (PARTITION BY md5 ORDER BY ingested_at, shard, ordinal) AS k
               FROM current_rows) r ON r.md5 = l.md5 AND r.k = 1
             """
-        ).fetchall()
-        select_set = f"SELECT mode, {columns}, occurrences2 AS occurrences FROM recomputed"
-    else:
-        select_set = None
-    order = ", ".join(["mode", *(f.name for f in IMAGES_SCHEMA)])
-    sql = f"SELECT {order} FROM added"
-    if select_set:
-        sql += f" UNION ALL SELECT {order} FROM ({select_set})"
-    schema = pa.schema([("mode", pa.string()), *IMAGES_SCHEMA])
-    return connection.sql(sql).to_arrow_table().cast(schema)
+        ).to_arrow_table()
+        recomputed = recomputed.select(_SOURCE_SCHEMA.names).cast(_SOURCE_SCHEMA)
+        # Their count is now whole in images: what image_counts adds for them goes to zero.
+        offsets = connection.sql(
+            "SELECT c.md5, -sum(c.occurrences)::BIGINT AS occurrences, any_value(l.bucket) "
+            "AS bucket FROM counted c JOIN lost l USING (md5) GROUP BY c.md5 "
+            "HAVING sum(c.occurrences) <> 0"
+        ).to_arrow_table()
+    return _Plan(
+        new=new.select(_SOURCE_SCHEMA.names).cast(_SOURCE_SCHEMA),
+        counts=pa.concat_tables(
+            [gains.cast(IMAGE_COUNTS_SCHEMA), offsets.cast(IMAGE_COUNTS_SCHEMA)]
+        ),
+        recomputed=recomputed,
+        md5s=len(changed),
+    )
 
 
 def duplicated_md5s(lake: Lake, buckets: list[int]) -> int:
@@ -596,8 +683,8 @@ def compact(
         crowded = sorted(b for b, n in buckets.items() if n >= min_files and b != "__null__")
         metrics: dict[str, Any] = {"files_before": sum(buckets.values()), "buckets": len(crowded)}
         if crowded:
-            if name == "attributes":  # merged and sorted again, so its files stay pruned
-                result = _sort_buckets(table, [int(b) for b in crowded])
+            if name in _REWRITTEN:  # merged and sorted again, so its files stay pruned
+                result = _sort_buckets(table, [int(b) for b in crowded], name)
             else:
                 result = table.optimize.compact(
                     partition_filters=[("bucket", "in", crowded)], target_size=512 << 20
@@ -617,9 +704,18 @@ def compact(
     return done
 
 
-def _sort_buckets(table: DeltaTable, buckets: list[int]) -> dict[str, Any]:
-    """Rewrite the cube's files of these buckets as one file per bucket ordered by
-    (attribute, value, md5), as a shard writes them: one overwrite commit restricted to those
+#: How compaction rewrites a crowded bucket of these tables (others: ``optimize.compact``).
+_REWRITTEN = {
+    "attributes": "SELECT * FROM rows ORDER BY bucket, attribute, value, md5",
+    "images": "SELECT * FROM rows ORDER BY bucket, md5",
+    "image_counts": "SELECT md5, sum(occurrences)::BIGINT AS occurrences, bucket FROM rows "
+    "GROUP BY bucket, md5 HAVING sum(occurrences) <> 0 ORDER BY bucket, md5",
+}
+
+
+def _sort_buckets(table: DeltaTable, buckets: list[int], name: str = "attributes") -> dict:
+    """Rewrite a table's files of these buckets as one file per bucket, sorted as its writer
+    sorts them (``image_counts`` summed per md5 too): one overwrite commit restricted to those
     buckets, made against the version read, so Delta's conflict check covers it.
 
     delta-rs's ``optimize.compact`` would keep each file's rows in file order (one sorted run
@@ -630,17 +726,15 @@ def _sort_buckets(table: DeltaTable, buckets: list[int]) -> dict[str, Any]:
     rows = table.to_pyarrow_dataset().scanner(filter=pc.field("bucket").isin(buckets))
     with duckdb.connect() as connection:
         connection.register("rows", rows.to_reader())
-        sorted_rows = connection.sql(
-            "SELECT * FROM rows ORDER BY bucket, attribute, value, md5"
-        ).to_arrow_reader(200_000)
+        sorted_rows = connection.sql(_REWRITTEN[name]).to_arrow_reader(200_000)
         write_deltalake(
             table,
-            sorted_rows.cast(ATTRIBUTES_SCHEMA),
+            sorted_rows.cast(SCHEMAS[name]),
             mode="overwrite",
             predicate=f"bucket IN ({listed})",
             partition_by=["bucket"],
             target_file_size=512 << 20,
-            writer_properties=_writer_properties("attributes"),
+            writer_properties=_writer_properties(name),
             commit_properties=CommitProperties(
                 custom_metadata={"asset_library.operation": "sort buckets"}
             ),
