@@ -32,6 +32,7 @@ from asset_library.lake.tables import (
     IMAGES_APP,
     _merged_to,
     _sort_buckets,
+    attribute_part_sql,
 )
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import IndexNotReady, SimilarityIndex
@@ -378,6 +379,24 @@ def _cat_row_groups(lake: Lake) -> tuple[int, int, int]:
     return files, groups, kept
 
 
+def _index_row_groups(lake: Lake) -> tuple[int, int, int]:
+    """(files, row groups, row groups statistics leave) of the attribute index that a query
+    for label = 'cat' reads: its partition's files only."""
+    dataset = lake_dataset(lake.open("attribute_index"), lake)
+    with duckdb.connect() as connection:
+        part = connection.sql("SELECT " + attribute_part_sql("'label'")).fetchall()[0][0]
+    cat = (
+        (pc.field("part") == part)
+        & (pc.field("attribute") == "label")
+        & (pc.field("value") == "cat")
+    )
+    fragments = list(dataset.get_fragments(filter=cat))
+    assert len(fragments) < len(list(dataset.get_fragments()))
+    groups = sum(f.num_row_groups for f in fragments)
+    kept = sum(f.subset(filter=cat, schema=dataset.schema).num_row_groups for f in fragments)
+    return len(fragments), groups, kept
+
+
 def test_text_filters_reach_pyarrow_and_skip_the_cubes_row_groups(tmp_path):
     layout = LibraryLayout.open(tmp_path / "library", 2)
     lake = Lake.of(layout, {})
@@ -417,6 +436,9 @@ def test_text_filters_reach_pyarrow_and_skip_the_cubes_row_groups(tmp_path):
     assert above[0]["n"] == sum(
         1 for m in library.query("SELECT md5 FROM images WHERE bucket = 1") if m["md5"] > some
     )
+    # the attribute index: one partition's files (one per shard) of the table's many
+    files, groups, kept = _index_row_groups(lake)
+    assert files == 2 and kept <= 2 * files, (files, groups, kept)
     # the cube is written by (attribute, value): a value's rows lie in one (rarely two) of each
     # file's row groups, and pyarrow's statistics skip the others (here 7 of 32 are read)
     files, groups, kept = _cat_row_groups(lake)
@@ -426,6 +448,30 @@ def test_text_filters_reach_pyarrow_and_skip_the_cubes_row_groups(tmp_path):
     files, groups, kept = _cat_row_groups(lake)
     assert files == 2 and kept <= 2 * files and kept * 4 <= groups, (files, groups, kept)
     assert {r["md5"] for r in Library(layout.root).query(query)} == cats
+
+
+def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path):
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(16)
+    for number in range(2):
+        _land(layout, lake, f"i-s0000{number}", random_md5s(rng, 200), seed=number)
+    _refresh(layout, lake)
+    truth = (
+        "SELECT (SELECT list(DISTINCT md5 ORDER BY md5) FROM attribute_occurrences "
+        "WHERE attribute = 'label' AND value = 'cat') AS truth, "
+        "(SELECT list(md5 ORDER BY md5) FROM images_with_attribute('label', 'cat')) AS found"
+    )
+    shutil.rmtree(lake.uri("attribute_index"))  # as a lake written before the index
+    found = Library(layout.root).query(truth)[0]
+    assert found["found"] == found["truth"] and len(found["truth"]) > 20
+    # the next shard's write starts the index from the cube, then replaces its own rows
+    _land(layout, lake, "i-s00001", random_md5s(rng, 100), seed=5)
+    _land(layout, lake, "i-s00002", random_md5s(rng, 100), seed=6)
+    _refresh(layout, lake)
+    index = DeltaTable(lake.uri("attribute_index")).to_pyarrow_table(columns=["shard"])
+    assert index.num_rows == 400 * 6  # i-s00001 replaced: 200 + 100 + 100 images
+    found = Library(layout.root).query(truth)[0]
+    assert found["found"] == found["truth"]
 
 
 def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(tmp_path):

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from asset_library.lake.scan import LakeDataset, lake_dataset
-from asset_library.lake.tables import SCHEMAS, Lake
+from asset_library.lake.tables import SCHEMAS, Lake, attribute_part_sql
 from asset_library.sql_guard import check_read_only_query, lock_down
 
 #: Rows of the near-duplicate groups: the group (numbered from the largest), its size, members.
@@ -73,8 +73,9 @@ MACROS: dict[str, tuple[str, str]] = {
     ),
     "images_with_attribute": (
         "attr, val",
-        "SELECT * FROM images WHERE md5 IN (SELECT md5 FROM attribute_occurrences "
-        "WHERE attribute = attr AND value = CAST(val AS VARCHAR))",
+        "SELECT * FROM images WHERE md5 IN (SELECT md5 FROM _lake_attribute_index "
+        f"WHERE part = {attribute_part_sql('attr')} AND attribute = attr "
+        "AND value = CAST(val AS VARCHAR))",
     ),
     "attributes_of": (
         "key",
@@ -100,6 +101,13 @@ MACROS: dict[str, tuple[str, str]] = {
         "<= max_distance ORDER BY distance, md5",
     ),
 }
+
+
+#: The attribute index of a lake written before it had one: the cube itself, read by attribute.
+_CUBE_BY_ATTRIBUTE = (
+    "SELECT attribute, value, md5, bucket, shard, "
+    f"{attribute_part_sql('attribute')} AS part FROM _lake_attributes"
+)
 
 
 class LakeReadError(ValueError):
@@ -144,7 +152,11 @@ class Catalog:
             version = None if table is None else table.version()
             if name in self._versions and self._versions[name] == version:
                 continue
-            if table is None:
+            if table is None and name == "attribute_index":  # a lake from before it
+                self.connection.execute(
+                    f"CREATE OR REPLACE TEMP VIEW _lake_{name} AS {_CUBE_BY_ATTRIBUTE}"
+                )
+            elif table is None:
                 self.connection.register(f"_lake_{name}", SCHEMAS[name].empty_table())
             else:
                 dataset = lake_dataset(table, self.lake)

@@ -125,16 +125,41 @@ IMAGES_SCHEMA = pa.schema(
 IMAGE_COUNTS_SCHEMA = pa.schema(
     [("md5", pa.string()), ("occurrences", pa.int64()), ("bucket", pa.int32())]
 )
+#: The cube again, by attribute: (attribute, value) -> md5, partitioned by ``part``, a hash of
+#: the attribute, and sorted by (attribute, value), so a query for one attribute value opens
+#: one partition's files and, by their statistics, few of their row groups.
+ATTRIBUTE_INDEX_SCHEMA = pa.schema(
+    [
+        ("attribute", pa.string()),
+        ("value", pa.string()),
+        ("md5", pa.string()),
+        ("bucket", pa.int32()),
+        ("shard", pa.string()),
+        ("part", pa.int32()),
+    ]
+)
+#: Partitions of ``attribute_index``: few, so a partition's files stay few and large.
+ATTRIBUTE_PARTS = 16
+
+
+def attribute_part_sql(attribute: str) -> str:
+    """The DuckDB expression of an attribute's ``attribute_index`` partition (a constant when
+    ``attribute`` is one, so DuckDB hands ``part = N`` to the scan)."""
+    return f"(('0x' || md5({attribute})[1:4])::INTEGER % {ATTRIBUTE_PARTS})::INTEGER"
+
+
 SCHEMAS: dict[str, pa.Schema] = {
     "occurrences": OCCURRENCES_SCHEMA,
     "rejects": REJECTS_SCHEMA,
     "attributes": ATTRIBUTES_SCHEMA,
     "images": IMAGES_SCHEMA,
     "image_counts": IMAGE_COUNTS_SCHEMA,
+    "attribute_index": ATTRIBUTE_INDEX_SCHEMA,
 }
+#: The partition column of each table: ``bucket`` (of the md5) but for the attribute index.
+PARTITIONS = {name: "part" if name == "attribute_index" else "bucket" for name in SCHEMAS}
 #: Tables whose changes are read as a feed: occurrences by the images merge, images by the index.
 _CHANGE_FEED = {"occurrences", "images"}
-SHARD_TABLES = ("occurrences", "rejects", "attributes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,13 +214,14 @@ class Lake:
         # An empty append creates the table; unlike DeltaTable.create it records no absolute
         # location in the log, so a copied lake stays self-contained. A conflict means another
         # writer created it first.
-        with contextlib.suppress(DeltaError):
+        with contextlib.suppress(DeltaError), duckdb.connect() as connection:
             write_deltalake(
                 self.uri(table),
-                SCHEMAS[table].empty_table(),
+                _first_rows(self, table, connection),
                 mode="append",
-                partition_by=["bucket"],
+                partition_by=[PARTITIONS[table]],
                 configuration=configuration,
+                writer_properties=_writer_properties(table),
                 storage_options=dict(self.storage_options),
             )
         return DeltaTable(self.uri(table), storage_options=dict(self.storage_options))
@@ -203,6 +229,23 @@ class Lake:
     def ensure(self) -> None:
         for name in SCHEMAS:
             self.table(name)
+
+
+def _first_rows(
+    lake: Lake, table: str, connection: duckdb.DuckDBPyConnection
+) -> pa.Table | pa.RecordBatchReader:
+    """What a new table starts with: nothing, but for an attribute index added to a lake whose
+    cube has rows: the cube's rows. Each shard then replaces its own rows as it is written, so
+    a shard written meanwhile is never lost nor counted twice."""
+    cube = lake.open("attributes") if table == "attribute_index" else None
+    if cube is None:
+        return SCHEMAS[table].empty_table()
+    connection.register("cube", cube.to_pyarrow_dataset().scanner().to_reader())
+    return (
+        connection.sql(_INDEX_SQL.format(source="cube"))
+        .to_arrow_reader(200_000)
+        .cast(ATTRIBUTE_INDEX_SCHEMA)
+    )
 
 
 def s3_storage_options(environ: Mapping[str, str]) -> dict[str, str]:
@@ -299,16 +342,14 @@ _ATTRIBUTES_SQL = f"""
     UNION ALL
     SELECT md5, d.a, d.v, d.t, 'derived', source_uri, batch, shard, bucket FROM derived
 """
-#: The cube as written: each bucket's rows by (attribute, value), so the row groups' min/max
-#: statistics let a filter ``attribute = X AND value = Y`` skip all but a few of them.
-_ATTRIBUTES_SORTED_SQL = f"""
-    SELECT * FROM ({_ATTRIBUTES_SQL}) ORDER BY bucket, attribute, value, md5
-"""
 #: Rows per Parquet row group of the cube: small enough that one attribute value spans few of
 #: a bucket file's row groups, large enough that a full scan is not dominated by their overhead.
 ATTRIBUTES_ROW_GROUP = 4096
 
 
+#: Rows per Parquet row group of ``attribute_index``: a value's rows are contiguous, so larger
+#: groups only cost the rows read around its two ends.
+ATTRIBUTE_INDEX_ROW_GROUP = 16_384
 #: Rows per Parquet row group of ``images``: a lookup by md5 reads one of a file's row groups.
 IMAGES_ROW_GROUP = 4096
 
@@ -316,6 +357,12 @@ IMAGES_ROW_GROUP = 4096
 def _writer_properties(table: str) -> WriterProperties | None:
     if table == "images":  # written sorted by md5: the row groups' md5 ranges do not overlap
         return WriterProperties(max_row_group_size=IMAGES_ROW_GROUP, compression="ZSTD")
+    if table == "attribute_index":  # md5 nearly unique per row group, as in the cube
+        return WriterProperties(
+            max_row_group_size=ATTRIBUTE_INDEX_ROW_GROUP,
+            compression="ZSTD",
+            column_properties={"md5": ColumnProperties(dictionary_enabled=False)},
+        )
     if table == "attributes":
         # Sorted by attribute, an image's rows no longer sit together: its md5 and source_uri
         # recur in other row groups, nearly unique in each (no dictionary pays off), and ZSTD
@@ -329,39 +376,56 @@ def _writer_properties(table: str) -> WriterProperties | None:
     return None
 
 
-def _reader(
-    connection: duckdb.DuckDBPyConnection, sql: str, keys: Path, schema: pa.Schema
-) -> pa.RecordBatchReader:
-    """Rows of ``sql`` over the view ``shard_keys`` of a keys file, as Arrow in ``schema``.
-    Keys files written before images had a quality score read it as NULL."""
+#: The attribute index rows of the cube rows in ``{source}``.
+_INDEX_SQL = f"""
+    SELECT attribute, value, md5, bucket, shard, {attribute_part_sql("attribute")} AS part
+    FROM {{source}} ORDER BY part, attribute, value, md5
+"""
+
+
+def _shard_keys(connection: duckdb.DuckDBPyConnection, keys: Path) -> None:
+    """The view ``shard_keys`` of a keys file. Keys files written before images had a quality
+    score read it as NULL."""
     rows = connection.read_parquet(str(keys))
     if "quality" not in rows.columns:
         rows = rows.project("*, NULL::SMALLINT AS quality")
     rows.create_view("shard_keys", replace=True)
+
+
+def _reader(
+    connection: duckdb.DuckDBPyConnection, sql: str, keys: Path, schema: pa.Schema
+) -> pa.RecordBatchReader:
+    """Rows of ``sql`` over the view ``shard_keys`` of a keys file, as Arrow in ``schema``."""
+    _shard_keys(connection, keys)
     return connection.sql(sql).to_arrow_reader(200_000).cast(schema)
 
 
 def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
-    """Replace the shard's rows of occurrences, rejects and attributes: one commit each.
+    """Replace the shard's rows of occurrences, rejects, attributes and the attribute index:
+    one commit each (the index last, from the cube rows computed once).
 
-    Returns rows written per table and the Delta version each commit made."""
+    Returns rows written per table and the Delta version each commit made (the index's under
+    ``attributes``)."""
     shard = check_shard_key(shard)
     written: dict[str, Any] = {}
     with duckdb.connect() as connection:
         connection.execute("SET preserve_insertion_order = false").fetchall()
+        _shard_keys(connection, keys_path)
+        connection.execute(f"CREATE TEMP TABLE shard_attributes AS {_ATTRIBUTES_SQL}").fetchall()
         for table, sql in (
             ("occurrences", _OCCURRENCES_SQL),
             ("rejects", _REJECTS_SQL),
-            ("attributes", _ATTRIBUTES_SORTED_SQL),
+            ("attributes", "SELECT * FROM shard_attributes ORDER BY bucket, attribute, value, md5"),
+            ("attribute_index", _INDEX_SQL.format(source="shard_attributes")),
         ):
             started = time.perf_counter()
             target = lake.table(table)
             write_deltalake(
                 target,
-                _reader(connection, sql, keys_path, SCHEMAS[table]),
+                connection.sql(sql).to_arrow_reader(200_000).cast(SCHEMAS[table]),
                 mode="overwrite",
                 predicate=f"shard = '{shard}'",
-                partition_by=["bucket"],
+                partition_by=[PARTITIONS[table]],
                 target_file_size=256 << 20,
                 writer_properties=_writer_properties(table),
                 commit_properties=CommitProperties(custom_metadata={"asset_library.shard": shard}),
@@ -373,6 +437,8 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
                 "version": target.version(),
                 "seconds": round(time.perf_counter() - started, 3),
             }
+    # The index is the cube read another way: reported with it (one asset, two tables).
+    written["attributes"]["index"] = written.pop("attribute_index")
     return written
 
 
@@ -676,8 +742,9 @@ def compact(
         if table is None:
             continue
         files = table.get_add_actions(flatten=True)
+        column = PARTITIONS[name]
         buckets: dict[str, int] = {}
-        for value in pa.table(files)["partition.bucket"].to_pylist():
+        for value in pa.table(files)[f"partition.{column}"].to_pylist():
             key = "__null__" if value is None else str(value)
             buckets[key] = buckets.get(key, 0) + 1
         crowded = sorted(b for b, n in buckets.items() if n >= min_files and b != "__null__")
@@ -687,7 +754,7 @@ def compact(
                 result = _sort_buckets(table, [int(b) for b in crowded], name)
             else:
                 result = table.optimize.compact(
-                    partition_filters=[("bucket", "in", crowded)], target_size=512 << 20
+                    partition_filters=[(column, "in", crowded)], target_size=512 << 20
                 )
             metrics.update(
                 files_added=result.get("numFilesAdded"), files_removed=result.get("numFilesRemoved")
@@ -708,6 +775,7 @@ def compact(
 _REWRITTEN = {
     "attributes": "SELECT * FROM rows ORDER BY bucket, attribute, value, md5",
     "images": "SELECT * FROM rows ORDER BY bucket, md5",
+    "attribute_index": "SELECT * FROM rows ORDER BY part, attribute, value, md5",
     "image_counts": "SELECT md5, sum(occurrences)::BIGINT AS occurrences, bucket FROM rows "
     "GROUP BY bucket, md5 HAVING sum(occurrences) <> 0 ORDER BY bucket, md5",
 }
@@ -723,7 +791,8 @@ def _sort_buckets(table: DeltaTable, buckets: list[int], name: str = "attributes
     attribute's rows over most row groups' min/max ranges; a plain sort keeps one value in one
     or two row groups of the file."""
     listed = ", ".join(str(b) for b in buckets)
-    rows = table.to_pyarrow_dataset().scanner(filter=pc.field("bucket").isin(buckets))
+    column = PARTITIONS[name]
+    rows = table.to_pyarrow_dataset().scanner(filter=pc.field(column).isin(buckets))
     with duckdb.connect() as connection:
         connection.register("rows", rows.to_reader())
         sorted_rows = connection.sql(_REWRITTEN[name]).to_arrow_reader(200_000)
@@ -731,8 +800,8 @@ def _sort_buckets(table: DeltaTable, buckets: list[int], name: str = "attributes
             table,
             sorted_rows.cast(SCHEMAS[name]),
             mode="overwrite",
-            predicate=f"bucket IN ({listed})",
-            partition_by=["bucket"],
+            predicate=f"{column} IN ({listed})",
+            partition_by=[column],
             target_file_size=512 << 20,
             writer_properties=_writer_properties(name),
             commit_properties=CommitProperties(
