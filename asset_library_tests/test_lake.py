@@ -367,16 +367,14 @@ def test_lookup_reads_one_bucket_and_a_damaged_bucket_breaks_only_itself(tmp_pat
     del library
 
 
-def _cat_row_groups(lake: Lake) -> tuple[int, int, int]:
-    """(files, row groups, row groups statistics leave for label = 'cat') of the cube."""
-    dataset = lake_dataset(lake.open("attributes"), lake)
-    cat = (pc.field("attribute") == "label") & (pc.field("value") == "cat")
-    files = groups = kept = 0
-    for fragment in dataset.get_fragments():
-        files += 1
-        groups += fragment.num_row_groups
-        kept += fragment.subset(filter=cat, schema=dataset.schema).num_row_groups
-    return files, groups, kept
+def _md5_row_groups(lake: Lake, table: str, md5: str) -> tuple[int, int, int]:
+    """(files, row groups, row groups statistics leave for md5 = X) of a table's bucket of X."""
+    dataset = lake_dataset(lake.open(table), lake)
+    key = (pc.field("bucket") == bucket_of(md5, lake.n_buckets)) & (pc.field("md5") == md5)
+    fragments = list(dataset.get_fragments(filter=key))
+    groups = sum(f.num_row_groups for f in fragments)
+    kept = sum(f.subset(filter=key, schema=dataset.schema).num_row_groups for f in fragments)
+    return len(fragments), groups, kept
 
 
 def _index_row_groups(lake: Lake) -> tuple[int, int, int]:
@@ -397,7 +395,7 @@ def _index_row_groups(lake: Lake) -> tuple[int, int, int]:
     return len(fragments), groups, kept
 
 
-def test_text_filters_reach_pyarrow_and_skip_the_cubes_row_groups(tmp_path):
+def test_text_filters_reach_pyarrow_and_skip_row_groups(tmp_path):
     layout = LibraryLayout.open(tmp_path / "library", 2)
     lake = Lake.of(layout, {})
     rng = np.random.default_rng(12)
@@ -439,15 +437,20 @@ def test_text_filters_reach_pyarrow_and_skip_the_cubes_row_groups(tmp_path):
     # the attribute index: one partition's files (one per shard) of the table's many
     files, groups, kept = _index_row_groups(lake)
     assert files == 2 and kept <= 2 * files, (files, groups, kept)
-    # the cube is written by (attribute, value): a value's rows lie in one (rarely two) of each
-    # file's row groups, and pyarrow's statistics skip the others (here 7 of 32 are read)
-    files, groups, kept = _cat_row_groups(lake)
-    assert files == 4 and kept <= 2 * files and kept * 4 <= groups, (files, groups, kept)
-    # compaction sorts each bucket's merged cube again: still pruned (4 of 30), same answer
+    # occurrences and the cube are written by md5 (images too, but for the MERGE's files): a
+    # lookup reads one row group of each of its bucket's files, statistics skip the others
+    for table in ("occurrences", "attributes"):
+        files, groups, kept = _md5_row_groups(lake, table, some)
+        assert kept <= files < groups, (table, files, groups, kept)
+    # compaction sorts each bucket's merged files again (images' in plain string): still
+    # pruned, same answers
     compact(lake, min_files=2)
-    files, groups, kept = _cat_row_groups(lake)
-    assert files == 2 and kept <= 2 * files and kept * 4 <= groups, (files, groups, kept)
-    assert {r["md5"] for r in Library(layout.root).query(query)} == cats
+    for table in ("images", "occurrences", "attributes"):
+        files, groups, kept = _md5_row_groups(lake, table, some)
+        assert files == 1 and kept == 1 < groups, (table, files, groups, kept)
+    library = Library(layout.root)
+    assert {r["md5"] for r in library.query(query)} == cats
+    assert library.lookup(some)["md5"] == some
 
 
 def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path):

@@ -156,6 +156,12 @@ SCHEMAS: dict[str, pa.Schema] = {
     "image_counts": IMAGE_COUNTS_SCHEMA,
     "attribute_index": ATTRIBUTE_INDEX_SCHEMA,
 }
+#: Tables written (and compacted) sorted by md5 within each bucket, in this order.
+_SORTED_BY_MD5 = {
+    "occurrences": "bucket, md5, ingested_at, shard, ordinal",
+    "attributes": "bucket, md5, attribute, value",
+    "images": "bucket, md5",
+}
 #: The partition column of each table: ``bucket`` (of the md5) but for the attribute index.
 PARTITIONS = {name: "part" if name == "attribute_index" else "bucket" for name in SCHEMAS}
 #: Tables whose changes are read as a feed: occurrences by the images merge, images by the index.
@@ -274,7 +280,7 @@ def s3_storage_options(environ: Mapping[str, str]) -> dict[str, str]:
 _OCCURRENCES_SQL = """
     SELECT md5, size_bytes, format, width, height, orientation, frames, phash, ahash, dhash,
            quality, source_uri, batch, shard, ordinal, ingested_at, bucket
-    FROM shard_keys WHERE status = 'ok' ORDER BY bucket, md5
+    FROM shard_keys WHERE status = 'ok' ORDER BY bucket, md5, ingested_at, shard, ordinal
 """
 _REJECTS_SQL = """
     SELECT source_uri, md5, size_bytes, format, reason, message, batch, shard, ordinal,
@@ -342,37 +348,23 @@ _ATTRIBUTES_SQL = f"""
     UNION ALL
     SELECT md5, d.a, d.v, d.t, 'derived', source_uri, batch, shard, bucket FROM derived
 """
-#: Rows per Parquet row group of the cube: small enough that one attribute value spans few of
-#: a bucket file's row groups, large enough that a full scan is not dominated by their overhead.
-ATTRIBUTES_ROW_GROUP = 4096
-
-
+#: Rows per Parquet row group of the tables a lookup reads by md5 (``images``, ``occurrences``
+#: and the cube, each written sorted by md5): a lookup reads one row group of each file.
+BY_MD5_ROW_GROUP = 4096
 #: Rows per Parquet row group of ``attribute_index``: a value's rows are contiguous, so larger
 #: groups only cost the rows read around its two ends.
 ATTRIBUTE_INDEX_ROW_GROUP = 16_384
-#: Rows per Parquet row group of ``images``: a lookup by md5 reads one of a file's row groups.
-IMAGES_ROW_GROUP = 4096
 
 
 def _writer_properties(table: str) -> WriterProperties | None:
-    if table == "images":  # written sorted by md5: the row groups' md5 ranges do not overlap
-        return WriterProperties(max_row_group_size=IMAGES_ROW_GROUP, compression="ZSTD")
-    if table == "attribute_index":  # md5 nearly unique per row group, as in the cube
+    if table == "attribute_index":  # sorted by value: an md5 recurs in no run, no dictionary
         return WriterProperties(
             max_row_group_size=ATTRIBUTE_INDEX_ROW_GROUP,
             compression="ZSTD",
             column_properties={"md5": ColumnProperties(dictionary_enabled=False)},
         )
-    if table == "attributes":
-        # Sorted by attribute, an image's rows no longer sit together: its md5 and source_uri
-        # recur in other row groups, nearly unique in each (no dictionary pays off), and ZSTD
-        # entropy-codes their hex text (snappy does not).
-        unique = ColumnProperties(dictionary_enabled=False)
-        return WriterProperties(
-            max_row_group_size=ATTRIBUTES_ROW_GROUP,
-            compression="ZSTD",
-            column_properties={"md5": unique, "source_uri": unique},
-        )
+    if table in _SORTED_BY_MD5:
+        return WriterProperties(max_row_group_size=BY_MD5_ROW_GROUP, compression="ZSTD")
     return None
 
 
@@ -408,6 +400,7 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
     ``attributes``)."""
     shard = check_shard_key(shard)
     written: dict[str, Any] = {}
+    lake.table("attribute_index")  # before the cube moves: a new index starts from the cube
     with duckdb.connect() as connection:
         connection.execute("SET preserve_insertion_order = false").fetchall()
         _shard_keys(connection, keys_path)
@@ -415,7 +408,10 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
         for table, sql in (
             ("occurrences", _OCCURRENCES_SQL),
             ("rejects", _REJECTS_SQL),
-            ("attributes", "SELECT * FROM shard_attributes ORDER BY bucket, attribute, value, md5"),
+            (
+                "attributes",
+                f"SELECT * FROM shard_attributes ORDER BY {_SORTED_BY_MD5['attributes']}",
+            ),
             ("attribute_index", _INDEX_SQL.format(source="shard_attributes")),
         ):
             started = time.perf_counter()
@@ -773,8 +769,7 @@ def compact(
 
 #: How compaction rewrites a crowded bucket of these tables (others: ``optimize.compact``).
 _REWRITTEN = {
-    "attributes": "SELECT * FROM rows ORDER BY bucket, attribute, value, md5",
-    "images": "SELECT * FROM rows ORDER BY bucket, md5",
+    **{name: f"SELECT * FROM rows ORDER BY {order}" for name, order in _SORTED_BY_MD5.items()},
     "attribute_index": "SELECT * FROM rows ORDER BY part, attribute, value, md5",
     "image_counts": "SELECT md5, sum(occurrences)::BIGINT AS occurrences, bucket FROM rows "
     "GROUP BY bucket, md5 HAVING sum(occurrences) <> 0 ORDER BY bucket, md5",
