@@ -35,6 +35,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pds
 from deltalake import (
     ColumnProperties,
     CommitProperties,
@@ -604,18 +605,27 @@ class _Plan:
 
 
 def _in_buckets(
-    table: DeltaTable, schema: pa.Schema, buckets: list[int], md5s: pa.Array
+    lake: Lake, table: DeltaTable, schema: pa.Schema, buckets: list[int], md5s: pa.Array
 ) -> pa.Table:
     """These md5s' rows of a table (``schema``'s columns), reading only their buckets' files.
     The md5 filter is applied after the read: files a MERGE wrote hold text as string_view,
     which pyarrow's dataset filter will not compare with a string."""
     if not buckets or len(md5s) == 0:
         return schema.empty_table()
-    rows = table.to_pyarrow_dataset().to_table(
+    rows = _dataset(lake, table).to_table(
         columns=schema.names, filter=pc.field("bucket").isin(buckets)
     )
     rows = rows.filter(pc.is_in(rows["md5"].cast(pa.string()), value_set=md5s.cast(pa.string())))
     return rows.cast(schema)
+
+
+def _dataset(lake: Lake, table: DeltaTable) -> pds.Dataset:
+    """The table's live files as a pyarrow dataset, tagged by bucket from the log's actions
+    (delta-rs's own ``to_pyarrow_dataset`` builds a partition expression per file in Python:
+    seconds at thousands of files)."""
+    from asset_library.lake.scan import lake_dataset  # it reads this module's tables
+
+    return lake_dataset(table, lake)
 
 
 def _merge_plan(
@@ -641,7 +651,7 @@ def _merge_plan(
     changed = connection.sql("SELECT md5 FROM per_md5").to_arrow_table()["md5"]
     # The only read that grows with the library: the md5 column of the touched buckets.
     connection.register(
-        "known", _in_buckets(images, pa.schema([("md5", pa.string())]), touched, changed)
+        "known", _in_buckets(lake, images, pa.schema([("md5", pa.string())]), touched, changed)
     )
     new = connection.sql(
         f"""
@@ -668,10 +678,10 @@ def _merge_plan(
         connection.register("lost", lost)
         connection.register(
             "current_rows",
-            _in_buckets(occurrences, OCCURRENCES_SCHEMA, lost_buckets, lost["md5"]),
+            _in_buckets(lake, occurrences, OCCURRENCES_SCHEMA, lost_buckets, lost["md5"]),
         )
         connection.register(
-            "counted", _in_buckets(counts, IMAGE_COUNTS_SCHEMA, lost_buckets, lost["md5"])
+            "counted", _in_buckets(lake, counts, IMAGE_COUNTS_SCHEMA, lost_buckets, lost["md5"])
         )
         recomputed = connection.sql(
             f"""
@@ -705,9 +715,9 @@ def duplicated_md5s(lake: Lake, buckets: list[int]) -> int:
     images = lake.open("images")
     if images is None or not buckets:
         return 0
-    rows = images.to_pyarrow_dataset().to_table(
-        columns=["md5"], filter=pc.field("bucket").isin(buckets)
-    )
+    rows = _dataset(lake, images).to_table(columns=["md5"], filter=pc.field("bucket").isin(buckets))
+    if pc.count_distinct(rows["md5"]).as_py() == rows.num_rows:  # one hash pass, the usual case
+        return 0
     with duckdb.connect() as connection:
         connection.register("rows", rows)
         return int(
