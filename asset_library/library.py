@@ -183,17 +183,12 @@ class Library:
         return records
 
     def _details(self, catalog: Catalog, md5s: list[str]) -> dict[str, dict[str, Any]]:
-        """What a search result shows of each image, read from ``images`` by bucket."""
-        # Literal bucket numbers let the scan open only those buckets' files.
-        n_buckets = self.lake.n_buckets
-        buckets = ", ".join(str(b) for b in sorted({bucket_of(m, n_buckets) for m in md5s}))
-        result = catalog.execute(
-            "SELECT md5, width, height, format, quality, source_uri "
-            f"FROM images WHERE bucket IN ({buckets}) AND md5 IN (SELECT unnest($md5s))",
-            {"md5s": md5s},
-        )
-        names = [d[0] for d in result.description]
-        return {row[0]: dict(zip(names, row, strict=True)) for row in result.fetchall()}
+        """What a search result shows of each image, read from ``images`` by bucket (pyarrow,
+        the hits' buckets and row groups only)."""
+        buckets = [bucket_of(m, self.lake.n_buckets) for m in md5s]
+        rows = catalog.rows_in("images", buckets, md5s)
+        shown = ["md5", "width", "height", "format", "quality", "source_uri"]
+        return {row["md5"]: row for row in rows.select(shown).to_pylist()}
 
     def near_duplicate_groups(self) -> list[list[str]]:
         """The near-duplicate groups the library last computed, largest first."""

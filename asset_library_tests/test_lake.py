@@ -673,6 +673,13 @@ def test_on_s3_two_shards_commit_at_once_and_a_reader_reads_through_a_replace(
     assert files <= set(lake.open("images").file_uris())
     _counts_are_true(library)
     assert library.lookup(a[0])["occurrences"] == 2
+    # the attribute index on S3, partitioned by attribute: the same answer as the cube
+    found = library.query(
+        "SELECT (SELECT count(DISTINCT md5) FROM attribute_occurrences a WHERE attribute = 'label' "
+        "AND value = 'cat' AND md5 IN (SELECT md5 FROM images)) AS truth, "
+        "(SELECT count(*) FROM images_with_attribute('label', 'cat')) AS found"
+    )[0]
+    assert found["found"] == found["truth"] > 0
     assert not (layout.root / "lake").exists()  # the lake is on S3 only
 
 

@@ -6,7 +6,8 @@ twice. No file holds the catalog and no path is stored: a library folder copied 
 from its own data. DuckDB itself opens no file (pyarrow reads the data files), so the connection
 runs with ``enable_external_access = false`` and its configuration locked.
 
-Views: ``occurrences`` (every accepted source), ``images`` (one row per md5), ``rejects``,
+Views: ``occurrences`` (every accepted source), ``images`` (one row per md5, its count as first
+merged plus ``image_counts``), ``rejects``,
 ``attribute_occurrences`` (the cube as written), ``attributes`` (one row per md5/attribute/value)
 and ``near_duplicates`` (groups the similarity index found). Table macros (parameterised views;
 arguments are bound values, never SQL text) are listed in :data:`MACROS`. DuckDB hands its
@@ -181,8 +182,13 @@ class Catalog:
 
     def rows_of(self, table: str, bucket: int, md5: str) -> pa.Table:
         """A key's rows of one table, reading only that bucket's files (pyarrow, no SQL)."""
+        return self.rows_in(table, [int(bucket)], [md5])
+
+    def rows_in(self, table: str, buckets: list[int], md5s: list[str]) -> pa.Table:
+        """These keys' rows of one table (their ``buckets`` given), reading only those buckets'
+        files and, by their statistics, the row groups that may hold the keys."""
         dataset = self._datasets.get(table)
-        if dataset is None:
+        if dataset is None or not md5s:
             return SCHEMAS[table].empty_table()
         by_bucket = self._by_bucket.get(table)
         if by_bucket is None:
@@ -190,16 +196,23 @@ class Catalog:
             for fragment in dataset.get_fragments():
                 by_bucket.setdefault(_bucket_of(fragment), []).append(fragment)
             self._by_bucket[table] = by_bucket
-        key_filter = (pc.field("bucket") == pa.scalar(int(bucket), pa.int32())) & (
-            pc.field("md5") == pa.scalar(md5, pa.string())
-        )
-        fragments = by_bucket.get(int(bucket), []) + by_bucket.get(None, [])
+        buckets = sorted({int(b) for b in buckets})
+        if len(md5s) == 1:
+            key_filter = (pc.field("bucket") == pa.scalar(buckets[0], pa.int32())) & (
+                pc.field("md5") == pa.scalar(md5s[0], pa.string())
+            )
+        else:
+            key_filter = pc.field("bucket").isin(pa.array(buckets, pa.int32())) & pc.field(
+                "md5"
+            ).isin(pa.array(md5s, pa.string()))
+        fragments = [f for b in buckets for f in by_bucket.get(b, [])] + by_bucket.get(None, [])
         if not fragments:
             return SCHEMAS[table].empty_table()
         try:
             return dataset.of_files(fragments).scanner(filter=key_filter).to_table()
         except (pa.ArrowException, OSError) as error:
-            raise LakeReadError(f"cannot read bucket {bucket} of {table}: {error}") from error
+            named = ", ".join(str(b) for b in buckets)
+            raise LakeReadError(f"cannot read bucket {named} of {table}: {error}") from error
 
     def table(self, name: str) -> DeltaTable | None:
         """The Delta table as of the last :meth:`refresh` (``None`` if it does not exist)."""

@@ -571,7 +571,11 @@ def merge_images(lake: Lake) -> MergeResult:
             commit_properties=_merged_to(now),
         )
         result.inserted = plan.new.num_rows
-    result.duplicated_md5s = duplicated_md5s(lake, touched)
+    # The touched buckets now: what they held, less nothing (a MERGE only removes md5s whose
+    # last occurrence went), plus what was appended.
+    result.duplicated_md5s = duplicated_md5s(
+        pa.chunked_array([*plan.known.chunks, *plan.new["md5"].chunks], pa.string())
+    )
     result.seconds = time.perf_counter() - started
     return result
 
@@ -596,8 +600,10 @@ def _bucket_predicate(buckets: Iterable[int]) -> str:
 @dataclass
 class _Plan:
     """What a merge writes: ``new`` images rows to add, ``counts`` rows to append, and the
-    ``recomputed`` rows of md5s that lost an occurrence (``mode = 'set'``)."""
+    ``recomputed`` rows of md5s that lost an occurrence (``mode = 'set'``); ``known``: the md5s
+    the touched buckets held before."""
 
+    known: pa.ChunkedArray
     new: pa.Table
     counts: pa.Table
     recomputed: pa.Table
@@ -650,9 +656,12 @@ def _merge_plan(
     ).fetchall()
     changed = connection.sql("SELECT md5 FROM per_md5").to_arrow_table()["md5"]
     # The only read that grows with the library: the md5 column of the touched buckets.
-    connection.register(
-        "known", _in_buckets(lake, images, pa.schema([("md5", pa.string())]), touched, changed)
+    known = (
+        _dataset(lake, images).to_table(columns=["md5"], filter=pc.field("bucket").isin(touched))
+        if touched
+        else pa.table({"md5": pa.array([], pa.string())})
     )
+    connection.register("known", known)
     new = connection.sql(
         f"""
         SELECT 'add' AS mode, {columns}, gained AS occurrences FROM (
@@ -701,6 +710,7 @@ def _merge_plan(
             "HAVING sum(c.occurrences) <> 0"
         ).to_arrow_table()
     return _Plan(
+        known=known["md5"],
         new=new.select(_SOURCE_SCHEMA.names).cast(_SOURCE_SCHEMA),
         counts=pa.concat_tables(
             [gains.cast(IMAGE_COUNTS_SCHEMA), offsets.cast(IMAGE_COUNTS_SCHEMA)]
@@ -710,16 +720,12 @@ def _merge_plan(
     )
 
 
-def duplicated_md5s(lake: Lake, buckets: list[int]) -> int:
-    """md5s with more than one ``images`` row in these buckets (0 by construction)."""
-    images = lake.open("images")
-    if images is None or not buckets:
-        return 0
-    rows = _dataset(lake, images).to_table(columns=["md5"], filter=pc.field("bucket").isin(buckets))
-    if pc.count_distinct(rows["md5"]).as_py() == rows.num_rows:  # one hash pass, the usual case
+def duplicated_md5s(md5s: pa.ChunkedArray) -> int:
+    """md5s that occur more than once (0 by construction)."""
+    if pc.count_distinct(md5s).as_py() == len(md5s):  # one hash pass, the usual case
         return 0
     with duckdb.connect() as connection:
-        connection.register("rows", rows)
+        connection.register("rows", pa.table({"md5": md5s}))
         return int(
             connection.execute(
                 "SELECT count(*) FROM (SELECT md5 FROM rows GROUP BY md5 HAVING count(*) > 1)"
