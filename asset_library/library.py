@@ -65,8 +65,14 @@ class Library:
         ``occurrences``, ``rejects``, ``attributes`` and the table macros; one read-only
         query per ``execute``, on a connection that opens no file itself. Kept open by this
         ``Library`` between calls."""
+        return self._level()
+
+    def _level(self, *tables: str) -> Catalog:
+        """The catalog with these tables (all if none named) level with their latest commits."""
         if self._catalog is None:
             self._catalog = Catalog(self.lake, self.layout.index_dir / "near_duplicates.parquet")
+        elif tables:
+            self._catalog.refresh(tables)
         else:
             self._catalog.refresh()
         return self._catalog
@@ -90,15 +96,12 @@ class Library:
         md5 = check_md5(md5)
         # Straight from the key's bucket: pyarrow opens only that bucket's files.
         bucket = int(bucket_of(md5, self.lake.n_buckets))
-        catalog = self.connect()
+        catalog = self._level("images", "occurrences", "attributes")
         found = catalog.rows_of("images", bucket, md5).to_pylist()
         if not found:
             return None
         row = found[0]
         image = {name: row[name] for name in IMAGE_COLUMNS if name in row}
-        # As the images view counts: merged first, plus what later merges added.
-        gained = catalog.rows_of("image_counts", bucket, md5)["occurrences"]
-        image["occurrences"] += sum(gained.to_pylist())
         for kind in HASH_KINDS:
             image[f"{kind}_int"] = int(row[kind], 16) if row[kind] else None
         image = {name: image[name] for name in IMAGE_VIEW_COLUMNS}
@@ -111,6 +114,8 @@ class Library:
             key=lambda r: (r["ingested_at"], r["shard"], r["ordinal"]),
         )
         sources = [(r["source_uri"],) for r in occurrences]
+        # Counted from the occurrences read here (what the images view shows once merged).
+        image["occurrences"] = len(occurrences)
         values: dict[str, list[Any]] = {}
         for name, value, kind, _ in attributes:
             values.setdefault(name, []).append(_typed_value(value, kind))
@@ -152,7 +157,7 @@ class Library:
         distance = DEFAULT_PHASH_THRESHOLD if max_distance is None else int(max_distance)
         if not 0 <= distance <= 64:
             raise ValueError(f"max_distance must be between 0 and 64, not {distance}")
-        catalog = self.connect()  # one look at the lake's latest commits for the whole call
+        catalog = self._level("images")  # one look at the lake for the whole call
         hashes, query_quality = self._query_hashes(image, hash, transforms, catalog)
         index = self.index()
         # IndexNotReady: missing, or behind the lake

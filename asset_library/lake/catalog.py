@@ -17,7 +17,7 @@ one on any column skips the row groups whose statistics rule it out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +141,10 @@ class Catalog:
         # DuckDB reads nothing itself: pyarrow opens the data files. Lock that in.
         lock_down(self.connection)
 
-    def refresh(self) -> None:
-        """Re-register every table whose Delta version moved since the last call."""
-        for name in SCHEMAS:
+    def refresh(self, tables: Iterable[str] = tuple(SCHEMAS)) -> None:
+        """Re-register each of these tables (default: all) whose Delta version moved since the
+        last call. Each costs a look at its log: a lookup asks only for those it reads."""
+        for name in tables:
             table = self._tables.get(name)
             if table is None:
                 table = self.lake.open(name)
