@@ -1,6 +1,6 @@
 """The lake: Delta Lake tables (delta-rs), partitioned by bucket, on a folder or on S3.
 
-Tables (all partitioned by ``bucket``, the top bits of the md5; see :func:`ids.bucket_of`):
+Tables (partitioned by ``bucket``, the top bits of the md5, see :func:`ids.bucket_of`; but one):
 
 ``occurrences``  one row per accepted source of an image (an md5 may occur in many shards)
 ``rejects``      one row per source that was not ingested, with its reason
@@ -9,10 +9,12 @@ Tables (all partitioned by ``bucket``, the top bits of the md5; see :func:`ids.b
                  when it was first merged (appended once, rewritten only when it loses one)
 ``image_counts`` the occurrence count changes since: ``images.occurrences`` + their sum is
                  the count
+``attribute_index`` the cube by attribute (partitioned by ``part``, a hash of the attribute)
 
-A shard's run replaces exactly that shard's rows of the first three with one commit per table
-(``overwrite`` with ``predicate = "shard = '<shard>'"``). Two shards commit side by side; the same
-shard written twice at once fails with a commit conflict, never a mix.
+A shard's run replaces exactly that shard's rows of the first three and of the attribute index
+with one commit per table (``overwrite`` with ``predicate = "shard = '<shard>'"``). Two shards
+commit side by side; the same shard written twice at once fails with a commit conflict, never a
+mix.
 
 ``images`` is never computed on a read: :func:`merge_images` folds in what changed in
 ``occurrences`` since its last merge (the change data feed, version by version), recording the
