@@ -68,8 +68,14 @@ class Library:
         ``occurrences``, ``rejects``, ``attributes`` and the table macros; one read-only
         query per ``execute``, on a connection that opens no file itself. Kept open by this
         ``Library`` between calls."""
+        return self._level()
+
+    def _level(self, *tables: str) -> Catalog:
+        """The catalog with these tables (all if none named) level with their latest commits."""
         if self._catalog is None:
             self._catalog = Catalog(self.lake, self.layout.index_dir / "near_duplicates.parquet")
+        elif tables:
+            self._catalog.refresh(tables)
         else:
             self._catalog.refresh()
         return self._catalog
@@ -104,7 +110,7 @@ class Library:
         md5 = check_md5(md5)
         # Straight from the key's bucket: pyarrow opens only that bucket's files.
         bucket = int(bucket_of(md5, self.lake.n_buckets))
-        catalog = self.connect()
+        catalog = self._level("images", "occurrences", "attributes")
         found = catalog.rows_of("images", bucket, md5).to_pylist()
         if not found:
             return None
@@ -122,6 +128,8 @@ class Library:
             key=lambda r: (r["ingested_at"], r["shard"], r["ordinal"]),
         )
         sources = [(r["source_uri"],) for r in occurrences]
+        # Counted from the occurrences read here (what the images view shows once merged).
+        image["occurrences"] = len(occurrences)
         values: dict[str, list[Any]] = {}
         for name, value, kind, _ in attributes:
             values.setdefault(name, []).append(_typed_value(value, kind))
@@ -170,7 +178,7 @@ class Library:
         if confirm is not None and not 0 <= confirm <= 64:
             raise ValueError(f"confirm must be between 0 and 64 bits, not {confirm}")
         second = CONFIRMING_HASH[hash]
-        catalog = self.connect()  # one look at the lake's latest commits for the whole call
+        catalog = self._level("images")  # one look at the lake for the whole call
         hashes, query_quality = self._query_hashes(image, hash, transforms, catalog)
         index = self.index()
         # IndexNotReady: missing, or behind the lake
@@ -213,18 +221,11 @@ class Library:
 
     def _details(self, catalog: Catalog, md5s: list[str], second: str) -> dict[str, dict[str, Any]]:
         """What a search result shows of each image, and its ``second`` hash that confirms a
-        match, read from ``images`` by bucket."""
-        # Literal bucket numbers let the scan open only those buckets' files.
-        n_buckets = self.lake.n_buckets
-        buckets = ", ".join(str(b) for b in sorted({bucket_of(m, n_buckets) for m in md5s}))
-        result = catalog.execute(
-            # ``second`` is a value of CONFIRMING_HASH: a known hash column
-            f"SELECT md5, width, height, format, quality, source_uri, {second} "
-            f"FROM images WHERE bucket IN ({buckets}) AND md5 IN (SELECT unnest($md5s))",
-            {"md5s": md5s},
-        )
-        names = [d[0] for d in result.description]
-        return {row[0]: dict(zip(names, row, strict=True)) for row in result.fetchall()}
+        match, read from ``images`` by bucket (pyarrow, the hits' buckets and row groups only)."""
+        buckets = [bucket_of(m, self.lake.n_buckets) for m in md5s]
+        rows = catalog.rows_in("images", buckets, md5s)
+        shown = ["md5", "width", "height", "format", "quality", "source_uri", second]
+        return {row["md5"]: row for row in rows.select(shown).to_pylist()}
 
     def near_duplicate_groups(self) -> list[list[str]]:
         """The near-duplicate groups the library last computed, largest first."""

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 from asset_library import Library
@@ -27,7 +27,13 @@ from asset_library.ingest.shard import KEYS_SCHEMA
 from asset_library.lake import Lake, compact, merge_images, write_shard
 from asset_library.lake.catalog import LakeReadError
 from asset_library.lake.scan import lake_dataset
-from asset_library.lake.tables import _sort_buckets
+from asset_library.lake.tables import (
+    IMAGE_COUNTS_SCHEMA,
+    IMAGES_APP,
+    _merged_to,
+    _sort_buckets,
+    attribute_part_sql,
+)
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import IndexNotReady, SimilarityIndex
 from asset_library_tests.synthetic import random_md5s, write_keys
@@ -166,10 +172,14 @@ def test_a_replaced_shard_changes_exactly_its_counts_before_any_vacuum(tmp_path)
         "rejects": 8,
         "attribute_rows": 450 * 6,
     }
-    moved = library.query("SELECT occurrences, shard FROM images WHERE md5 = ?", [first[390]])[0]
-    assert moved == {"occurrences": 2, "shard": "b-s00001"}
+    # an added occurrence counts, but the first seen stays (images rows are written once) ...
+    gained = library.query("SELECT occurrences, shard FROM images WHERE md5 = ?", [first[390]])
+    assert gained == [{"occurrences": 2, "shard": "b-s00000"}]
+    assert library.lookup(first[390])["occurrences"] == 2
+    # ... and an md5 that lost an occurrence is recomputed from the ones left
     kept = library.query("SELECT occurrences, shard FROM images WHERE md5 = ?", [first[10]])
     assert kept == [{"occurrences": 1, "shard": "b-s00000"}]
+    assert library.lookup(first[10])["occurrences"] == 1
     assert library.query("SELECT count(*) AS n FROM images WHERE md5 = ?", [second[150]]) == [
         {"n": 0}
     ]
@@ -184,6 +194,94 @@ def test_a_replaced_shard_changes_exactly_its_counts_before_any_vacuum(tmp_path)
     assert library.query(COUNTS)[0] == before
     files = DeltaTable(lake.uri("occurrences")).file_uris()
     assert len(files) <= BUCKETS
+
+
+TRUE_COUNTS = (
+    "SELECT (SELECT list((md5, n) ORDER BY md5) FROM (SELECT md5, count(*) AS n "
+    "FROM occurrences GROUP BY md5)) AS truth, "
+    "(SELECT list((md5, occurrences) ORDER BY md5) FROM images) AS shown"
+)
+
+
+def _counts_are_true(library: Library) -> None:
+    found = library.query(TRUE_COUNTS)[0]
+    assert found["shown"] == found["truth"]
+
+
+def test_repeats_append_counts_and_rewrite_no_images_file(tmp_path):
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(14)
+    first = random_md5s(rng, 300)
+    _land(layout, lake, "r-s00000", first)
+    _refresh(layout, lake)
+    files = set(DeltaTable(lake.uri("images")).file_uris())
+    second = first[:60] + random_md5s(rng, 140)
+    _land(layout, lake, "r-s00001", second)
+    third = first[:30] + second[100:130] + random_md5s(rng, 40)
+    _land(layout, lake, "r-s00002", third)
+    merged = merge_images(lake)
+    assert (merged.inserted, merged.updated, merged.deleted) == (180, 60, 0)
+    after = set(DeltaTable(lake.uri("images")).file_uris())
+    assert files <= after  # appended only: every file of the first merge is still live
+    counts = DeltaTable(lake.uri("image_counts")).to_pyarrow_table()
+    assert counts.num_rows == 60  # first[:60] gained; the new md5s carry their count
+    assert merged.duplicated_md5s == 0
+    library = Library(layout.root)
+    _counts_are_true(library)
+    assert library.query("SELECT count(*) AS n FROM images")[0]["n"] == 480
+    assert library.lookup(first[0])["occurrences"] == 3
+    assert library.query("SELECT occurrences FROM image(?)", [first[0]]) == [{"occurrences": 3}]
+    assert library.lookup(second[100])["occurrences"] == 2
+    # a merge cut after its image_counts commit finishes without counting twice
+    _land(layout, lake, "r-s00003", first[:10])
+
+    cut = lake.open("occurrences").version()
+    rows = pa.table(
+        {
+            "md5": first[:10],
+            "occurrences": [1] * 10,
+            "bucket": [bucket_of(m, BUCKETS) for m in first[:10]],
+        }
+    ).cast(IMAGE_COUNTS_SCHEMA)
+    write_deltalake(
+        lake.table("image_counts"), rows, mode="append", commit_properties=_merged_to(cut)
+    )
+    assert lake.open("image_counts").transaction_version(IMAGES_APP) == cut
+    merge_images(lake)
+    _counts_are_true(Library(layout.root))
+    # a shard replaced (before any vacuum): its md5s are recomputed, the others untouched
+    _land(layout, lake, "r-s00001", second[:30] + random_md5s(rng, 5))
+    merged = merge_images(lake)
+    assert merged.deleted == 140 - 30  # second[100:130] stay: they are in r-s00002 too
+    library = Library(layout.root)
+    _counts_are_true(library)
+    assert library.lookup(first[0])["occurrences"] == 4
+    assert library.lookup(second[140]) is None
+    assert library.lookup(second[110])["occurrences"] == 1
+    # compaction sums image_counts per md5 and keeps every count
+    compact(lake, min_files=1)
+    summed = DeltaTable(lake.uri("image_counts")).to_pyarrow_table()
+    assert summed.num_rows == len(set(summed["md5"].to_pylist()))
+    _counts_are_true(Library(layout.root))
+    assert Library(layout.root).query("SELECT count(*) AS n FROM images")[0]["n"] == 480 - 110 + 5
+
+
+def test_a_lake_without_image_counts_reads_and_merges(tmp_path):
+    """A lake of the layout before image_counts (images rewritten by each merge) is read as
+    it is, and the next merge starts the table."""
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(15)
+    first = random_md5s(rng, 100)
+    _land(layout, lake, "o-s00000", first + first[:20])
+    _refresh(layout, lake)
+    shutil.rmtree(lake.uri("image_counts"))
+    library = Library(layout.root)
+    _counts_are_true(library)
+    assert library.lookup(first[0])["occurrences"] == 2
+    _land(layout, lake, "o-s00001", first[:50])
+    _refresh(layout, lake)
+    _counts_are_true(Library(layout.root))
+    assert Library(layout.root).lookup(first[0])["occurrences"] == 3
 
 
 def test_manifest_values_are_text_typed_by_their_spelling(tmp_path):
@@ -269,19 +367,35 @@ def test_lookup_reads_one_bucket_and_a_damaged_bucket_breaks_only_itself(tmp_pat
     del library
 
 
-def _cat_row_groups(lake: Lake) -> tuple[int, int, int]:
-    """(files, row groups, row groups statistics leave for label = 'cat') of the cube."""
-    dataset = lake_dataset(lake.open("attributes"), lake)
-    cat = (pc.field("attribute") == "label") & (pc.field("value") == "cat")
-    files = groups = kept = 0
-    for fragment in dataset.get_fragments():
-        files += 1
-        groups += fragment.num_row_groups
-        kept += fragment.subset(filter=cat, schema=dataset.schema).num_row_groups
-    return files, groups, kept
+def _md5_row_groups(lake: Lake, table: str, md5: str) -> tuple[int, int, int]:
+    """(files, row groups, row groups statistics leave for md5 = X) of a table's bucket of X."""
+    dataset = lake_dataset(lake.open(table), lake)
+    key = (pc.field("bucket") == bucket_of(md5, lake.n_buckets)) & (pc.field("md5") == md5)
+    fragments = list(dataset.get_fragments(filter=key))
+    groups = sum(f.num_row_groups for f in fragments)
+    kept = sum(f.subset(filter=key, schema=dataset.schema).num_row_groups for f in fragments)
+    return len(fragments), groups, kept
 
 
-def test_text_filters_reach_pyarrow_and_skip_the_cubes_row_groups(tmp_path):
+def _index_row_groups(lake: Lake) -> tuple[int, int, int]:
+    """(files, row groups, row groups statistics leave) of the attribute index that a query
+    for label = 'cat' reads: its partition's files only."""
+    dataset = lake_dataset(lake.open("attribute_index"), lake)
+    with duckdb.connect() as connection:
+        part = connection.sql("SELECT " + attribute_part_sql("'label'")).fetchall()[0][0]
+    cat = (
+        (pc.field("part") == part)
+        & (pc.field("attribute") == "label")
+        & (pc.field("value") == "cat")
+    )
+    fragments = list(dataset.get_fragments(filter=cat))
+    assert len(fragments) < len(list(dataset.get_fragments()))
+    groups = sum(f.num_row_groups for f in fragments)
+    kept = sum(f.subset(filter=cat, schema=dataset.schema).num_row_groups for f in fragments)
+    return len(fragments), groups, kept
+
+
+def test_text_filters_reach_pyarrow_and_skip_row_groups(tmp_path):
     layout = LibraryLayout.open(tmp_path / "library", 2)
     lake = Lake.of(layout, {})
     rng = np.random.default_rng(12)
@@ -296,6 +410,17 @@ def test_text_filters_reach_pyarrow_and_skip_the_cubes_row_groups(tmp_path):
         rows = pq.read_table(keys, columns=["md5", "extras"]).to_pylist()
         cats |= {r["md5"] for r in rows if json.loads(r["extras"])["label"] == "cat"}
         write_shard(lake, shard, keys)
+        merge_images(lake)
+    again = write_keys(  # a re-run, later: its md5s are rewritten by a MERGE
+        layout.keys_path("p-s00001"),
+        batch="p",
+        shard="p-s00001",
+        n_buckets=2,
+        md5s=md5s,
+        seed=len(md5s),
+        ingested_at=datetime.now(UTC) + timedelta(hours=1),
+    )
+    write_shard(lake, "p-s00001", again)
     merge_images(lake)
     # the MERGE wrote images with text as string_view: the case pyarrow cannot prune itself
     image_files = [u.removeprefix("file://") for u in DeltaTable(lake.uri("images")).file_uris()]
@@ -309,15 +434,47 @@ def test_text_filters_reach_pyarrow_and_skip_the_cubes_row_groups(tmp_path):
     assert above[0]["n"] == sum(
         1 for m in library.query("SELECT md5 FROM images WHERE bucket = 1") if m["md5"] > some
     )
-    # the cube is written by (attribute, value): a value's rows lie in one (rarely two) of each
-    # file's row groups, and pyarrow's statistics skip the others (here 7 of 32 are read)
-    files, groups, kept = _cat_row_groups(lake)
-    assert files == 4 and kept <= 2 * files and kept * 4 <= groups, (files, groups, kept)
-    # compaction sorts each bucket's merged cube again: still pruned (4 of 30), same answer
+    # the attribute index: one partition's files (one per shard) of the table's many
+    files, groups, kept = _index_row_groups(lake)
+    assert files == 2 and kept <= 2 * files, (files, groups, kept)
+    # occurrences and the cube are written by md5 (images too, but for the MERGE's files): a
+    # lookup reads one row group of each of its bucket's files, statistics skip the others
+    for table in ("occurrences", "attributes"):
+        files, groups, kept = _md5_row_groups(lake, table, some)
+        assert kept <= files < groups, (table, files, groups, kept)
+    # compaction sorts each bucket's merged files again (images' in plain string): still
+    # pruned, same answers
     compact(lake, min_files=2)
-    files, groups, kept = _cat_row_groups(lake)
-    assert files == 2 and kept <= 2 * files and kept * 4 <= groups, (files, groups, kept)
-    assert {r["md5"] for r in Library(layout.root).query(query)} == cats
+    for table in ("images", "occurrences", "attributes"):
+        files, groups, kept = _md5_row_groups(lake, table, some)
+        assert files == 1 and kept == 1 < groups, (table, files, groups, kept)
+    library = Library(layout.root)
+    assert {r["md5"] for r in library.query(query)} == cats
+    assert library.lookup(some)["md5"] == some
+
+
+def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path):
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(16)
+    for number in range(2):
+        _land(layout, lake, f"i-s0000{number}", random_md5s(rng, 200), seed=number)
+    _refresh(layout, lake)
+    truth = (
+        "SELECT (SELECT list(DISTINCT md5 ORDER BY md5) FROM attribute_occurrences "
+        "WHERE attribute = 'label' AND value = 'cat') AS truth, "
+        "(SELECT list(md5 ORDER BY md5) FROM images_with_attribute('label', 'cat')) AS found"
+    )
+    shutil.rmtree(lake.uri("attribute_index"))  # as a lake written before the index
+    found = Library(layout.root).query(truth)[0]
+    assert found["found"] == found["truth"] and len(found["truth"]) > 20
+    # the next shard's write starts the index from the cube, then replaces its own rows
+    _land(layout, lake, "i-s00001", random_md5s(rng, 100), seed=5)
+    _land(layout, lake, "i-s00002", random_md5s(rng, 100), seed=6)
+    _refresh(layout, lake)
+    index = DeltaTable(lake.uri("attribute_index")).to_pyarrow_table(columns=["shard"])
+    assert index.num_rows == 400 * 6  # i-s00001 replaced: 200 + 100 + 100 images
+    found = Library(layout.root).query(truth)[0]
+    assert found["found"] == found["truth"]
 
 
 def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(tmp_path):
@@ -507,6 +664,22 @@ def test_on_s3_two_shards_commit_at_once_and_a_reader_reads_through_a_replace(
         thread.join()
     assert seen and set(seen) <= {500, 350}
     assert library.query("SELECT count(*) AS n FROM images")[0]["n"] == 350
+    # repeats on S3: counted in image_counts, images only appended
+    files = set(
+        DeltaTable(lake.uri("images"), storage_options=dict(lake.storage_options)).file_uris()
+    )
+    _land(layout, lake, "c-s00000", a[:40] + random_md5s(rng, 10))
+    assert merge_images(lake).updated == 40
+    assert files <= set(lake.open("images").file_uris())
+    _counts_are_true(library)
+    assert library.lookup(a[0])["occurrences"] == 2
+    # the attribute index on S3, partitioned by attribute: the same answer as the cube
+    found = library.query(
+        "SELECT (SELECT count(DISTINCT md5) FROM attribute_occurrences a WHERE attribute = 'label' "
+        "AND value = 'cat' AND md5 IN (SELECT md5 FROM images)) AS truth, "
+        "(SELECT count(*) FROM images_with_attribute('label', 'cat')) AS found"
+    )[0]
+    assert found["found"] == found["truth"] > 0
     assert not (layout.root / "lake").exists()  # the lake is on S3 only
 
 

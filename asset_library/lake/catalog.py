@@ -6,7 +6,8 @@ twice. No file holds the catalog and no path is stored: a library folder copied 
 from its own data. DuckDB itself opens no file (pyarrow reads the data files), so the connection
 runs with ``enable_external_access = false`` and its configuration locked.
 
-Views: ``occurrences`` (every accepted source), ``images`` (one row per md5), ``rejects``,
+Views: ``occurrences`` (every accepted source), ``images`` (one row per md5, its count as first
+merged plus ``image_counts``), ``rejects``,
 ``attribute_occurrences`` (the cube as written), ``attributes`` (one row per md5/attribute/value)
 and ``near_duplicates`` (groups the similarity index found). Table macros (parameterised views;
 arguments are bound values, never SQL text) are listed in :data:`MACROS`. DuckDB hands its
@@ -16,7 +17,7 @@ one on any column skips the row groups whose statistics rule it out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from asset_library.lake.scan import LakeDataset, lake_dataset
-from asset_library.lake.tables import SCHEMAS, Lake
+from asset_library.lake.tables import SCHEMAS, Lake, attribute_part_sql
 from asset_library.sql_guard import check_read_only_query, lock_down
 
 #: Rows of the near-duplicate groups: the group (numbered from the largest), its size, members.
@@ -47,9 +48,16 @@ IMAGE_VIEW_COLUMNS = [
 
 VIEWS: dict[str, str] = {
     "occurrences": f"SELECT *, {_HASH_INTS} FROM _lake_occurrences",
-    "images": f"""SELECT md5, size_bytes, format, width, height, orientation, frames,
-                  phash, ahash, dhash, {_HASH_INTS}, quality, bucket, source_uri, batch, shard,
-                  ingested_at, occurrences FROM _lake_images""",  # = IMAGE_VIEW_COLUMNS
+    # The count as merged first plus what image_counts added since; a query that does not
+    # read it skips the join (DuckDB drops a left join to a table grouped by its join keys).
+    "images": f"""SELECT i.md5, size_bytes, format, width, height, orientation, frames,
+                  phash, ahash, dhash, {_HASH_INTS}, quality, i.bucket, source_uri, batch, shard,
+                  ingested_at, (i.occurrences + coalesce(c.occurrences, 0))::BIGINT
+                  AS occurrences
+                  FROM _lake_images i LEFT JOIN (
+                    SELECT bucket, md5, sum(occurrences) AS occurrences
+                    FROM _lake_image_counts GROUP BY bucket, md5) c
+                  ON c.bucket = i.bucket AND c.md5 = i.md5""",  # = IMAGE_VIEW_COLUMNS
     "rejects": "SELECT * FROM _lake_rejects",
     "attribute_occurrences": "SELECT * FROM _lake_attributes",
     "attributes": """SELECT md5, attribute, value, any_value(value_type) AS value_type,
@@ -66,8 +74,9 @@ MACROS: dict[str, tuple[str, str]] = {
     ),
     "images_with_attribute": (
         "attr, val",
-        "SELECT * FROM images WHERE md5 IN (SELECT md5 FROM attribute_occurrences "
-        "WHERE attribute = attr AND value = CAST(val AS VARCHAR))",
+        "SELECT * FROM images WHERE md5 IN (SELECT md5 FROM _lake_attribute_index "
+        f"WHERE part = {attribute_part_sql('attr')} AND attribute = attr "
+        "AND value = CAST(val AS VARCHAR))",
     ),
     "attributes_of": (
         "key",
@@ -93,6 +102,13 @@ MACROS: dict[str, tuple[str, str]] = {
         "<= max_distance ORDER BY distance, md5",
     ),
 }
+
+
+#: The attribute index of a lake written before it had one: the cube itself, read by attribute.
+_CUBE_BY_ATTRIBUTE = (
+    "SELECT attribute, value, md5, bucket, shard, "
+    f"{attribute_part_sql('attribute')} AS part FROM _lake_attributes"
+)
 
 
 class LakeReadError(ValueError):
@@ -125,9 +141,10 @@ class Catalog:
         # DuckDB reads nothing itself: pyarrow opens the data files. Lock that in.
         lock_down(self.connection)
 
-    def refresh(self) -> None:
-        """Re-register every table whose Delta version moved since the last call."""
-        for name in ("occurrences", "images", "rejects", "attributes"):
+    def refresh(self, tables: Iterable[str] = tuple(SCHEMAS)) -> None:
+        """Re-register each of these tables (default: all) whose Delta version moved since the
+        last call. Each costs a look at its log: a lookup asks only for those it reads."""
+        for name in tables:
             table = self._tables.get(name)
             if table is None:
                 table = self.lake.open(name)
@@ -137,7 +154,11 @@ class Catalog:
             version = None if table is None else table.version()
             if name in self._versions and self._versions[name] == version:
                 continue
-            if table is None:
+            if table is None and name == "attribute_index":  # a lake from before it
+                self.connection.execute(
+                    f"CREATE OR REPLACE TEMP VIEW _lake_{name} AS {_CUBE_BY_ATTRIBUTE}"
+                )
+            elif table is None:
                 self.connection.register(f"_lake_{name}", SCHEMAS[name].empty_table())
             else:
                 dataset = lake_dataset(table, self.lake)
@@ -162,8 +183,13 @@ class Catalog:
 
     def rows_of(self, table: str, bucket: int, md5: str) -> pa.Table:
         """A key's rows of one table, reading only that bucket's files (pyarrow, no SQL)."""
+        return self.rows_in(table, [int(bucket)], [md5])
+
+    def rows_in(self, table: str, buckets: list[int], md5s: list[str]) -> pa.Table:
+        """These keys' rows of one table (their ``buckets`` given), reading only those buckets'
+        files and, by their statistics, the row groups that may hold the keys."""
         dataset = self._datasets.get(table)
-        if dataset is None:
+        if dataset is None or not md5s:
             return SCHEMAS[table].empty_table()
         by_bucket = self._by_bucket.get(table)
         if by_bucket is None:
@@ -171,16 +197,23 @@ class Catalog:
             for fragment in dataset.get_fragments():
                 by_bucket.setdefault(_bucket_of(fragment), []).append(fragment)
             self._by_bucket[table] = by_bucket
-        key_filter = (pc.field("bucket") == pa.scalar(int(bucket), pa.int32())) & (
-            pc.field("md5") == pa.scalar(md5, pa.string())
-        )
-        fragments = by_bucket.get(int(bucket), []) + by_bucket.get(None, [])
+        buckets = sorted({int(b) for b in buckets})
+        if len(md5s) == 1:
+            key_filter = (pc.field("bucket") == pa.scalar(buckets[0], pa.int32())) & (
+                pc.field("md5") == pa.scalar(md5s[0], pa.string())
+            )
+        else:
+            key_filter = pc.field("bucket").isin(pa.array(buckets, pa.int32())) & pc.field(
+                "md5"
+            ).isin(pa.array(md5s, pa.string()))
+        fragments = [f for b in buckets for f in by_bucket.get(b, [])] + by_bucket.get(None, [])
         if not fragments:
             return SCHEMAS[table].empty_table()
         try:
             return dataset.of_files(fragments).scanner(filter=key_filter).to_table()
         except (pa.ArrowException, OSError) as error:
-            raise LakeReadError(f"cannot read bucket {bucket} of {table}: {error}") from error
+            named = ", ".join(str(b) for b in buckets)
+            raise LakeReadError(f"cannot read bucket {named} of {table}: {error}") from error
 
     def table(self, name: str) -> DeltaTable | None:
         """The Delta table as of the last :meth:`refresh` (``None`` if it does not exist)."""

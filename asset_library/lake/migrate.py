@@ -6,6 +6,10 @@ library's working state, which the old layout kept too), so the new tables hold 
 fresh ingest of those shards would write; then ``images`` is merged and the similarity index is
 rebuilt. The old files are removed only after that succeeded. Running it twice does nothing the
 second time.
+
+A Delta lake written before ``image_counts`` and ``attribute_index`` needs nothing from here:
+the catalog reads it as it is, the next merge starts ``image_counts`` and the next shard written
+starts ``attribute_index`` from the cube (see :func:`asset_library.lake.tables.write_shard`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import pyarrow.dataset as pds
 from deltalake import DeltaTable
 from pyarrow import fs
 
-from asset_library.lake.tables import Lake
+from asset_library.lake.tables import PARTITIONS, Lake
 
 
 def _is_view(kind: pa.DataType) -> bool:
@@ -114,15 +114,17 @@ class LakeDataset(pds.FileSystemDataset):
 
 
 def lake_dataset(table: DeltaTable, lake: Lake) -> LakeDataset:
-    """A dataset of the table's live files (from its log), each tagged with its bucket, so a
-    ``bucket = N`` filter opens one bucket's files. Local files are read through pyarrow's own
-    filesystem (cheaper per file than delta-rs's Python wrapper)."""
+    """A dataset of the table's live files (from its log), each tagged with its bucket (or
+    partition), so a ``bucket = N`` filter opens one bucket's files. Local files are read
+    through pyarrow's own filesystem (cheaper per file than delta-rs's Python wrapper)."""
     schema = plain_schema(pa.schema(table.schema().to_arrow()))
     if lake.is_s3:
         found = table.to_pyarrow_dataset()
         return LakeDataset(list(found.get_fragments()), schema, found.format, found.filesystem)
     actions = pa.table(table.get_add_actions(flatten=True))
-    root = Path(lake.uri(table.table_uri.rstrip("/").rsplit("/", 1)[-1]))
+    name = table.table_uri.rstrip("/").rsplit("/", 1)[-1]
+    column = PARTITIONS[name]
+    root = Path(lake.uri(name))
     parquet = pds.ParquetFileFormat()
     local = fs.LocalFileSystem()
     fragments = [
@@ -130,13 +132,13 @@ def lake_dataset(table: DeltaTable, lake: Lake) -> LakeDataset:
             str(root / path),
             local,
             partition_expression=(
-                pc.field("bucket").is_null()
+                pc.field(column).is_null()
                 if bucket is None
-                else pc.field("bucket") == pa.scalar(int(bucket), pa.int32())
+                else pc.field(column) == pa.scalar(int(bucket), pa.int32())
             ),
         )
         for path, bucket in zip(
-            actions["path"].to_pylist(), actions["partition.bucket"].to_pylist(), strict=True
+            actions["path"].to_pylist(), actions[f"partition.{column}"].to_pylist(), strict=True
         )
     ]
     return LakeDataset(fragments, schema, parquet, local)
