@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import threading
@@ -60,13 +61,10 @@ class LiveServer:
     ) -> Reply:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
-            try:
+            # The server may answer before reading the whole body (e.g. 413 on a declared
+            # length) and close its side: its answer is still there to read, as curl would.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 connection.request(method, path, body=body, headers=headers or {})
-            except (BrokenPipeError, ConnectionResetError):
-                # The server answered before reading the whole body (e.g. 413 on a declared
-                # length) and closed its side: its answer is still there to read, as a browser
-                # or curl would.
-                pass
             response = connection.getresponse()
             data = response.read()
             found = {k.lower(): v for k, v in response.getheaders()}
