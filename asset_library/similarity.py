@@ -78,7 +78,9 @@ class SimilarityIndex:
         self._keys: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
-        return sum(int(s["rows"]) for s in self.segments.values())
+        """Images the index answers for: its entries less the removed ones (each entry's md5
+        is held once; a removed md5 keeps its entry until it comes back)."""
+        return sum(int(s["rows"]) for s in self.segments.values()) - len(self.removed)
 
     def sync(self, lake: Lake) -> SyncResult:
         """Bring the index level with ``images``: one new segment for the md5s that appeared
@@ -97,23 +99,35 @@ class SimilarityIndex:
             )
             with duckdb.connect() as connection:
                 connection.register("changes", changes)
-                last = connection.sql(
+                # Per md5, its first and last change in the range (a delete before an insert
+                # within one commit: a rewrite), and its hashes as last inserted.
+                seen = connection.sql(
                     """
-                    SELECT md5, _change_type AS change, phash, ahash, dhash FROM (
-                      SELECT *, row_number() OVER (PARTITION BY md5
-                        ORDER BY _commit_version DESC,
-                                 CASE _change_type WHEN 'delete' THEN 0 ELSE 1 END DESC) AS r
-                      FROM changes WHERE _change_type IN ('insert', 'delete'))
-                    WHERE r = 1 ORDER BY md5
+                    SELECT md5,
+                           arg_min(_change_type, position) = 'delete' AS was_in,
+                           arg_max(_change_type, position) = 'insert' AS is_in,
+                           arg_max(phash, position) AS phash,
+                           arg_max(ahash, position) AS ahash,
+                           arg_max(dhash, position) AS dhash
+                    FROM (SELECT *, _commit_version * 2
+                                    + CASE _change_type WHEN 'delete' THEN 0 ELSE 1 END
+                                    AS position
+                          FROM changes WHERE _change_type IN ('insert', 'delete'))
+                    GROUP BY md5 ORDER BY md5
                     """
                 ).fetchnumpy()
-            inserted = last["change"] == "insert"
-            gone = [str(m) for m in last["md5"][~inserted]]
-            if inserted.any():
+            md5s = seen["md5"].astype(str)
+            was_in, is_in = seen["was_in"].astype(bool), seen["is_in"].astype(bool)
+            held = np.isin(md5s, sorted(self.removed)) if self.removed else np.zeros_like(is_in)
+            # An md5 rewritten (compaction) or back after a removal keeps its entry: its hashes
+            # are its bytes'. Only an md5 the index never held gets a new one.
+            new = is_in & ~was_in & ~held
+            if new.any():
                 name = f"v{version:010d}"
-                self._add(name, {k: last[k][inserted] for k in ("md5", *HASH_KINDS)})
+                self._add(name, {"md5": md5s[new], **{k: seen[k][new] for k in HASH_KINDS}})
                 added.append(name)
-            self.removed.difference_update(str(m) for m in last["md5"][inserted])
+            gone = md5s[was_in & ~is_in].tolist()
+            self.removed.difference_update(md5s[is_in & held].tolist())
             self.removed.update(gone)
         self.images_version = version
         self.lake_version = lake_version
