@@ -26,7 +26,7 @@ def corpus_dir() -> Path:
             "beside the clone (shared/corpus)",
             pytrace=False,
         )
-    return path
+    return path.resolve()  # shared/ may be a link: sources are recorded by their real path
 
 
 @pytest.fixture(scope="session")
