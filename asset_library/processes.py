@@ -43,19 +43,28 @@ def process_is_gone(token: str) -> bool:
         return True
     except PermissionError:
         pass  # alive, owned by someone else
-    now = _start_time(pid)
+    fields = _stat_fields(pid)
+    if fields and fields[0] == b"Z":
+        return True  # ended; a zombie whose parent (killed too) was never waited for
+    now = fields[19].decode() if fields and len(fields) > 19 else None
     return bool(start and now and now != start)  # the pid was reused by a newer process
 
 
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), or None where unknown."""
+    fields = _stat_fields(pid)
+    return fields[19].decode() if fields and len(fields) > 19 else None
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """``/proc/<pid>/stat`` from its state on (field 3), or None where there is none (not Linux,
+    or the process is gone)."""
     try:
         stat = open(f"/proc/{pid}/stat", "rb").read()  # noqa: SIM115 (tiny, read at once)
     except OSError:
         return None
-    # Field 22, counted after the command name, which is in parentheses and may hold spaces.
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return fields[19].decode() if len(fields) > 19 else None
+    # Counted after the command name, which is in parentheses and may hold spaces.
+    return stat[stat.rfind(b")") + 2 :].split()
 
 
 @contextmanager

@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,14 @@ def test_a_process_is_gone_once_it_has_ended_and_a_reused_pid_is_not_it():
         assert (int(pid), start.isdigit()) == (child.pid, True)
         # The same pid with another start time is a newer process that took the pid over.
         assert process_is_gone(f"{host}/{pid}/{int(start) + 1}")
+        # Killed and not yet waited for: a zombie, as a run worker is when the CLI that
+        # started it was killed too and nothing reaps it. It has ended.
+        child.kill()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert process_is_gone(token)
     finally:
         child.kill()
         child.wait()
