@@ -6,6 +6,7 @@ without loading the code location.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -39,11 +40,24 @@ def instance_home(layout: LibraryLayout) -> Path:
     return home
 
 
+def open_instance(home: str | Path) -> dg.DagsterInstance:
+    """The Dagster instance in ``home``, opened under a lock on that folder.
+
+    Opening a new SQLite instance creates its tables, and two processes doing so at once (an
+    ingest starting while ``status`` looks) fail with "table already exists"; the lock makes
+    the second wait for the first.
+    """
+    Path(home).mkdir(parents=True, exist_ok=True)
+    with open(Path(home) / ".asset-library-open.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return dg.DagsterInstance.from_config(str(home))
+
+
 def local_instance(layout: LibraryLayout) -> dg.DagsterInstance:
     """The instance ``$DAGSTER_HOME`` names, else the library's own."""
     home = os.environ.get("DAGSTER_HOME") or str(instance_home(layout))
     os.environ["DAGSTER_HOME"] = home
-    return dg.DagsterInstance.get()
+    return open_instance(home)
 
 
 def reap_dead_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:

@@ -19,6 +19,7 @@ import pytest
 
 from asset_library.cli import main
 from asset_library.library import Library
+from asset_library.terminal_runs import open_instance
 
 PROJECT = Path(__file__).resolve().parents[1]
 #: libtiff writes to fd 2 on this file ("_tiffReadProc: Invalid Read at loc 3309, eof: 2529.").
@@ -121,7 +122,7 @@ def _shard_states(root: Path) -> tuple[str, dict[str, str]]:
 
 def _run_statuses(root: Path) -> dict[str, list[dg.DagsterRunStatus]]:
     """Each shard's runs' statuses, oldest first, read from the library's Dagster instance."""
-    instance = dg.DagsterInstance.from_config(str(root / ".dagster"))
+    instance = open_instance(root / ".dagster")
     try:
         found: dict[str, list[dg.DagsterRunStatus]] = {}
         for run in reversed(instance.get_runs(filters=dg.RunsFilter(job_name="ingest_shard"))):
