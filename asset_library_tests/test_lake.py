@@ -369,6 +369,11 @@ def test_lookup_reads_one_bucket_and_a_damaged_bucket_breaks_only_itself(tmp_pat
         fresh.lookup(victim)
     other = (damaged_bucket + 2) % BUCKETS
     assert fresh.query(f"SELECT count(*) AS n FROM images WHERE bucket = {other}")[0]["n"] > 0
+    # a count is the log's per-file row counts: no data file is opened, the damaged ones neither
+    assert fresh.query("SELECT count(*) AS n FROM images")[0]["n"] == 400
+    damaged = sum(bucket_of(m, BUCKETS) == damaged_bucket for m in md5s)
+    by_bucket = f"SELECT count(*) AS n FROM occurrences WHERE bucket = {damaged_bucket}"
+    assert fresh.query(by_bucket)[0]["n"] == damaged
     # a text filter beside the bucket goes down too, and still opens only that bucket's files
     assert fresh.query(f"SELECT md5 FROM image('{target}')") == [{"md5": target}]
     cube = f"SELECT count(*) AS n FROM attribute_occurrences WHERE bucket = {other} AND "

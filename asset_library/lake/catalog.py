@@ -46,8 +46,13 @@ IMAGE_VIEW_COLUMNS = [
     *("source_uri", "batch", "shard", "ingested_at", "occurrences"),
 ]
 
+def _columns(table: str) -> str:
+    """A table's columns in its schema's order (the scan puts the partition column first)."""
+    return ", ".join(SCHEMAS[table].names)
+
+
 VIEWS: dict[str, str] = {
-    "occurrences": f"SELECT *, {_HASH_INTS} FROM _lake_occurrences",
+    "occurrences": f"SELECT {_columns('occurrences')}, {_HASH_INTS} FROM _lake_occurrences",
     # The count as merged first plus what image_counts added since; a query that does not
     # read it skips the join (DuckDB drops a left join to a table grouped by its join keys).
     "images": f"""SELECT i.md5, size_bytes, format, width, height, orientation, frames,
@@ -58,8 +63,8 @@ VIEWS: dict[str, str] = {
                     SELECT bucket, md5, sum(occurrences) AS occurrences
                     FROM _lake_image_counts GROUP BY bucket, md5) c
                   ON c.bucket = i.bucket AND c.md5 = i.md5""",  # = IMAGE_VIEW_COLUMNS
-    "rejects": "SELECT * FROM _lake_rejects",
-    "attribute_occurrences": "SELECT * FROM _lake_attributes",
+    "rejects": f"SELECT {_columns('rejects')} FROM _lake_rejects",
+    "attribute_occurrences": f"SELECT {_columns('attributes')} FROM _lake_attributes",
     "attributes": """SELECT md5, attribute, value, any_value(value_type) AS value_type,
                      any_value(origin) AS origin, any_value(bucket) AS bucket
                      FROM _lake_attributes GROUP BY md5, attribute, value""",
@@ -210,7 +215,11 @@ class Catalog:
         if not fragments:
             return SCHEMAS[table].empty_table()
         try:
-            return dataset.of_files(fragments).scanner(filter=key_filter).to_table()
+            return (
+                dataset.of_files(fragments)
+                .scanner(columns=SCHEMAS[table].names, filter=key_filter)
+                .to_table()
+            )
         except (pa.ArrowException, OSError) as error:
             named = ", ".join(str(b) for b in buckets)
             raise LakeReadError(f"cannot read bucket {named} of {table}: {error}") from error

@@ -9,6 +9,10 @@ statistics with a plain string (``no kernel matching input types (string, string
 second kind are pruned by bucket and filtered after the read. DuckDB's public
 ``connection.register`` scans a pyarrow dataset through its ``scanner``, so every filter DuckDB
 pushes gets here, and no DuckDB-private hook is needed.
+
+The partition column comes first in the dataset's schema: a query that reads no column
+(``count(*)``) makes DuckDB ask for the first one, and the partition column is answered from the
+log's per-file row counts without opening a file (``md5`` first read every md5 of the table).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
@@ -57,11 +62,17 @@ class LakeDataset(pds.FileSystemDataset):
     the Parquet reader wherever pyarrow can compare the files' statistics."""
 
     _views: dict[str, bool]
+    #: Rows per file name, from the Delta log (empty when the log does not record them).
+    _rows: dict[str, int]
+    #: The partition column (first in the schema).
+    _partition: str
 
     def of_files(self, fragments: list[pds.Fragment]) -> LakeDataset:
         """These of its files, with the same schema (and what is known of their types)."""
         found = LakeDataset(fragments, self.schema, self.format, self.filesystem)
         found._views = self._view_cache()
+        found._rows = getattr(self, "_rows", {})
+        found._partition = getattr(self, "_partition", "")
         return found
 
     def scanner(  # type: ignore[override]
@@ -71,6 +82,9 @@ class LakeDataset(pds.FileSystemDataset):
         **options: Any,
     ) -> pds.Scanner:
         base = pds.FileSystemDataset.scanner
+        counted = self._counted(columns, filter)
+        if counted is not None:
+            return counted
         if filter is None:
             return base(self, columns=columns, **options)
         mentioned = str(filter)  # a superset of the columns it reads: names may occur in text
@@ -95,6 +109,37 @@ class LakeDataset(pds.FileSystemDataset):
 
         return pds.Scanner.from_batches(pa.RecordBatchReader.from_batches(schema, batches()))
 
+    def _counted(
+        self,
+        columns: list[str] | None,
+        filter: pc.Expression | None,  # noqa: A002
+    ) -> pds.Scanner | None:
+        """The partition column alone, under a filter on it alone, from the log's row counts
+        (no file opened); ``None`` when the scan needs the files."""
+        partition = getattr(self, "_partition", "")
+        if not partition or columns != [partition]:
+            return None
+        if filter is not None and any(
+            f.name in str(filter) for f in self.schema if f.name != partition
+        ):
+            return None
+        rows = getattr(self, "_rows", {})
+        fragments = list(self.get_fragments(filter=filter))
+        if any(f.path not in rows for f in fragments):
+            return None
+        field = self.schema.field(partition)
+        values = [pds.get_partition_keys(f.partition_expression).get(partition) for f in fragments]
+        if any(v is None for v in values):
+            return None
+        column = np.repeat(
+            np.asarray(values, dtype=field.type.to_pandas_dtype()),
+            [rows[f.path] for f in fragments],
+        )
+        table = pa.table([pa.array(column, field.type)], schema=pa.schema([field]))
+        return pds.Scanner.from_batches(
+            pa.RecordBatchReader.from_batches(table.schema, table.to_batches())
+        )
+
     def _plain_subset(self, fragments: list[pds.Fragment]) -> pds.FileSystemDataset:
         return pds.FileSystemDataset(fragments, self.schema, self.format, self.filesystem)
 
@@ -117,13 +162,18 @@ def lake_dataset(table: DeltaTable, lake: Lake) -> LakeDataset:
     """A dataset of the table's live files (from its log), each tagged with its bucket (or
     partition), so a ``bucket = N`` filter opens one bucket's files. Local files are read
     through pyarrow's own filesystem (cheaper per file than delta-rs's Python wrapper)."""
-    schema = plain_schema(pa.schema(table.schema().to_arrow()))
-    if lake.is_s3:
-        found = table.to_pyarrow_dataset()
-        return LakeDataset(list(found.get_fragments()), schema, found.format, found.filesystem)
-    actions = pa.table(table.get_add_actions(flatten=True))
     name = table.table_uri.rstrip("/").rsplit("/", 1)[-1]
     column = PARTITIONS[name]
+    declared = plain_schema(pa.schema(table.schema().to_arrow()))
+    schema = pa.schema(
+        [declared.field(column), *(f for f in declared if f.name != column)],
+        metadata=declared.metadata,
+    )
+    actions = pa.table(table.get_add_actions(flatten=True))
+    if lake.is_s3:
+        found = table.to_pyarrow_dataset()
+        dataset = LakeDataset(list(found.get_fragments()), schema, found.format, found.filesystem)
+        return _with_row_counts(dataset, actions, column)
     root = Path(lake.uri(name))
     parquet = pds.ParquetFileFormat()
     local = fs.LocalFileSystem()
@@ -141,4 +191,26 @@ def lake_dataset(table: DeltaTable, lake: Lake) -> LakeDataset:
             actions["path"].to_pylist(), actions[f"partition.{column}"].to_pylist(), strict=True
         )
     ]
-    return LakeDataset(fragments, schema, parquet, local)
+    return _with_row_counts(LakeDataset(fragments, schema, parquet, local), actions, column)
+
+
+def _with_row_counts(dataset: LakeDataset, actions: pa.Table, partition: str) -> LakeDataset:
+    """The dataset, told each file's rows as the log records them (by file name: the log's
+    paths are relative, a fragment's are not) and its partition column."""
+    dataset._partition = partition
+    dataset._rows = {}
+    if "num_records" not in actions.column_names or actions["num_records"].null_count:
+        return dataset
+    by_name = dict(
+        zip(
+            (Path(p).name for p in actions["path"].to_pylist()),
+            actions["num_records"].to_pylist(),
+            strict=True,
+        )
+    )
+    dataset._rows = {
+        f.path: by_name[Path(f.path).name]
+        for f in dataset.get_fragments()
+        if Path(f.path).name in by_name
+    }
+    return dataset
