@@ -46,6 +46,7 @@ IMAGE_VIEW_COLUMNS = [
     *("source_uri", "batch", "shard", "ingested_at", "occurrences"),
 ]
 
+
 def _columns(table: str) -> str:
     """A table's columns in its schema's order (the scan puts the partition column first)."""
     return ", ".join(SCHEMAS[table].names)
