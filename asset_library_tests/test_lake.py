@@ -480,11 +480,14 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path)
     truth = (
         "SELECT (SELECT list(DISTINCT md5 ORDER BY md5) FROM attribute_occurrences "
         "WHERE attribute = 'label' AND value = 'cat') AS truth, "
-        "(SELECT list(md5 ORDER BY md5) FROM images_with_attribute('label', 'cat')) AS found"
+        "(SELECT list(md5 ORDER BY md5) FROM images_with_attribute('label', 'cat')) AS found, "
+        "(SELECT list(md5 ORDER BY md5) FROM md5s_with_attribute('label', 'cat')) AS indexed"
     )
+    found = Library(layout.root).query(truth)[0]
+    assert found["found"] == found["indexed"] == found["truth"] and len(found["truth"]) > 20
     shutil.rmtree(lake.uri("attribute_index"))  # as a lake written before the index
     found = Library(layout.root).query(truth)[0]
-    assert found["found"] == found["truth"] and len(found["truth"]) > 20
+    assert found["found"] == found["indexed"] == found["truth"]
     # the next shard's write starts the index from the cube, then replaces its own rows
     _land(layout, lake, "i-s00001", random_md5s(rng, 100), seed=5)
     _land(layout, lake, "i-s00002", random_md5s(rng, 100), seed=6)
@@ -492,7 +495,7 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path)
     index = DeltaTable(lake.uri("attribute_index")).to_pyarrow_table(columns=["shard"])
     assert index.num_rows == 400 * 6  # i-s00001 replaced: 200 + 100 + 100 images
     found = Library(layout.root).query(truth)[0]
-    assert found["found"] == found["truth"]
+    assert found["found"] == found["indexed"] == found["truth"]
 
 
 def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(tmp_path):

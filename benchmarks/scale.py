@@ -90,6 +90,12 @@ def _shard(
             "SELECT count(*) AS n FROM images_with_attribute(?, ?)", ["label", "cat"]
         )
     )
+    _, indexed_s = _timed(
+        lambda: warm.query("SELECT count(*) AS n FROM md5s_with_attribute(?, ?)", ["label", "cat"])
+    )
+    _, rare_s = _timed(
+        lambda: warm.query("SELECT * FROM images_with_attribute(?, ?)", ["score", "7"])
+    )
     _, least_s = _timed(
         lambda: warm.query("SELECT count(*) AS n FROM images_at_least(?, ?)", [5000, 3500])
     )
@@ -107,6 +113,8 @@ def _shard(
         "similar_ms": _percentiles(similar_times),
         "count_s": round(count_s, 3),
         "attribute_query_s": round(attr_s, 3),
+        "attribute_md5s_s": round(indexed_s, 3),
+        "attribute_rare_rows_s": round(rare_s, 3),
         "images_at_least_s": round(least_s, 3),
         "merged": {"inserted": merged.inserted, "updated": merged.updated},
         "index_images": synced.images,

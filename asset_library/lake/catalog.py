@@ -72,6 +72,12 @@ VIEWS: dict[str, str] = {
     "near_duplicates": "SELECT * FROM _near_duplicates",
 }
 
+#: The attribute index rows of one value: one partition's files, the value's row groups.
+_INDEXED_VALUE = (
+    f"_lake_attribute_index WHERE part = {attribute_part_sql('attr')} AND attribute = attr "
+    "AND value = CAST(val AS VARCHAR)"
+)
+
 #: name -> (signature, body) of each table macro, also the README's reference.
 MACROS: dict[str, tuple[str, str]] = {
     "image": (
@@ -80,10 +86,11 @@ MACROS: dict[str, tuple[str, str]] = {
     ),
     "images_with_attribute": (
         "attr, val",
-        "SELECT * FROM images WHERE md5 IN (SELECT md5 FROM _lake_attribute_index "
-        f"WHERE part = {attribute_part_sql('attr')} AND attribute = attr "
-        "AND value = CAST(val AS VARCHAR))",
+        f"SELECT * FROM images WHERE md5 IN (SELECT md5 FROM {_INDEXED_VALUE})",
     ),
+    # The index alone, no scan of images: how many and which images have a value, in the time
+    # of that value's rows (a full-row answer reads the md5 of every image to join).
+    "md5s_with_attribute": ("attr, val", f"SELECT DISTINCT md5, bucket FROM {_INDEXED_VALUE}"),
     "attributes_of": (
         "key",
         "SELECT DISTINCT attribute, value, value_type, origin FROM attribute_occurrences "
