@@ -23,13 +23,12 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
-from asset_library.lake.scan import LakeDataset, lake_dataset
-from asset_library.lake.tables import SCHEMAS, Lake, attribute_part_sql
+from asset_library.lake.scan import LakeDataset, lake_dataset, read_keys
+from asset_library.lake.tables import PARTITIONS, SCHEMAS, Lake, attribute_part_sql
 from asset_library.sql_guard import check_read_only_query, lock_down
 
 #: Rows of the near-duplicate groups: the group (numbered from the largest), its size, members.
@@ -211,24 +210,10 @@ class Catalog:
                 by_bucket.setdefault(_bucket_of(fragment), []).append(fragment)
             self._by_bucket[table] = by_bucket
         buckets = sorted({int(b) for b in buckets})
-        if len(md5s) == 1:
-            key_filter = (pc.field("bucket") == pa.scalar(buckets[0], pa.int32())) & (
-                pc.field("md5") == pa.scalar(md5s[0], pa.string())
-            )
-        else:
-            key_filter = pc.field("bucket").isin(pa.array(buckets, pa.int32())) & pc.field(
-                "md5"
-            ).isin(pa.array(md5s, pa.string()))
         fragments = [f for b in buckets for f in by_bucket.get(b, [])] + by_bucket.get(None, [])
-        if not fragments:
-            return SCHEMAS[table].empty_table()
         try:
-            return (
-                dataset.of_files(fragments)
-                .scanner(columns=SCHEMAS[table].names, filter=key_filter)
-                .to_table()
-            )
-        except (pa.ArrowException, OSError) as error:
+            return read_keys(fragments, list(md5s), SCHEMAS[table], PARTITIONS[table])
+        except (pa.ArrowException, OSError, ValueError) as error:
             named = ", ".join(str(b) for b in buckets)
             raise LakeReadError(f"cannot read bucket {named} of {table}: {error}") from error
 
