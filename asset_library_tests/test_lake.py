@@ -279,6 +279,20 @@ def test_repeats_append_counts_and_rewrite_no_images_file(tmp_path):
     assert Library(layout.root).query("SELECT count(*) AS n FROM images")[0]["n"] == 480 - 110 + 5
 
 
+def test_a_merge_reports_an_md5_its_buckets_hold_twice(tmp_path):
+    layout, lake = _library(tmp_path / "library")
+    md5s = random_md5s(np.random.default_rng(21), 200)
+    _land(layout, lake, "u-s00000", md5s)
+    assert merge_images(lake).duplicated_md5s == 0
+    # an images row written twice (what a broken writer would leave)
+    twice = DeltaTable(lake.uri("images")).to_pyarrow_table(filters=[("md5", "=", md5s[7])])
+    write_deltalake(lake.table("images"), twice, mode="append")
+    # the next merge touches that md5 (another occurrence of it) and an unrelated new one
+    _land(layout, lake, "u-s00001", [md5s[7], *random_md5s(np.random.default_rng(22), 5)])
+    merged = merge_images(lake)
+    assert merged.duplicated_md5s == 1 and merged.inserted == 5
+
+
 def test_a_lake_without_image_counts_reads_and_merges(tmp_path):
     """A lake of the layout before image_counts (images rewritten by each merge) is read as
     it is, and the next merge starts the table."""
