@@ -469,16 +469,41 @@ def merged_version(lake: Lake) -> int:
     return -1 if version is None else int(version)
 
 
+#: The custom metadata that marks a commit rewriting rows as they were (compaction's sort).
+REWRITE_MARK = {"asset_library.operation": "sort buckets"}
+
+
 def read_changes(table: DeltaTable, start: int, end: int, columns: list[str]) -> pa.Table:
-    """Rows inserted and deleted in versions ``start..end`` (change data feed)."""
-    if end < start:
+    """Rows inserted and deleted in versions ``start..end`` (change data feed), less the
+    commits that only rewrote rows as they were (compaction's sorted rewrite, which Delta
+    records as every row of its buckets deleted and inserted again: reading them cost a merge
+    after a compaction the whole table twice, to net them out)."""
+    wanted = [*columns, "_change_type", "_commit_version", "_commit_timestamp"]
+    skipped = _rewrites(table, start, end)
+    parts = []
+    first = start
+    for version in [*sorted(skipped), end + 1]:
+        if first <= version - 1:
+            reader = table.load_cdf(
+                starting_version=first, ending_version=version - 1, columns=wanted
+            )
+            parts.append(pa.RecordBatchReader.from_stream(reader).read_all())
+        first = version + 1
+    if not parts:
         return pa.table({c: [] for c in [*columns, "_change_type", "_commit_version"]})
-    reader = table.load_cdf(
-        starting_version=start,
-        ending_version=end,
-        columns=[*columns, "_change_type", "_commit_version", "_commit_timestamp"],
-    )
-    return pa.RecordBatchReader.from_stream(reader).read_all()
+    return pa.concat_tables(parts)
+
+
+def _rewrites(table: DeltaTable, start: int, end: int) -> set[int]:
+    """Versions in ``start..end`` that rewrote rows unchanged (marked :data:`REWRITE_MARK`)."""
+    if end < start:
+        return set()
+    ((key, value),) = REWRITE_MARK.items()
+    return {
+        int(entry["version"])
+        for entry in table.history(max(1, table.version() - start + 1))
+        if start <= int(entry.get("version", -1)) <= end and entry.get(key) == value
+    }
 
 
 def merge_images(lake: Lake) -> MergeResult:
@@ -814,9 +839,7 @@ def _sort_buckets(table: DeltaTable, buckets: list[int], name: str = "attributes
             partition_by=[column],
             target_file_size=512 << 20,
             writer_properties=_writer_properties(name),
-            commit_properties=CommitProperties(
-                custom_metadata={"asset_library.operation": "sort buckets"}
-            ),
+            commit_properties=CommitProperties(custom_metadata=REWRITE_MARK),
         )
     table.update_incremental()
     metrics = table.history(1)[0].get("operationMetrics", {})
