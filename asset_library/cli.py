@@ -29,13 +29,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["ASSET_LIBRARY_HOME"] = str(Path(args.library).expanduser().resolve())
     try:
         return int(args.handler(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`... | head -1`): what it read was all it wanted. Point stdout
+        # at nothing so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as error:
         if not _is_refusal(error):
             raise
         print(f"asset-library: {error}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        return 0
 
 
 def _is_refusal(error: Exception) -> bool:

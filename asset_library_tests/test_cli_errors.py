@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,19 @@ def test_status_lists_an_ingested_batch(run_cli, tmp_path, corpus_dir):
     assert out.splitlines()[0].startswith("one  1 images")
     assert "one-s00000  materialized" in out
     assert Path(tmp_path / "library" / "triggers" / "one.json").exists()
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(corpus_library):
+    """``asset-library duplicates | head -1`` (the README's example): the reader closing the
+    pipe ends the command with no traceback."""
+    root, _ = corpus_library
+    command = (
+        f"{shlex.quote(sys.executable)} -m asset_library.cli duplicates "
+        f"--library {shlex.quote(str(root))} | head -1"
+    )
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith('{"group": 0') and done.stdout.count("\n") == 1
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
