@@ -65,7 +65,7 @@ class LakeDataset(pds.FileSystemDataset):
     the Parquet reader wherever pyarrow can compare the files' statistics."""
 
     _views: dict[str, bool]
-    #: Rows per file name, from the Delta log (empty when the log does not record them).
+    #: Rows per file path, from the Delta log (empty when the log does not record them).
     _rows: dict[str, int]
     #: The partition column (first in the schema).
     _partition: str
@@ -134,14 +134,17 @@ class LakeDataset(pds.FileSystemDataset):
         values = [pds.get_partition_keys(f.partition_expression).get(partition) for f in fragments]
         if any(v is None for v in values):
             return None
-        column = np.repeat(
-            np.asarray(values, dtype=field.type.to_pandas_dtype()),
-            [rows[f.path] for f in fragments],
-        )
-        table = pa.table([pa.array(column, field.type)], schema=pa.schema([field]))
-        return pds.Scanner.from_batches(
-            pa.RecordBatchReader.from_batches(table.schema, table.to_batches())
-        )
+        schema = pa.schema([field])
+        kinds = np.asarray(values, dtype=field.type.to_pandas_dtype())
+        counts = np.asarray([rows[f.path] for f in fragments], dtype=np.int64)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            # A few files' rows at a time: memory stays flat whatever the table's size.
+            for start in range(0, len(fragments), 64):
+                column = np.repeat(kinds[start : start + 64], counts[start : start + 64])
+                yield pa.record_batch([pa.array(column, field.type)], schema=schema)
+
+        return pds.Scanner.from_batches(pa.RecordBatchReader.from_batches(schema, batches()))
 
     def _plain_subset(self, fragments: list[pds.Fragment]) -> pds.FileSystemDataset:
         return pds.FileSystemDataset(fragments, self.schema, self.format, self.filesystem)
