@@ -30,6 +30,7 @@ from asset_library.lake.scan import lake_dataset
 from asset_library.lake.tables import (
     IMAGE_COUNTS_SCHEMA,
     IMAGES_APP,
+    SCHEMAS,
     _merged_to,
     _sort_buckets,
     attribute_part_sql,
@@ -534,6 +535,32 @@ def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(
         "SELECT shard, count(*) AS n FROM attribute_occurrences GROUP BY shard ORDER BY shard"
     )
     assert found == [{"shard": "q-s00000", "n": 600}, {"shard": "q-s00001", "n": 1800}]
+
+
+def test_rows_read_by_key_equal_the_rows_a_query_finds(tmp_path):
+    """The key reader (md5 column first, cached footers) against a plain SQL filter, over
+    several shards' files per bucket, a repeated md5 and a missing one."""
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(23)
+    first = random_md5s(rng, 300)
+    _land(layout, lake, "k-s00000", first)
+    _land(layout, lake, "k-s00001", first[:40] + random_md5s(rng, 200), seed=1)
+    _refresh(layout, lake)
+    library = Library(layout.root)
+    catalog = library.connect()
+    wanted = first[:60] + ["0" * 32]  # 40 in two shards, 20 in one, one nowhere
+    buckets = [bucket_of(m, BUCKETS) for m in wanted]
+    for table, view in (("occurrences", "occurrences"), ("attributes", "attribute_occurrences")):
+        read = catalog.rows_in(table, buckets, wanted)
+        assert read.schema.names == SCHEMAS[table].names  # the table's order, bucket included
+        found = library.query(
+            f"SELECT * FROM {view} WHERE md5 IN (SELECT unnest(?::VARCHAR[]))", [wanted]
+        )
+        key = sorted(SCHEMAS[table].names)
+        assert sorted(tuple(r[k] for k in key) for r in read.to_pylist()) == sorted(
+            tuple(r[k] for k in key) for r in found
+        )
+    assert catalog.rows_in("occurrences", buckets, wanted).num_rows == 100
 
 
 def test_a_copied_library_answers_from_its_own_data(tmp_path):

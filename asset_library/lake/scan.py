@@ -18,6 +18,7 @@ log's per-file row counts without opening a file (``md5`` first read every md5 o
 from __future__ import annotations
 
 import bisect
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,27 +232,31 @@ _FOOTERS: OrderedDict[str, tuple[pq.FileMetaData, list[tuple[str | None, str | N
     OrderedDict()
 )
 _FOOTERS_KEPT = 8192
+_FOOTERS_LOCK = threading.Lock()  # libraries on several threads (the HTTP service) share it
 
 
 def _footer(
     fragment: pds.ParquetFileFragment,
 ) -> tuple[pq.FileMetaData, list[tuple[str | None, str | None]]]:
     """The file's footer and each row group's md5 (min, max) (None where not recorded)."""
-    found = _FOOTERS.get(fragment.path)
-    if found is not None:
-        _FOOTERS.move_to_end(fragment.path)
-        return found
+    with _FOOTERS_LOCK:
+        found = _FOOTERS.get(fragment.path)
+        if found is not None:
+            _FOOTERS.move_to_end(fragment.path)
+            return found
     with fragment.filesystem.open_input_file(fragment.path) as source:
         metadata = pq.ParquetFile(source).metadata
     column = metadata.schema.names.index("md5")
-    ranges = []
+    ranges: list[tuple[str | None, str | None]] = []
     for group in range(metadata.num_row_groups):
         stats = metadata.row_group(group).column(column).statistics
-        known = stats is not None and stats.has_min_max
+        known = stats is not None and stats.has_min_max and isinstance(stats.min, str)
         ranges.append((stats.min, stats.max) if known else (None, None))
-    _FOOTERS[fragment.path] = found = (metadata, ranges)
-    if len(_FOOTERS) > _FOOTERS_KEPT:
-        _FOOTERS.popitem(last=False)
+    found = (metadata, ranges)
+    with _FOOTERS_LOCK:
+        _FOOTERS[fragment.path] = found
+        if len(_FOOTERS) > _FOOTERS_KEPT:
+            _FOOTERS.popitem(last=False)
     return found
 
 
