@@ -28,11 +28,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.library:
         os.environ["ASSET_LIBRARY_HOME"] = str(Path(args.library).expanduser().resolve())
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return code
     except BrokenPipeError:
         # The reader went away (`... | head -1`): what it read was all it wanted. Point stdout
         # at nothing so the interpreter's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 0
     except Exception as error:
         if not _is_refusal(error):

@@ -95,7 +95,7 @@ class SimilarityIndex:
         gone: list[str] = []
         if version > self.images_version:
             changes = read_changes(
-                images, self.images_version + 1, version, ["md5", "phash", "ahash", "dhash"]
+                lake, images, self.images_version + 1, version, ["md5", "phash", "ahash", "dhash"]
             )
             with duckdb.connect() as connection:
                 connection.register("changes", changes)
@@ -150,7 +150,7 @@ class SimilarityIndex:
         merged = images.transaction_version(IMAGES_APP)
         merged = -1 if merged is None else int(merged)
         if images.version() > self.images_version and merged != self.lake_version:
-            changes = read_changes(images, self.images_version + 1, images.version(), ["md5"])
+            changes = read_changes(lake, images, self.images_version + 1, images.version(), ["md5"])
             with duckdb.connect() as connection:
                 connection.register("changes", changes)
                 behind = connection.sql(

@@ -47,10 +47,13 @@ def open_instance(home: str | Path) -> dg.DagsterInstance:
     ingest starting while ``status`` looks) fail with "table already exists"; the lock makes
     the second wait for the first.
     """
-    Path(home).mkdir(parents=True, exist_ok=True)
-    with open(Path(home) / ".asset-library-open.lock", "a") as lock:
+    folder = Path(home).expanduser()
+    if not folder.is_absolute():
+        raise ValueError(f"$DAGSTER_HOME must be an absolute path: {home!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".asset-library-open.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return dg.DagsterInstance.from_config(str(home))
+        return dg.DagsterInstance.from_config(str(folder))
 
 
 def local_instance(layout: LibraryLayout) -> dg.DagsterInstance:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -93,8 +94,14 @@ def test_output_cut_short_by_its_reader_ends_quietly(corpus_library):
         f"{shlex.quote(sys.executable)} -m asset_library.cli duplicates "
         f"--library {shlex.quote(str(root))} | head -1"
     )
+    # buffered, as in a plain shell: the last of the output is written at the final flush
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     done = subprocess.run(
-        ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120
+        ["bash", "-o", "pipefail", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith('{"group": 0') and done.stdout.count("\n") == 1

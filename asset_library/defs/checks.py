@@ -134,10 +134,10 @@ def attribute_keys_in_occurrences(
     """The md5s of the attribute rows a shard's commit wrote are among the occurrence rows its
     commit wrote: read from the two commits' change feeds, so it costs the shard's rows."""
     occurrences = read_changes(
-        lake.table("occurrences"), occurrences_version, occurrences_version, ["md5", "shard"]
+        lake, lake.table("occurrences"), occurrences_version, occurrences_version, ["md5", "shard"]
     )
     attributes = read_changes(
-        lake.table("attributes"), attributes_version, attributes_version, ["md5", "shard"]
+        lake, lake.table("attributes"), attributes_version, attributes_version, ["md5", "shard"]
     )
     with db.get_connection() as connection:
         connection.register("o", occurrences)

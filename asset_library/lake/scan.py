@@ -140,10 +140,15 @@ class LakeDataset(pds.FileSystemDataset):
         counts = np.asarray([rows[f.path] for f in fragments], dtype=np.int64)
 
         def batches() -> Iterator[pa.RecordBatch]:
-            # A few files' rows at a time: memory stays flat whatever the table's size.
-            for start in range(0, len(fragments), 64):
-                column = np.repeat(kinds[start : start + 64], counts[start : start + 64])
+            # About a million rows at a time (a file's at least): memory stays flat.
+            start = 0
+            while start < len(fragments):
+                end = start + 1
+                while end < len(fragments) and counts[start:end].sum() < 1 << 20:
+                    end += 1
+                column = np.repeat(kinds[start:end], counts[start:end])
                 yield pa.record_batch([pa.array(column, field.type)], schema=schema)
+                start = end
 
         return pds.Scanner.from_batches(pa.RecordBatchReader.from_batches(schema, batches()))
 
@@ -227,11 +232,12 @@ def _with_row_counts(dataset: LakeDataset, actions: pa.Table, partition: str) ->
 # Reading keys: a lookup's rows, md5 column first
 
 #: Footers of the files keys were read from, by path (a Delta data file never changes): a warm
-#: lookup parses none. Bounded: about 20 KB each.
+#: lookup parses none. Bounded: enough for every file of three tables at 256 buckets and 5
+#: files per bucket.
 _FOOTERS: OrderedDict[str, tuple[pq.FileMetaData, list[tuple[str | None, str | None]]]] = (
     OrderedDict()
 )
-_FOOTERS_KEPT = 8192
+_FOOTERS_KEPT = 4096
 _FOOTERS_LOCK = threading.Lock()  # libraries on several threads (the HTTP service) share it
 
 

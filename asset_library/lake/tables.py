@@ -473,13 +473,15 @@ def merged_version(lake: Lake) -> int:
 REWRITE_MARK = {"asset_library.operation": "sort buckets"}
 
 
-def read_changes(table: DeltaTable, start: int, end: int, columns: list[str]) -> pa.Table:
-    """Rows inserted and deleted in versions ``start..end`` (change data feed), less the
-    commits that only rewrote rows as they were (compaction's sorted rewrite, which Delta
-    records as every row of its buckets deleted and inserted again: reading them cost a merge
-    after a compaction the whole table twice, to net them out)."""
+def read_changes(
+    lake: Lake, table: DeltaTable, start: int, end: int, columns: list[str]
+) -> pa.Table:
+    """Rows inserted and deleted in versions ``start..end`` of ``table`` (change data feed),
+    less the commits that only rewrote rows as they were (compaction's sorted rewrite, which
+    Delta records as every row of its buckets deleted and inserted again: reading them cost a
+    merge after a compaction the whole table twice, to net them out)."""
     wanted = [*columns, "_change_type", "_commit_version", "_commit_timestamp"]
-    skipped = _rewrites(table, start, end)
+    skipped = _rewrites(lake, table, start, end)
     parts = []
     first = start
     for version in [*sorted(skipped), end + 1]:
@@ -489,21 +491,44 @@ def read_changes(table: DeltaTable, start: int, end: int, columns: list[str]) ->
             )
             parts.append(pa.RecordBatchReader.from_stream(reader).read_all())
         first = version + 1
-    if not parts:
-        return pa.table({c: [] for c in [*columns, "_change_type", "_commit_version"]})
+    if not parts:  # nothing in the range but rewrites (or an empty range)
+        from asset_library.lake.scan import plain_schema  # it reads this module's tables
+
+        declared = plain_schema(pa.schema(table.schema().to_arrow()))
+        change = [("_change_type", pa.string()), ("_commit_version", pa.int64())]
+        return pa.schema(
+            [declared.field(c) for c in columns]
+            + [pa.field(n, t) for n, t in change]
+            + [pa.field("_commit_timestamp", pa.timestamp("ms"))]
+        ).empty_table()
     return pa.concat_tables(parts)
 
 
-def _rewrites(table: DeltaTable, start: int, end: int) -> set[int]:
-    """Versions in ``start..end`` that rewrote rows unchanged (marked :data:`REWRITE_MARK`)."""
+def _rewrites(lake: Lake, table: DeltaTable, start: int, end: int) -> set[int]:
+    """Versions in ``start..end`` that rewrote rows unchanged (marked :data:`REWRITE_MARK`).
+
+    Read from a handle at the latest version: delta-rs's ``history()`` lists the newest
+    commits in storage but numbers them down from the handle's loaded version, so a commit
+    landing meanwhile would shift every label. If the table moved while its history was read,
+    read it again; after three tries skip nothing (slower, never wrong)."""
     if end < start:
         return set()
     ((key, value),) = REWRITE_MARK.items()
-    return {
-        int(entry["version"])
-        for entry in table.history(max(1, table.version() - start + 1))
-        if start <= int(entry.get("version", -1)) <= end and entry.get(key) == value
-    }
+    name = table.table_uri.rstrip("/").rsplit("/", 1)[-1]
+    for _ in range(3):
+        probe = lake.open(name)
+        if probe is None:
+            return set()
+        latest = probe.version()
+        entries = probe.history(max(1, latest - start + 1))
+        probe.update_incremental()
+        if probe.version() == latest:
+            return {
+                int(entry["version"])
+                for entry in entries
+                if start <= int(entry["version"]) <= end and entry.get(key) == value
+            }
+    return set()
 
 
 def merge_images(lake: Lake) -> MergeResult:
@@ -528,7 +553,7 @@ def merge_images(lake: Lake) -> MergeResult:
     if now <= last:
         result.to_version = last
         return result
-    changes = read_changes(occurrences, last + 1, now, [f.name for f in OCCURRENCES_SCHEMA])
+    changes = read_changes(lake, occurrences, last + 1, now, [f.name for f in OCCURRENCES_SCHEMA])
     with duckdb.connect() as connection:
         connection.register("changes", changes)
         # One row per occurrence that changed: n > 0 added, n < 0 removed, 0 (rewritten
