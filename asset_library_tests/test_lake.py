@@ -25,7 +25,7 @@ from asset_library.cli import main
 from asset_library.ids import bucket_of
 from asset_library.ingest.shard import KEYS_SCHEMA
 from asset_library.lake import Lake, compact, merge_images, write_shard
-from asset_library.lake.catalog import LakeReadError
+from asset_library.lake.catalog import ATTRIBUTE_IMAGE_COLUMNS, LakeReadError
 from asset_library.lake.scan import lake_dataset
 from asset_library.lake.tables import (
     IMAGE_COUNTS_SCHEMA,
@@ -420,8 +420,10 @@ def test_lookup_reads_one_bucket_and_a_damaged_bucket_breaks_only_itself(tmp_pat
     assert fresh.query(f"SELECT md5 FROM image('{target}')") == [{"md5": target}]
     cube = f"SELECT count(*) AS n FROM attribute_occurrences WHERE bucket = {other} AND "
     assert fresh.query(cube + "attribute = 'label' AND value >= 'a'")[0]["n"] > 0
-    with pytest.raises(duckdb.Error):
-        fresh.query("SELECT count(*) AS n FROM images_with_attribute('label', 'cat')")
+    # an attribute query reads the attribute index alone, which no damaged file is part of
+    cats = fresh.query("SELECT count(*) AS n FROM images_with_attribute('label', 'cat')")
+    indexed = fresh.query("SELECT count(*) AS n FROM md5s_with_attribute('label', 'cat')")
+    assert cats == indexed and cats[0]["n"] > 0
     with pytest.raises(duckdb.Error):
         fresh.query("SELECT count(*) AS n FROM images WHERE width > 0")
     del library
@@ -513,6 +515,81 @@ def test_text_filters_reach_pyarrow_and_skip_row_groups(tmp_path):
     assert library.lookup(some)["md5"] == some
 
 
+def _expected_with_value(library: Library, attribute: str, value: str) -> list[dict]:
+    """``images_with_attribute`` worked out from the occurrences and the cube, in Python: per
+    md5 the first occurrence (by ingested_at, shard, ordinal) that carried the value."""
+    carried: dict[tuple, int] = {}
+    for row in library.query(
+        "SELECT md5, shard, source_uri FROM attribute_occurrences WHERE attribute = ? "
+        "AND value = ?",
+        [attribute, value],
+    ):
+        key = (row["md5"], row["shard"], row["source_uri"])
+        carried[key] = carried.get(key, 0) + 1
+    first: dict[str, dict] = {}
+    counts: dict[str, int] = {}
+    for row in library.query("SELECT * FROM occurrences"):
+        key = (row["md5"], row["shard"], row["source_uri"])
+        if key not in carried:
+            continue
+        best = first.get(row["md5"])
+        rank = (row["ingested_at"], row["shard"], row["ordinal"])
+        if best is None or rank < (best["ingested_at"], best["shard"], best["ordinal"]):
+            first[row["md5"]] = row
+    for (md5, _, _), n in carried.items():
+        counts[md5] = counts.get(md5, 0) + n
+    columns = [c for c in ATTRIBUTE_IMAGE_COLUMNS if c != "occurrences_with_value"]
+    columns[10:10] = ["phash_int", "ahash_int", "dhash_int"]
+    return [
+        {**{c: first[m][c] for c in columns}, "occurrences_with_value": counts[m]}
+        for m in sorted(first)
+    ]
+
+
+def test_an_attribute_query_reads_the_index_alone_and_agrees_with_the_occurrences(tmp_path):
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(21)
+    first = random_md5s(rng, 300)
+    _land(layout, lake, "w-s00000", first, seed=1)
+    # later: 100 of them again (their label drawn again), and one source listed twice
+    keys = write_keys(
+        layout.keys_path("w-s00001"),
+        batch="w",
+        shard="w-s00001",
+        n_buckets=BUCKETS,
+        md5s=first[:100] + random_md5s(rng, 100),
+        seed=2,
+        ingested_at=datetime.now(UTC) + timedelta(hours=1),
+    )
+    rows = pq.read_table(keys)
+    twin = rows.slice(0, 1)
+    twin = twin.set_column(twin.schema.get_field_index("ordinal"), "ordinal", pa.array([999]))
+    pq.write_table(pa.concat_tables([rows, twin]), keys)
+    write_shard(lake, "w-s00001", keys)
+    _refresh(layout, lake)
+    library = Library(layout.root)
+    twice = library.query(
+        "SELECT occurrences_with_value AS n FROM images_with_attribute('label', ?) WHERE md5 = ?",
+        [json.loads(rows["extras"][0].as_py())["label"], first[0]],
+    )
+    assert twice[0]["n"] >= 2  # both listings of the source carried it; no row twice
+    labels = library.query(
+        "SELECT DISTINCT value FROM attribute_occurrences WHERE attribute = ?", ["label"]
+    )
+    for label in sorted(r["value"] for r in labels):
+        query = "SELECT * FROM images_with_attribute('label', ?) ORDER BY md5"
+        found = library.query(query, [label])
+        assert found == _expected_with_value(library, "label", label) and found, label
+        # an image seen once has its images row's columns
+        single = library.query(
+            "SELECT i.* EXCLUDE (occurrences) FROM images i WHERE occurrences = 1 AND md5 IN "
+            "(SELECT md5 FROM md5s_with_attribute('label', ?)) ORDER BY md5",
+            [label],
+        )
+        by_md5 = {r["md5"]: r for r in found}
+        assert single and all({k: by_md5[r["md5"]][k] for k in r} == r for r in single), label
+
+
 def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path):
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(16)
@@ -538,6 +615,32 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path)
     assert index.num_rows == 400 * 6  # i-s00001 replaced: 200 + 100 + 100 images
     found = Library(layout.root).query(truth)[0]
     assert found["found"] == found["indexed"] == found["truth"]
+    # an index of the layout before it covered the image's columns: read from the cube until
+    # the next shard's write rebuilds it
+    rows = "SELECT * FROM images_with_attribute('label', 'cat') ORDER BY md5"
+    library = Library(layout.root)
+    covered = library.query(rows)
+    assert covered == _expected_with_value(library, "label", "cat")
+    old = DeltaTable(lake.uri("attributes")).to_pyarrow_table(
+        columns=["attribute", "value", "md5", "bucket", "shard"]
+    )
+    old = old.append_column("part", pa.array([0] * old.num_rows, pa.int32()))
+    write_deltalake(
+        lake.uri("attribute_index"),
+        old,
+        mode="overwrite",
+        schema_mode="overwrite",
+        partition_by=["part"],
+    )
+    assert Library(layout.root).query(rows) == covered
+    _land(layout, lake, "i-s00002", random_md5s(rng, 100), seed=6)
+    rebuilt = DeltaTable(lake.uri("attribute_index"))
+    assert "size_bytes" in {f.name for f in rebuilt.schema().fields}
+    library = Library(layout.root)
+    assert library.query(rows) == _expected_with_value(library, "label", "cat") != covered
+    found = Library(layout.root).query(truth)[0]
+    assert found["found"] == found["indexed"] == found["truth"]
+    assert rebuilt.to_pyarrow_table(columns=["shard"]).num_rows == 400 * 6
 
 
 def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(tmp_path):

@@ -28,7 +28,14 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from asset_library.lake.scan import LakeDataset, lake_dataset, read_keys
-from asset_library.lake.tables import PARTITIONS, SCHEMAS, Lake, attribute_part_sql
+from asset_library.lake.tables import (
+    INDEX_SQL,
+    PARTITIONS,
+    SCHEMAS,
+    Lake,
+    attribute_part_sql,
+    is_outdated_index,
+)
 from asset_library.sql_guard import check_read_only_query, lock_down
 
 #: Rows of the near-duplicate groups: the group (numbered from the largest), its size, members.
@@ -43,6 +50,15 @@ IMAGE_VIEW_COLUMNS = [
     *("md5", "size_bytes", "format", "width", "height", "orientation", "frames"),
     *("phash", "ahash", "dhash", "phash_int", "ahash_int", "dhash_int", "quality", "bucket"),
     *("source_uri", "batch", "shard", "ingested_at", "occurrences"),
+]
+
+
+#: The columns of ``images_with_attribute``: those of ``images`` (hash integers after the ten
+#: first) but ``occurrences``, which would need the image's every occurrence.
+ATTRIBUTE_IMAGE_COLUMNS = [
+    *IMAGE_VIEW_COLUMNS[:10],
+    *IMAGE_VIEW_COLUMNS[13:-1],
+    "occurrences_with_value",
 ]
 
 
@@ -83,12 +99,18 @@ MACROS: dict[str, tuple[str, str]] = {
         "key",
         "SELECT * FROM images WHERE bucket = {bucket_expr} AND md5 = lower(key)",
     ),
+    # The index alone (it covers the image's columns): a value's rows, never a join on the md5
+    # of every image. One row per image; its source columns are those of the first occurrence
+    # that carried the value, and ``occurrences_with_value`` counts those occurrences.
     "images_with_attribute": (
         "attr, val",
-        f"SELECT * FROM images WHERE md5 IN (SELECT md5 FROM {_INDEXED_VALUE})",
+        f"""SELECT {", ".join(ATTRIBUTE_IMAGE_COLUMNS[:10])}, {_HASH_INTS},
+            {", ".join(ATTRIBUTE_IMAGE_COLUMNS[10:])}
+            FROM (SELECT *, count(*) OVER (PARTITION BY md5) AS occurrences_with_value
+                  FROM {_INDEXED_VALUE}
+                  QUALIFY row_number() OVER (
+                    PARTITION BY md5 ORDER BY ingested_at, shard, ordinal) = 1)""",
     ),
-    # The index alone, no scan of images: how many and which images have a value, in the time
-    # of that value's rows (a full-row answer reads the md5 of every image to join).
     "md5s_with_attribute": ("attr, val", f"SELECT DISTINCT md5, bucket FROM {_INDEXED_VALUE}"),
     "attributes_of": (
         "key",
@@ -116,11 +138,9 @@ MACROS: dict[str, tuple[str, str]] = {
 }
 
 
-#: The attribute index of a lake written before it had one: the cube itself, read by attribute.
-_CUBE_BY_ATTRIBUTE = (
-    "SELECT attribute, value, md5, bucket, shard, "
-    f"{attribute_part_sql('attribute')} AS part FROM _lake_attributes"
-)
+#: The attribute index of a lake written before it had one (or one without the image's
+#: columns): the cube itself with its occurrences, read by attribute.
+_CUBE_BY_ATTRIBUTE = INDEX_SQL.format(cube="_lake_attributes", occurrences="_lake_occurrences")
 
 
 class LakeReadError(ValueError):
@@ -166,7 +186,9 @@ class Catalog:
             version = None if table is None else table.version()
             if name in self._versions and self._versions[name] == version:
                 continue
-            if table is None and name == "attribute_index":  # a lake from before it
+            if name == "attribute_index" and (  # a lake from before it, or from before it
+                table is None or is_outdated_index(name, table)  # covered the image
+            ):
                 self.connection.execute(
                     f"CREATE OR REPLACE TEMP VIEW _lake_{name} AS {_CUBE_BY_ATTRIBUTE}"
                 )

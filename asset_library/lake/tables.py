@@ -128,16 +128,22 @@ IMAGES_SCHEMA = pa.schema(
 IMAGE_COUNTS_SCHEMA = pa.schema(
     [("md5", pa.string()), ("occurrences", pa.int64()), ("bucket", pa.int32())]
 )
-#: The cube again, by attribute: (attribute, value) -> md5, partitioned by ``part``, a hash of
-#: the attribute, and sorted by (attribute, value), so a query for one attribute value opens
-#: one partition's files and, by their statistics, few of their row groups.
+#: The cube again, by attribute: (attribute, value) -> the image and the occurrence that carried
+#: it, partitioned by ``part``, a hash of the attribute, and sorted by (attribute, value), so a
+#: query for one attribute value opens one partition's files and, by their statistics, few of
+#: their row groups. It covers the image's columns, so that query reads nothing else: an
+#: image's rows among the billion would otherwise need the md5 of every image for a join.
 ATTRIBUTE_INDEX_SCHEMA = pa.schema(
     [
         ("attribute", pa.string()),
         ("value", pa.string()),
-        ("md5", pa.string()),
-        ("bucket", pa.int32()),
+        *IMAGE_COLUMNS,
+        ("source_uri", pa.string()),
+        ("batch", pa.string()),
         ("shard", pa.string()),
+        ("ordinal", pa.int64()),
+        ("ingested_at", TIMESTAMP),
+        ("bucket", pa.int32()),
         ("part", pa.int32()),
     ]
 )
@@ -213,10 +219,22 @@ class Lake:
             return None
 
     def table(self, table: str) -> DeltaTable:
-        """The table, created empty first if it does not exist yet."""
+        """The table, created empty first if it does not exist yet (an attribute index of an
+        earlier layout: rebuilt from the cube)."""
         found = self.open(table)
-        if found is not None:
+        if found is not None and not is_outdated_index(table, found):
             return found
+        if found is not None:
+            with contextlib.suppress(DeltaError), duckdb.connect() as connection:
+                write_deltalake(  # one overwrite; a conflict means another writer rebuilt it
+                    found,
+                    _first_rows(self, table, connection),
+                    mode="overwrite",
+                    schema_mode="overwrite",
+                    partition_by=[PARTITIONS[table]],
+                    writer_properties=_writer_properties(table),
+                )
+            return DeltaTable(self.uri(table), storage_options=dict(self.storage_options))
         if not self.is_s3:
             Path(self.uri(table)).mkdir(parents=True, exist_ok=True)
         configuration = {"delta.enableChangeDataFeed": "true"} if table in _CHANGE_FEED else None
@@ -240,18 +258,29 @@ class Lake:
             self.table(name)
 
 
+def is_outdated_index(table: str, found: DeltaTable) -> bool:
+    """Whether ``found`` is an attribute index of an earlier layout (without the image's
+    columns): readers then read the cube, and the next shard written rebuilds it."""
+    if table != "attribute_index":
+        return False
+    return not set(ATTRIBUTE_INDEX_SCHEMA.names) <= {f.name for f in found.schema().fields}
+
+
 def _first_rows(
     lake: Lake, table: str, connection: duckdb.DuckDBPyConnection
 ) -> pa.Table | pa.RecordBatchReader:
     """What a new table starts with: nothing, but for an attribute index added to a lake whose
-    cube has rows: the cube's rows. Each shard then replaces its own rows as it is written, so
-    a shard written meanwhile is never lost nor counted twice."""
+    cube has rows: the cube's rows with their occurrences. Each shard then replaces its own
+    rows as it is written, so a shard written meanwhile is never lost nor counted twice."""
     cube = lake.open("attributes") if table == "attribute_index" else None
     if cube is None:
         return SCHEMAS[table].empty_table()
-    connection.register("cube", cube.to_pyarrow_dataset().scanner().to_reader())
+    occurrences = lake.table("occurrences")
+    connection.register("cube", cube.to_pyarrow_dataset())
+    connection.register("occurrences", occurrences.to_pyarrow_dataset())
+    rows = INDEX_SQL.format(cube="cube", occurrences="occurrences")
     return (
-        connection.sql(_INDEX_SQL.format(source="cube"))
+        connection.sql(f"{rows} ORDER BY {INDEX_ORDER}")
         .to_arrow_reader(200_000)
         .cast(ATTRIBUTE_INDEX_SCHEMA)
     )
@@ -360,22 +389,39 @@ ATTRIBUTE_INDEX_ROW_GROUP = 16_384
 
 
 def _writer_properties(table: str) -> WriterProperties | None:
-    if table == "attribute_index":  # sorted by value: an md5 recurs in no run, no dictionary
+    if table == "attribute_index":  # sorted by value: an image's own columns recur in no run
+        unique = ColumnProperties(dictionary_enabled=False)
         return WriterProperties(
             max_row_group_size=ATTRIBUTE_INDEX_ROW_GROUP,
             compression="ZSTD",
-            column_properties={"md5": ColumnProperties(dictionary_enabled=False)},
+            column_properties={c: unique for c in ("md5", "phash", "ahash", "dhash", "source_uri")},
         )
     if table in _SORTED_BY_MD5:
         return WriterProperties(max_row_group_size=BY_MD5_ROW_GROUP, compression="ZSTD")
     return None
 
 
-#: The attribute index rows of the cube rows in ``{source}``.
-_INDEX_SQL = f"""
-    SELECT attribute, value, md5, bucket, shard, {attribute_part_sql("attribute")} AS part
-    FROM {{source}} ORDER BY part, attribute, value, md5
+#: The index's columns that come from the occurrence (all but the cube's and the partitions).
+_OCCURRENCE_COLUMNS = ", ".join(
+    f"o.{name}"
+    for name in ATTRIBUTE_INDEX_SCHEMA.names
+    if name not in ("attribute", "value", "bucket", "part")
+)
+#: The attribute index rows of the cube rows in ``{cube}``, each with the row of the occurrence
+#: that carried it in ``{occurrences}`` (by md5, shard and source; a source listed twice in one
+#: shard: its first ordinal, so a cube row gains no twin).
+INDEX_SQL = f"""
+    WITH occurrence AS (
+      SELECT DISTINCT ON (md5, shard, source_uri) * FROM {{occurrences}}
+      ORDER BY md5, shard, source_uri, ordinal
+    )
+    SELECT c.attribute, c.value, {_OCCURRENCE_COLUMNS}, c.bucket,
+           {attribute_part_sql("c.attribute")} AS part
+    FROM {{cube}} c JOIN occurrence o
+      ON o.md5 = c.md5 AND o.shard = c.shard AND o.source_uri = c.source_uri
 """
+#: How the attribute index is sorted within a partition: a value's rows are contiguous.
+INDEX_ORDER = "part, attribute, value, md5"
 
 
 def _shard_keys(connection: duckdb.DuckDBPyConnection, keys: Path) -> None:
@@ -399,6 +445,9 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
     with duckdb.connect() as connection:
         connection.execute("SET preserve_insertion_order = false").fetchall()
         _shard_keys(connection, keys_path)
+        connection.execute(
+            "CREATE TEMP VIEW shard_occurrences AS SELECT * FROM shard_keys WHERE status = 'ok'"
+        ).fetchall()
         started = time.perf_counter()
         connection.execute(f"CREATE TEMP TABLE shard_attributes AS {_ATTRIBUTES_SQL}").fetchall()
         cube_rows_s = time.perf_counter() - started  # counted in the cube's commit
@@ -409,7 +458,11 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
                 "attributes",
                 f"SELECT * FROM shard_attributes ORDER BY {_SORTED_BY_MD5['attributes']}",
             ),
-            ("attribute_index", _INDEX_SQL.format(source="shard_attributes")),
+            (
+                "attribute_index",
+                f"{INDEX_SQL.format(cube='shard_attributes', occurrences='shard_occurrences')} "
+                f"ORDER BY {INDEX_ORDER}",
+            ),
         ):
             started = time.perf_counter()
             target = lake.table(table)
@@ -835,7 +888,7 @@ def compact(
 #: How compaction rewrites a crowded bucket of these tables (others: ``optimize.compact``).
 _REWRITTEN = {
     **{name: f"SELECT * FROM rows ORDER BY {order}" for name, order in _SORTED_BY_MD5.items()},
-    "attribute_index": "SELECT * FROM rows ORDER BY part, attribute, value, md5",
+    "attribute_index": f"SELECT * FROM rows ORDER BY {INDEX_ORDER}",
     "image_counts": "SELECT md5, sum(occurrences)::BIGINT AS occurrences, bucket FROM rows "
     "GROUP BY bucket, md5 HAVING sum(occurrences) <> 0 ORDER BY bucket, md5",
 }
