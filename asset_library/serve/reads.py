@@ -119,7 +119,9 @@ def call_macro(
         )
     values = [given[name] for name in names]
     call = f"{macro}({', '.join('?' for _ in names)})"  # the name is one of MACROS' keys
-    order = "" if "ORDER BY" in MACROS[macro][1] else " ORDER BY 1"
+    body = MACROS[macro][1]  # its own ORDER BY is its last, outside parentheses (a window's)
+    own_order = "ORDER BY" in body and ")" not in body.rpartition("ORDER BY")[2]
+    order = "" if own_order else " ORDER BY 1"
     total = library.query(f"SELECT count(*) AS n FROM {call}", values)[0]["n"]
     rows = library.query(f"SELECT * FROM {call}{order} LIMIT ? OFFSET ?", [*values, limit, offset])
     return Page(total, limit, offset, rows)
