@@ -96,6 +96,15 @@ def _shard(
     _, rare_s = _timed(
         lambda: warm.query("SELECT * FROM images_with_attribute(?, ?)", ["score", "7"])
     )
+    _, rows_s = _timed(  # 20% of the library's images, whole, into pandas
+        lambda: warm.frame("SELECT * FROM images_with_attribute(?, ?)", ["label", "cat"])
+    )
+    _, joined_s = _timed(  # the same rows as the rare value's, the way before the index covered
+        lambda: warm.query(  # the image: a join on the md5 of every image
+            "SELECT * FROM images WHERE md5 IN (SELECT md5 FROM md5s_with_attribute(?, ?))",
+            ["score", "7"],
+        )
+    )
     _, least_s = _timed(
         lambda: warm.query("SELECT count(*) AS n FROM images_at_least(?, ?)", [5000, 3500])
     )
@@ -115,6 +124,8 @@ def _shard(
         "attribute_query_s": round(attr_s, 3),
         "attribute_md5s_s": round(indexed_s, 3),
         "attribute_rare_rows_s": round(rare_s, 3),
+        "attribute_rows_s": round(rows_s, 3),
+        "attribute_rare_joined_s": round(joined_s, 3),
         "images_at_least_s": round(least_s, 3),
         "merged": {"inserted": merged.inserted, "updated": merged.updated},
         "index_images": synced.images,

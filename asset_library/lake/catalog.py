@@ -53,11 +53,10 @@ IMAGE_VIEW_COLUMNS = [
 ]
 
 
-#: The columns of ``images_with_attribute``: those of ``images`` (hash integers after the ten
-#: first) but ``occurrences``, which would need the image's every occurrence.
+#: The columns of ``images_with_attribute``: those of ``images`` but the hashes (the attribute
+#: index does not hold them) and ``occurrences`` (it would need the image's every occurrence).
 ATTRIBUTE_IMAGE_COLUMNS = [
-    *IMAGE_VIEW_COLUMNS[:10],
-    *IMAGE_VIEW_COLUMNS[13:-1],
+    *(c for c in IMAGE_VIEW_COLUMNS if "hash" not in c and c != "occurrences"),
     "occurrences_with_value",
 ]
 
@@ -99,13 +98,12 @@ MACROS: dict[str, tuple[str, str]] = {
         "key",
         "SELECT * FROM images WHERE bucket = {bucket_expr} AND md5 = lower(key)",
     ),
-    # The index alone (it covers the image's columns): a value's rows, never a join on the md5
+    # The index alone (it covers the image but its hashes): a value's rows, never a join on the md5
     # of every image. One row per image; its source columns are those of the first occurrence
     # that carried the value, and ``occurrences_with_value`` counts those occurrences.
     "images_with_attribute": (
         "attr, val",
-        f"""SELECT {", ".join(ATTRIBUTE_IMAGE_COLUMNS[:10])}, {_HASH_INTS},
-            {", ".join(ATTRIBUTE_IMAGE_COLUMNS[10:])}
+        f"""SELECT {", ".join(ATTRIBUTE_IMAGE_COLUMNS)}
             FROM (SELECT *, count(*) OVER (PARTITION BY md5) AS occurrences_with_value
                   FROM {_INDEXED_VALUE}
                   QUALIFY row_number() OVER (

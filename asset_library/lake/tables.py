@@ -29,12 +29,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
@@ -131,13 +132,14 @@ IMAGE_COUNTS_SCHEMA = pa.schema(
 #: The cube again, by attribute: (attribute, value) -> the image and the occurrence that carried
 #: it, partitioned by ``part``, a hash of the attribute, and sorted by (attribute, value), so a
 #: query for one attribute value opens one partition's files and, by their statistics, few of
-#: their row groups. It covers the image's columns, so that query reads nothing else: an
-#: image's rows among the billion would otherwise need the md5 of every image for a join.
+#: their row groups. It covers the image's columns but its hashes (random: a third of its
+#: bytes), so that query reads nothing else: an image's rows among the billion would otherwise
+#: need the md5 of every image for a join.
 ATTRIBUTE_INDEX_SCHEMA = pa.schema(
     [
         ("attribute", pa.string()),
         ("value", pa.string()),
-        *IMAGE_COLUMNS,
+        *(column for column in IMAGE_COLUMNS if not column[0].endswith("hash")),
         ("source_uri", pa.string()),
         ("batch", pa.string()),
         ("shard", pa.string()),
@@ -343,7 +345,7 @@ def value_type_of(text: str) -> str:
 _ATTRIBUTES_SQL = f"""
     WITH ok AS (
       SELECT md5, extras, width, height, frames, camera_make, camera_model, source_uri, batch,
-             shard, bucket,
+             shard, bucket, ordinal,
              CASE WHEN length(captured_at) >= 19 AND captured_at[5] = ':'
                        AND captured_at[8] = ':' AND NOT starts_with(captured_at, '0000')
                   THEN captured_at[1:4] || '-' || captured_at[6:7] || '-' || captured_at[9:10]
@@ -352,12 +354,12 @@ _ATTRIBUTES_SQL = f"""
     ), manifest AS (
       SELECT md5, j.key AS attribute,
              CASE WHEN j.type = 'VARCHAR' THEN j.value ->> '$' ELSE j.value::VARCHAR END AS v,
-             source_uri, batch, shard, bucket
+             source_uri, batch, shard, bucket, ordinal
       FROM ok, json_each(ok.extras) AS j
       WHERE ok.extras IS NOT NULL AND j.type <> 'NULL'
     ), derived AS (
       -- one pass over the images: each row's derived attributes as a list, then unnested
-      SELECT md5, source_uri, batch, shard, bucket, unnest(list_filter([
+      SELECT md5, source_uri, batch, shard, bucket, ordinal, unnest(list_filter([
         {{'a': 'exif.make', 'v': nullif(camera_make, ''), 't': 'string'}},
         {{'a': 'exif.model', 'v': nullif(camera_model, ''), 't': 'string'}},
         {{'a': 'exif.captured_at',
@@ -375,10 +377,10 @@ _ATTRIBUTES_SQL = f"""
       FROM ok
     )
     SELECT md5, attribute, v AS value, {VALUE_TYPE_SQL} AS value_type,
-           'manifest' AS origin, source_uri, batch, shard, bucket::INTEGER AS bucket
+           'manifest' AS origin, source_uri, batch, shard, bucket::INTEGER AS bucket, ordinal
     FROM manifest
     UNION ALL
-    SELECT md5, d.a, d.v, d.t, 'derived', source_uri, batch, shard, bucket FROM derived
+    SELECT md5, d.a, d.v, d.t, 'derived', source_uri, batch, shard, bucket, ordinal FROM derived
 """
 #: Rows per Parquet row group of the tables a lookup reads by md5 (``images``, ``occurrences``
 #: and the cube, each written sorted by md5): a lookup reads one row group of each file.
@@ -401,27 +403,54 @@ def _writer_properties(table: str) -> WriterProperties | None:
     return None
 
 
-#: The index's columns that come from the occurrence (all but the cube's and the partitions).
-_OCCURRENCE_COLUMNS = ", ".join(
-    f"o.{name}"
-    for name in ATTRIBUTE_INDEX_SCHEMA.names
-    if name not in ("attribute", "value", "bucket", "part")
-)
-#: The attribute index rows of the cube rows in ``{cube}``, each with the row of the occurrence
-#: that carried it in ``{occurrences}`` (by md5, shard and source; a source listed twice in one
-#: shard: its first ordinal, so a cube row gains no twin).
+#: The index's columns that come from the occurrence that carried the value.
+_FROM_OCCURRENCE = [
+    name for name in ATTRIBUTE_INDEX_SCHEMA.names if name not in ("attribute", "value", "part")
+]
+#: The attribute index rows of cube rows in ``{cube}`` (that do not hold their occurrence's
+#: ordinal: a cube as committed), each with the row of the occurrence that carried it in
+#: ``{occurrences}`` (by md5, shard and source; a source listed twice in one shard: its first
+#: ordinal, so a cube row gains no twin).
 INDEX_SQL = f"""
     WITH occurrence AS (
       SELECT DISTINCT ON (md5, shard, source_uri) * FROM {{occurrences}}
       ORDER BY md5, shard, source_uri, ordinal
     )
-    SELECT c.attribute, c.value, {_OCCURRENCE_COLUMNS}, c.bucket,
+    SELECT c.attribute, c.value, {", ".join(f"o.{name}" for name in _FROM_OCCURRENCE)},
            {attribute_part_sql("c.attribute")} AS part
     FROM {{cube}} c JOIN occurrence o
       ON o.md5 = c.md5 AND o.shard = c.shard AND o.source_uri = c.source_uri
 """
-#: How the attribute index is sorted within a partition: a value's rows are contiguous.
-INDEX_ORDER = "part, attribute, value, md5"
+#: How the attribute index is sorted within a partition: a value's rows are contiguous (in no
+#: order among themselves: a sort by md5 as well took twice as long).
+INDEX_ORDER = "part, attribute, value"
+
+
+def _shard_index_rows(connection: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
+    """The attribute index rows of the shard's cube rows (``shard_attributes``, each with its
+    occurrence's ordinal): the narrow rows sorted, then each one's occurrence columns taken by
+    position, so no wide row is joined or sorted (that took three times as long)."""
+    occurrences = connection.sql(
+        f"SELECT {', '.join(_FROM_OCCURRENCE)} FROM shard_keys WHERE status = 'ok'"
+    ).to_arrow_table()
+    ordinals = occurrences["ordinal"].to_numpy()
+    position = np.zeros(int(ordinals.max(initial=0)) + 1, np.int64)  # ordinal -> row
+    position[ordinals] = np.arange(len(ordinals))
+    occurrences = occurrences.combine_chunks()
+    narrow = connection.sql(
+        f"SELECT attribute, value, ordinal, {attribute_part_sql('attribute')} AS part "
+        f"FROM shard_attributes ORDER BY {INDEX_ORDER}"
+    ).to_arrow_reader(200_000)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for batch in narrow:
+            taken = occurrences.take(position[batch["ordinal"].to_numpy()])
+            columns = {"attribute": batch["attribute"], "value": batch["value"]}
+            columns |= {name: taken[name].combine_chunks() for name in _FROM_OCCURRENCE}
+            columns["part"] = batch["part"]
+            yield pa.RecordBatch.from_pydict(columns).cast(ATTRIBUTE_INDEX_SCHEMA)
+
+    return pa.RecordBatchReader.from_batches(ATTRIBUTE_INDEX_SCHEMA, batches())
 
 
 def _shard_keys(connection: duckdb.DuckDBPyConnection, keys: Path) -> None:
@@ -445,9 +474,6 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
     with duckdb.connect() as connection:
         connection.execute("SET preserve_insertion_order = false").fetchall()
         _shard_keys(connection, keys_path)
-        connection.execute(
-            "CREATE TEMP VIEW shard_occurrences AS SELECT * FROM shard_keys WHERE status = 'ok'"
-        ).fetchall()
         started = time.perf_counter()
         connection.execute(f"CREATE TEMP TABLE shard_attributes AS {_ATTRIBUTES_SQL}").fetchall()
         cube_rows_s = time.perf_counter() - started  # counted in the cube's commit
@@ -456,19 +482,21 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
             ("rejects", _REJECTS_SQL),
             (
                 "attributes",
-                f"SELECT * FROM shard_attributes ORDER BY {_SORTED_BY_MD5['attributes']}",
+                f"SELECT {', '.join(ATTRIBUTES_SCHEMA.names)} FROM shard_attributes "
+                f"ORDER BY {_SORTED_BY_MD5['attributes']}",
             ),
-            (
-                "attribute_index",
-                f"{INDEX_SQL.format(cube='shard_attributes', occurrences='shard_occurrences')} "
-                f"ORDER BY {INDEX_ORDER}",
-            ),
+            ("attribute_index", None),
         ):
             started = time.perf_counter()
             target = lake.table(table)
+            rows = (
+                _shard_index_rows(connection)
+                if sql is None
+                else connection.sql(sql).to_arrow_reader(200_000).cast(SCHEMAS[table])
+            )
             write_deltalake(
                 target,
-                connection.sql(sql).to_arrow_reader(200_000).cast(SCHEMAS[table]),
+                rows,
                 mode="overwrite",
                 predicate=f"shard = '{shard}'",
                 partition_by=[PARTITIONS[table]],
@@ -905,13 +933,18 @@ def _sort_buckets(table: DeltaTable, buckets: list[int], name: str = "attributes
     or two row groups of the file."""
     listed = ", ".join(str(b) for b in buckets)
     column = PARTITIONS[name]
-    rows = table.to_pyarrow_dataset().scanner(filter=pc.field(column).isin(buckets))
+    dataset = table.to_pyarrow_dataset()
+
+    def sorted_rows(connection: duckdb.DuckDBPyConnection) -> Iterator[pa.RecordBatch]:
+        for bucket in buckets:  # one at a time: memory for one bucket's rows, not all
+            rows = dataset.scanner(filter=pc.field(column) == bucket).to_reader()
+            connection.register("rows", rows)
+            yield from connection.sql(_REWRITTEN[name]).to_arrow_reader(200_000).cast(SCHEMAS[name])
+
     with duckdb.connect() as connection:
-        connection.register("rows", rows.to_reader())
-        sorted_rows = connection.sql(_REWRITTEN[name]).to_arrow_reader(200_000)
         write_deltalake(
             table,
-            sorted_rows.cast(SCHEMAS[name]),
+            pa.RecordBatchReader.from_batches(SCHEMAS[name], sorted_rows(connection)),
             mode="overwrite",
             predicate=f"{column} IN ({listed})",
             partition_by=[column],
