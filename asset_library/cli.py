@@ -386,6 +386,11 @@ def _migrate(args: argparse.Namespace) -> int:
 
     library = _library(args)
     done = migrate(library.layout, Lake.of(library.layout))
+    if done.index_rows is not None:
+        print(
+            f"{library.path}: attribute index rebuilt to cover the image ({done.index_rows:,} rows)"
+        )
+        return 0
     if not done.shards and not done.removed:
         print(f"{library.path}: already on the Delta lake, nothing to migrate")
         return 0

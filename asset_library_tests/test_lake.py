@@ -590,7 +590,22 @@ def test_an_attribute_query_reads_the_index_alone_and_agrees_with_the_occurrence
         assert single and all({k: by_md5[r["md5"]][k] for k in r} == r for r in single), label
 
 
-def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path):
+def _outdate_index(lake: Lake) -> None:
+    """Make the attribute index one of the layout before it covered the image."""
+    old = DeltaTable(lake.uri("attributes")).to_pyarrow_table(
+        columns=["attribute", "value", "md5", "bucket", "shard"]
+    )
+    old = old.append_column("part", pa.array([0] * old.num_rows, pa.int32()))
+    write_deltalake(
+        lake.uri("attribute_index"),
+        old,
+        mode="overwrite",
+        schema_mode="overwrite",
+        partition_by=["part"],
+    )
+
+
+def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path, capsys):
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(16)
     for number in range(2):
@@ -621,17 +636,7 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path)
     library = Library(layout.root)
     covered = library.query(rows)
     assert covered == _expected_with_value(library, "label", "cat")
-    old = DeltaTable(lake.uri("attributes")).to_pyarrow_table(
-        columns=["attribute", "value", "md5", "bucket", "shard"]
-    )
-    old = old.append_column("part", pa.array([0] * old.num_rows, pa.int32()))
-    write_deltalake(
-        lake.uri("attribute_index"),
-        old,
-        mode="overwrite",
-        schema_mode="overwrite",
-        partition_by=["part"],
-    )
+    _outdate_index(lake)
     assert Library(layout.root).query(rows) == covered
     _land(layout, lake, "i-s00002", random_md5s(rng, 100), seed=6)
     rebuilt = DeltaTable(lake.uri("attribute_index"))
@@ -641,6 +646,15 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path)
     found = Library(layout.root).query(truth)[0]
     assert found["found"] == found["indexed"] == found["truth"]
     assert rebuilt.to_pyarrow_table(columns=["shard"]).num_rows == 400 * 6
+    # or at once, by the migrate command, before shards are written side by side
+    _outdate_index(lake)
+    capsys.readouterr()
+    assert main(["migrate", "--library", str(layout.root)]) == 0
+    assert "attribute index rebuilt to cover the image (2,400 rows)" in capsys.readouterr().out
+    library = Library(layout.root)
+    assert library.query(rows) == _expected_with_value(library, "label", "cat")
+    assert main(["migrate", "--library", str(layout.root)]) == 0
+    assert "nothing to migrate" in capsys.readouterr().out
 
 
 def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(tmp_path):

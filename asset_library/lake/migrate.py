@@ -7,9 +7,11 @@ fresh ingest of those shards would write; then ``images`` is merged and the simi
 rebuilt. The old files are removed only after that succeeded. Running it twice does nothing the
 second time.
 
-A Delta lake written before ``image_counts`` and ``attribute_index`` needs nothing from here:
-the catalog reads it as it is, the next merge starts ``image_counts`` and the next shard written
-starts ``attribute_index`` from the cube (see :func:`asset_library.lake.tables.write_shard`).
+A Delta lake written before ``image_counts`` and ``attribute_index`` (or before the index covered
+the image) needs nothing from here: the catalog reads it as it is, the next merge starts
+``image_counts`` and the next shard written (re)builds ``attribute_index`` from the cube and its
+occurrences (see :meth:`asset_library.lake.tables.Lake.table`); :func:`migrate` rebuilds such an
+index at once, before shards are written side by side.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asset_library.ids import check_shard_key
-from asset_library.lake.tables import Lake, merge_images, write_shard
+from asset_library.lake.tables import (
+    Lake,
+    is_outdated_index,
+    merge_images,
+    row_count,
+    write_shard,
+)
 from asset_library.layout import LibraryLayout
 
 _OLD_TABLES = ("base", "cube", "near_duplicates")
@@ -30,6 +38,8 @@ class Migration:
     shards: list[str] = field(default_factory=list)
     images: int = 0
     removed: list[str] = field(default_factory=list)
+    #: Rows of an attribute index rebuilt to cover the image (``None``: none was rebuilt).
+    index_rows: int | None = None
 
 
 def old_layout(layout: LibraryLayout) -> bool:
@@ -58,6 +68,12 @@ def migrate(layout: LibraryLayout, lake: Lake) -> Migration:
 
     done = Migration()
     if not old_layout(layout):
+        index = lake.open("attribute_index")
+        cube = lake.open("attributes")
+        if (index is None and row_count(cube)) or (
+            index is not None and is_outdated_index("attribute_index", index)
+        ):
+            done.index_rows = row_count(lake.table("attribute_index"))
         return done
     shards = sorted(_old_shards(layout))
     missing = [s for s in shards if not layout.keys_path(s).exists()]
