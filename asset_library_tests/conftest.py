@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +13,11 @@ import pytest
 
 from asset_library.orchestrate import IngestSummary, ingest_batch
 from asset_library_tests.seaweedfs import SeaweedS3
+
+# A suite started in the background by a shell without job control (``make test &``) inherits
+# SIGINT ignored, and so would every process it starts: the Ctrl-C tests need Python's own
+# handler here, and a handled signal is back to its default in each child.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _bucket_numbers = itertools.count(1)
 
