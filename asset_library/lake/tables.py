@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
@@ -311,46 +312,114 @@ def value_type_of(text: str) -> str:
         return str(row.fetchone()[0])
 
 
-_ATTRIBUTES_SQL = f"""
+#: How each derived attribute is read from a keys row, and its value_type (``exif_time``:
+#: EXIF's DateTimeOriginal as YYYY-MM-DD HH:MM:SS, when it is written as one).
+_DERIVED_SQL = {
+    "exif.make": ("nullif(camera_make, '')", "string"),
+    "exif.model": ("nullif(camera_model, '')", "string"),
+    "exif.captured_at": (
+        "CASE WHEN try_strptime(exif_time, '%Y-%m-%d %H:%M:%S') IS NOT NULL THEN exif_time END",
+        "timestamp",
+    ),
+    "image.aspect_ratio": (
+        "CASE WHEN width > 0 AND height > 0 THEN round(width / height, 4)::DOUBLE::VARCHAR END",
+        "double",
+    ),
+    "image.megapixels": (
+        "CASE WHEN width > 0 AND height > 0 "
+        "THEN round(width * height / 1e6, 3)::DOUBLE::VARCHAR END",
+        "double",
+    ),
+    "image.animated": ("CASE WHEN coalesce(frames, 1) > 1 THEN 'true' ELSE 'false' END", "boolean"),
+}
+_DERIVED = [(name, *_DERIVED_SQL[name]) for name in DERIVED_ATTRIBUTES]
+
+#: One row per accepted image, in keys order: what its cube rows are made of. A derived
+#: attribute's value is a column named after it (NULL: no row); the manifest's keys, values
+#: (text; NULL for a JSON null: no row) and value types are three lists of one length, from
+#: one parse each of the extras. Lists, not rows: DuckDB builds no cube row.
+_CUBE_IMAGES_SQL = f"""
     WITH ok AS (
-      SELECT md5, extras, width, height, frames, camera_make, camera_model, source_uri, batch,
-             shard, bucket,
+      SELECT *,
              CASE WHEN length(captured_at) >= 19 AND captured_at[5] = ':'
                        AND captured_at[8] = ':' AND NOT starts_with(captured_at, '0000')
                   THEN captured_at[1:4] || '-' || captured_at[6:7] || '-' || captured_at[9:10]
-                       || ' ' || captured_at[12:19] END AS exif_time
+                       || ' ' || captured_at[12:19] END AS exif_time,
+             json_extract_string(extras, '$.*') AS manifest_values
       FROM shard_keys WHERE status = 'ok'
-    ), manifest AS (
-      SELECT md5, j.key AS attribute,
-             CASE WHEN j.type = 'VARCHAR' THEN j.value ->> '$' ELSE j.value::VARCHAR END AS v,
-             source_uri, batch, shard, bucket
-      FROM ok, json_each(ok.extras) AS j
-      WHERE ok.extras IS NOT NULL AND j.type <> 'NULL'
-    ), derived AS (
-      -- one pass over the images: each row's derived attributes as a list, then unnested
-      SELECT md5, source_uri, batch, shard, bucket, unnest(list_filter([
-        {{'a': 'exif.make', 'v': nullif(camera_make, ''), 't': 'string'}},
-        {{'a': 'exif.model', 'v': nullif(camera_model, ''), 't': 'string'}},
-        {{'a': 'exif.captured_at',
-          'v': CASE WHEN try_strptime(exif_time, '%Y-%m-%d %H:%M:%S') IS NOT NULL
-                    THEN exif_time END, 't': 'timestamp'}},
-        {{'a': 'image.aspect_ratio',
-          'v': CASE WHEN width > 0 AND height > 0
-                    THEN round(width / height, 4)::DOUBLE::VARCHAR END, 't': 'double'}},
-        {{'a': 'image.megapixels',
-          'v': CASE WHEN width > 0 AND height > 0
-                    THEN round(width * height / 1e6, 3)::DOUBLE::VARCHAR END, 't': 'double'}},
-        {{'a': 'image.animated',
-          'v': CASE WHEN coalesce(frames, 1) > 1 THEN 'true' ELSE 'false' END, 't': 'boolean'}}
-      ], lambda x: x.v IS NOT NULL)) AS d
-      FROM ok
     )
-    SELECT md5, attribute, v AS value, {VALUE_TYPE_SQL} AS value_type,
-           'manifest' AS origin, source_uri, batch, shard, bucket::INTEGER AS bucket
-    FROM manifest
-    UNION ALL
-    SELECT md5, d.a, d.v, d.t, 'derived', source_uri, batch, shard, bucket FROM derived
+    SELECT md5, source_uri, batch, shard, bucket::INTEGER AS bucket,
+           {", ".join(f'{sql} AS "{name}"' for name, sql, _ in _DERIVED)},
+           json_keys(extras) AS manifest_keys, manifest_values,
+           list_transform(manifest_values, lambda v: {VALUE_TYPE_SQL}) AS manifest_types
+    FROM ok
 """
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """Where each of consecutive runs of these lengths starts, and (last) their total."""
+    starts = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=starts[1:])
+    return starts
+
+
+def _cube_rows(images: pa.Table) -> pa.Table:
+    """The cube's rows of these images (``_CUBE_IMAGES_SQL``'s rows), image by image in md5
+    order, each image's derived attributes first, then its manifest values.
+
+    Only the images are sorted (one md5 per image): every row is gathered into its place by
+    index (Arrow ``take``), so no row is sorted, compared or made in Python. In md5 order, each
+    bucket's rows are too, whichever bucket an md5 was filed under."""
+    n = images.num_rows
+    k = len(_DERIVED)
+    keys = images["manifest_keys"].combine_chunks()
+    values = images["manifest_values"].combine_chunks()
+    lengths = pc.list_value_length(keys).fill_null(0).to_numpy(zero_copy_only=False)
+    if not np.array_equal(lengths, pc.list_value_length(values).fill_null(0).to_numpy()):
+        raise ValueError("manifest extras whose keys and values do not pair up")
+    order = pc.sort_indices(images["md5"]).to_numpy(zero_copy_only=False)
+    first_entry = _starts(lengths)[:-1]
+    sorted_lengths = lengths[order]
+    # Every candidate row, in place: image by image, k derived slots then its manifest entries;
+    # each names its source, derived attribute j of image i at j * n + i, manifest entry e at
+    # k * n + e (the sources concatenated in that order).
+    at = _starts(k + sorted_lengths)
+    source = np.empty(at[-1], np.int64)
+    source[(at[:-1, None] + np.arange(k)).ravel()] = (order[:, None] + np.arange(k) * n).ravel()
+    entry = np.arange(at[-1] - k * n) - np.repeat(_starts(sorted_lengths)[:-1], sorted_lengths)
+    source[np.repeat(at[:-1] + k, sorted_lengths) + entry] = (
+        np.repeat(k * n + first_entry[order], sorted_lengths) + entry
+    )
+    value_of = pa.concat_arrays(
+        [*(images[name].combine_chunks() for name, _, _ in _DERIVED), pc.list_flatten(values)]
+    )
+    kept = value_of.is_valid().to_numpy(zero_copy_only=False)[source]
+    rows = pa.array(source[kept])
+    image = pa.array(np.repeat(order, k + sorted_lengths)[kept])
+    attribute_of = pa.concat_arrays(
+        [*(pa.repeat(name, n) for name, _, _ in _DERIVED), pc.list_flatten(keys)]
+    )
+    type_of = pa.concat_arrays(
+        [
+            *(pa.repeat(kind, n) for _, _, kind in _DERIVED),
+            pc.list_flatten(images["manifest_types"].combine_chunks()),
+        ]
+    )
+    manifest = pc.greater_equal(rows, k * n)
+    return pa.table(
+        {
+            "md5": images["md5"].take(image),
+            "attribute": attribute_of.take(rows),
+            "value": value_of.take(rows),
+            "value_type": type_of.take(rows),
+            "origin": pc.if_else(manifest, "manifest", "derived"),
+            **{name: images[name].take(image) for name in ("source_uri", "batch", "shard")},
+            "bucket": images["bucket"].take(image),
+        },
+        schema=ATTRIBUTES_SCHEMA,
+    )
+
+
 #: Rows per Parquet row group of the tables a lookup reads by md5 (``images``, ``occurrences``
 #: and the cube, each written sorted by md5): a lookup reads one row group of each file.
 BY_MD5_ROW_GROUP = 4096
@@ -400,22 +469,22 @@ def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
         connection.execute("SET preserve_insertion_order = false").fetchall()
         _shard_keys(connection, keys_path)
         started = time.perf_counter()
-        connection.execute(f"CREATE TEMP TABLE shard_attributes AS {_ATTRIBUTES_SQL}").fetchall()
+        cube = _cube_rows(connection.sql(_CUBE_IMAGES_SQL).to_arrow_table())
+        connection.register("shard_attributes", cube)
         cube_rows_s = time.perf_counter() - started  # counted in the cube's commit
         for table, sql in (
             ("occurrences", _OCCURRENCES_SQL),
             ("rejects", _REJECTS_SQL),
-            (
-                "attributes",
-                f"SELECT * FROM shard_attributes ORDER BY {_SORTED_BY_MD5['attributes']}",
-            ),
+            ("attributes", None),  # its rows as computed: sorted by md5 already
             ("attribute_index", _INDEX_SQL.format(source="shard_attributes")),
         ):
             started = time.perf_counter()
             target = lake.table(table)
             write_deltalake(
                 target,
-                connection.sql(sql).to_arrow_reader(200_000).cast(SCHEMAS[table]),
+                cube.to_reader(200_000)
+                if sql is None
+                else connection.sql(sql).to_arrow_reader(200_000).cast(SCHEMAS[table]),
                 mode="overwrite",
                 predicate=f"shard = '{shard}'",
                 partition_by=[PARTITIONS[table]],
