@@ -383,11 +383,15 @@ def _cube_rows(images: pa.Table) -> pa.Table:
     # entries, each holding where its value is in value_of (derived attribute j of image i at
     # j * n + i, manifest entry e at k * n + e); the slots without a value are dropped.
     at = _starts(k + ranked_lengths)
-    source = np.empty(at[-1], np.int64)
-    source[(at[:-1, None] + np.arange(k)).ravel()] = (ranked[:, None] + np.arange(k) * n).ravel()
-    entry = np.arange(at[-1] - k * n) - np.repeat(_starts(ranked_lengths)[:-1], ranked_lengths)
-    source[np.repeat(at[:-1] + k, ranked_lengths) + entry] = (
-        np.repeat(k * n + _starts(lengths)[:-1][ranked], ranked_lengths) + entry
+    index = np.int32 if at[-1] < 2**31 else np.int64  # half the memory of int64, mostly
+    source = np.empty(at[-1], index)
+    source[(at[:-1, None] + np.arange(k)).ravel()] = (
+        ranked.astype(index)[:, None] + np.arange(k, dtype=index) * n
+    ).ravel()
+    entry = np.arange(at[-1] - k * n, dtype=index)
+    entry -= np.repeat(_starts(ranked_lengths)[:-1].astype(index), ranked_lengths)
+    source[np.repeat(at[:-1] + k, ranked_lengths) + entry] = entry + np.repeat(
+        (k * n + _starts(lengths)[:-1][ranked]).astype(index), ranked_lengths
     )
     value_of = pa.concat_arrays(
         [*(images[name].combine_chunks() for name, _, _ in _DERIVED), pc.list_flatten(values)]
@@ -396,7 +400,7 @@ def _cube_rows(images: pa.Table) -> pa.Table:
     rows = source[kept]
     manifest = rows >= k * n
     # A row's attribute and value type: its derived attribute's (the first k), or its entry's.
-    named = pa.array(np.where(manifest, rows - (k * n - k), rows // n))
+    named = pa.array(np.where(manifest, rows - (k * n - k), rows // n).astype(index))
     attribute_of = pa.concat_arrays([pa.array([a for a, _, _ in _DERIVED]), pc.list_flatten(keys)])
     type_of = pa.concat_arrays(
         [
@@ -405,7 +409,8 @@ def _cube_rows(images: pa.Table) -> pa.Table:
         ]
     )
     per_image = images.select(["md5", "source_uri", "batch", "shard", "bucket"]).take(order)
-    image = pa.array(np.repeat(np.arange(n), k + ranked_lengths)[kept])  # in order: no jumps
+    rows_of_image = np.add.reduceat(kept, at[:-1]) if n else np.zeros(0, np.int64)
+    image = pa.array(np.repeat(np.arange(n, dtype=index), rows_of_image))  # in order: no jumps
     return pa.table(
         {
             "md5": per_image["md5"].take(image),
