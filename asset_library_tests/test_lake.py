@@ -35,6 +35,7 @@ from asset_library.lake.tables import (
     _sort_buckets,
     attribute_part_sql,
     read_changes,
+    value_type_of,
 )
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import IndexNotReady, SimilarityIndex
@@ -387,6 +388,84 @@ def test_the_cube_writer_is_vectorised(tmp_path):
     written = write_shard(lake, "c-s00000", keys)
     assert written["attributes"]["rows"] == 120_000
     assert time.perf_counter() - started < 30
+
+
+def _expected_cube(keys: Path) -> list[tuple]:
+    """The cube's rows of a keys file, spelled out in Python for plain values (text typed by
+    its spelling, :func:`value_type_of`)."""
+    typed = {bool: "boolean", int: "integer", float: "double"}
+    spelled: dict[str, str] = {}
+    rows = []
+    for r in pq.read_table(keys).to_pylist():
+        if r["status"] != "ok":
+            continue
+        common = (r["source_uri"], r["batch"], r["shard"], r["bucket"])
+        for key, value in json.loads(r["extras"] or "{}").items():
+            if value is not None:
+                if isinstance(value, str):
+                    if value not in spelled:
+                        spelled[value] = value_type_of(value)
+                    text, kind = value, spelled[value]
+                else:
+                    text, kind = json.dumps(value), typed[type(value)]
+                rows.append((r["md5"], key, text, kind, "manifest", *common))
+        when = r["captured_at"] or ""
+        derived = {
+            "exif.make": (r["camera_make"] or None, "string"),
+            "exif.model": (r["camera_model"] or None, "string"),
+            "exif.captured_at": (
+                when[:10].replace(":", "-") + when[10:] if when.startswith("20") else None,
+                "timestamp",
+            ),
+            "image.aspect_ratio": (str(round(r["width"] / r["height"], 4)), "double"),
+            "image.megapixels": (str(round(r["width"] * r["height"] / 1e6, 3)), "double"),
+            "image.animated": ("true" if r["frames"] > 1 else "false", "boolean"),
+        }
+        for name, (value, kind) in derived.items():
+            if value is not None:
+                rows.append((r["md5"], name, value, kind, "derived", *common))
+    return rows
+
+
+def test_the_cube_holds_each_images_rows_sorted_by_md5_in_every_file(tmp_path):
+    """Manifest values of every JSON kind (a null is no row) and odd keys, EXIF present, empty,
+    or not a date, images without extras, and a repeated md5: the cube's rows are exactly these, and
+    every bucket file is sorted by md5 (a lookup reads one row group of it)."""
+    layout, lake = _library(tmp_path / "library")
+    md5s = random_md5s(np.random.default_rng(9), 3000)
+    md5s[7] = md5s[3]  # the same image twice in a shard: its rows twice
+    keys = write_keys(
+        layout.keys_path("o-s00000"),
+        batch="o",
+        shard="o-s00000",
+        n_buckets=BUCKETS,
+        md5s=md5s,
+        rejects=5,
+    )
+    rows = pq.read_table(keys).to_pylist()
+    for n, row in enumerate(rows[:3000]):
+        row["extras"] = [
+            None,
+            json.dumps({}),
+            json.dumps({"label": "cat", "gone": None, "n": 12, "ok": True, "x": 0.25}),
+            json.dumps({"tags": "a,b", "": "empty key", 'q"/~': "odd key"}),
+            json.dumps({"note": "49.25", "code": "007", "day": "2024-02-29", "count": "42"}),
+        ][n % 5]
+        row["width"], row["height"] = [(300, 200), (100, 300), (640, 480), (4000, 3000)][n % 4]
+        row["camera_make"] = ["Canon", "", None][n % 3]
+        row["camera_model"] = ["EOS 5D", None][n % 2]
+        row["captured_at"] = ["2024:02:29 12:30:00", "0000:00:00 00:00:00", None][n % 3]
+        row["frames"] = 1 + n % 2
+    pq.write_table(pa.Table.from_pylist(rows, schema=KEYS_SCHEMA), keys)
+    written = write_shard(lake, "o-s00000", keys)
+
+    cube = DeltaTable(lake.uri("attributes"))
+    found = pa.table(cube.to_pyarrow_table()).select(SCHEMAS["attributes"].names).to_pylist()
+    assert written["attributes"]["rows"] == len(found)
+    assert sorted(tuple(r.values()) for r in found) == sorted(_expected_cube(keys))
+    for uri in cube.file_uris():
+        in_file = pq.read_table(uri.removeprefix("file://"), columns=["md5"])["md5"].to_pylist()
+        assert len(in_file) > 100 and in_file == sorted(in_file)
 
 
 def test_lookup_reads_one_bucket_and_a_damaged_bucket_breaks_only_itself(tmp_path):
