@@ -34,6 +34,7 @@ from asset_library.lake.tables import (
     _merged_to,
     _sort_buckets,
     attribute_part_sql,
+    is_outdated_index,
     read_changes,
     value_type_of,
 )
@@ -597,26 +598,25 @@ def test_text_filters_reach_pyarrow_and_skip_row_groups(tmp_path):
 def _expected_with_value(library: Library, attribute: str, value: str) -> list[dict]:
     """``images_with_attribute`` worked out from the occurrences and the cube, in Python: per
     md5 the first occurrence (by ingested_at, shard, ordinal) that carried the value."""
-    carried: dict[tuple, int] = {}
-    for row in library.query(
-        "SELECT md5, shard, source_uri FROM attribute_occurrences WHERE attribute = ? "
-        "AND value = ?",
-        [attribute, value],
-    ):
-        key = (row["md5"], row["shard"], row["source_uri"])
-        carried[key] = carried.get(key, 0) + 1
+    carried = {
+        (row["md5"], row["shard"], row["source_uri"])
+        for row in library.query(
+            "SELECT md5, shard, source_uri FROM attribute_occurrences WHERE attribute = ? "
+            "AND value = ?",
+            [attribute, value],
+        )
+    }
     first: dict[str, dict] = {}
     counts: dict[str, int] = {}
     for row in library.query("SELECT * FROM occurrences"):
         key = (row["md5"], row["shard"], row["source_uri"])
         if key not in carried:
             continue
+        counts[row["md5"]] = counts.get(row["md5"], 0) + 1
         best = first.get(row["md5"])
         rank = (row["ingested_at"], row["shard"], row["ordinal"])
         if best is None or rank < (best["ingested_at"], best["shard"], best["ordinal"]):
             first[row["md5"]] = row
-    for (md5, _, _), n in carried.items():
-        counts[md5] = counts.get(md5, 0) + n
     columns = [c for c in ATTRIBUTE_IMAGE_COLUMNS if c != "occurrences_with_value"]
     return [
         {**{c: first[m][c] for c in columns}, "occurrences_with_value": counts[m]}
@@ -645,8 +645,17 @@ def test_an_attribute_query_reads_the_index_alone_and_agrees_with_the_occurrence
         # an image's own columns come from its bytes: the same in each of its occurrences
         same = pa.concat_arrays([earlier[name].combine_chunks(), rows[name][100:].combine_chunks()])
         rows = rows.set_column(rows.schema.get_field_index(name), name, same)
+    # ordinals count across a batch: far from 0 in a later shard
+    far = pc.add(rows["ordinal"], pa.scalar(10**12, pa.int64()))
+    rows = rows.set_column(rows.schema.get_field_index("ordinal"), "ordinal", far)
     twin = rows.slice(0, 1)
-    twin = twin.set_column(twin.schema.get_field_index("ordinal"), "ordinal", pa.array([999]))
+    twin = twin.set_column(
+        twin.schema.get_field_index("ordinal"), "ordinal", pa.array([10**12 + 999])
+    )
+    # a manifest key named as a derived attribute, with the derived value: one occurrence
+    extras = rows["extras"].to_pylist()
+    extras[150] = json.dumps({**json.loads(extras[150]), "image.animated": "false"})
+    rows = rows.set_column(rows.schema.get_field_index("extras"), "extras", pa.array(extras))
     pq.write_table(pa.concat_tables([rows, twin]), keys)
     write_shard(lake, "w-s00001", keys)
     _refresh(layout, lake)
@@ -656,6 +665,15 @@ def test_an_attribute_query_reads_the_index_alone_and_agrees_with_the_occurrence
         [json.loads(rows["extras"][0].as_py())["label"], first[0]],
     )
     assert twice[0]["n"] >= 2  # both listings of the source carried it; no row twice
+    animated = library.query(
+        "SELECT occurrences_with_value AS n FROM images_with_attribute(?, ?) WHERE md5 = ?",
+        ["image.animated", "false", rows["md5"][150].as_py()],
+    )
+    assert animated == [{"n": 1}]
+    found = library.query(
+        "SELECT * FROM images_with_attribute(?, ?) ORDER BY md5", ["image.animated", "false"]
+    )
+    assert found == _expected_with_value(library, "image.animated", "false")
     labels = library.query(
         "SELECT DISTINCT value FROM attribute_occurrences WHERE attribute = ?", ["label"]
     )
@@ -721,6 +739,9 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path,
     covered = library.query(rows)
     assert covered == _expected_with_value(library, "label", "cat")
     _outdate_index(lake)
+    assert Library(layout.root).query(rows) == covered
+    compact(lake, min_files=1)  # leaves it to the next write to rebuild, and answers the same
+    assert is_outdated_index("attribute_index", lake.open("attribute_index"))
     assert Library(layout.root).query(rows) == covered
     _land(layout, lake, "i-s00002", random_md5s(rng, 100), seed=6)
     rebuilt = DeltaTable(lake.uri("attribute_index"))

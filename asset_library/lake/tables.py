@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from deltalake import (
     WriterProperties,
     write_deltalake,
 )
-from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from asset_library.ids import check_shard_key
 from asset_library.layout import LibraryLayout
@@ -227,7 +227,7 @@ class Lake:
         if found is not None and not is_outdated_index(table, found):
             return found
         if found is not None:
-            with contextlib.suppress(DeltaError), duckdb.connect() as connection:
+            with contextlib.suppress(CommitFailedError), duckdb.connect() as connection:
                 write_deltalake(  # one overwrite; a conflict means another writer rebuilt it
                     found,
                     _first_rows(self, table, connection),
@@ -503,13 +503,14 @@ _FROM_OCCURRENCE = [
 #: The attribute index rows of cube rows in ``{cube}`` (that do not hold their occurrence's
 #: ordinal: a cube as committed), each with the row of the occurrence that carried it in
 #: ``{occurrences}`` (by md5, shard and source; a source listed twice in one shard: its first
-#: ordinal, so a cube row gains no twin).
+#: ordinal, so a cube row gains no twin, and its value counts once), one row per occurrence and
+#: value (a manifest key named as a derived attribute, with its value, is one).
 INDEX_SQL = f"""
     WITH occurrence AS (
       SELECT DISTINCT ON (md5, shard, source_uri) * FROM {{occurrences}}
       ORDER BY md5, shard, source_uri, ordinal
     )
-    SELECT c.attribute, c.value, {", ".join(f"o.{name}" for name in _FROM_OCCURRENCE)},
+    SELECT DISTINCT c.attribute, c.value, {", ".join(f"o.{name}" for name in _FROM_OCCURRENCE)},
            {attribute_part_sql("c.attribute")} AS part
     FROM {{cube}} c JOIN occurrence o
       ON o.md5 = c.md5 AND o.shard = c.shard AND o.source_uri = c.source_uri
@@ -519,6 +520,20 @@ INDEX_SQL = f"""
 INDEX_ORDER = "part, attribute, value"
 
 
+def _rows_by_ordinal(ordinals: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Where each of these ordinals is, as a function of ordinals. A shard's ordinals are one
+    run of its batch's (numbered across the batch): an array over that run, else a search."""
+    low = int(ordinals.min(initial=0))
+    span = int(ordinals.max(initial=0)) - low + 1
+    if span <= 4 * len(ordinals) + 1:
+        position = np.zeros(span, np.int64)
+        position[ordinals - low] = np.arange(len(ordinals))
+        return lambda wanted: position[wanted - low]
+    order = np.argsort(ordinals)
+    ranked = ordinals[order]
+    return lambda wanted: order[np.searchsorted(ranked, wanted)]
+
+
 def _shard_index_rows(connection: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
     """The attribute index rows of the shard's cube rows (``shard_attributes``, each with its
     occurrence's ordinal): the narrow rows sorted, then each one's occurrence columns taken by
@@ -526,18 +541,16 @@ def _shard_index_rows(connection: duckdb.DuckDBPyConnection) -> pa.RecordBatchRe
     occurrences = connection.sql(
         f"SELECT {', '.join(_FROM_OCCURRENCE)} FROM shard_keys WHERE status = 'ok'"
     ).to_arrow_table()
-    ordinals = occurrences["ordinal"].to_numpy()
-    position = np.zeros(int(ordinals.max(initial=0)) + 1, np.int64)  # ordinal -> row
-    position[ordinals] = np.arange(len(ordinals))
+    row_of = _rows_by_ordinal(occurrences["ordinal"].to_numpy())
     occurrences = occurrences.combine_chunks()
-    narrow = connection.sql(
-        f"SELECT attribute, value, ordinal, {attribute_part_sql('attribute')} AS part "
+    narrow = connection.sql(  # DISTINCT: a manifest key named as a derived attribute, same value
+        f"SELECT DISTINCT attribute, value, ordinal, {attribute_part_sql('attribute')} AS part "
         f"FROM shard_attributes ORDER BY {INDEX_ORDER}"
     ).to_arrow_reader(200_000)
 
     def batches() -> Iterator[pa.RecordBatch]:
         for batch in narrow:
-            taken = occurrences.take(position[batch["ordinal"].to_numpy()])
+            taken = occurrences.take(row_of(batch["ordinal"].to_numpy()))
             columns = {"attribute": batch["attribute"], "value": batch["value"]}
             columns |= {name: taken[name].combine_chunks() for name in _FROM_OCCURRENCE}
             columns["part"] = batch["part"]
@@ -973,7 +986,7 @@ def compact(
     done: dict[str, dict[str, Any]] = {}
     for name in tables:
         table = lake.open(name)
-        if table is None:
+        if table is None or is_outdated_index(name, table):  # rebuilt by the next write
             continue
         files = table.get_add_actions(flatten=True)
         column = PARTITIONS[name]
