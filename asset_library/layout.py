@@ -144,6 +144,11 @@ class LibraryLayout:
         return self.root / "index"
 
     @property
+    def image_keys_dir(self) -> Path:
+        """The local cache of the md5s the lake's ``images`` holds (rebuilt when stale)."""
+        return self.root / "image_keys"
+
+    @property
     def triggers_dir(self) -> Path:
         return self.root / "triggers"
 

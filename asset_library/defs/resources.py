@@ -92,9 +92,9 @@ class LibraryResource(dg.ConfigurableResource):
                 layout.update_settings(lake=self.lake_location)
             secrets = {name: os.environ[name] for name in SECRET_VARIABLES if os.environ.get(name)}
             options = {**secrets, **self.lake_storage_options}
-            return Lake(self.lake_location, layout.n_buckets, options)
+            return Lake(self.lake_location, layout.n_buckets, options, layout.image_keys_dir)
         if self.lake_location:
-            return Lake(self.lake_location, layout.n_buckets, {})
+            return Lake(self.lake_location, layout.n_buckets, {}, layout.image_keys_dir)
         return Lake.of(layout, {})
 
 

@@ -50,6 +50,7 @@ from deltalake import (
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from asset_library.ids import check_shard_key
+from asset_library.lake.keyset import CachedKeys, ImageKeys, digests
 from asset_library.layout import LibraryLayout
 from asset_library.schema import IMAGE_COLUMNS, TIMESTAMP
 
@@ -190,6 +191,9 @@ class Lake:
     location: str
     n_buckets: int
     storage_options: Mapping[str, str] = field(default_factory=dict)
+    #: A local folder for the cache of the md5s ``images`` holds (:mod:`.keyset`); ``None``:
+    #: every merge reads the md5 column of the buckets it touches.
+    image_keys: Path | None = None
 
     @classmethod
     def of(cls, layout: LibraryLayout, environ: Mapping[str, str] | None = None) -> Lake:
@@ -202,7 +206,7 @@ class Lake:
             or str(layout.lake_dir)
         )
         options = s3_storage_options(environ) if location.startswith("s3://") else {}
-        return cls(location.rstrip("/"), layout.n_buckets, options)
+        return cls(location.rstrip("/"), layout.n_buckets, options, layout.image_keys_dir)
 
     @property
     def is_s3(self) -> bool:
@@ -740,6 +744,13 @@ def merge_images(lake: Lake) -> MergeResult:
         result.to_version = last
         return result
     changes = read_changes(lake, occurrences, last + 1, now, [f.name for f in OCCURRENCES_SCHEMA])
+    keys = ImageKeys(lake.image_keys) if lake.image_keys is not None else None
+    start, table_id = images.version(), images.metadata().id
+    cached = (
+        keys.level_with(table_id, start, lambda a, b: _rewrites(lake, images, a, b))
+        if keys is not None
+        else None
+    )
     with duckdb.connect() as connection:
         connection.register("changes", changes)
         # One row per occurrence that changed: n > 0 added, n < 0 removed, 0 (rewritten
@@ -762,7 +773,8 @@ def merge_images(lake: Lake) -> MergeResult:
         result.shards = sorted(s for s in (summary[0] or []) if s)
         touched = sorted({int(b) for b in (summary[1] or []) if b is not None})
         result.buckets = touched
-        plan = _merge_plan(connection, lake, images, occurrences, counts, touched)
+        rebuild = keys is not None and cached is None
+        plan = _merge_plan(connection, lake, images, occurrences, counts, touched, cached, rebuild)
     result.md5s = plan.md5s
     if (
         counts.transaction_version(IMAGES_APP) is None
@@ -804,9 +816,26 @@ def merge_images(lake: Lake) -> MergeResult:
             commit_properties=_merged_to(now),
         )
         result.inserted = plan.new.num_rows
+    if keys is not None:
+        _keep_keys(keys, plan, table_id, images.version())
     result.duplicated_md5s = plan.duplicated
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _keep_keys(keys: ImageKeys, plan: _Plan, table_id: str, version: int) -> None:
+    """Bring the key cache level with the ``images`` version this merge committed: its new
+    md5s added, or (when it read every bucket's md5 column) rebuilt from what it read; cleared
+    when md5s left ``images`` (rare: a shard replaced or emptied)."""
+    if plan.recomputed.num_rows:
+        keys.clear()
+    elif plan.known is not None:
+        read = np.concatenate([digests(plan.known), digests(plan.new["md5"])], axis=1)
+        keys.rebuild(read, table_id, version)
+    elif plan.from_cache:
+        keys.add(digests(plan.new["md5"]), table_id, version)
+    else:  # the cache lost a run while this merge read it
+        keys.clear()
 
 
 def _merged_to(version: int) -> CommitProperties:
@@ -837,6 +866,10 @@ class _Plan:
     counts: pa.Table
     recomputed: pa.Table
     md5s: int
+    #: the md5 column of every bucket, when the merge read it to rebuild the key cache
+    known: pa.ChunkedArray | None = None
+    #: whether the key cache told which changed md5s ``images`` held
+    from_cache: bool = False
 
 
 def _in_buckets(
@@ -870,6 +903,8 @@ def _merge_plan(
     occurrences: DeltaTable,
     counts: DeltaTable,
     touched: list[int],
+    cached: CachedKeys | None = None,
+    rebuild: bool = False,
 ) -> _Plan:
     """Split the net changes: md5s new to ``images`` (their first added occurrence and count),
     md5s already there that only gained (their gain, for ``image_counts``), and md5s that lost
@@ -884,14 +919,26 @@ def _merge_plan(
         """
     ).fetchall()
     changed = connection.sql("SELECT md5 FROM per_md5").to_arrow_table()["md5"]
-    # The only read that grows with the library: the md5 column of the touched buckets. It is
-    # probed once, against a hash table of the changed md5s (the small side), never built on.
-    known = (
-        _dataset(lake, images).to_table(columns=["md5"], filter=pc.field("bucket").isin(touched))
-        if touched
-        else pa.table({"md5": pa.array([], pa.string())})
-    )
-    connection.register("known", known)
+    held = None
+    if cached is not None:
+        with contextlib.suppress(FileNotFoundError):  # rewritten meanwhile: read the table
+            held = cached.held(changed)
+    known = None
+    if held is not None:  # the key cache answers: a binary search per changed md5
+        connection.register(
+            "known", pa.table({"md5": changed.filter(pa.array(held)).cast(pa.string())})
+        )
+    else:  # the read that grows with the library: the md5 column of the touched buckets (of
+        # every bucket when the key cache is rebuilt from it)
+        known = (
+            _dataset(lake, images).to_table(
+                columns=["md5"], filter=None if rebuild else pc.field("bucket").isin(touched)
+            )
+            if touched or rebuild
+            else pa.table({"md5": pa.array([], pa.string())})
+        )
+        connection.register("known", known)
+    # Probed once, against a hash table of the changed md5s (the small side), never built on.
     connection.execute(
         """
         CREATE TEMP TABLE matched AS
@@ -965,6 +1012,8 @@ def _merge_plan(
         ),
         recomputed=recomputed,
         md5s=len(changed),
+        known=known["md5"] if rebuild and known is not None else None,
+        from_cache=held is not None,
     )
 
 
