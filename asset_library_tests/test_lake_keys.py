@@ -28,6 +28,8 @@ def test_digests_order_as_the_text_and_name_a_bad_key():
         digests(pa.array([md5s[0], "abc"]))
     with pytest.raises(ValueError, match=f"'{'g' * 32}'"):
         digests(pa.array([md5s[0], "g" * 32]))
+    with pytest.raises(ValueError, match="' a"):  # bytes.fromhex would skip the space
+        digests(pa.array([md5s[0], " " + "a" * 31, md5s[1]]))
 
 
 def _cached(keys: ImageKeys, version: int = 0):

@@ -26,20 +26,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from asset_library.ids import is_md5
 from asset_library.layout import atomic_path, atomic_write_text
 
 MANIFEST = "keys.json"
 
 
-def digests(md5s: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """md5 keys (32 lower-case hex digits each) as a ``(2, n)`` uint64 array: the high and low
-    halves of each digest, so comparing (high, low) orders them as their text."""
+def md5_text(md5s: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """md5 keys as a numpy ``S32`` array over Arrow's own buffer (no copy): each key's 32
+    characters, which sort as the text does. ``ValueError`` names a key of another length."""
     text = md5s.cast(pa.string())
     if isinstance(text, pa.ChunkedArray):
         text = text.combine_chunks()
-    found = np.empty((2, len(text)), np.uint64)
     if not len(text):
-        return found
+        return np.empty(0, "S32")
     if text.null_count:
         raise ValueError("md5 keys: a null md5")
     offsets = np.frombuffer(text.buffers()[1], np.int32)[text.offset : text.offset + len(text) + 1]
@@ -47,22 +47,26 @@ def digests(md5s: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if (lengths != 32).any():
         bad = text[int(np.flatnonzero(lengths != 32)[0])].as_py()
         raise ValueError(f"md5 key {bad!r}: not 32 hexadecimal digits")
-    raw = memoryview(text.buffers()[2])[offsets[0] : offsets[-1]]
+    return np.frombuffer(text.buffers()[2], "S32", len(text), int(offsets[0]))
+
+
+def digests(md5s: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """md5 keys (32 hex digits each) as a ``(2, n)`` uint64 array: the high and low halves of
+    each digest, so comparing (high, low) orders them as their text."""
+    text = md5_text(md5s)
+    found = np.empty((2, len(text)), np.uint64)
     try:
-        halves = np.frombuffer(bytes.fromhex(bytes(raw).decode("ascii")), ">u8")
+        raw = bytes.fromhex(text.tobytes().decode("ascii"))
     except (UnicodeDecodeError, ValueError):
-        bad = next(v for v in text.to_pylist() if not _is_hex(v))
-        raise ValueError(f"md5 key {bad!r}: not 32 hexadecimal digits") from None
+        raw = b""
+    if len(raw) != 16 * len(text):  # fromhex also skips spaces: name the first bad key
+        bad = next(
+            key.decode("ascii", "replace") for key in text if not is_md5(key.decode("latin-1"))
+        )
+        raise ValueError(f"md5 key {bad!r}: not 32 hexadecimal digits")
+    halves = np.frombuffer(raw, ">u8")
     found[0], found[1] = halves[0::2], halves[1::2]
     return found
-
-
-def _is_hex(text: str) -> bool:
-    try:
-        bytes.fromhex(text)
-    except ValueError:
-        return False
-    return text.isascii()
 
 
 def _sorted(keys: np.ndarray) -> np.ndarray:

@@ -50,7 +50,7 @@ from deltalake import (
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from asset_library.ids import check_shard_key
-from asset_library.lake.keyset import CachedKeys, ImageKeys, digests
+from asset_library.lake.keyset import CachedKeys, ImageKeys, digests, md5_text
 from asset_library.layout import LibraryLayout
 from asset_library.schema import IMAGE_COLUMNS, TIMESTAMP
 
@@ -421,8 +421,9 @@ def _cube_rows(images: pa.Table) -> pa.Table:
     lengths = pc.list_value_length(keys).fill_null(0).to_numpy(zero_copy_only=False)
     if not np.array_equal(lengths, pc.list_value_length(values).fill_null(0).to_numpy()):
         raise ValueError("manifest extras whose keys and values do not pair up")
-    order = pc.sort_indices(images["md5"], memory_pool=pool)
-    ranked = order.to_numpy(zero_copy_only=False)
+    # md5 order, sorted as fixed-width bytes (half the time of Arrow's sort of the text)
+    ranked = np.argsort(md5_text(images["md5"]), kind="stable")
+    order = pa.array(ranked)
     ranked_lengths = lengths[ranked]
     # Every candidate row in its place: image by image, k derived slots then the manifest
     # entries, each holding where its value is in value_of (derived attribute j of image i at
@@ -445,14 +446,19 @@ def _cube_rows(images: pa.Table) -> pa.Table:
     rows = source[kept]
     manifest = rows >= k * n
     # A row's attribute and value type: its derived attribute's (the first k), or its entry's.
-    named = pa.array(np.where(manifest, rows - (k * n - k), rows // n).astype(index))
-    attribute_of = pa.concat_arrays(
-        [pa.array([a for a, _, _ in _DERIVED]), pc.list_flatten(keys)], memory_pool=pool
-    )
-    type_of = pa.concat_arrays(
-        [pa.array([t for _, _, t in _DERIVED]), pc.list_flatten(whole("manifest_types"))],
-        memory_pool=pool,
-    )
+    named = np.where(manifest, rows - (k * n - k), rows // n).astype(index)
+
+    def few(derived: list[str], entries: pa.Array) -> pa.Array:
+        """A column of few distinct texts (attribute names, value types): each row's code,
+        gathered in numpy, then its text from the short list of them (a gather of millions of
+        strings from millions costs ten times as much)."""
+        coded = pc.dictionary_encode(entries, memory_pool=pool)
+        texts = pa.concat_arrays([pa.array(derived), coded.dictionary], memory_pool=pool)
+        codes = np.concatenate(
+            [np.arange(k, dtype=index), coded.indices.to_numpy(zero_copy_only=False) + k]
+        )
+        return gather(texts, pa.array(codes[named]))
+
     per_image = {
         name: gather(whole(name), order)
         for name in ("md5", "source_uri", "batch", "shard", "bucket", "ordinal")
@@ -462,9 +468,11 @@ def _cube_rows(images: pa.Table) -> pa.Table:
     return pa.table(
         {
             "md5": gather(per_image["md5"], image),
-            "attribute": gather(attribute_of, named),
+            "attribute": few([a for a, _, _ in _DERIVED], pc.list_flatten(keys)),
             "value": gather(value_of, pa.array(rows)),
-            "value_type": gather(type_of, named),
+            "value_type": few(
+                [t for _, _, t in _DERIVED], pc.list_flatten(whole("manifest_types"))
+            ),
             "origin": pc.if_else(pa.array(manifest), "manifest", "derived", memory_pool=pool),
             **{name: gather(per_image[name], image) for name in ("source_uri", "batch", "shard")},
             "bucket": gather(per_image["bucket"], image),
