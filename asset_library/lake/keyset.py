@@ -4,10 +4,10 @@ every bucket (the one cost of a merge that grew with the library: about 0.2 s pe
 images, 200 s a merge at a billion).
 
 A cache of the table, never a second truth. It records the table it describes (its Delta
-table id) and the version it is level with; a merge trusts it only when every ``images`` commit
-since that version rewrote rows as they were (compaction). Otherwise the merge reads the md5
-column as before and rebuilds it from what it read. A merge that deletes md5s (a shard replaced
-or emptied) clears it.
+table id) and the version it is level with; a merge trusts it only when every ``images``
+commit since that version changed no row (compaction's rewrite, a vacuum). Otherwise the merge
+reads the md5 column as before and rebuilds it from what it read. A merge that deletes md5s (a
+shard replaced or emptied) clears it.
 
 On disk: ``keys.json`` (table, version, runs) and one ``.npy`` per run, a ``(2, n)`` uint64
 array of the md5s' high and low halves sorted by the high half. Each merge that adds md5s adds a
@@ -136,7 +136,8 @@ class ImageKeys:
         self, table_id: str, version: int, rewrites: Callable[[int, int], set[int]]
     ) -> CachedKeys | None:
         """The cached md5s if they are exactly this table's at ``version``, else ``None``:
-        ``rewrites(a, b)`` lists the versions in a..b that rewrote rows as they were."""
+        ``rewrites(a, b)`` lists the versions in a..b that changed no row (a compaction's
+        rewrite, a vacuum)."""
         manifest = self._manifest()
         if manifest is None or manifest.get("table") != table_id:
             return None

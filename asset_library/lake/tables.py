@@ -702,8 +702,15 @@ def read_changes(
     return pa.concat_tables(parts)
 
 
-def _rewrites(lake: Lake, table: DeltaTable, start: int, end: int) -> set[int]:
-    """Versions in ``start..end`` that rewrote rows unchanged (marked :data:`REWRITE_MARK`).
+#: Commits that change no row: a vacuum's two (it deletes files no live version reads).
+_VACUUM_OPERATIONS = {"VACUUM START", "VACUUM END"}
+
+
+def _rewrites(
+    lake: Lake, table: DeltaTable, start: int, end: int, vacuums: bool = False
+) -> set[int]:
+    """Versions in ``start..end`` that rewrote rows unchanged (marked :data:`REWRITE_MARK`),
+    and with ``vacuums`` the vacuum commits too (which the change feed holds nothing for).
 
     Read from a handle at the latest version: delta-rs's ``history()`` lists the newest
     commits in storage but numbers them down from the handle's loaded version, so a commit
@@ -724,7 +731,11 @@ def _rewrites(lake: Lake, table: DeltaTable, start: int, end: int) -> set[int]:
             return {
                 int(entry["version"])
                 for entry in entries
-                if start <= int(entry["version"]) <= end and entry.get(key) == value
+                if start <= int(entry["version"]) <= end
+                and (
+                    entry.get(key) == value
+                    or (vacuums and entry.get("operation") in _VACUUM_OPERATIONS)
+                )
             }
     return set()
 
@@ -755,7 +766,7 @@ def merge_images(lake: Lake) -> MergeResult:
     keys = ImageKeys(lake.image_keys) if lake.image_keys is not None else None
     start, table_id = images.version(), images.metadata().id
     cached = (
-        keys.level_with(table_id, start, lambda a, b: _rewrites(lake, images, a, b))
+        keys.level_with(table_id, start, lambda a, b: _rewrites(lake, images, a, b, True))
         if keys is not None
         else None
     )
