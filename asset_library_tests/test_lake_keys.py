@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +12,7 @@ import pytest
 
 from asset_library import Library
 from asset_library.lake import compact, merge_images
-from asset_library.lake.keyset import MANIFEST, ImageKeys, digests
+from asset_library.lake.keyset import MANIFEST, ImageKeys, digests, md5_text
 from asset_library_tests.synthetic import random_md5s
 from asset_library_tests.test_lake import _counts_are_true, _land, _library
 
@@ -32,8 +33,12 @@ def test_digests_order_as_the_text_and_name_a_bad_key():
         digests(pa.array([md5s[0], " " + "a" * 31, md5s[1]]))
 
 
+def _level(cached: int, merge: str) -> bool:
+    return True
+
+
 def _cached(keys: ImageKeys, version: int = 0):
-    found = keys.level_with("table", version, lambda a, b: set())
+    found = keys.level_with("table", version, _level)
     assert found is not None
     return found
 
@@ -45,10 +50,10 @@ def test_runs_merge_like_a_binary_counter_and_answer_exactly(tmp_path):
     twins = ["a" * 16 + f"{i:016x}" for i in (9, 3, 7)]
     added = [twins[:2] + random_md5s(rng, 298), *(random_md5s(rng, 100) for _ in range(4))]
     outside = [twins[2], *random_md5s(rng, 500)]
-    keys.rebuild(digests(pa.array(added[0])), "table", 0)
+    keys.rebuild(digests(pa.array(added[0])), "table", 0, "m0")
     sizes = []
     for version, md5s in enumerate(added[1:], start=1):
-        keys.add(digests(pa.array(md5s)), "table", version)
+        keys.add(digests(pa.array(md5s)), "table", version, f"m{version}")
         sizes.append([run.rows for run in _cached(keys, version).runs])
     # runs of equal size merge: 100 + 100 -> 200, then 200 + 100 + 100 -> 400 -> 700
     assert sizes == [[300, 100], [300, 200], [300, 200, 100], [700]]
@@ -57,21 +62,50 @@ def test_runs_merge_like_a_binary_counter_and_answer_exactly(tmp_path):
     held = _cached(keys, 4).held(pa.array([m for batch in added for m in batch] + outside))
     assert held.tolist() == [True] * 700 + [False] * len(outside)
     keys.clear()
-    assert keys.level_with("table", 4, lambda a, b: set()) is None
+    assert keys.level_with("table", 4, _level) is None
     assert not list((tmp_path / "keys").iterdir())
 
 
 def test_the_cache_is_trusted_only_level_with_its_table(tmp_path):
     keys = ImageKeys(tmp_path)
-    keys.rebuild(digests(pa.array(random_md5s(np.random.default_rng(5), 10))), "table", 3)
-    assert keys.level_with("table", 3, lambda a, b: set()) is not None
-    assert keys.level_with("another table", 3, lambda a, b: set()) is None
-    assert keys.level_with("table", 2, lambda a, b: set()) is None  # older than the cache
-    # later commits: trusted only if every one of them rewrote rows as they were
-    assert keys.level_with("table", 5, lambda a, b: {4, 5}) is not None
-    assert keys.level_with("table", 5, lambda a, b: {5}) is None
+    keys.rebuild(digests(pa.array(random_md5s(np.random.default_rng(5), 10))), "table", 3, "m3")
+    asked = []
+
+    def check(cached: int, merge: str) -> bool:
+        asked.append((cached, merge))
+        return True
+
+    assert keys.level_with("table", 3, check) is not None
+    assert keys.level_with("table", 5, check) is not None  # later commits: as check says
+    assert asked == [(3, "m3"), (3, "m3")]
+    assert keys.level_with("table", 5, lambda cached, merge: False) is None
+    assert keys.level_with("another table", 3, check) is None
+    assert keys.level_with("table", 2, check) is None  # older than the cache
     (tmp_path / MANIFEST).write_text("{not json")
-    assert keys.level_with("table", 3, lambda a, b: set()) is None
+    assert keys.level_with("table", 3, check) is None
+
+
+def test_a_rebuild_or_a_clear_leaves_no_file_the_cache_does_not_name(tmp_path):
+    """What a merge killed while keeping the cache leaves behind (a run, a half-written file)."""
+    keys = ImageKeys(tmp_path)
+    rng = np.random.default_rng(8)
+    keys.rebuild(digests(pa.array(random_md5s(rng, 10))), "table", 1, "m1")
+    (tmp_path / "run-left-by-a-killed-merge.npy").write_bytes(b"x")
+    (tmp_path / ".run-half-written.npy.0123abcd.tmp").write_bytes(b"x")
+    keys.rebuild(digests(pa.array(random_md5s(rng, 10))), "table", 2, "m2")
+    assert len(list(tmp_path.iterdir())) == 2  # the manifest and its one run
+    (tmp_path / "run-left-by-a-killed-merge.npy").write_bytes(b"x")
+    keys.clear()
+    assert not list(tmp_path.iterdir())
+
+
+def test_keys_are_read_chunk_by_chunk_past_two_gigabytes_of_text():
+    """65 chunks of 1M md5s: 2.08 GB of text, which one Arrow string array cannot hold."""
+    chunk = pa.array(random_md5s(np.random.default_rng(9), 1 << 20))
+    text = md5_text(pa.chunked_array([chunk] * 65))
+    assert len(text) == 65 << 20 and text[-1].decode() == chunk[-1].as_py()
+    found = digests(pa.chunked_array([chunk[:10], chunk[10:20]]))
+    assert np.array_equal(found, digests(chunk[:20]))
 
 
 def _manifest(lake) -> dict:
@@ -136,3 +170,25 @@ def test_a_cache_of_another_lake_is_not_trusted(tmp_path):
     _land(layout, lake, "t-s00001", shared)
     merged = merge_images(lake)
     assert (merged.inserted, merged.updated, merged.duplicated_md5s) == (0, 50, 0)
+
+
+def test_a_lake_restored_from_a_copy_is_not_trusted(tmp_path):
+    """The same table at the cache's version again, but not the commit the cache followed: a
+    copy restored, then compacted (a rewrite) back up to that version."""
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(10)
+    a, b = random_md5s(rng, 100), random_md5s(rng, 100)
+    _land(layout, lake, "r-s00000", a)
+    merge_images(lake)
+    shutil.copytree(lake.location, tmp_path / "backup")
+    _land(layout, lake, "r-s00001", b)
+    merge_images(lake)
+    cached = _manifest(lake)["version"]
+    shutil.rmtree(lake.location)
+    shutil.copytree(tmp_path / "backup", lake.location)
+    compact(lake, min_files=1)
+    assert lake.open("images").version() == cached
+    _land(layout, lake, "r-s00001", b)
+    merged = merge_images(lake)
+    assert (merged.inserted, merged.updated) == (100, 0)
+    assert Library(layout.root).query("SELECT count(*) AS n FROM images")[0]["n"] == 200

@@ -4,9 +4,10 @@ every bucket (the one cost of a merge that grew with the library: about 0.2 s pe
 images, 200 s a merge at a billion).
 
 A cache of the table, never a second truth. It records the table it describes (its Delta
-table id) and the version it is level with; a merge trusts it only when every ``images``
-commit since that version changed no row (compaction's rewrite, a vacuum). Otherwise the merge
-reads the md5 column as before and rebuilds it from what it read. A merge that deletes md5s (a
+table id), the version it is level with and the merge that made that version; a merge trusts
+it only while that commit is there as that merge made it and every ``images`` commit since
+changed no row (compaction's rewrite, a vacuum). Otherwise the merge reads the md5 column of
+every bucket, batch by batch, and rebuilds it from what it read. A merge that deletes md5s (a
 shard replaced or emptied) clears it.
 
 On disk: ``keys.json`` (table, version, runs) and one ``.npy`` per run, a ``(2, n)`` uint64
@@ -33,11 +34,22 @@ MANIFEST = "keys.json"
 
 
 def md5_text(md5s: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """md5 keys as a numpy ``S32`` array over Arrow's own buffer (no copy): each key's 32
-    characters, which sort as the text does. ``ValueError`` names a key of another length."""
-    text = md5s.cast(pa.string())
-    if isinstance(text, pa.ChunkedArray):
-        text = text.combine_chunks()
+    """md5 keys as a numpy ``S32`` array (over Arrow's own buffer when there is one chunk):
+    each key's 32 characters, which sort as the text does. ``ValueError`` names a key of
+    another length."""
+    texts = [_chunk_text(chunk) for chunk in _chunks(md5s)]
+    if len(texts) == 1:
+        return texts[0]
+    return np.concatenate(texts) if texts else np.empty(0, "S32")
+
+
+def _chunks(md5s: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    """One chunk at a time: joined, a column past 2 GB of text overflows its offsets."""
+    return list(md5s.chunks) if isinstance(md5s, pa.ChunkedArray) else [md5s]
+
+
+def _chunk_text(chunk: pa.Array) -> np.ndarray:
+    text = chunk.cast(pa.string())
     if not len(text):
         return np.empty(0, "S32")
     if text.null_count:
@@ -53,19 +65,21 @@ def md5_text(md5s: pa.Array | pa.ChunkedArray) -> np.ndarray:
 def digests(md5s: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """md5 keys (32 hex digits each) as a ``(2, n)`` uint64 array: the high and low halves of
     each digest, so comparing (high, low) orders them as their text."""
-    text = md5_text(md5s)
-    found = np.empty((2, len(text)), np.uint64)
-    try:
-        raw = bytes.fromhex(text.tobytes().decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        raw = b""
-    if len(raw) != 16 * len(text):  # fromhex also skips spaces: name the first bad key
-        bad = next(
-            key.decode("ascii", "replace") for key in text if not is_md5(key.decode("latin-1"))
-        )
-        raise ValueError(f"md5 key {bad!r}: not 32 hexadecimal digits")
-    halves = np.frombuffer(raw, ">u8")
-    found[0], found[1] = halves[0::2], halves[1::2]
+    found = np.empty((2, len(md5s)), np.uint64)
+    at = 0
+    for chunk in _chunks(md5s):
+        text = _chunk_text(chunk)
+        try:
+            raw = bytes.fromhex(text.tobytes().decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raw = b""
+        if len(raw) != 16 * len(text):  # fromhex also skips spaces: name the first bad key
+            bad = next(k.decode("latin-1") for k in text if not is_md5(k.decode("latin-1")))
+            raise ValueError(f"md5 key {bad!r}: not 32 hexadecimal digits")
+        halves = np.frombuffer(raw, ">u8")
+        found[0, at : at + len(text)] = halves[0::2]
+        found[1, at : at + len(text)] = halves[1::2]
+        at += len(text)
     return found
 
 
@@ -91,6 +105,17 @@ def _in_run(run: np.ndarray, probe: np.ndarray) -> np.ndarray:
         end = int(np.searchsorted(high, probe[0][i], "right"))
         found[i] = bool((low[left[i] : end] == probe[1][i]).any())
     return found
+
+
+def _merged(before: np.ndarray, after: np.ndarray, out: np.ndarray) -> None:
+    """Two runs sorted by high half into ``out`` (a file mapped in memory): each md5 of
+    ``after`` goes after the ``before`` ones it does not precede, in one pass."""
+    at = np.searchsorted(before[0], after[0], "right") + np.arange(after.shape[1])
+    placed = np.zeros(out.shape[1], bool)
+    placed[at] = True
+    for half in (0, 1):
+        out[half, at] = after[half]
+        out[half, ~placed] = before[half]
 
 
 @dataclass(frozen=True)
@@ -133,19 +158,16 @@ class ImageKeys:
             return None
 
     def level_with(
-        self, table_id: str, version: int, rewrites: Callable[[int, int], set[int]]
+        self, table_id: str, version: int, check: Callable[[int, str], bool]
     ) -> CachedKeys | None:
         """The cached md5s if they are exactly this table's at ``version``, else ``None``:
-        ``rewrites(a, b)`` lists the versions in a..b that changed no row (a compaction's
-        rewrite, a vacuum)."""
+        ``check(cached, merge)`` says whether the commit at the cached version is still the
+        one that merge made and every commit since changed no row."""
         manifest = self._manifest()
         if manifest is None or manifest.get("table") != table_id:
             return None
         cached = int(manifest.get("version", -1))
-        if cached < 0 or cached > version:
-            return None
-        since = set(range(cached + 1, version + 1))
-        if since and rewrites(cached + 1, version) != since:
+        if not 0 <= cached <= version or not check(cached, str(manifest.get("merge"))):
             return None
         return CachedKeys(self.directory, self._runs(manifest))
 
@@ -153,12 +175,14 @@ class ImageKeys:
         manifest = manifest if manifest is not None else self._manifest() or {}
         return [_Run(r["file"], int(r["rows"])) for r in manifest.get("runs", [])]
 
-    def rebuild(self, keys: np.ndarray, table_id: str, version: int) -> None:
-        """Replace the cache with these digests, level with ``version`` of the table."""
-        self._save(table_id, version, [self._write(_sorted(keys))], [r.file for r in self._runs()])
+    def rebuild(self, keys: np.ndarray, table_id: str, version: int, merge: str) -> None:
+        """Replace the cache with these digests, level with ``version`` (made by ``merge``)."""
+        self._save(table_id, version, merge, [self._write(_sorted(keys))])
+        self._remove_unnamed()
 
-    def add(self, keys: np.ndarray, table_id: str, version: int) -> None:
-        """Record md5s a merge appended (none of them cached yet), now level with ``version``."""
+    def add(self, keys: np.ndarray, table_id: str, version: int, merge: str) -> None:
+        """Record md5s a merge appended (none of them cached yet), now level with ``version``
+        (made by ``merge``)."""
         runs = self._runs()
         made = [r.file for r in runs]  # every file this leaves behind if no run names it
         if keys.shape[1]:
@@ -166,20 +190,27 @@ class ImageKeys:
             made.append(runs[-1].file)
         while len(runs) > 1 and runs[-2].rows <= runs[-1].rows:
             last, before = runs.pop(), runs.pop()
-            joined = np.concatenate(
-                [np.load(self.directory / r.file) for r in (before, last)], axis=1
-            )
-            runs.append(self._write(_sorted(joined)))
+            runs.append(self._write_merged(before, last))
             made.append(runs[-1].file)
+        self._save(table_id, version, merge, runs)
         kept = {r.file for r in runs}
-        self._save(table_id, version, runs, [name for name in made if name not in kept])
+        for name in made:
+            if name not in kept:
+                (self.directory / name).unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Forget everything: the next merge reads the table and rebuilds the cache."""
-        runs = [r.file for r in self._runs()]
         (self.directory / MANIFEST).unlink(missing_ok=True)
-        for name in runs:
-            (self.directory / name).unlink(missing_ok=True)
+        self._remove_unnamed()
+
+    def _remove_unnamed(self) -> None:
+        """Delete run files (and half-written files) the manifest does not name: what a merge
+        killed while it kept the cache left behind."""
+        named = {r.file for r in self._runs()} | {MANIFEST}
+        if self.directory.is_dir():
+            for path in self.directory.iterdir():
+                if path.name not in named:
+                    path.unlink(missing_ok=True)
 
     def _write(self, keys: np.ndarray) -> _Run:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -188,12 +219,24 @@ class ImageKeys:
             np.save(out, np.ascontiguousarray(keys))
         return _Run(name, int(keys.shape[1]))
 
-    def _save(self, table_id: str, version: int, runs: list[_Run], dropped: list[str]) -> None:
+    def _write_merged(self, before: _Run, after: _Run) -> _Run:
+        """Two runs as one, merged through memory-mapped files (memory for the positions)."""
+        name = f"run-{uuid.uuid4().hex}.npy"
+        first, second = (np.load(self.directory / r.file, mmap_mode="r") for r in (before, after))
+        with atomic_path(self.directory / name) as tmp:
+            out = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.uint64, shape=(2, before.rows + after.rows)
+            )
+            _merged(first, second, out)
+            out.flush()
+            del out
+        return _Run(name, before.rows + after.rows)
+
+    def _save(self, table_id: str, version: int, merge: str, runs: list[_Run]) -> None:
         manifest = {
             "table": table_id,
             "version": version,
+            "merge": merge,
             "runs": [{"file": r.file, "rows": r.rows} for r in runs],
         }
         atomic_write_text(self.directory / MANIFEST, json.dumps(manifest))
-        for name in dropped:
-            (self.directory / name).unlink(missing_ok=True)

@@ -27,8 +27,10 @@ The table format lives in this package and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,8 @@ from asset_library.layout import LibraryLayout
 from asset_library.schema import IMAGE_COLUMNS, TIMESTAMP
 
 #: The Delta app id under which ``images`` records the occurrences version it has merged.
+logger = logging.getLogger(__name__)
+
 IMAGES_APP = "asset_library.images"
 #: Default vacuum retention: files replaced longer ago than this are deleted by compaction.
 #: Delta's own default (7 days): a reader or a time-travel query older than this may fail.
@@ -704,40 +708,63 @@ def read_changes(
 
 #: Commits that change no row: a vacuum's two (it deletes files no live version reads).
 _VACUUM_OPERATIONS = {"VACUUM START", "VACUUM END"}
+#: The custom metadata key naming the merge that made an ``images`` commit (a new id each).
+MERGE_MARK = "asset_library.merge"
 
 
-def _rewrites(
-    lake: Lake, table: DeltaTable, start: int, end: int, vacuums: bool = False
-) -> set[int]:
-    """Versions in ``start..end`` that rewrote rows unchanged (marked :data:`REWRITE_MARK`),
-    and with ``vacuums`` the vacuum commits too (which the change feed holds nothing for).
+def _history(lake: Lake, table: DeltaTable, start: int, end: int) -> dict[int, dict] | None:
+    """The commit entries of versions ``start..end`` by version (``None`` if unreadable).
 
     Read from a handle at the latest version: delta-rs's ``history()`` lists the newest
     commits in storage but numbers them down from the handle's loaded version, so a commit
     landing meanwhile would shift every label. If the table moved while its history was read,
-    read it again; after three tries skip nothing (slower, never wrong)."""
+    read it again; after three tries give up (callers then assume the least)."""
     if end < start:
-        return set()
-    ((key, value),) = REWRITE_MARK.items()
+        return {}
     name = table.table_uri.rstrip("/").rsplit("/", 1)[-1]
     for _ in range(3):
         probe = lake.open(name)
         if probe is None:
-            return set()
+            return None
         latest = probe.version()
         entries = probe.history(max(1, latest - start + 1))
         probe.update_incremental()
         if probe.version() == latest:
             return {
-                int(entry["version"])
+                int(entry["version"]): entry
                 for entry in entries
                 if start <= int(entry["version"]) <= end
-                and (
-                    entry.get(key) == value
-                    or (vacuums and entry.get("operation") in _VACUUM_OPERATIONS)
-                )
             }
-    return set()
+    return None
+
+
+def _rewrites(lake: Lake, table: DeltaTable, start: int, end: int) -> set[int]:
+    """Versions in ``start..end`` that rewrote rows unchanged (marked :data:`REWRITE_MARK`):
+    none if the history cannot be read (slower, never wrong)."""
+    ((key, value),) = REWRITE_MARK.items()
+    entries = _history(lake, table, start, end) or {}
+    return {version for version, entry in entries.items() if entry.get(key) == value}
+
+
+def _level_check(lake: Lake, images: DeltaTable, version: int) -> Callable[[int, str], bool]:
+    """Whether the key cache made by merge ``merge`` at ``cached`` is level with ``images`` at
+    ``version``: that commit is still there as that merge made it (not a lake restored from a
+    copy, or another lake's), and every commit since changed no row (compaction's rewrite, a
+    vacuum)."""
+    ((key, value),) = REWRITE_MARK.items()
+
+    def check(cached: int, merge: str) -> bool:
+        entries = _history(lake, images, cached, version)
+        if entries is None or set(entries) != set(range(cached, version + 1)):
+            return False
+        if entries[cached].get(MERGE_MARK) != merge:
+            return False
+        return all(
+            entries[v].get(key) == value or entries[v].get("operation") in _VACUUM_OPERATIONS
+            for v in range(cached + 1, version + 1)
+        )
+
+    return check
 
 
 def merge_images(lake: Lake) -> MergeResult:
@@ -764,9 +791,9 @@ def merge_images(lake: Lake) -> MergeResult:
         return result
     changes = read_changes(lake, occurrences, last + 1, now, [f.name for f in OCCURRENCES_SCHEMA])
     keys = ImageKeys(lake.image_keys) if lake.image_keys is not None else None
-    start, table_id = images.version(), images.metadata().id
+    start, table_id, merge = images.version(), images.metadata().id, uuid.uuid4().hex
     cached = (
-        keys.level_with(table_id, start, lambda a, b: _rewrites(lake, images, a, b, True))
+        keys.level_with(table_id, start, _level_check(lake, images, start))
         if keys is not None
         else None
     )
@@ -804,7 +831,7 @@ def merge_images(lake: Lake) -> MergeResult:
             plan.counts,
             mode="append",
             partition_by=["bucket"],
-            commit_properties=_merged_to(now),
+            commit_properties=_merged_to(now, merge),
         )
     result.updated = plan.counts.num_rows
     if plan.recomputed.num_rows:
@@ -815,7 +842,7 @@ def merge_images(lake: Lake) -> MergeResult:
                 predicate=_bucket_predicate(touched) + " AND t.md5 = s.md5",
                 source_alias="s",
                 target_alias="t",
-                commit_properties=_merged_to(now),
+                commit_properties=_merged_to(now, merge),
             )
             .when_matched_delete(predicate="s.mode = 'set' AND s.occurrences = 0")
             .when_matched_update(updates=_SET_UPDATES, predicate="s.mode = 'set'")
@@ -832,35 +859,48 @@ def merge_images(lake: Lake) -> MergeResult:
             mode="append",
             partition_by=["bucket"],
             writer_properties=_writer_properties("images"),
-            commit_properties=_merged_to(now),
+            commit_properties=_merged_to(now, merge),
         )
         result.inserted = plan.new.num_rows
     if keys is not None:
-        _keep_keys(keys, plan, table_id, images.version())
+        _keep_keys(keys, plan, table_id, images.version(), merge)
     result.duplicated_md5s = plan.duplicated
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _keep_keys(keys: ImageKeys, plan: _Plan, table_id: str, version: int) -> None:
+def _keep_keys(keys: ImageKeys, plan: _Plan, table_id: str, version: int, merge: str) -> None:
     """Bring the key cache level with the ``images`` version this merge committed: its new
     md5s added, or (when it read every bucket's md5 column) rebuilt from what it read; cleared
-    when md5s left ``images`` (rare: a shard replaced or emptied)."""
-    if plan.recomputed.num_rows:
-        keys.clear()
-    elif plan.known is not None:
-        read = np.concatenate([digests(plan.known), digests(plan.new["md5"])], axis=1)
-        keys.rebuild(read, table_id, version)
-    elif plan.from_cache:
-        keys.add(digests(plan.new["md5"]), table_id, version)
-    else:  # the cache lost a run while this merge read it
-        keys.clear()
+    when md5s left ``images`` (rare: a shard replaced or emptied). Its commits have landed
+    whatever happens here: a cache that cannot be kept is cleared, and the next merge reads
+    the table."""
+    try:
+        if plan.recomputed.num_rows:
+            keys.clear()
+        elif plan.read is not None:
+            read = np.concatenate([plan.read, digests(plan.new["md5"])], axis=1)
+            keys.rebuild(read, table_id, version, merge)
+        elif plan.from_cache:
+            keys.add(digests(plan.new["md5"]), table_id, version, merge)
+        else:  # the cache lost a run while this merge read it
+            keys.clear()
+    except Exception:  # noqa: BLE001 - a cache: never fail the merge that landed
+        logger.warning(
+            "images key cache in %s cleared after an error", keys.directory, exc_info=True
+        )
+        with contextlib.suppress(OSError):
+            keys.clear()
 
 
-def _merged_to(version: int) -> CommitProperties:
+def _merged_to(version: int, merge: str | None = None) -> CommitProperties:
+    """A merge's commit: the occurrences version it reached, and the merge's own id."""
+    metadata = {"asset_library.occurrences_version": str(version)}
+    if merge is not None:
+        metadata[MERGE_MARK] = merge
     return CommitProperties(
         app_transactions=[Transaction(app_id=IMAGES_APP, version=version)],
-        custom_metadata={"asset_library.occurrences_version": str(version)},
+        custom_metadata=metadata,
     )
 
 
@@ -885,8 +925,9 @@ class _Plan:
     counts: pa.Table
     recomputed: pa.Table
     md5s: int
-    #: the md5 column of every bucket, when the merge read it to rebuild the key cache
-    known: pa.ChunkedArray | None = None
+    #: the digests of every md5 ``images`` held, when the merge read them to rebuild the key
+    #: cache
+    read: np.ndarray | None = None
     #: whether the key cache told which changed md5s ``images`` held
     from_cache: bool = False
 
@@ -904,6 +945,26 @@ def _in_buckets(
     )
     rows = rows.filter(pc.is_in(rows["md5"].cast(pa.string()), value_set=md5s.cast(pa.string())))
     return rows.cast(schema)
+
+
+def _md5s(
+    lake: Lake, images: DeltaTable, buckets: list[int] | None, digested: list[np.ndarray] | None
+) -> pa.RecordBatchReader:
+    """The md5 column of these buckets of ``images`` (every bucket: ``None``), batch by batch,
+    each batch's digests appended to ``digested`` as it passes: memory for a batch and 16
+    bytes an md5, never the column (past 2 GB of text one Arrow array cannot hold it)."""
+    scanner = _dataset(lake, images).scanner(
+        columns=["md5"],
+        filter=None if buckets is None else pc.field("bucket").isin(buckets or [-1]),
+    )
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for batch in scanner.to_batches():
+            if digested is not None:
+                digested.append(digests(batch.column(0)))
+            yield batch
+
+    return pa.RecordBatchReader.from_batches(scanner.projected_schema, batches())
 
 
 def _dataset(lake: Lake, table: DeltaTable) -> pds.Dataset:
@@ -942,21 +1003,15 @@ def _merge_plan(
     if cached is not None:
         with contextlib.suppress(FileNotFoundError):  # rewritten meanwhile: read the table
             held = cached.held(changed)
-    known = None
+    read = None
     if held is not None:  # the key cache answers: a binary search per changed md5
         connection.register(
             "known", pa.table({"md5": changed.filter(pa.array(held)).cast(pa.string())})
         )
     else:  # the read that grows with the library: the md5 column of the touched buckets (of
         # every bucket when the key cache is rebuilt from it)
-        known = (
-            _dataset(lake, images).to_table(
-                columns=["md5"], filter=None if rebuild else pc.field("bucket").isin(touched)
-            )
-            if touched or rebuild
-            else pa.table({"md5": pa.array([], pa.string())})
-        )
-        connection.register("known", known)
+        read = [] if rebuild else None
+        connection.register("known", _md5s(lake, images, None if rebuild else touched, read))
     # Probed once, against a hash table of the changed md5s (the small side), never built on.
     connection.execute(
         """
@@ -1031,7 +1086,7 @@ def _merge_plan(
         ),
         recomputed=recomputed,
         md5s=len(changed),
-        known=known["md5"] if rebuild and known is not None else None,
+        read=None if read is None else np.concatenate([np.empty((2, 0), np.uint64), *read], axis=1),
         from_cache=held is not None,
     )
 
@@ -1049,8 +1104,9 @@ def compact(
 ) -> dict[str, dict[str, Any]]:
     """Compact every bucket with ``min_files`` or more files (default 8: amortised, so a
     shard does not rewrite the whole library) into one, then vacuum files
-    replaced more than ``retention_hours`` ago. One commit per table: an optimize, or for the
-    cube a rewrite of those buckets sorted by (attribute, value) as shards write it."""
+    replaced more than ``retention_hours`` ago. One commit per table for the rewrite (an
+    optimize, or for the tables read by key or value a rewrite of those buckets sorted as
+    their writers sort them), and two for a vacuum that removes files (its start and end)."""
     done: dict[str, dict[str, Any]] = {}
     for name in tables:
         table = lake.open(name)
