@@ -975,19 +975,21 @@ def _in_buckets(
 
 def _md5s(
     lake: Lake, images: DeltaTable, buckets: list[int] | None, digested: list[np.ndarray] | None
-) -> pa.RecordBatchReader:
-    """The md5 column of these buckets of ``images`` (every bucket: ``None``), batch by batch,
-    each batch's digests appended to ``digested`` as it passes: memory for a batch and 16
-    bytes an md5, never the column (past 2 GB of text one Arrow array cannot hold it)."""
+) -> pa.Table | pa.RecordBatchReader:
+    """The md5 column of these buckets of ``images`` (every bucket: ``None``). With
+    ``digested``, batch by batch, each batch's digests appended to it as it passes: memory for
+    a batch and 16 bytes an md5 while the key cache is rebuilt. Without, read whole (in chunks)
+    for DuckDB to probe on every core: 2.7 s at 11.8M md5s against 3.5-5.3 s streamed."""
     scanner = _dataset(lake, images).scanner(
         columns=["md5"],
         filter=None if buckets is None else pc.field("bucket").isin(buckets or [-1]),
     )
+    if digested is None:
+        return scanner.to_table()
 
     def batches() -> Iterator[pa.RecordBatch]:
         for batch in scanner.to_batches():
-            if digested is not None:
-                digested.append(digests(batch.column(0)))
+            digested.append(digests(batch.column(0)))
             yield batch
 
     return pa.RecordBatchReader.from_batches(scanner.projected_schema, batches())
