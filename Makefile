@@ -7,14 +7,20 @@ SHARD_SIZE ?= 100
 PG_BIN ?= $(or $(ASSET_LIBRARY_PG_BIN),/usr/lib/postgresql/15/bin)
 SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo ui test lint bench
+.PHONY: install test-services demo ui test lint docs docs-serve bench
 
+# The Python environment from uv.lock, and nothing else: what the demo, the UI and the docs need.
 install:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
 		|| python3 -m pip install --quiet uv
+	@echo "uv sync: the locked Python environment in .venv"
 	@# Compiled once here: with PYTHONDONTWRITEBYTECODE set, every process (the CLI, each run
 	@# worker) would otherwise compile Dagster's sources again on import (~2 s of `status`).
-	$(UV) sync --frozen --compile-bytecode
+	@$(UV) sync --frozen --compile-bytecode --quiet
+
+# What only the tests start: PostgreSQL 15 (test_production_profile.py) and Chromium with its
+# driver (test_serve_browser.py), from apt when missing.
+test-services:
 	@test -x $(PG_BIN)/postgres || { \
 		if command -v apt-get >/dev/null 2>&1; then \
 			$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15; \
@@ -31,24 +37,31 @@ install:
 		fi; }
 
 demo: install
-	$(UV) run asset-library ingest $(CORPUS) --library $(LIBRARY) --shard-size $(SHARD_SIZE)
+	@$(UV) run --frozen asset-library ingest $(CORPUS) --library $(LIBRARY) --shard-size $(SHARD_SIZE)
 
 # The UI on the demo's library: its own Dagster instance holds the runs the CLI made.
 ui: install
 	@# The instance reads the project's dagster.yaml through a link: an edit reaches it at once.
 	mkdir -p $(LIBRARY)/.dagster && ln -sfn $(abspath dagster.yaml) $(LIBRARY)/.dagster/dagster.yaml
 	ASSET_LIBRARY_HOME=$(abspath $(LIBRARY)) DAGSTER_HOME=$(abspath $(LIBRARY))/.dagster \
-		$(UV) run dg dev
+		$(UV) run --frozen dg dev
 
-test: install
-	$(UV) run ruff check .
-	$(UV) run pytest
+test: install test-services lint docs
+	$(UV) run --frozen pytest
 
 lint: install
-	$(UV) run ruff check .
-	$(UV) run ruff format --check .
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link, a
+# page missing from the nav or a reference that no longer generates.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(UV) run --frozen mkdocs build --strict --quiet
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(UV) run --frozen mkdocs serve
 
 bench: install
-	$(UV) run python benchmarks/fingerprint.py
-	$(UV) run python benchmarks/ingest.py
-	$(UV) run python benchmarks/search.py
+	$(UV) run --frozen python benchmarks/fingerprint.py
+	$(UV) run --frozen python benchmarks/ingest.py
+	$(UV) run --frozen python benchmarks/search.py

@@ -25,6 +25,9 @@ from asset_library.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALI
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):  # `asset-library` alone: what it can do
+        parser.print_help()
+        return 0
     if args.library:
         os.environ["ASSET_LIBRARY_HOME"] = str(Path(args.library).expanduser().resolve())
     try:
@@ -68,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
         help="library folder (default: $ASSET_LIBRARY_HOME or ./library)",
     )
     parser = argparse.ArgumentParser(prog="asset-library", description=__doc__)
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     ingest = commands.add_parser(
         "ingest", parents=[common], help="plan a batch, ingest every shard, refresh, check"
@@ -145,8 +149,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     duplicates.set_defaults(handler=_duplicates)
 
-    sql = commands.add_parser("sql", parents=[common], help="a query on the catalog, as CSV")
-    sql.add_argument("query")
+    sql = commands.add_parser(
+        "sql",
+        parents=[common],
+        help="a query on the catalog, as CSV",
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sql.add_argument("-h", "--help", action=_HelpWithMacros)
+    sql.add_argument("query", help="one read-only query: SELECT, WITH, FROM, VALUES, DESCRIBE...")
     sql.add_argument("--json", action="store_true", help="JSON lines instead of CSV")
     sql.add_argument(
         "--param", action="append", default=[], help="a bound value for ?, in order (repeatable)"
@@ -178,6 +189,45 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.set_defaults(handler=_migrate)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version, the one ``pyproject.toml`` gives."""
+    from importlib.metadata import version
+
+    return version("asset-library")
+
+
+class _HelpWithMacros(argparse.Action):
+    """``sql --help``: the usual help, then the catalog's table macros with their arguments.
+    The catalog is imported only here: it takes about a second to load."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(
+            option_strings,
+            dest=argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="show this help, with the table macros, and exit",
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        import textwrap
+
+        from asset_library.lake.catalog import MACRO_HELP, VIEWS, macro_signature
+
+        lines = [
+            f"  {macro_signature(name)}\n"
+            + textwrap.fill(MACRO_HELP[name], 79, initial_indent=" " * 6, subsequent_indent=" " * 6)
+            for name in MACRO_HELP
+        ]
+        parser.epilog = (
+            f"views: {', '.join(VIEWS)}\n\n"
+            "table macros, their arguments bound as values "
+            "(SELECT * FROM image(?) --param <md5>):\n" + "\n".join(lines)
+        )
+        parser.print_help()
+        parser.exit()
 
 
 def _at_least(minimum: int) -> Any:

@@ -2,9 +2,9 @@
 
 A batch lands; the daemon's sensors plan it and run its shards side by side; two shards fail
 for a real reason (their object folder is blocked by a file); once unblocked, one is backfilled
-through GraphQL over HTTP and the other with the README's `dagster job backfill` command, and
-the library ends complete. Written against job names, the landing zone, run records and
-`Library` queries, so asset names may change underneath.
+through GraphQL over HTTP and the other with the `dagster job backfill` command that
+docs/operations.md gives, and the library ends complete. Written against job names, the
+landing zone, run records and `Library` queries, so asset names may change underneath.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def test_a_landed_batch_runs_on_the_production_profile(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The working folder is laid out like a clone: workspace.yaml beside the library, whose
-    # Dagster instance is library/.dagster, so the README's backfill command runs verbatim.
+    # Dagster instance is library/.dagster, so the documented backfill command runs verbatim.
     shutil.copyfile(REPO / "workspace.yaml", tmp_path / "workspace.yaml")
     root = tmp_path / "library"
     home = root / ".dagster"
@@ -290,12 +290,16 @@ def test_a_landed_batch_runs_on_the_production_profile(
             daemon.stop()
 
 
-def _readme_backfill_command() -> str:
-    """The `dagster job backfill` command exactly as the README gives it."""
-    for line in (REPO / "README.md").read_text().splitlines():
+#: The operations page, where the backfill command is documented.
+OPERATIONS_DOC = REPO / "docs" / "operations.md"
+
+
+def _documented_backfill_command() -> str:
+    """The `dagster job backfill` command exactly as the operations page gives it."""
+    for line in OPERATIONS_DOC.read_text().splitlines():
         if "dagster job backfill" in line and line.strip().startswith("DAGSTER_HOME="):
             return line.strip()
-    raise AssertionError("README.md gives no `DAGSTER_HOME=... dagster job backfill` line")
+    raise AssertionError(f"{OPERATIONS_DOC} gives no `DAGSTER_HOME=... dagster job backfill` line")
 
 
 def _run(instance, daemon, webserver, env, clone, landed, shards, blocked, images) -> None:
@@ -332,11 +336,11 @@ def _run(instance, daemon, webserver, env, clone, landed, shards, blocked, image
     print(f"\nshard runs (s after the first was created): {spans}")
     assert overlap >= 2, spans
 
-    # Unblock both; backfill one through GraphQL over HTTP, the other with the README's command.
+    # Unblock both; backfill one through GraphQL over HTTP, the other with the documented command.
     for folder in blocked.values():
         folder.unlink()
     repaired = time.monotonic()
-    command = _readme_backfill_command().replace("KEY1,KEY2", shards[2])
+    command = _documented_backfill_command().replace("KEY1,KEY2", shards[2])
     path = f"{Path(script('dagster')).parent}:{env.get('PATH', '')}"
     cli_env = {k: v for k, v in env.items() if k != "DAGSTER_HOME"} | {"PATH": path}
     cli = subprocess.Popen(

@@ -20,6 +20,7 @@ from PIL import Image
 
 from asset_library import Library
 from asset_library.cli import main
+from asset_library.lake.catalog import MACROS
 from asset_library.orchestrate import ingest_batch
 from asset_library.serve import ServeRefused, ServeSettings, create_app
 from asset_library.serve.settings import TOKEN_ENV, default_cache_dir
@@ -325,6 +326,15 @@ def test_the_schema_the_docs_and_the_gallery_pages_answer(server, library):
     assert server.get("/groups/99999").status == 404
     lookup = server.get(f"/lookup?md5={md5.upper()}")
     assert lookup.status == 303 and lookup.headers["location"] == f"/view/{md5}"
+
+
+def test_the_docs_page_and_the_schema_list_each_macro_with_its_arguments(server):
+    docs = server.get("/docs").body.decode()
+    description = server.get("/openapi.json").json()["paths"]["/query/{macro}"]["get"]
+    for name, (params, _) in MACROS.items():
+        signature = f"{name}({params})"  # the argument names the catalog's macro takes
+        assert signature in docs, signature
+        assert signature in description["description"], signature
 
 
 def test_no_request_wrote_the_library(server, corpus_library, library_before):

@@ -96,7 +96,8 @@ _INDEXED_VALUE = (
     "AND value = CAST(val AS VARCHAR)"
 )
 
-#: name -> (signature, body) of each table macro, also the README's reference.
+#: name -> (signature, body) of each table macro; with :data:`MACRO_HELP`, the reference that
+#: ``sql --help``, the API's ``/docs`` and the documentation site print.
 MACROS: dict[str, tuple[str, str]] = {
     "image": (
         "key",
@@ -141,6 +142,28 @@ MACROS: dict[str, tuple[str, str]] = {
         "<= max_distance ORDER BY distance, md5",
     ),
 }
+
+
+#: name -> what each table macro of :data:`MACROS` answers, one line.
+MACRO_HELP: dict[str, str] = {
+    "image": "the image of that md5 (one bucket read)",
+    "images_with_attribute": "images having that attribute value, one row each, from the "
+    "attribute index alone: the image's columns but the hashes and occurrences; the source of "
+    "the first occurrence that carried the value, and occurrences_with_value (an image's first "
+    "source and total count: join images on md5)",
+    "md5s_with_attribute": "the md5 and bucket of those images: the cheapest way to count "
+    "them or page through them",
+    "attributes_of": "the attributes of that md5: attribute, value, value_type, origin",
+    "images_in_shard": "the images of one shard (its key)",
+    "images_in_batch": "the images of one batch (its id)",
+    "images_at_least": "images at least that many pixels wide and high",
+    "images_near": "images within max_distance bits of a pHash (16 hex digits), with distance",
+}
+
+
+def macro_signature(name: str) -> str:
+    """``name(arg, ...)`` with the argument names the macro really takes."""
+    return f"{name}({MACROS[name][0]})"
 
 
 #: The attribute index of a lake written before it had one (or one without the image's

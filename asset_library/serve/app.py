@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from asset_library.ids import InvalidIdError, check_md5
+from asset_library.lake.catalog import MACRO_HELP, macro_signature
 from asset_library.library import Library
 from asset_library.serve import reads
 from asset_library.serve.auth import TokenRequired
@@ -248,7 +249,17 @@ async def similar(
     return {"count": len(found), "results": found}
 
 
-@router.get("/query/{macro}", summary="A page of a catalog table macro; arguments by name")
+#: The macros ``/query/{macro}`` takes, with their arguments (the query string's names).
+_MACROS_TAKEN = "The macros and their arguments: " + "; ".join(
+    f"`{macro_signature(name)}`: {MACRO_HELP[name]}" for name in MACRO_HELP
+)
+
+
+@router.get(
+    "/query/{macro}",
+    summary="A page of a catalog table macro; arguments by name",
+    description=_MACROS_TAKEN,
+)
 def query_macro(request: Request, macro: str, limit: Limit = 50, offset: Offset = 0) -> Any:
     try:
         reads.macro_arguments(macro)

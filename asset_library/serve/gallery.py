@@ -13,6 +13,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from asset_library.ids import check_md5, is_md5
+from asset_library.lake.catalog import MACRO_HELP, macro_signature
 from asset_library.library import Library
 from asset_library.serve import reads
 from asset_library.serve.auth import COOKIE
@@ -284,11 +285,18 @@ def docs(request: Request) -> Response:
                 f"<td class='mono'>{e(path)}</td><td>{e(op.get('summary'))}</td>"
                 f"<td class='mono small'>{e(params)}</td></tr>"
             )
+    macro_rows = "".join(
+        f"<tr><td class='mono'>{e(macro_signature(name))}</td><td>{e(MACRO_HELP[name])}</td></tr>"
+        for name in MACRO_HELP
+    )
     body = (
         "<h1>API</h1><p class='lede'>JSON over HTTP, read-only. The full schema is at "
         "<a href='/openapi.json'>/openapi.json</a>; errors are <code>{\"detail\": ...}</code>."
         "</p><table class='list'><thead><tr><th></th><th>path</th><th>what</th>"
         f"<th>parameters</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        "<h2>Table macros</h2><p class='lede'><code>GET /query/{macro}?argument=value</code>, "
+        "each argument by its name.</p><table class='list'><thead><tr><th>macro</th>"
+        f"<th>what</th></tr></thead><tbody>{macro_rows}</tbody></table>"
     )
     return layout("API", body, "API")
 
