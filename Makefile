@@ -7,7 +7,7 @@ SHARD_SIZE ?= 100
 PG_BIN ?= $(or $(ASSET_LIBRARY_PG_BIN),/usr/lib/postgresql/15/bin)
 SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test-services demo ui test lint docs docs-serve bench
+.PHONY: install test-services demo ui test test-fast test-durations lint types docs docs-serve bench
 
 # The Python environment from uv.lock, and nothing else: what the demo, the UI and the docs need.
 install:
@@ -48,6 +48,15 @@ ui: install
 
 test: install test-services lint docs
 	$(UV) run --frozen pytest
+
+# The edit-test loop (about two minutes): no test that starts a service (S3, PostgreSQL, a
+# browser, Dagster's daemon), none over the per-test budget in asset_library_tests/conftest.py.
+test-fast: install
+	$(UV) run --frozen pytest -q -m "not s3 and not postgres and not browser and not daemon and not slow"
+
+# Measure every test again (the whole suite) for test-fast's budget: asset_library_tests/durations.json.
+test-durations: install test-services
+	$(UV) run --frozen pytest -q --record-durations
 
 lint: install
 	$(UV) run --frozen ruff check .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -20,6 +21,48 @@ from asset_library_tests.seaweedfs import SeaweedS3
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _bucket_numbers = itertools.count(1)
+
+#: A test that starts a real service carries its marker, by the fixture that starts it.
+SERVICE_FIXTURES = {"seaweed": "s3", "postgres": "postgres", "browser": "browser"}
+#: ``make test-fast`` runs the tests that start no service and took at most this many seconds
+#: (setup included) in the last recorded full run: the edit-test loop's budget.
+FAST_BUDGET_SECONDS = 2.0
+#: Per-test seconds of the last full run, written by ``make test-durations``.
+DURATIONS_FILE = Path(__file__).with_name("durations.json")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--record-durations",
+        action="store_true",
+        help=f"write each test's seconds (setup + call + teardown) to {DURATIONS_FILE.name}",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark service tests by their fixtures, and tests over the fast budget as ``slow``."""
+    recorded = json.loads(DURATIONS_FILE.read_text()) if DURATIONS_FILE.exists() else {}
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for fixture, marker in SERVICE_FIXTURES.items():
+            if fixture in fixtures:
+                item.add_marker(marker)
+        # A test never recorded is new: it stays in the fast set until a full run measures it.
+        if recorded.get(item.nodeid, 0.0) > FAST_BUDGET_SECONDS:
+            item.add_marker("slow")
+
+
+_durations: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if session.config.getoption("--record-durations") and _durations:
+        ordered = {k: round(v, 2) for k, v in sorted(_durations.items())}
+        DURATIONS_FILE.write_text(json.dumps(ordered, indent=0) + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -229,6 +229,7 @@ def _library_count(root: Path) -> dict[str, int] | None:
     return {row["shard"]: row["n"] for row in rows}
 
 
+@pytest.mark.daemon
 def test_a_landed_batch_runs_on_the_production_profile(
     postgres: PostgresServer,
     corpus_dir: Path,
