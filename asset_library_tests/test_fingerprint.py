@@ -461,13 +461,29 @@ def _gif_with_lzw_cut(data: bytes, kept: float) -> bytes:
     )
 
 
+def _webp_with_bitstream_cut(data: bytes, kept: float) -> bytes:
+    """The simple-format WebP with its VP8/VP8L bitstream cut, chunk and RIFF sizes made to
+    agree with what is left."""
+    kind, size = data[12:16], int.from_bytes(data[16:20], "little")
+    assert kind in (b"VP8 ", b"VP8L")
+    body = data[20 : 20 + size][: int(size * kept) // 2 * 2]
+    chunk = kind + len(body).to_bytes(4, "little") + body
+    return b"RIFF" + (4 + len(chunk)).to_bytes(4, "little") + b"WEBP" + chunk
+
+
 @pytest.mark.parametrize("mode", ["fast", "exact"])
 @pytest.mark.parametrize(
-    ("fmt", "cut"),
-    [("PNG", _png_with_idat_cut), ("GIF", _gif_with_lzw_cut)],
+    ("fmt", "options", "cut"),
+    [
+        ("PNG", {}, _png_with_idat_cut),
+        ("GIF", {}, _gif_with_lzw_cut),
+        ("WEBP", {"quality": 80}, _webp_with_bitstream_cut),
+        ("WEBP", {"lossless": True}, _webp_with_bitstream_cut),
+    ],
+    ids=["png", "gif", "webp-lossy", "webp-lossless"],
 )
-def test_a_file_cut_mid_stream_with_a_valid_trailer_is_truncated(photo, fmt, cut, mode):
-    whole = _encoded(photo, fmt)
+def test_a_file_cut_mid_stream_with_a_valid_trailer_is_truncated(photo, fmt, options, cut, mode):
+    whole = _encoded(photo, fmt, **options)
     assert fingerprint(whole, mode=mode).ok
     for kept in (0.4, 0.8):
         fp = fingerprint(cut(whole, kept), mode=mode)

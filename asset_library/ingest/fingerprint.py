@@ -43,6 +43,8 @@ open it.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import io
 import re
@@ -502,8 +504,71 @@ def _cut_short(data: bytes, kind: str) -> str | None:
         declared = int.from_bytes(data[4:8], "little") + 8
         if len(data) < declared:
             return f"its RIFF header declares {declared:,} bytes but the file has {len(data):,}"
+        if _webp_waits_for_more(data):
+            return "its bitstream ends before its pixels do"
     elif kind == "png":
         return _png_cut_short(data)
+    return None
+
+
+# libwebp's VP8StatusCode: the incremental decoder, given every byte, wants more.
+_VP8_STATUS_SUSPENDED = 5
+
+
+def _webp_waits_for_more(data: bytes) -> bool:
+    """Whether libwebp's incremental decoder, fed the whole file with its bitstream chunk
+    declared longer than it is, waits for more data: the VP8 or VP8L bitstream ran out before
+    the pixels did (a file cut inside chunks whose sizes were made to agree), where a corrupt
+    one is an error. Neither Pillow nor OpenCV says why a WebP decode failed."""
+    libwebp = _libwebp()
+    position = 12
+    while libwebp is not None and position + 8 <= len(data):
+        kind, size = (
+            data[position : position + 4],
+            int.from_bytes(data[position + 4 : position + 8], "little"),
+        )
+        if kind in (b"VP8 ", b"VP8L"):
+            room = (size + (1 << 20)).to_bytes(4, "little")
+            riff = (len(data) - 8 + (1 << 20)).to_bytes(4, "little")
+            stretched = b"RIFF" + riff + data[8 : position + 4] + room + data[position + 8 :]
+            decoder = libwebp.WebPINewRGB(0, None, 0, 0)  # MODE_RGB, buffer from libwebp
+            if not decoder:
+                return False
+            try:
+                status = libwebp.WebPIAppend(decoder, stretched, len(stretched))
+            finally:
+                libwebp.WebPIDelete(decoder)
+            return status == _VP8_STATUS_SUSPENDED
+        position += 8 + size + (size & 1)
+    return False
+
+
+@functools.cache
+def _libwebp() -> ctypes.CDLL | None:
+    """The libwebp Pillow's WebP module loaded (the wheel's own copy, or the system's)."""
+    from PIL import _webp  # noqa: F401  (loads libwebp into this process)
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libwebp" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        if "libwebp-" not in path.rsplit("/", 1)[-1] and "libwebp.so" not in path:
+            continue
+        libwebp = ctypes.CDLL(path)
+        if hasattr(libwebp, "WebPIAppend"):
+            libwebp.WebPINewRGB.restype = ctypes.c_void_p
+            libwebp.WebPINewRGB.argtypes = [
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+            ]
+            libwebp.WebPIAppend.restype = ctypes.c_int
+            libwebp.WebPIAppend.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+            libwebp.WebPIDelete.argtypes = [ctypes.c_void_p]
+            return libwebp
     return None
 
 
