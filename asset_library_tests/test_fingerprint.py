@@ -274,7 +274,7 @@ def test_a_png_whose_zlib_stream_is_broken_is_rejected(corpus_dir, name, fix_crc
         ("github_python-pillow_Pillow/hopper.webp", 0.9, "RIFF header declares 3,282 bytes"),
         ("github_webmproject_libwebp-test-data/lossless1.webp", 0.5, "RIFF header declares"),
         ("debian_gnome-backgrounds/gnome/wood-d.webp", 0.95, "RIFF header declares"),
-        ("github_python-pillow_Pillow/hopper.jpg", 0.9, "image file is truncated"),
+        ("github_python-pillow_Pillow/hopper.jpg", 0.9, "ends before its pixels do"),
         ("github_python-pillow_Pillow/hopper.png", 0.6, "image file is truncated"),
         ("github_python-pillow_Pillow/hopper.gif", 0.6, "image file is truncated"),
     ],
@@ -363,3 +363,129 @@ def test_a_corrupt_heif_is_rejected_naming_the_format(corpus_dir):
     fp = fingerprint(data[:200])
     assert (fp.status, fp.reason) in {("rejected", "corrupt"), ("rejected", "truncated")}
     assert fp.message.startswith("heif ")
+
+
+# --- files cut mid-stream that still end the way their format ends -----------------------------
+
+
+@pytest.fixture(scope="module")
+def photo(corpus_dir: Path) -> Image.Image:
+    """A real photo, small enough to encode quickly in every format."""
+    path = corpus_dir / "github_recurser_exif-orientation-examples/Landscape_1.jpg"
+    return Image.open(path).convert("RGB").resize((480, 320))
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _jpeg_scan_starts(data: bytes) -> list[int]:
+    """Offsets of the JPEG's start-of-scan markers (FFDA)."""
+    return [i for i in range(2, len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xDA]
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize("size", [(480, 320), (200, 150)], ids=["reduced", "small"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"progressive": True}, {"restart_marker_blocks": 4}],
+    ids=["baseline", "progressive", "restart-markers"],
+)
+def test_a_jpeg_cut_mid_scan_is_truncated_whatever_follows(photo, options, size, mode):
+    whole = _encoded(photo.resize(size), "JPEG", quality=90, **options)
+    assert fingerprint(whole, mode=mode).ok
+    scans = _jpeg_scan_starts(whole)
+    for kept in (0.4, 0.7):
+        cut = whole[: int(len(whole) * kept)]
+        assert len(cut) not in scans
+        # ended by an end-of-image marker, or by the scans that followed the one cut
+        for tail in (b"\xff\xd9", whole[scans[-1] :] if len(scans) > 1 else b"\xff\xd9"):
+            fp = fingerprint(cut + tail, mode=mode)
+            assert (fp.status, fp.reason, fp.format) == ("rejected", "truncated", "jpeg"), fp
+            assert fp.message.startswith("jpeg cannot be decoded: ")
+            assert "ends before its pixels do" in fp.message and fp.phash is None
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_a_progressive_jpeg_cut_at_a_scan_boundary_is_a_whole_image(photo, mode):
+    whole = _encoded(photo, "JPEG", quality=90, progressive=True)
+    scans = _jpeg_scan_starts(whole)
+    assert len(scans) >= 4
+    for boundary in scans[1:3]:
+        fp = fingerprint(whole[:boundary] + b"\xff\xd9", mode=mode)
+        assert fp.ok and (fp.width, fp.height) == photo.size, fp.message
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(kind + body).to_bytes(4, "big")
+    return len(body).to_bytes(4, "big") + kind + body + crc
+
+
+def _png_with_idat_cut(data: bytes, kept: float) -> bytes:
+    """The PNG with its zlib stream cut, in one IDAT chunk with a valid CRC, then IEND."""
+    position, before, idat = 8, b"", b""
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind, body = data[position + 4 : position + 8], data[position + 8 : position + 8 + length]
+        if kind == b"IDAT":
+            idat += body
+        elif kind != b"IEND" and not idat:
+            before += _png_chunk(kind, body)
+        position += 12 + length
+    cut = idat[: int(len(idat) * kept)]
+    return data[:8] + before + _png_chunk(b"IDAT", cut) + _png_chunk(b"IEND", b"")
+
+
+def _gif_with_lzw_cut(data: bytes, kept: float) -> bytes:
+    """The single-frame GIF with its LZW sub-blocks cut, then a block terminator and ``;``."""
+    flags = data[10]
+    position = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    while data[position] == 0x21:  # extensions: label, then sub-blocks
+        position += 2
+        while data[position]:
+            position += 1 + data[position]
+        position += 1
+    assert data[position] == 0x2C
+    local = data[position + 9]
+    position += 10 + (3 << ((local & 7) + 1) if local & 0x80 else 0) + 1  # + LZW code size
+    blocks = []
+    while data[position]:
+        blocks.append(data[position : position + 1 + data[position]])
+        position += 1 + data[position]
+    return (
+        data[: position - sum(map(len, blocks))]
+        + b"".join(blocks[: int(len(blocks) * kept)])
+        + b"\x00;"
+    )
+
+
+def _webp_with_bitstream_cut(data: bytes, kept: float) -> bytes:
+    """The simple-format WebP with its VP8/VP8L bitstream cut, chunk and RIFF sizes made to
+    agree with what is left."""
+    kind, size = data[12:16], int.from_bytes(data[16:20], "little")
+    assert kind in (b"VP8 ", b"VP8L")
+    body = data[20 : 20 + size][: int(size * kept) // 2 * 2]
+    chunk = kind + len(body).to_bytes(4, "little") + body
+    return b"RIFF" + (4 + len(chunk)).to_bytes(4, "little") + b"WEBP" + chunk
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize(
+    ("fmt", "options", "cut"),
+    [
+        ("PNG", {}, _png_with_idat_cut),
+        ("GIF", {}, _gif_with_lzw_cut),
+        ("WEBP", {"quality": 80}, _webp_with_bitstream_cut),
+        ("WEBP", {"lossless": True}, _webp_with_bitstream_cut),
+    ],
+    ids=["png", "gif", "webp-lossy", "webp-lossless"],
+)
+def test_a_file_cut_mid_stream_with_a_valid_trailer_is_truncated(photo, fmt, options, cut, mode):
+    whole = _encoded(photo, fmt, **options)
+    assert fingerprint(whole, mode=mode).ok
+    for kept in (0.4, 0.8):
+        fp = fingerprint(cut(whole, kept), mode=mode)
+        assert (fp.status, fp.reason, fp.format) == ("rejected", "truncated", fmt.lower()), fp
+        assert fp.phash is None

@@ -31,6 +31,11 @@ kept. This one is wall time by nature, so it needs a quiet machine: the workers'
 statistics (Linux /proc/<pid>/schedstat) split their time into running, waiting for a CPU held
 by other load, and idle (starved by the pool), which tells a slow pool from a busy machine.
 
+The premature-end check of JPEG decodes: the decode ``fingerprint`` makes of each JPEG (a strict
+libjpeg-turbo decode through simplejpeg, which stops on "premature end of data" warnings) against
+the Pillow ``draft("L")`` decode it replaced (which drops them), on the corpus's JPEGs and on the
+>= 8 MP photos, both after the same lazy ``Image.open``; printed as a ratio in the same run.
+
 Absolute rates on a shared machine drift by tens of per cent between runs; the ratios measured
 within one run are what hold. Targets (fast mode, per core): >= 3x ImageHash over the corpus,
 >= 5x ImageHash on >= 8 MP photos; >= 1.8x going from one worker process to two.
@@ -62,11 +67,12 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from asset_library.ingest import fingerprint as fingerprint_module
 from asset_library.ingest.fingerprint import fingerprint, hamming
 from asset_library.ingest.workers import FingerprintPool
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE = ("asset_library/fingerprint.py", "asset_library/workers.py")
+CODE = ("asset_library/ingest/fingerprint.py", "asset_library/ingest/workers.py")
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus"
 
 TARGET_CORPUS = 3.0
@@ -296,6 +302,44 @@ def measure(
     return timings
 
 
+# --- the JPEG premature-end check ----------------------------------------------------------------
+
+
+def jpeg_decode_checked(data: bytes) -> Image.Image:
+    """The JPEG decode ``fingerprint`` makes in fast mode, premature-end check included."""
+    return fingerprint_module._decode(data, Image.open(io.BytesIO(data)), reduce=True)
+
+
+def jpeg_decode_pillow_draft(data: bytes) -> Image.Image:
+    """The decode before the check: Pillow's reduced ``draft("L")`` decode, warnings dropped."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    scale = min(width, height) // fingerprint_module.FAST_MIN_SIDE
+    if scale >= 2:
+        image.draft("L", (width // scale, height // scale))
+    image.load()
+    return image
+
+
+def print_jpeg_check(title: str, entries: Sequence[Entry], rounds: int) -> float:
+    """CPU seconds of both JPEG decodes over ``entries``, best of ``rounds``; checked / draft."""
+    blobs = [entry.data for entry in entries]
+    methods = {"checked": jpeg_decode_checked, "Pillow draft": jpeg_decode_pillow_draft}
+    best = {name: math.inf for name in methods}
+    passes = max(1, math.ceil(1.0 / max(sum(len(b) for b in blobs) / 100e6, 1e-3)))
+    for round_index in range(rounds):
+        order = list(methods) if round_index % 2 == 0 else list(methods)[::-1]
+        for name in order:
+            _, cpu, _ = one_sample(methods[name], blobs, passes)
+            best[name] = min(best[name], cpu)
+    ratio = best["checked"] / best["Pillow draft"]
+    print(
+        f"  {title}: {len(blobs)} files x {passes}: checked {best['checked']:.3f} s, "
+        f"Pillow draft {best['Pillow draft']:.3f} s CPU; checked / draft = {ratio:.3f}x"
+    )
+    return ratio
+
+
 # --- pool --------------------------------------------------------------------------------------
 
 
@@ -487,6 +531,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_by_format(subset, timings)
         timed[title] = timings
     print_checks(corpus, screening.results)
+    check_rounds = max(args.rounds, 5)
+    print(f"\nJPEG premature-end check (fast mode decode, best of {check_rounds}); {load()}")
+    jpegs = [e for e in corpus if e.format == "JPEG"]
+    with native_stderr_silenced():
+        for title, subset in (("corpus JPEGs", jpegs), (">= 8 MP JPEG photos", photos)):
+            print_jpeg_check(title, subset, check_rounds)
 
     corpus_t, photos_t = timed["corpus"], timed[">= 8 MP JPEG photos"]
     ratio_corpus = corpus_t[REFERENCE].rate / corpus_t["ImageHash"].rate

@@ -43,8 +43,11 @@ open it.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -53,6 +56,7 @@ import cv2
 import numpy as np
 import pillow_heif
 import scipy.fftpack
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 Mode = Literal["fast", "exact"]
@@ -118,6 +122,18 @@ _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
 )
 # ISO-BMFF brands of HEIF files ("ftyp" box), told apart when pillow-heif cannot open one.
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"}
+
+# JPEG frame types (SOFn markers) libjpeg-turbo decodes at a reduced scale: baseline, extended and
+# progressive DCT, Huffman or arithmetic coded. Lossless and hierarchical ones are left to Pillow:
+# simplejpeg aborts the process when asked to scale a lossless JPEG.
+_SCALABLE_JPEG_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC9, 0xCA})
+# libjpeg's warnings that the entropy-coded data stopped before the pixels did: it ran into a
+# marker (an end-of-image marker appended to a cut file, say) or the end of the bytes, or found
+# another marker where the next restart marker belongs. libjpeg fills what is missing with grey
+# and goes on, and Pillow drops its warnings, so only a decoder that stops on them can tell.
+_PREMATURE_END = re.compile(
+    r"premature end|found marker 0x(?!d[0-7])[0-9a-f]{2} instead of RST", re.IGNORECASE
+)
 
 # Worker processes are one per core: OpenCV's own thread pool would oversubscribe them.
 cv2.setNumThreads(1)
@@ -296,10 +312,22 @@ def _decode_grey_with_opencv(data: bytes) -> Image.Image | None:
 
 
 def _decode(data: bytes, image: Image.Image, *, reduce: bool) -> Image.Image:
-    """Decode pixels; a JPEG at reduced scale (DCT scaling) when asked and worth it."""
+    """Decode pixels, every JPEG checked for a premature end of its compressed data."""
+    if image.format not in ("JPEG", "MPO"):
+        image.load()
+        return image
     stored_w, stored_h = image.size
-    scale = min(stored_w, stored_h) // FAST_MIN_SIDE
-    if not reduce or scale < 2:
+    scale = _draft_scale(stored_w, stored_h) if reduce else 1
+    scalable = _jpeg_frame_type(data) in _SCALABLE_JPEG_FRAMES
+    if scalable and scale >= 2 and image.mode in ("L", "RGB"):
+        # The same libjpeg-turbo decode Pillow's draft("L") makes (the Y channel at 1/scale),
+        # except that it stops on a premature end.
+        pixels = _strict_jpeg_decode(data, stored_w, stored_h, scale)
+        if pixels is not None:
+            return Image.fromarray(pixels.reshape(pixels.shape[:2]))
+    elif scalable:
+        _strict_jpeg_decode(data, stored_w, stored_h, 8)  # a check only: the smallest decode
+    if scale < 2:
         image.load()
         return image
     image.draft("L", (stored_w // scale, stored_h // scale))
@@ -310,6 +338,58 @@ def _decode(data: bytes, image: Image.Image, *, reduce: bool) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.load()
     return image
+
+
+def _draft_scale(width: int, height: int) -> int:
+    """The DCT scale (1, 2, 4 or 8) Pillow's ``draft`` picks for the reduced decode: the largest
+    that keeps the shorter side at ``FAST_MIN_SIDE`` or more."""
+    wanted = min(width, height) // FAST_MIN_SIDE
+    if wanted < 2:
+        return 1
+    fits = min(width // (width // wanted), height // (height // wanted))
+    return next(scale for scale in (8, 4, 2, 1) if fits >= scale)
+
+
+def _jpeg_frame_type(data: bytes) -> int | None:
+    """The SOFn marker's second byte (0xC0 baseline, 0xC2 progressive, ...), None if not found:
+    walk the marker segments after SOI up to the frame header."""
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame
+            return None
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
+
+
+def _strict_jpeg_decode(data: bytes, width: int, height: int, scale: int) -> np.ndarray | None:
+    """The greyscale pixels at 1/``scale`` (``height x width x 1``) from a libjpeg-turbo decode
+    that stops on its first warning. Raises ``Rejected("truncated")`` when that warning says
+    the compressed data ended before the pixels did; None when it stopped for another reason
+    (an unsupported colour conversion, a harmless oddity such as bytes before a marker), and
+    then Pillow decodes the image as before."""
+    try:
+        return simplejpeg.decode_jpeg(
+            data,
+            "GRAY",
+            min_height=-(-height // scale),
+            min_width=-(-width // scale),
+            min_factor=scale,
+            strict=True,
+        )
+    except ValueError as error:
+        if _PREMATURE_END.search(str(error)):
+            raise Rejected(
+                "truncated",
+                f"jpeg cannot be decoded: {_describe(error)}; its compressed data ends before "
+                "its pixels do",
+            ) from None
+        return None
 
 
 def hashes_of_grey(grey: Image.Image) -> dict[str, Any]:
@@ -424,8 +504,71 @@ def _cut_short(data: bytes, kind: str) -> str | None:
         declared = int.from_bytes(data[4:8], "little") + 8
         if len(data) < declared:
             return f"its RIFF header declares {declared:,} bytes but the file has {len(data):,}"
+        if _webp_waits_for_more(data):
+            return "its bitstream ends before its pixels do"
     elif kind == "png":
         return _png_cut_short(data)
+    return None
+
+
+# libwebp's VP8StatusCode: the incremental decoder, given every byte, wants more.
+_VP8_STATUS_SUSPENDED = 5
+
+
+def _webp_waits_for_more(data: bytes) -> bool:
+    """Whether libwebp's incremental decoder, fed the whole file with its bitstream chunk
+    declared longer than it is, waits for more data: the VP8 or VP8L bitstream ran out before
+    the pixels did (a file cut inside chunks whose sizes were made to agree), where a corrupt
+    one is an error. Neither Pillow nor OpenCV says why a WebP decode failed."""
+    libwebp = _libwebp()
+    position = 12
+    while libwebp is not None and position + 8 <= len(data):
+        kind, size = (
+            data[position : position + 4],
+            int.from_bytes(data[position + 4 : position + 8], "little"),
+        )
+        if kind in (b"VP8 ", b"VP8L"):
+            room = (size + (1 << 20)).to_bytes(4, "little")
+            riff = (len(data) - 8 + (1 << 20)).to_bytes(4, "little")
+            stretched = b"RIFF" + riff + data[8 : position + 4] + room + data[position + 8 :]
+            decoder = libwebp.WebPINewRGB(0, None, 0, 0)  # MODE_RGB, buffer from libwebp
+            if not decoder:
+                return False
+            try:
+                status = libwebp.WebPIAppend(decoder, stretched, len(stretched))
+            finally:
+                libwebp.WebPIDelete(decoder)
+            return status == _VP8_STATUS_SUSPENDED
+        position += 8 + size + (size & 1)
+    return False
+
+
+@functools.cache
+def _libwebp() -> ctypes.CDLL | None:
+    """The libwebp Pillow's WebP module loaded (the wheel's own copy, or the system's)."""
+    from PIL import _webp  # noqa: F401  (loads libwebp into this process)
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libwebp" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        if "libwebp-" not in path.rsplit("/", 1)[-1] and "libwebp.so" not in path:
+            continue
+        libwebp = ctypes.CDLL(path)
+        if hasattr(libwebp, "WebPIAppend"):
+            libwebp.WebPINewRGB.restype = ctypes.c_void_p
+            libwebp.WebPINewRGB.argtypes = [
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+            ]
+            libwebp.WebPIAppend.restype = ctypes.c_int
+            libwebp.WebPIAppend.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+            libwebp.WebPIDelete.argtypes = [ctypes.c_void_p]
+            return libwebp
     return None
 
 
