@@ -424,3 +424,42 @@ def test_bytes_and_thumbnails_come_from_an_s3_library_store(
         lost = live.get(f"/images/{gone}/bytes")
         assert lost.status == 502 and gone in lost.json()["detail"]
         assert live.get(f"/images/{gone}/thumb").status == 200  # made before: from the cache
+
+
+HUGE = "99999999999999999999"
+
+
+def test_a_bad_number_is_a_422_naming_it_on_every_route(server):
+    for path, name in (
+        (f"/duplicates?offset={HUGE}", "offset"),
+        (f"/rejects?offset={HUGE}", "offset"),
+        (f"/duplicates?limit={HUGE}", "limit"),
+        (f"/duplicates/{HUGE}", "group"),
+        ("/duplicates/-1", "group"),
+        (f"/query/image?key=ab&offset={HUGE}", "offset"),
+        ("/rejects?offset=ten", "offset"),
+    ):
+        reply = server.get(path)
+        assert reply.status == 422, path
+        detail = reply.json()["detail"]
+        assert isinstance(detail, str) and detail.startswith(f"{name}:"), (path, detail)
+    assert server.get(f"/duplicates?offset={2**62}").json()["groups"] == []
+    for path in (f"/groups?page={HUGE}", f"/rejected?page={HUGE}", "/groups?page=two",
+                 "/rejected?page=0", f"/groups/{HUGE}"):  # fmt: skip
+        reply = server.get(path)
+        assert reply.status == 422, path
+        assert reply.headers["content-type"].startswith("text/html"), path
+        assert b"page" in reply.body or b"group" in reply.body, path
+
+
+def test_a_gallery_page_past_the_end_says_so(server):
+    last = re.search(rb"page 1 of (\d+)", server.get("/rejected").body)
+    pages = int(last.group(1)) if last else 1
+    for path, base in (
+        (f"/rejected?page={pages + 98}", "/rejected"),
+        ("/groups?page=99", "/groups"),
+    ):
+        reply = server.get(path)
+        assert reply.status == 404 and reply.headers["content-type"].startswith("text/html")
+        assert b"past the end" in reply.body and f'href="{base}?page='.encode() in reply.body
+        assert b" of " not in reply.body.split(b"<main>")[1]  # no "page 99 of 3" pager

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import duckdb
 import uvicorn
 from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -36,7 +38,7 @@ STATIC = Path(__file__).parent / "static"
 IMMUTABLE = "private, max-age=31536000, immutable"
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="rows per page")]
-Offset = Annotated[int, Query(ge=0, description="rows to skip")]
+Offset = Annotated[int, Query(ge=0, le=reads.MAX_OFFSET, description="rows to skip")]
 
 router = APIRouter()
 
@@ -76,6 +78,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         (ObjectStoreError, 502),  # the catalog has the image but its store fails to give it
     ):
         app.add_exception_handler(error, _status_of(status))
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     if settings.token:
         app.add_middleware(TokenRequired, token=settings.token)  # outermost: checked first
@@ -95,6 +98,30 @@ def _status_of(status: int) -> Callable[[Request, Exception], Any]:
         return JSONResponse({"detail": str(error)}, status_code=status)
 
     return handle
+
+
+def validation_message(error: RequestValidationError) -> str:
+    """One sentence per bad parameter, each naming it and the value given."""
+    parts = []
+    for problem in error.errors():
+        where = [str(part) for part in problem.get("loc", ()) if part not in ("query", "path")]
+        name = ".".join(where) or "the request"
+        given = problem.get("input")
+        shown = f" (given {given!r})" if isinstance(given, str | int | float) else ""
+        parts.append(f"{name}: {problem.get('msg', 'invalid')}{shown}")
+    return "; ".join(parts)
+
+
+async def _invalid_request(request: Request, error: Exception) -> Response:
+    """Every bad parameter is a 422 naming it: JSON on the API, a page on the gallery."""
+    assert isinstance(error, RequestValidationError)
+    message = validation_message(error)
+    route = request.scope.get("route")
+    if route is not None and not getattr(route, "include_in_schema", True):
+        from asset_library.serve.gallery import error_page
+
+        return error_page("Bad request", message, 422)
+    return JSONResponse({"detail": message}, status_code=422)
 
 
 def with_library(request: Request, work: Callable[[Library], T]) -> T:
@@ -274,7 +301,9 @@ def duplicates(request: Request, limit: Limit = 50, offset: Offset = 0) -> dict[
 
 
 @router.get("/duplicates/{group}", summary="The images of one near-duplicate group")
-def duplicate_group(request: Request, group: int) -> dict[str, Any]:
+def duplicate_group(
+    request: Request, group: Annotated[int, PathParam(ge=0, le=reads.MAX_ID)]
+) -> dict[str, Any]:
     members = with_library(request, lambda lib: reads.group_members(lib, group))
     if not members:
         raise HTTPException(404, f"no near-duplicate group {group}")

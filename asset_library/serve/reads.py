@@ -34,6 +34,11 @@ MEDIA_TYPES = {
     "jpeg2000": "image/jp2",
 }
 
+#: The most rows a page may skip, and the largest id a path may name: the catalog's integers
+#: are 64-bit, so a larger number is refused as bad input (422), never sent to a query.
+MAX_OFFSET = 2**62
+MAX_ID = 2**63 - 1
+
 #: What a gallery tile or a group member shows of an image.
 SUMMARY_COLUMNS = "md5, width, height, format, size_bytes, quality, source_uri"
 
