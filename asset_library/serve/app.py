@@ -1,11 +1,14 @@
 """The JSON API over one library, read-only: lookups, bytes, thumbnails, search, macros, pages.
 
-Nothing a request does writes the library: the catalog is read-only, and thumbnails go to the
-service's own cache folder. Errors are JSON ``{"detail": ...}`` naming the bad input.
+Nothing a request does writes the library's data: the catalog is read-only, and thumbnails go
+to the service's own cache folder. The one file it may add is the record of a stored object it
+found damaged (its bytes are not its key's), which ingests and checks read to repair it. Errors
+are JSON ``{"detail": ...}`` naming the bad input; a bad parameter is always a 422.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from asset_library.ids import InvalidIdError, check_md5
+from asset_library.layout import LibraryLayout
 from asset_library.library import Library
 from asset_library.serve import reads
 from asset_library.serve.auth import TokenRequired
@@ -29,10 +33,11 @@ from asset_library.serve.settings import ServeSettings
 from asset_library.serve.thumbs import ThumbnailCache
 from asset_library.serve.uploads import BodyLimit, PoolBusy, UploadPool
 from asset_library.similarity import IndexNotReady
-from asset_library.storage import ObjectStoreError, object_key
+from asset_library.storage import DamagedObjectError, DamageRecord, ObjectStoreError, read_image
 from asset_library.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 #: Content-addressed: the bytes behind a key never change.
 IMMUTABLE = "private, max-age=31536000, immutable"
@@ -79,6 +84,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     ):
         app.add_exception_handler(error, _status_of(status))
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(DamagedObjectError, _damaged_object)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     if settings.token:
         app.add_middleware(TokenRequired, token=settings.token)  # outermost: checked first
@@ -122,6 +128,18 @@ async def _invalid_request(request: Request, error: Exception) -> Response:
 
         return error_page("Bad request", message, 422)
     return JSONResponse({"detail": message}, status_code=422)
+
+
+async def _damaged_object(request: Request, error: Exception) -> Response:
+    """A 502 naming the object, and the md5 recorded where ingests and checks look for it."""
+    assert isinstance(error, DamagedObjectError)
+    settings: ServeSettings = request.app.state.settings
+    try:
+        DamageRecord(LibraryLayout(settings.library).damaged_objects_dir).add(error)
+    except OSError as failed:  # a library on a read-only mount: the answer still says it
+        log.warning("could not record the damaged object of %s: %s", error.md5, failed)
+    log.error("%s", error)
+    return JSONResponse({"detail": str(error)}, status_code=502)
 
 
 def with_library(request: Request, work: Callable[[Library], T]) -> T:
@@ -183,7 +201,7 @@ def image_bytes(request: Request, md5: str) -> Response:
         kind = _known(library, key)
         if _etag_matches(request, etag):
             return Response(status_code=304, headers=headers)
-        data = request.app.state.libraries.object_store(library).get(object_key(key))
+        data = read_image(request.app.state.libraries.object_store(library), key)
         media = reads.MEDIA_TYPES.get(kind, "application/octet-stream")
         return Response(data, media_type=media, headers=headers)
 
@@ -205,7 +223,7 @@ def image_thumb(request: Request, md5: str) -> Response:
 
         def make(library: Library) -> Path:
             _known(library, key)
-            data = request.app.state.libraries.object_store(library).get(object_key(key))
+            data = read_image(request.app.state.libraries.object_store(library), key)
             return thumbs.make(key, data)
 
         path = with_library(request, make)
