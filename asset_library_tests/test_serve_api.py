@@ -23,7 +23,7 @@ from asset_library.cli import main
 from asset_library.orchestrate import ingest_batch
 from asset_library.serve import ServeRefused, ServeSettings, create_app
 from asset_library.serve.settings import TOKEN_ENV, default_cache_dir
-from asset_library.serve.uploads import PoolBusy, UploadPool
+from asset_library.serve.uploads import DecodePool, PoolBusy
 from asset_library.storage import object_key
 from asset_library_tests.http_server import LiveServer, multipart
 
@@ -198,24 +198,27 @@ def test_a_too_large_upload_gets_413_declared_or_chunked(corpus_library, tmp_pat
         assert small.upload("/similar", thumb.read_bytes()).status == 200
 
 
-def test_the_upload_pool_is_bounded_and_busy_means_503():
+@pytest.mark.parametrize("workers, budget", [(1, 10**9), (4, 1000)])
+def test_the_decode_pool_is_bounded_by_slots_and_pixels_and_busy_means_503(workers, budget):
     gate = threading.Event()
-    pool = UploadPool(workers=1, wait_s=0.2)
+    pool = DecodePool(workers=workers, wait_s=0.2, pixel_budget=budget)
 
-    async def both() -> tuple[Any, Any]:
-        first = asyncio.ensure_future(pool.run(lambda: gate.wait(10) and "first"))
+    async def three() -> tuple[Any, Any, Any]:
+        first = asyncio.ensure_future(pool.run(lambda: gate.wait(10) and "first", 600))
         await asyncio.sleep(0.05)
         try:
-            second = await pool.run(lambda: "second")
+            second = await pool.run(lambda: "second", 600)
         except PoolBusy as busy:
             second = busy
+        small = await pool.run(lambda: "small", 10) if workers > 1 else None
         gate.set()
-        return await first, second
+        return await first, second, small
 
-    first, second = asyncio.run(both())
+    first, second, small = asyncio.run(three())
     pool.close()
     assert first == "first"
-    assert isinstance(second, PoolBusy) and "1 fingerprinting slots" in str(second)
+    assert isinstance(second, PoolBusy) and f"{workers} decode slots" in str(second)
+    assert small == ("small" if workers > 1 else None)  # room left in the budget: no wait
 
 
 def test_a_macro_page_is_the_same_macro_through_library_query(server, library):

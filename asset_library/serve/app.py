@@ -30,10 +30,16 @@ from asset_library.library import Library
 from asset_library.serve import reads
 from asset_library.serve.auth import TokenRequired
 from asset_library.serve.settings import ServeSettings
-from asset_library.serve.thumbs import ThumbnailCache
-from asset_library.serve.uploads import BodyLimit, PoolBusy, UploadPool
+from asset_library.serve.thumbs import ThumbnailCache, ThumbnailError
+from asset_library.serve.uploads import BodyLimit, DecodePool, PoolBusy, header_pixels
 from asset_library.similarity import IndexNotReady
-from asset_library.storage import DamagedObjectError, DamageRecord, ObjectStoreError, read_image
+from asset_library.storage import (
+    DamagedObjectError,
+    DamageRecord,
+    ObjectStoreError,
+    object_key,
+    read_image,
+)
 from asset_library.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 
 T = TypeVar("T")
@@ -55,11 +61,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.uploads = UploadPool(settings.upload_workers, settings.upload_wait_s)
+        app.state.decodes = DecodePool(
+            settings.upload_workers, settings.upload_wait_s, settings.decode_pixels
+        )
         try:
             yield
         finally:
-            app.state.uploads.close()
+            app.state.decodes.close()
 
     app = FastAPI(
         title="asset-library",
@@ -170,6 +178,14 @@ def _known(library: Library, md5: str) -> str:
     return found
 
 
+def _pixels(library: Library, md5: str) -> int:
+    """What decoding the image costs, in pixels; 404 if the library does not have it."""
+    found = reads.image_pixels(library, md5)
+    if found is None:
+        raise HTTPException(404, f"no image with md5 {md5} in the library")
+    return found
+
+
 def _etag_matches(request: Request, etag: str) -> bool:
     header = request.headers.get("if-none-match")
     if header is None:
@@ -213,20 +229,24 @@ def image_bytes(request: Request, md5: str) -> Response:
     summary="A JPEG thumbnail (longest side 256 px), made once and cached",
     response_class=FileResponse,
 )
-def image_thumb(request: Request, md5: str) -> Response:
+async def image_thumb(request: Request, md5: str) -> Response:
     key = check_md5(md5)
     thumbs: ThumbnailCache = request.app.state.thumbs
     etag = f'"{key}-{thumbs.size}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
-    path = thumbs.cached(key)
+    path = await run_in_threadpool(thumbs.cached, key)
     if path is None:
+        pixels = await run_in_threadpool(with_library, request, lambda lib: _pixels(lib, key))
 
         def make(library: Library) -> Path:
-            _known(library, key)
-            data = read_image(request.app.state.libraries.object_store(library), key)
-            return thumbs.make(key, data)
+            store = request.app.state.libraries.object_store(library)
+            try:
+                return thumbs.make(key, read_image(store, key))
+            except ThumbnailError as error:
+                where = store.uri(object_key(key))
+                raise HTTPException(502, f"no thumbnail of {where}: {error}") from None
 
-        path = with_library(request, make)
+        path = await request.app.state.decodes.run(lambda: with_library(request, make), pixels)
     if _etag_matches(request, etag):
         return Response(status_code=304, headers=headers)
     return FileResponse(path, media_type="image/jpeg", headers=headers)
@@ -277,13 +297,24 @@ async def similar(
                     _known(library, key)  # 404 if that is why; looked up on failure only
                     raise
 
-            found = await run_in_threadpool(with_library, request, by_md5)
+            if transforms == "none":  # the stored hashes: nothing to decode
+                found = await run_in_threadpool(with_library, request, by_md5)
+            else:
+                pixels = await run_in_threadpool(
+                    with_library, request, lambda lib: _pixels(lib, key)
+                )
+                found = await request.app.state.decodes.run(
+                    lambda: with_library(request, by_md5), pixels
+                )
         else:
             data = await image.read()
+            await image.close()
             if not data:
                 raise HTTPException(422, f"the uploaded file {image.filename!r} is empty")
-            found = await request.app.state.uploads.run(
-                lambda: with_library(request, lambda library: library.similar(data, **options))
+            pixels = await run_in_threadpool(header_pixels, data)
+            found = await request.app.state.decodes.run(
+                lambda: with_library(request, lambda library: library.similar(data, **options)),
+                pixels,
             )
     except InvalidIdError:
         raise

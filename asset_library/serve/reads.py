@@ -83,6 +83,13 @@ def image_format(library: Library, md5: str) -> str | None:
     return rows[0]["format"] if rows else None
 
 
+def image_pixels(library: Library, md5: str) -> int | None:
+    """The pixels of an image's first frame, ``None`` if the library does not have it: what
+    decoding it costs, known before its bytes are read."""
+    rows = library.query("SELECT width * height AS pixels FROM image(?)", [md5])
+    return int(rows[0]["pixels"] or 0) if rows else None
+
+
 @dataclass(frozen=True)
 class Page:
     """One slice of an ordered result, with the total it was cut from."""
