@@ -178,7 +178,16 @@ def _parser() -> argparse.ArgumentParser:
         help="largest upload /similar accepts (default $ASSET_LIBRARY_MAX_UPLOAD_MB or 20)",
     )
     serve.add_argument(
-        "--upload-workers", type=_at_least(1), default=2, help="uploads fingerprinted at once"
+        "--upload-workers",
+        type=_at_least(1),
+        default=2,
+        help="images decoded at once: uploads, searches by md5, thumbnails",
+    )
+    serve.add_argument(
+        "--decode-wait",
+        type=float,
+        default=10.0,
+        help="seconds a request waits for a decode slot before a 503",
     )
     serve.set_defaults(handler=_serve)
 
@@ -425,6 +434,7 @@ def _serve(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         max_upload_mb=args.max_upload_mb,
         upload_workers=args.upload_workers,
+        decode_wait_s=args.decode_wait,
     )
     serve(settings, host=args.host, port=args.port)
     return 0

@@ -144,6 +144,11 @@ class LibraryLayout:
         return self.root / "index"
 
     @property
+    def damaged_objects_dir(self) -> Path:
+        """One file per md5 whose stored object a reader found damaged, until it is repaired."""
+        return self.root / "damaged_objects"
+
+    @property
     def image_keys_dir(self) -> Path:
         """The local cache of the md5s the lake's ``images`` holds (rebuilt when stale)."""
         return self.root / "image_keys"

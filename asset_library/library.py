@@ -26,7 +26,7 @@ from asset_library.search.codec import hex_to_int
 from asset_library.search.quality import CONFIRMING_HASH, informative
 from asset_library.similarity import HASH_KINDS, SimilarityIndex
 from asset_library.sql_guard import check_read_only_query
-from asset_library.storage import ObjectStore, object_key, open_store
+from asset_library.storage import ObjectStore, open_store, read_image
 from asset_library.thresholds import (
     DEFAULT_CONFIRM_DISTANCE,
     DEFAULT_MIN_QUALITY,
@@ -265,7 +265,7 @@ class Library:
             if transforms == "none":
                 stored = (hex_to_int(rows[kind][0].as_py()), hex_to_int(rows[second][0].as_py()))
                 return {"identity": stored}, quality
-            data, name = self.object_store().get(object_key(md5)), f"image {md5}"
+            data, name = read_image(self.object_store(), md5), f"image {md5}"
         elif isinstance(image, bytes | bytearray):
             data, name = bytes(image), "the given bytes"
         else:

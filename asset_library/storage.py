@@ -25,7 +25,7 @@ import hashlib
 import os
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,8 @@ from asset_library.ids import is_md5
 from asset_library.layout import LibraryLayout, temp_path_for
 
 __all__ = [
+    "DamageRecord",
+    "DamagedObjectError",
     "DigestMismatchError",
     "LocalObjectStore",
     "ObjectNotFoundError",
@@ -50,6 +52,7 @@ __all__ = [
     "object_key",
     "open_store",
     "parse_s3_uri",
+    "read_image",
     "s3_client_from_env",
     "store_location",
     "verify_objects",
@@ -76,6 +79,14 @@ class DigestMismatchError(ObjectStoreError, ValueError):
 
     A `ValueError` too, so callers can treat the local check and the server's `BadDigest` alike.
     """
+
+
+class DamagedObjectError(ObjectStoreError):
+    """A stored object whose bytes are not the image its key names: never served as it."""
+
+    def __init__(self, message: str, *, md5: str) -> None:
+        super().__init__(message, code="Damaged")
+        self.md5 = md5
 
 
 class ObjectNotFoundError(ObjectStoreError, KeyError):
@@ -166,13 +177,17 @@ class ObjectStore(abc.ABC):
     """Write-once storage of immutable blobs by key."""
 
     @abc.abstractmethod
-    def put_if_absent(self, key: str, data: bytes, md5_hex: str) -> PutResult:
+    def put_if_absent(
+        self, key: str, data: bytes, md5_hex: str, *, suspect: bool = False
+    ) -> PutResult:
         """Store `data` under `key` unless an intact object is there; say what was done.
 
         `md5_hex` is the expected MD5 of `data`; a mismatch raises `DigestMismatchError` (a
         `ValueError`) and stores nothing. An existing object is replaced only when it is
         damaged: its size differs from `data`, or its content MD5 (when the store can tell
-        cheaply) differs from `md5_hex`. A racing writer of the same key writes the same bytes.
+        cheaply) differs from `md5_hex`. With `suspect` (a reader found the object damaged)
+        the store's own report is not trusted: the stored bytes are read and hashed. A racing
+        writer of the same key writes the same bytes.
         """
 
     @abc.abstractmethod
@@ -224,7 +239,9 @@ class LocalObjectStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
-    def put_if_absent(self, key: str, data: bytes, md5_hex: str) -> PutResult:
+    def put_if_absent(
+        self, key: str, data: bytes, md5_hex: str, *, suspect: bool = False
+    ) -> PutResult:
         _check_md5(md5_hex, key)
         path = self._path(key)
         actual = hashlib.md5(data).hexdigest()
@@ -348,7 +365,9 @@ class S3ObjectStore(ObjectStore):
             f"S3 {op} of s3://{self.bucket}/{full_key} failed: {code}: {exc}", code=code
         )
 
-    def put_if_absent(self, key: str, data: bytes, md5_hex: str) -> PutResult:
+    def put_if_absent(
+        self, key: str, data: bytes, md5_hex: str, *, suspect: bool = False
+    ) -> PutResult:
         """Upload with `Content-MD5` (the server checks the body) and `If-None-Match: *`.
 
         A 412 means the key exists: a HEAD then tells whether the object is intact (its size,
@@ -365,7 +384,7 @@ class S3ObjectStore(ObjectStore):
             head = self._head(key)
             if head is None:
                 continue  # deleted since the 412: try to store it again
-            if self._holds(key, _stat_of(head), md5_hex, len(data)):
+            if self._holds(key, _stat_of(head), md5_hex, len(data), suspect=suspect):
                 return PutResult.PRESENT
             if self._put(key, data, md5_hex, IfMatch=head["ETag"]):
                 return PutResult.REPAIRED
@@ -405,11 +424,14 @@ class S3ObjectStore(ObjectStore):
             raise self._fail("put", full, exc) from exc
         return True
 
-    def _holds(self, key: str, found: ObjectStat, md5_hex: str, size: int) -> bool:
-        """Whether the object is the body with this MD5: size, then ETag, confirmed by a GET."""
+    def _holds(
+        self, key: str, found: ObjectStat, md5_hex: str, size: int, *, suspect: bool = False
+    ) -> bool:
+        """Whether the object is the body with this MD5: size, then ETag (unless `suspect`),
+        confirmed by a GET."""
         if found.size != size:
             return False
-        if found.claimed_md5 is None or found.claimed_md5 == md5_hex:
+        if not suspect and (found.claimed_md5 is None or found.claimed_md5 == md5_hex):
             return True
         try:
             return hashlib.md5(self.get(key)).hexdigest() == md5_hex
@@ -500,19 +522,21 @@ def verify_objects(
     *,
     threads: int = 16,
     rng: random.Random | None = None,
+    suspects: Collection[str] = frozenset(),
 ) -> list[ObjectProblem]:
     """The images among `items` (md5, size in bytes) whose stored object is missing or damaged.
 
     Every object gets a HEAD (or stat): missing, or a size other than the image's, is a
     problem. Reading bytes costs a GET each, so only a random sample of `content_sample`
     objects is read and hashed, plus every object whose store-reported MD5 (an S3 single-part
-    ETag) disagrees: that report alone is not trusted, the bytes decide.
+    ETag) disagrees and every md5 in `suspects` (a reader found it damaged): a store's report
+    alone is not trusted, the bytes decide.
     """
     items = list(items)
     with ThreadPoolExecutor(threads) as pool:
         stats = list(pool.map(lambda item: store.stat(object_key(item[0])), items))
     problems: list[ObjectProblem] = []
-    suspects: list[tuple[str, int]] = []
+    to_confirm: list[tuple[str, int]] = []
     intact: list[tuple[str, int]] = []
     for (md5, size), found in zip(items, stats, strict=True):
         if found is None:
@@ -522,8 +546,8 @@ def verify_objects(
             problems.append(
                 ObjectProblem(md5, "size", f"object has {found.size:,} bytes, image has {size:,}")
             )
-        elif found.claimed_md5 is not None and found.claimed_md5 != md5:
-            suspects.append((md5, size))
+        elif md5 in suspects or (found.claimed_md5 is not None and found.claimed_md5 != md5):
+            to_confirm.append((md5, size))
         else:
             intact.append((md5, size))
     sample = (rng or random).sample(intact, min(len(intact), max(0, content_sample)))
@@ -534,7 +558,7 @@ def verify_objects(
         except ObjectNotFoundError:
             return None
 
-    to_read = suspects + sample
+    to_read = to_confirm + sample
     with ThreadPoolExecutor(threads) as pool:
         digests = list(pool.map(lambda item: content_md5(item[0]), to_read))
     for (md5, _), digest in zip(to_read, digests, strict=True):
@@ -543,6 +567,47 @@ def verify_objects(
         elif digest != md5:
             problems.append(ObjectProblem(md5, "content", f"object's bytes have md5 {digest}"))
     return problems
+
+
+def read_image(store: ObjectStore, md5: str) -> bytes:
+    """The stored bytes of the image ``md5``, checked against the key as they are read:
+    :class:`DamagedObjectError`, naming the object, when they are not that image's bytes."""
+    key = object_key(md5)
+    data = store.get(key)
+    digest = hashlib.md5(data).hexdigest()
+    if digest != md5:
+        raise DamagedObjectError(
+            f"the stored object {store.uri(key)} is damaged: its {len(data):,} bytes have md5 "
+            f"{digest}, not {md5}; ingest the image's source again to repair it",
+            md5=md5,
+        )
+    return data
+
+
+class DamageRecord:
+    """The md5s whose stored object a reader found damaged, one file each in ``folder``, so
+    a writer's repair does not need the reader's process: ``uploads_present`` reads these
+    objects' bytes whatever its sample, an ingest re-writes them though the key is present,
+    and an object found intact again leaves the record."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def add(self, error: DamagedObjectError) -> None:
+        path = self.folder / error.md5
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path_for(path)
+        tmp.write_text(str(error) + "\n")
+        os.replace(tmp, path)
+
+    def md5s(self) -> set[str]:
+        if not self.folder.is_dir():
+            return set()
+        return {p.name for p in self.folder.iterdir() if _is_lower_md5(p.name)}
+
+    def clear(self, md5s: Iterable[str]) -> None:
+        for md5 in md5s:
+            (self.folder / md5).unlink(missing_ok=True)
 
 
 def store_location(location: str | os.PathLike[str]) -> str:

@@ -24,7 +24,7 @@ from asset_library.lake.catalog import MACROS
 from asset_library.orchestrate import ingest_batch
 from asset_library.serve import ServeRefused, ServeSettings, create_app
 from asset_library.serve.settings import TOKEN_ENV, default_cache_dir
-from asset_library.serve.uploads import PoolBusy, UploadPool
+from asset_library.serve.uploads import DecodePool, PoolBusy
 from asset_library.storage import object_key
 from asset_library_tests.http_server import LiveServer, multipart
 
@@ -199,24 +199,27 @@ def test_a_too_large_upload_gets_413_declared_or_chunked(corpus_library, tmp_pat
         assert small.upload("/similar", thumb.read_bytes()).status == 200
 
 
-def test_the_upload_pool_is_bounded_and_busy_means_503():
+@pytest.mark.parametrize("workers, budget", [(1, 10**9), (4, 1000)])
+def test_the_decode_pool_is_bounded_by_slots_and_pixels_and_busy_means_503(workers, budget):
     gate = threading.Event()
-    pool = UploadPool(workers=1, wait_s=0.2)
+    pool = DecodePool(workers=workers, wait_s=0.2, pixel_budget=budget)
 
-    async def both() -> tuple[Any, Any]:
-        first = asyncio.ensure_future(pool.run(lambda: gate.wait(10) and "first"))
+    async def three() -> tuple[Any, Any, Any]:
+        first = asyncio.ensure_future(pool.run(lambda: gate.wait(10) and "first", 600))
         await asyncio.sleep(0.05)
         try:
-            second = await pool.run(lambda: "second")
+            second = await pool.run(lambda: "second", 600)
         except PoolBusy as busy:
             second = busy
+        small = await pool.run(lambda: "small", 10) if workers > 1 else None
         gate.set()
-        return await first, second
+        return await first, second, small
 
-    first, second = asyncio.run(both())
+    first, second, small = asyncio.run(three())
     pool.close()
     assert first == "first"
-    assert isinstance(second, PoolBusy) and "1 fingerprinting slots" in str(second)
+    assert isinstance(second, PoolBusy) and f"{workers} decode slots" in str(second)
+    assert small == ("small" if workers > 1 else None)  # room left in the budget: no wait
 
 
 def test_a_macro_page_is_the_same_macro_through_library_query(server, library):
@@ -434,3 +437,42 @@ def test_bytes_and_thumbnails_come_from_an_s3_library_store(
         lost = live.get(f"/images/{gone}/bytes")
         assert lost.status == 502 and gone in lost.json()["detail"]
         assert live.get(f"/images/{gone}/thumb").status == 200  # made before: from the cache
+
+
+HUGE = "99999999999999999999"
+
+
+def test_a_bad_number_is_a_422_naming_it_on_every_route(server):
+    for path, name in (
+        (f"/duplicates?offset={HUGE}", "offset"),
+        (f"/rejects?offset={HUGE}", "offset"),
+        (f"/duplicates?limit={HUGE}", "limit"),
+        (f"/duplicates/{HUGE}", "group"),
+        ("/duplicates/-1", "group"),
+        (f"/query/image?key=ab&offset={HUGE}", "offset"),
+        ("/rejects?offset=ten", "offset"),
+    ):
+        reply = server.get(path)
+        assert reply.status == 422, path
+        detail = reply.json()["detail"]
+        assert isinstance(detail, str) and detail.startswith(f"{name}:"), (path, detail)
+    assert server.get(f"/duplicates?offset={2**62}").json()["groups"] == []
+    for path in (f"/groups?page={HUGE}", f"/rejected?page={HUGE}", "/groups?page=two",
+                 "/rejected?page=0", f"/groups/{HUGE}"):  # fmt: skip
+        reply = server.get(path)
+        assert reply.status == 422, path
+        assert reply.headers["content-type"].startswith("text/html"), path
+        assert b"page" in reply.body or b"group" in reply.body, path
+
+
+def test_a_gallery_page_past_the_end_says_so(server):
+    last = re.search(rb"page 1 of (\d+)", server.get("/rejected").body)
+    pages = int(last.group(1)) if last else 1
+    for path, base in (
+        (f"/rejected?page={pages + 98}", "/rejected"),
+        ("/groups?page=99", "/groups"),
+    ):
+        reply = server.get(path)
+        assert reply.status == 404 and reply.headers["content-type"].startswith("text/html")
+        assert b"past the end" in reply.body and f'href="{base}?page='.encode() in reply.body
+        assert b" of " not in reply.body.split(b"<main>")[1]  # no "page 99 of 3" pager

@@ -11,6 +11,7 @@ by construction of ``images`` and is checked in the merged buckets by the merge
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from pathlib import Path
 
 import dagster as dg
@@ -78,10 +79,12 @@ def _check_uploads(
     method: str,
     asset: str,
     content_sample: int,
+    suspects: Collection[str] = frozenset(),
 ) -> dg.AssetCheckResult:
     """Each checked object's size must be the image's; the bytes of ``content_sample`` of them
-    (and of any whose ETag disagrees) are read and hashed, to catch same-size damage."""
-    problems = verify_objects(store, rows, content_sample)
+    (and of any whose ETag disagrees, or that a reader found damaged: ``suspects``) are read
+    and hashed, to catch same-size damage."""
+    problems = verify_objects(store, rows, content_sample, suspects=suspects)
     missing = [p.md5 for p in problems if p.kind == "missing"]
     damaged = [p for p in problems if p.kind != "missing"]
     return _result(
@@ -108,9 +111,11 @@ def uploads_present(
     *,
     content_sample: int,
     asset: str = "shard_uploads",
+    suspects: Collection[str] = frozenset(),
 ) -> dg.AssetCheckResult:
     """Every accepted image of the shard is in the store under its md5, with its size.
-    Exhaustive up to 100k distinct images; above, a random sample of 10k HEADs."""
+    Exhaustive up to 100k distinct images; above, a random sample of 10k HEADs. The bytes of
+    every md5 in ``suspects`` that the shard holds are read whatever the sample."""
     with db.get_connection() as connection:
         rows = connection.execute(
             "SELECT DISTINCT md5, size_bytes FROM read_parquet(?) WHERE status = 'ok'",
@@ -119,9 +124,10 @@ def uploads_present(
     total = len(rows)
     method = "exhaustive"
     if total > UPLOAD_CHECK_EXHAUSTIVE_LIMIT:
-        rows = random.sample(rows, UPLOAD_CHECK_SAMPLE)
+        sampled = random.sample(rows, UPLOAD_CHECK_SAMPLE)
+        rows = sampled + [r for r in rows if r[0] in suspects and r not in sampled]
         method = "random sample"
-    return _check_uploads(store, rows, total, method, asset, content_sample)
+    return _check_uploads(store, rows, total, method, asset, content_sample, suspects)
 
 
 def attribute_keys_in_occurrences(
@@ -170,9 +176,14 @@ def attribute_keys_in_occurrences(
 
 
 def audit(
-    catalog: Catalog, store: ObjectStore, *, content_sample: int
+    catalog: Catalog,
+    store: ObjectStore,
+    *,
+    content_sample: int,
+    suspects: Collection[str] = frozenset(),
 ) -> list[dg.AssetCheckResult]:
-    """Library-wide versions of every check, on ``library_audit``."""
+    """Library-wide versions of every check, on ``library_audit``; the objects of every md5
+    in ``suspects`` (a reader found them damaged) are read whatever the sample."""
     results = []
     images, distinct, conflicting = catalog.execute(
         """
@@ -212,7 +223,11 @@ def audit(
             f"SELECT md5, size_bytes FROM images USING SAMPLE {fraction:.6f}% (bernoulli)"
         ).fetchall()[:UPLOAD_CHECK_SAMPLE]
         method = "random sample"
-    check = _check_uploads(store, rows, images, method, "library_audit", content_sample)
+        rows += catalog.execute(
+            "SELECT md5, size_bytes FROM images WHERE md5 IN (SELECT unnest(?))",
+            [sorted(set(suspects) - {r[0] for r in rows})],
+        ).fetchall()
+    check = _check_uploads(store, rows, images, method, "library_audit", content_sample, suspects)
     results.append(check)
     orphans = catalog.execute(
         "SELECT count(DISTINCT md5) FROM attribute_occurrences a "

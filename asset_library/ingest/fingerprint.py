@@ -49,6 +49,7 @@ import hashlib
 import io
 import re
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -284,16 +285,19 @@ def _fail_loads_after_an_error(image: Image.Image) -> None:
     returns them without a word; Pillow's own callers may swallow the first error (``getexif``
     loads a PNG to look for its eXIf chunk, and broken EXIF must not reject an image). The
     instance attribute shadows the method for Pillow's internal ``self.load()`` calls too, so
-    hashes are never computed from pixels whose decode raised anywhere.
+    hashes are never computed from pixels whose decode raised anywhere. The override holds
+    the class's method and a weak reference: holding the bound method would make a reference
+    cycle, keeping the decoded pixels until a full garbage collection.
     """
-    load = image.load
+    load = type(image).load
+    this = weakref.ref(image)
     failures: list[Exception] = []
 
     def load_or_raise_again() -> Any:
         if failures:
             raise failures[0]
         try:
-            return load()
+            return load(this())
         except Exception as error:
             failures.append(error)
             raise

@@ -27,7 +27,7 @@ from asset_library.ingest.sources import SourceItem, SourceReadError
 from asset_library.ingest.workers import FingerprintPool
 from asset_library.layout import temp_path_for
 from asset_library.schema import IMAGE_COLUMNS, TIMESTAMP
-from asset_library.storage import ObjectStore, PutResult, object_key
+from asset_library.storage import DamageRecord, ObjectStore, PutResult, object_key
 
 KEYS_SCHEMA = pa.schema(
     [
@@ -123,8 +123,12 @@ def ingest_shard(
     io_threads: int = 16,
     progress: Callable[[ShardStats], None] | None = None,
     progress_every: int = 1000,
+    damaged: DamageRecord | None = None,
 ) -> ShardStats:
-    """Read, fingerprint and store every item; write the shard's keys file atomically."""
+    """Read, fingerprint and store every item; write the shard's keys file atomically. An
+    object in the ``damaged`` record is judged by its bytes, and leaves the record once they
+    are the image's again."""
+    suspects = damaged.md5s() if damaged is not None else set()
     stats = ShardStats()
     started = time.perf_counter()
     ingested_at = datetime.now(UTC)
@@ -150,7 +154,10 @@ def ingest_shard(
         put = None
         if fp.ok and fp.md5:
             try:
-                put = store.put_if_absent(object_key(fp.md5), data, fp.md5)
+                suspect = fp.md5 in suspects
+                put = store.put_if_absent(object_key(fp.md5), data, fp.md5, suspect=suspect)
+                if suspect and damaged is not None:
+                    damaged.clear([fp.md5])
             except Exception as error:
                 raise ShardItemError(shard, item.uri, "storing", error) from error
         return _Outcome(ordinal, item, fp, put)

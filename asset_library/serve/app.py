@@ -1,11 +1,14 @@
 """The JSON API over one library, read-only: lookups, bytes, thumbnails, search, macros, pages.
 
-Nothing a request does writes the library: the catalog is read-only, and thumbnails go to the
-service's own cache folder. Errors are JSON ``{"detail": ...}`` naming the bad input.
+Nothing a request does writes the library's data: the catalog is read-only, and thumbnails go
+to the service's own cache folder. The one file it may add is the record of a stored object it
+found damaged (its bytes are not its key's), which ingests and checks read to repair it. Errors
+are JSON ``{"detail": ...}`` naming the bad input; a bad parameter is always a 422.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,29 +18,39 @@ from typing import Annotated, Any, Literal, TypeVar
 import duckdb
 import uvicorn
 from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from asset_library.ids import InvalidIdError, check_md5
 from asset_library.lake.catalog import MACRO_HELP, macro_signature
+from asset_library.layout import LibraryLayout
 from asset_library.library import Library
 from asset_library.serve import reads
 from asset_library.serve.auth import TokenRequired
 from asset_library.serve.settings import ServeSettings
-from asset_library.serve.thumbs import ThumbnailCache
-from asset_library.serve.uploads import BodyLimit, PoolBusy, UploadPool
+from asset_library.serve.thumbs import ThumbnailCache, ThumbnailError
+from asset_library.serve.uploads import BodyLimit, DecodePool, PoolBusy, header_pixels
 from asset_library.similarity import IndexNotReady
-from asset_library.storage import ObjectStoreError, object_key
+from asset_library.storage import (
+    DamagedObjectError,
+    DamageRecord,
+    ObjectStoreError,
+    object_key,
+    read_image,
+)
 from asset_library.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 #: Content-addressed: the bytes behind a key never change.
 IMMUTABLE = "private, max-age=31536000, immutable"
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="rows per page")]
-Offset = Annotated[int, Query(ge=0, description="rows to skip")]
+Offset = Annotated[int, Query(ge=0, le=reads.MAX_OFFSET, description="rows to skip")]
 
 router = APIRouter()
 
@@ -49,11 +62,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.uploads = UploadPool(settings.upload_workers, settings.upload_wait_s)
+        app.state.decodes = DecodePool(
+            settings.upload_workers, settings.upload_wait_s, settings.decode_pixels
+        )
         try:
             yield
         finally:
-            app.state.uploads.close()
+            app.state.decodes.close()
 
     app = FastAPI(
         title="asset-library",
@@ -77,6 +92,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         (ObjectStoreError, 502),  # the catalog has the image but its store fails to give it
     ):
         app.add_exception_handler(error, _status_of(status))
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(DamagedObjectError, _damaged_object)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     if settings.token:
         app.add_middleware(TokenRequired, token=settings.token)  # outermost: checked first
@@ -96,6 +113,42 @@ def _status_of(status: int) -> Callable[[Request, Exception], Any]:
         return JSONResponse({"detail": str(error)}, status_code=status)
 
     return handle
+
+
+def validation_message(error: RequestValidationError) -> str:
+    """One sentence per bad parameter, each naming it and the value given."""
+    parts = []
+    for problem in error.errors():
+        where = [str(part) for part in problem.get("loc", ()) if part not in ("query", "path")]
+        name = ".".join(where) or "the request"
+        given = problem.get("input")
+        shown = f" (given {given!r})" if isinstance(given, str | int | float) else ""
+        parts.append(f"{name}: {problem.get('msg', 'invalid')}{shown}")
+    return "; ".join(parts)
+
+
+async def _invalid_request(request: Request, error: Exception) -> Response:
+    """Every bad parameter is a 422 naming it: JSON on the API, a page on the gallery."""
+    assert isinstance(error, RequestValidationError)
+    message = validation_message(error)
+    route = request.scope.get("route")
+    if route is not None and not getattr(route, "include_in_schema", True):
+        from asset_library.serve.gallery import error_page
+
+        return error_page("Bad request", message, 422)
+    return JSONResponse({"detail": message}, status_code=422)
+
+
+async def _damaged_object(request: Request, error: Exception) -> Response:
+    """A 502 naming the object, and the md5 recorded where ingests and checks look for it."""
+    assert isinstance(error, DamagedObjectError)
+    settings: ServeSettings = request.app.state.settings
+    try:
+        DamageRecord(LibraryLayout(settings.library).damaged_objects_dir).add(error)
+    except OSError as failed:  # a library on a read-only mount: the answer still says it
+        log.warning("could not record the damaged object of %s: %s", error.md5, failed)
+    log.error("%s", error)
+    return JSONResponse({"detail": str(error)}, status_code=502)
 
 
 def with_library(request: Request, work: Callable[[Library], T]) -> T:
@@ -121,6 +174,14 @@ def page_body(request: Request, page: reads.Page, key: str) -> dict[str, Any]:
 def _known(library: Library, md5: str) -> str:
     """The image's format; 404 if the library does not have it."""
     found = reads.image_format(library, md5)
+    if found is None:
+        raise HTTPException(404, f"no image with md5 {md5} in the library")
+    return found
+
+
+def _pixels(library: Library, md5: str) -> int:
+    """What decoding the image costs, in pixels; 404 if the library does not have it."""
+    found = reads.image_pixels(library, md5)
     if found is None:
         raise HTTPException(404, f"no image with md5 {md5} in the library")
     return found
@@ -157,7 +218,7 @@ def image_bytes(request: Request, md5: str) -> Response:
         kind = _known(library, key)
         if _etag_matches(request, etag):
             return Response(status_code=304, headers=headers)
-        data = request.app.state.libraries.object_store(library).get(object_key(key))
+        data = read_image(request.app.state.libraries.object_store(library), key)
         media = reads.MEDIA_TYPES.get(kind, "application/octet-stream")
         return Response(data, media_type=media, headers=headers)
 
@@ -169,20 +230,24 @@ def image_bytes(request: Request, md5: str) -> Response:
     summary="A JPEG thumbnail (longest side 256 px), made once and cached",
     response_class=FileResponse,
 )
-def image_thumb(request: Request, md5: str) -> Response:
+async def image_thumb(request: Request, md5: str) -> Response:
     key = check_md5(md5)
     thumbs: ThumbnailCache = request.app.state.thumbs
     etag = f'"{key}-{thumbs.size}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
-    path = thumbs.cached(key)
+    path = await run_in_threadpool(thumbs.cached, key)
     if path is None:
+        pixels = await run_in_threadpool(with_library, request, lambda lib: _pixels(lib, key))
 
         def make(library: Library) -> Path:
-            _known(library, key)
-            data = request.app.state.libraries.object_store(library).get(object_key(key))
-            return thumbs.make(key, data)
+            store = request.app.state.libraries.object_store(library)
+            try:
+                return thumbs.make(key, read_image(store, key))
+            except ThumbnailError as error:
+                where = store.uri(object_key(key))
+                raise HTTPException(502, f"no thumbnail of {where}: {error}") from None
 
-        path = with_library(request, make)
+        path = await request.app.state.decodes.run(lambda: with_library(request, make), pixels)
     if _etag_matches(request, etag):
         return Response(status_code=304, headers=headers)
     return FileResponse(path, media_type="image/jpeg", headers=headers)
@@ -233,13 +298,24 @@ async def similar(
                     _known(library, key)  # 404 if that is why; looked up on failure only
                     raise
 
-            found = await run_in_threadpool(with_library, request, by_md5)
+            if transforms == "none":  # the stored hashes: nothing to decode
+                found = await run_in_threadpool(with_library, request, by_md5)
+            else:
+                pixels = await run_in_threadpool(
+                    with_library, request, lambda lib: _pixels(lib, key)
+                )
+                found = await request.app.state.decodes.run(
+                    lambda: with_library(request, by_md5), pixels
+                )
         else:
             data = await image.read()
+            await image.close()
             if not data:
                 raise HTTPException(422, f"the uploaded file {image.filename!r} is empty")
-            found = await request.app.state.uploads.run(
-                lambda: with_library(request, lambda library: library.similar(data, **options))
+            pixels = await run_in_threadpool(header_pixels, data)
+            found = await request.app.state.decodes.run(
+                lambda: with_library(request, lambda library: library.similar(data, **options)),
+                pixels,
             )
     except InvalidIdError:
         raise
@@ -285,7 +361,9 @@ def duplicates(request: Request, limit: Limit = 50, offset: Offset = 0) -> dict[
 
 
 @router.get("/duplicates/{group}", summary="The images of one near-duplicate group")
-def duplicate_group(request: Request, group: int) -> dict[str, Any]:
+def duplicate_group(
+    request: Request, group: Annotated[int, PathParam(ge=0, le=reads.MAX_ID)]
+) -> dict[str, Any]:
     members = with_library(request, lambda lib: reads.group_members(lib, group))
     if not members:
         raise HTTPException(404, f"no near-duplicate group {group}")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import html
 import math
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from asset_library.ids import check_md5, is_md5
@@ -26,6 +26,10 @@ ROW_THUMBS = 9
 REJECTS_PER_PAGE = 50
 
 router = APIRouter(include_in_schema=False)
+#: A page number: from 1, and small enough that its first row is a catalog offset.
+PageNumber = Annotated[
+    int, Query(ge=1, le=reads.MAX_OFFSET // max(GROUPS_PER_PAGE, REJECTS_PER_PAGE))
+]
 
 
 def e(value: object) -> str:
@@ -53,6 +57,22 @@ def layout(title: str, body: str, active: str = "", status: int = 200) -> HTMLRe
 <script src="/static/gallery.js" defer></script>
 </body></html>"""
     return HTMLResponse(page, status_code=status)
+
+
+def error_page(title: str, message: str, status: int) -> HTMLResponse:
+    """A page that says what was wrong, with the status that says it to a program."""
+    return layout(title, f'<p class="error">{e(message)}</p>', status=status)
+
+
+def past_the_end(base: str, page: int, pages: int, **params: str) -> HTMLResponse:
+    """A 404 for a page number beyond the last, linking to the last page."""
+    query = urlencode({**{k: v for k, v in params.items() if v}, "page": pages})
+    body = (
+        f'<p class="error">page {page:,} is past the end: there {"is" if pages == 1 else "are"} '
+        f"{pages:,} page{'' if pages == 1 else 's'}.</p>"
+        f'<p><a href="{base}?{e(query)}">the last page</a></p>'
+    )
+    return layout("No such page", body, status=404)
 
 
 def tile(image: dict[str, Any], badge: str | None = None) -> str:
@@ -125,7 +145,7 @@ def lookup(md5: str = "") -> Response:
     md5 = md5.strip()
     if not is_md5(md5):
         message = f"not an md5 key: {md5!r} (expected 32 hexadecimal digits)"
-        return layout("Not an md5", f'<p class="error">{e(message)}</p>', status=422)
+        return error_page("Not an md5", message, 422)
     return RedirectResponse(f"/view/{md5.lower()}", status_code=303)
 
 
@@ -133,13 +153,13 @@ def lookup(md5: str = "") -> Response:
 def view(request: Request, md5: str) -> Response:
     if not is_md5(md5):
         message = f"not an md5 key: {md5!r} (expected 32 hexadecimal digits)"
-        return layout("Not an md5", f'<p class="error">{e(message)}</p>', status=422)
+        return error_page("Not an md5", message, 422)
     key = check_md5(md5)
     with _library(request) as library:
         record = library.lookup(key)
         if record is None:
             message = f"no image with md5 {key} in the library"
-            return layout("Not found", f'<p class="error">{e(message)}</p>', status=404)
+            return error_page("Not found", message, 404)
         near = _similar_or_why_not(library, key)
         group = library.query("SELECT group_id FROM near_duplicates WHERE md5 = ?", [key])
     shown = {k: v for k, v in record.items() if k not in ("attributes", "sources")}
@@ -192,8 +212,7 @@ def _text(value: Any) -> str:
 
 
 @router.get("/groups")
-def groups(request: Request, page: int = 1) -> Response:
-    page = max(page, 1)
+def groups(request: Request, page: PageNumber = 1) -> Response:
     with _library(request) as library:
         found = reads.duplicate_groups(library, GROUPS_PER_PAGE, (page - 1) * GROUPS_PER_PAGE)
         shown = [md5 for g in found.items for md5 in g["md5s"][:ROW_THUMBS]]
@@ -205,6 +224,8 @@ def groups(request: Request, page: int = 1) -> Response:
             )
         }
     pages = max(1, math.ceil(found.total / GROUPS_PER_PAGE))
+    if page > pages:
+        return past_the_end("/groups", page, pages)
     rows = []
     for row in found.items:
         number, more = row["group"], row["size"] - ROW_THUMBS
@@ -225,12 +246,12 @@ def groups(request: Request, page: int = 1) -> Response:
 
 
 @router.get("/groups/{group}")
-def group_page(request: Request, group: int) -> Response:
+def group_page(request: Request, group: Annotated[int, Path(ge=0, le=reads.MAX_ID)]) -> Response:
     with _library(request) as library:
         members = reads.group_members(library, group)
     if not members:
         message = f"no near-duplicate group {group}"
-        return layout("Not found", f'<p class="error">{e(message)}</p>', status=404)
+        return error_page("Not found", message, 404)
     body = (
         f'<p><a href="/groups">← all groups</a></p><h1>Group {group}</h1>'
         f'<p class="lede">{len(members)} images</p>'
@@ -240,8 +261,7 @@ def group_page(request: Request, group: int) -> Response:
 
 
 @router.get("/rejected")
-def rejected(request: Request, reason: str = "", page: int = 1) -> Response:
-    page = max(page, 1)
+def rejected(request: Request, reason: str = "", page: PageNumber = 1) -> Response:
     with _library(request) as library:
         counts = reads.stats(library)["rejects"]
         found = reads.rejects(
@@ -259,6 +279,8 @@ def rejected(request: Request, reason: str = "", page: int = 1) -> Response:
         for r in found.items
     )
     pages = max(1, math.ceil(found.total / REJECTS_PER_PAGE))
+    if page > pages:
+        return past_the_end("/rejected", page, pages, reason=reason)
     body = (
         f"<h1>Rejects</h1><nav class='chips'>{''.join(chips)}</nav>"
         "<table class='list'><thead><tr><th>source</th><th>reason</th><th>message</th>"

@@ -34,6 +34,11 @@ MEDIA_TYPES = {
     "jpeg2000": "image/jp2",
 }
 
+#: The most rows a page may skip, and the largest id a path may name: the catalog's integers
+#: are 64-bit, so a larger number is refused as bad input (422), never sent to a query.
+MAX_OFFSET = 2**62
+MAX_ID = 2**63 - 1
+
 #: What a gallery tile or a group member shows of an image.
 SUMMARY_COLUMNS = "md5, width, height, format, size_bytes, quality, source_uri"
 
@@ -76,6 +81,13 @@ def image_format(library: Library, md5: str) -> str | None:
     """The stored format of an image, ``None`` if the library does not have it."""
     rows = library.query("SELECT format FROM image(?)", [md5])
     return rows[0]["format"] if rows else None
+
+
+def image_pixels(library: Library, md5: str) -> int | None:
+    """The pixels of an image's first frame, ``None`` if the library does not have it: what
+    decoding it costs, known before its bytes are read."""
+    rows = library.query("SELECT width * height AS pixels FROM image(?)", [md5])
+    return int(rows[0]["pixels"] or 0) if rows else None
 
 
 @dataclass(frozen=True)

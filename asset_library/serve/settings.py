@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asset_library.layout import default_library_path
+from asset_library.serve.uploads import DEFAULT_PIXEL_BUDGET
 
 #: The bearer token every request must carry; required to listen beyond loopback.
 TOKEN_ENV = "ASSET_LIBRARY_TOKEN"
@@ -48,9 +49,11 @@ class ServeSettings:
     cache_dir: Path
     token: str | None = None
     max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 2**20)
-    #: Uploads fingerprinted at once; more wait up to ``upload_wait_s``, then get a 503.
+    #: Decodes at once (uploads, searches by md5 with ``transforms``, thumbnails), within
+    #: ``decode_pixels`` pixels together; more wait up to ``upload_wait_s``, then get a 503.
     upload_workers: int = 2
     upload_wait_s: float = 10.0
+    decode_pixels: int = DEFAULT_PIXEL_BUDGET
     #: Library handles (each its own DuckDB connection) shared by the requests.
     readers: int = 4
     thumb_size: int = 256
@@ -64,6 +67,7 @@ class ServeSettings:
         cache_dir: str | os.PathLike[str] | None = None,
         max_upload_mb: float | None = None,
         upload_workers: int = 2,
+        decode_wait_s: float = 10.0,
         environ: Mapping[str, str] = os.environ,
     ) -> ServeSettings:
         """Settings from the command line and the environment; :class:`ServeRefused` when the
@@ -90,10 +94,13 @@ class ServeSettings:
             raise ServeRefused(f"the upload limit must be positive, not {max_upload_mb} MiB")
         if upload_workers < 1:
             raise ServeRefused(f"upload workers must be at least 1, not {upload_workers}")
+        if not decode_wait_s > 0:
+            raise ServeRefused(f"the decode wait must be positive, not {decode_wait_s} s")
         return cls(
             library=root,
             cache_dir=cache,
             token=token,
             max_upload_bytes=int(max_upload_mb * 2**20),
             upload_workers=upload_workers,
+            upload_wait_s=decode_wait_s,
         )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-import asset_library.ingest.fingerprint  # noqa: F401  (registers the HEIF/AVIF opener)
+from asset_library.ingest.fingerprint import DEFAULT_MAX_PIXELS  # registers the HEIF opener
 from asset_library.layout import atomic_path
 
 #: The quality of the cached JPEGs: small files, no visible blocking at 256 px.
@@ -42,10 +42,28 @@ class ThumbnailCache:
         return path
 
 
-def thumbnail(data: bytes, size: int) -> bytes:
+class ThumbnailError(ValueError):
+    """Stored bytes that give no thumbnail: too many pixels, or a decode that failed."""
+
+
+def thumbnail(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
     """A JPEG of the image's first frame as displayed (EXIF orientation applied), at most
-    ``size`` pixels on its longest side, transparency flattened onto white."""
+    ``size`` pixels on its longest side, transparency flattened onto white. Refuses, as the
+    fingerprint does, a header over ``max_pixels`` before decoding anything."""
+    try:
+        return _thumbnail(data, size, max_pixels)
+    except ThumbnailError:
+        raise
+    except Exception as error:  # whatever Pillow raises on bytes it cannot decode
+        raise ThumbnailError(f"cannot be decoded: {error}") from None
+
+
+def _thumbnail(data: bytes, size: int, max_pixels: int) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
+        if image.width * image.height > max_pixels:
+            raise ThumbnailError(
+                f"{image.width}x{image.height} pixels, over the limit of {max_pixels:,}"
+            )
         image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
         image.seek(0)
         image = ImageOps.exif_transpose(image)

@@ -30,6 +30,7 @@ from asset_library.ingest.triggers import TriggerRecord, write_trigger
 from asset_library.ingest.workers import FingerprintPool
 from asset_library.lake import write_shard
 from asset_library.processes import stop_signals_deferred
+from asset_library.storage import DamageRecord
 
 GROUP = "ingestion"
 __all__ = ["BATCH_TAG", "TRIGGER_TAG", "SHARD_OUTPUTS", "batch_plan", "shard"]
@@ -213,6 +214,7 @@ def shard(
     if shard_plan is None:
         raise dg.Failure(f"shard {shard} is not in the plan of batch {batch}")
     store = object_store.open_for(layout, record=True)
+    damaged = DamageRecord(layout.damaged_objects_dir)  # objects a reader found damaged
 
     progress_path = layout.progress_path(shard)  # read by whoever started the run
     log_every, logged = max(1000, shard_plan.images // 20), [0]
@@ -239,11 +241,18 @@ def shard(
             io_threads=library.io_threads,
             progress=log_progress,
             progress_every=min(100, max(1, shard_plan.images // 100)),
+            damaged=damaged,
         )
 
     key_checks = [
         hash_coverage(keys_path, duckdb),
-        uploads_present(keys_path, store, duckdb, content_sample=object_store.verify_sample),
+        uploads_present(
+            keys_path,
+            store,
+            duckdb,
+            content_sample=object_store.verify_sample,
+            suspects=damaged.md5s(),
+        ),
     ]
     yield from _failing(key_checks, f"shard {shard}: its keys fail a check; no lake row written")
 

@@ -15,6 +15,7 @@ from asset_library.lake import NEAR_DUPLICATES_SCHEMA, Catalog, merge_images
 from asset_library.lake.tables import lake_files, row_count
 from asset_library.layout import atomic_path
 from asset_library.similarity import SimilarityIndex
+from asset_library.storage import DamageRecord
 from asset_library.thresholds import (
     DEFAULT_CONFIRM_DISTANCE,
     DEFAULT_MIN_QUALITY,
@@ -156,7 +157,8 @@ def library_audit(library: LibraryResource, object_store: ObjectStoreResource):
     catalog = Catalog(lake)
     try:
         store = object_store.open_for(library.layout(), record=False)
-        results = audit(catalog, store, content_sample=object_store.verify_sample)
+        damaged = DamageRecord(library.layout().damaged_objects_dir).md5s()
+        results = audit(catalog, store, content_sample=object_store.verify_sample, suspects=damaged)
     finally:
         catalog.close()
     yield dg.MaterializeResult(
