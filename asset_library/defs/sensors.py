@@ -149,17 +149,14 @@ def _ready_to_request(
     (a bare list of names) is checked once for names it saw but never ingested: the ones whose
     earlier id already belonged to another source's plan come back to be ingested."""
     raw = json.loads(cursor) if cursor else {"seen": []}
-    seen: list[str] = raw["seen"] if isinstance(raw, dict) else raw
-    ready = find_ready_batches(location, client, skip=seen)
-    if isinstance(raw, list):
-        known = set(seen)
-        swallowed = {
-            landed.name
-            for landed in find_ready_batches(location, client)
-            if landed.name in known and _swallowed(layout, landed)
-        }
-        seen = [name for name in seen if name not in swallowed]
-        ready = find_ready_batches(location, client, skip=seen)
+    if isinstance(raw, dict):
+        seen: list[str] = raw["seen"]
+        return seen, find_ready_batches(location, client, skip=seen)[:MAX_BATCHES_PER_TICK]
+    known = set(raw)
+    everything = find_ready_batches(location, client)
+    swallowed = {b.name for b in everything if b.name in known and _swallowed(layout, b)}
+    seen = [name for name in raw if name not in swallowed]
+    ready = [b for b in everything if b.name not in known or b.name in swallowed]
     return seen, ready[:MAX_BATCHES_PER_TICK]
 
 
