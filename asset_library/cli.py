@@ -348,12 +348,15 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from asset_library.defs.shard_status import shard_states
+    from asset_library.ingest.landing import still_skipped
     from asset_library.ingest.triggers import read_triggers
     from asset_library.layout import LibraryLayout
     from asset_library.terminal_runs import local_instance, reap_dead_runs
 
     layout = LibraryLayout.open(args.library or default_library_path())
     records = read_triggers(layout.triggers_dir)
+    for skipped in still_skipped(layout.skipped_landings_dir, {r.source for r in records}):
+        print(f"skipped landing {skipped.source} ({skipped.skipped_at}): {skipped.reason}")
     if not records:
         print(f"no batches ingested yet in {layout.root}")
         return 0

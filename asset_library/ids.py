@@ -7,6 +7,7 @@ Dagster backfill (commas split partition lists; ``..`` is range syntax and a pat
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from datetime import UTC, datetime
@@ -18,6 +19,9 @@ _MD5 = re.compile(r"[0-9a-fA-F]{32}")
 #: Batch ids: letters, digits, ``_``, ``-`` and ``.``, starting with a letter or digit, no
 #: ``..``; at most 100 characters, so a shard key stays a short, safe file name.
 _BATCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+#: A batch id's stem keeps at most this much of its name; a changed name adds a digest.
+_STEM_CHARS = 60
+_NAME_DIGEST_CHARS = 8
 _SHARD_SEPARATOR = "-s"
 _SHARD = re.compile(r"(?P<batch>.+)-s(?P<number>[0-9]{5,})")
 
@@ -69,18 +73,42 @@ def check_batch_id(batch: object) -> str:
 
 
 def batch_id_for(name: str, when: datetime | None = None) -> str:
-    """A readable batch id from a source name.
+    """A readable batch id from a source name, different for different names.
 
-    Without ``when`` it is the name's stem alone (``photos``): the landing zone ingests a name
-    once. With ``when`` it also carries the time and a short random suffix
+    The stem is the name's last component when that is already a plain id (letters, digits and
+    ``_``, at most 60 characters): ``photos_001``. Any other name is cleaned (manifest suffix
+    dropped, other characters made ``_``, cut at 60) and carries the first 8 hex digits of its
+    sha256, since cleaning maps many names to one: ``photos-2024``, ``photos 2024`` and
+    ``photos_2024`` stay three batches, as do ``pics.csv`` and ``pics.jsonl``.
+
+    Without ``when`` the id is the stem alone: the landing zone ingests a name once. With
+    ``when`` it also carries the time and a short random suffix
     (``photos_20261123T204311_3fa9``), so two batches of same-named folders started in the same
     second still get different ids.
     """
-    stem = re.sub(r"\.(csv|parquet|jsonl|ndjson)$", "", name.rstrip("/").rsplit("/", 1)[-1])
-    stem = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_")[:60] or "batch"
+    original = _last_component(name)
+    stem = _cleaned(original)
+    if stem != original:
+        stem = f"{stem}_{hashlib.sha256(original.encode()).hexdigest()[:_NAME_DIGEST_CHARS]}"
     if when is None:
         return check_batch_id(stem)
     return check_batch_id(f"{stem}_{when.astimezone(UTC):%Y%m%dT%H%M%S}_{secrets.token_hex(2)}")
+
+
+def legacy_batch_id(name: str) -> str:
+    """The id versions before name digests gave a landed name (many names shared one): kept
+    to find the landed batches they never ingested."""
+    return check_batch_id(_cleaned(_last_component(name)))
+
+
+def _last_component(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _cleaned(name: str) -> str:
+    """``name`` without a manifest suffix, other characters made ``_``, cut to the stem size."""
+    stem = re.sub(r"\.(csv|parquet|jsonl|ndjson)$", "", name)
+    return re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_")[:_STEM_CHARS] or "batch"
 
 
 def shard_key(batch: str, number: int) -> str:

@@ -157,6 +157,11 @@ class LibraryLayout:
     def triggers_dir(self) -> Path:
         return self.root / "triggers"
 
+    @property
+    def skipped_landings_dir(self) -> Path:
+        """Why a landed batch was not ingested: one record per landed name."""
+        return self.root / "triggers" / "skipped"
+
     def plan_dir(self, batch: str) -> Path:
         return self.root / "plans" / check_batch_id(batch)
 

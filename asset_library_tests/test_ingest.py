@@ -183,6 +183,8 @@ def test_a_manifest_batch_brings_its_extra_columns(tmp_path, corpus_dir, instanc
         ('{"uri": "s3://"}\n', ".jsonl", "row 1: malformed S3 uri"),
         ('{"uri": "http://example.com/a.jpg"}\n', ".jsonl", "unsupported uri scheme"),
         ("not json\n", ".jsonl", "line 1: not JSON"),
+        ("uri,tag,tag\na.jpg,x,y\n", ".csv", "the header \\(line 1\\): the name 'tag' is repeated"),
+        ('{"uri": "a.jpg", "tag": "x", "tag": "y"}\n', ".jsonl", "line 1: the name 'tag' is"),
     ],
 )
 def test_a_bad_manifest_fails_planning_naming_file_row_and_reason(

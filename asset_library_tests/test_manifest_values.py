@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from asset_library.ingest.sources import iter_manifest
+from asset_library.ingest.sources import ManifestError, iter_manifest
 from asset_library.lake.tables import value_type_of
 from asset_library.library import Library
 
@@ -117,6 +117,41 @@ def test_parquet_values_are_rendered_as_text(tmp_path):
         },
         {"ratio": "0.1", "ok": "false"},
     ]
+
+
+def _write_parquet_with_repeated_tag(path: Path) -> None:
+    names = ["uri", "tag", "tag"]
+    columns = [pa.array(["s3://bkt/1.jpg"]), pa.array(["red"]), pa.array(["blue"])]
+    pq.write_table(pa.Table.from_arrays(columns, names=names), path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "where"),
+    [
+        ("tags.csv", "uri,tag,tag\ns3://bkt/1.jpg,red,blue\n", "the header (line 1)"),
+        (
+            "tags.jsonl",
+            '{"uri": "s3://bkt/1.jpg", "tag": "red"}\n'
+            '{"uri": "s3://bkt/2.jpg", "tag": "red", "tag": "blue"}\n',
+            "line 2",
+        ),
+        (
+            "nested.jsonl",
+            '{"uri": "s3://bkt/1.jpg", "meta": {"tag": "red", "tag": "blue"}}\n',
+            "line 1",
+        ),
+        ("tags.parquet", None, "its columns"),
+    ],
+)
+def test_a_name_given_twice_is_refused_naming_file_row_and_name(tmp_path, name, content, where):
+    manifest = tmp_path / name
+    if content is None:
+        _write_parquet_with_repeated_tag(manifest)
+    else:
+        manifest.write_text(content)
+    with pytest.raises(ManifestError) as raised:
+        list(iter_manifest(str(manifest)))
+    assert str(raised.value).startswith(f"manifest {manifest}, {where}: the name 'tag' is repeated")
 
 
 def test_a_manifest_keeps_relative_uris_resolved_in_its_folder(tmp_path):

@@ -3,12 +3,17 @@ retries."""
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+from dagster._core.scheduler.instigation import InstigatorType, TickStatus
 
 from asset_library import Library
 from asset_library.definitions import build_definitions
@@ -200,3 +205,185 @@ def test_a_refresh_of_several_batches_names_them_all():
     many = batch_tags([f"photos_{n:04d}" for n in range(500)])
     assert len(many["asset_library/batches"]) == MAX_BATCHES_TAG_CHARS
     assert many["asset_library/batches"].endswith("...")
+
+
+class _Daemon:
+    """The sensor daemon's own loop, one iteration at a time, on a real instance: partition
+    requests are applied and runs submitted (queued, not launched) exactly as `dagster-daemon`
+    does, and each tick is recorded with its status, reason and log."""
+
+    def __init__(self, instance: dg.DagsterInstance, workspace) -> None:
+        self.instance, self.workspace = instance, workspace
+        self.now = datetime.now(UTC)
+
+    def tick(self):
+        from dagster._core.test_utils import freeze_time
+        from dagster._daemon.sensor import execute_sensor_iteration
+
+        self.now += timedelta(seconds=60)  # past every sensor's minimum interval
+        with freeze_time(self.now):
+            list(execute_sensor_iteration(self.workspace, logging.getLogger("daemon"), None, None))
+        [state] = [
+            s
+            for s in self.instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+            if s.instigator_name == "landing_sensor"
+        ]
+        return self.instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=1)[0]
+
+    def requested(self) -> list[str]:
+        """The batches whose plan runs the sensor submitted."""
+        runs = self.instance.get_runs(
+            dg.RunsFilter(job_name="plan_batch", statuses=[dg.DagsterRunStatus.QUEUED])
+        )
+        return sorted(r.tags["dagster/partition"] for r in runs)
+
+    def log(self, tick) -> str:
+        from dagster._core.definitions.instigation_logger import get_instigation_log_records
+
+        return "\n".join(r["msg"] for r in get_instigation_log_records(self.instance, tick.log_key))
+
+
+@contextmanager
+def _daemon(monkeypatch, library: Path, landing: Path) -> Iterator[_Daemon]:
+    """The project's code location loaded as the daemon loads it, with this library and
+    landing zone, on an instance whose runs queue instead of launching."""
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin
+    from dagster._core.test_utils import create_test_daemon_workspace_context
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+
+    monkeypatch.setenv("ASSET_LIBRARY_HOME", str(library))
+    monkeypatch.setenv("ASSET_LIBRARY_LANDING", str(landing))
+    queued = {"module": "dagster._core.run_coordinator", "class": "QueuedRunCoordinator"}
+    origin = LoadableTargetOrigin(module_name="asset_library.definitions", attribute="defs")
+    target = InProcessWorkspaceLoadTarget(
+        InProcessCodeLocationOrigin(origin, location_name="asset_library")
+    )
+    with (
+        dg.instance_for_test(overrides={"run_coordinator": queued}) as instance,
+        create_test_daemon_workspace_context(target, instance) as workspace,
+    ):
+        yield _Daemon(instance, workspace)
+
+
+def _land_ready(corpus_dir: Path, folder: Path) -> None:
+    _land(corpus_dir, folder, 1)
+    (folder / "_READY").touch()
+
+
+def test_names_that_clean_alike_landed_in_one_tick_are_separate_batches(
+    tmp_path, corpus_dir, monkeypatch
+):
+    landing = tmp_path / "landing"
+    for name in ("photos-2024", "photos_2024", "photos 2024"):
+        _land_ready(corpus_dir, landing / name)
+    long_name = "x" * 60
+    _land_ready(corpus_dir, landing / f"{long_name}_a")
+    _land_ready(corpus_dir, landing / f"{long_name}_b")
+    for name in ("pics.csv", "pics.jsonl"):
+        (landing / name).write_text("uri\nphotos_2024/a.jpg\n")
+    with _daemon(monkeypatch, tmp_path / "library", landing) as daemon:
+        tick = daemon.tick()
+        assert tick.status == TickStatus.SUCCESS, tick.error
+        requested = daemon.requested()
+        assert len(requested) == len(set(requested)) == 7
+        assert "photos_2024" in requested  # a name cleaning leaves alone keeps its id
+        assert sorted(daemon.instance.get_dynamic_partitions("batches")) == requested
+
+        # a batch landed later is requested on the next tick
+        _land_ready(corpus_dir, landing / "unrelated")
+        assert daemon.tick().status == TickStatus.SUCCESS
+        assert daemon.requested() == sorted([*requested, "unrelated"])
+
+
+def test_a_name_landed_later_that_cleans_alike_is_still_ingested(tmp_path, corpus_dir, monkeypatch):
+    landing = tmp_path / "landing"
+    _land_ready(corpus_dir, landing / "photos_2024")
+    with _daemon(monkeypatch, tmp_path / "library", landing) as daemon:
+        assert daemon.tick().status == TickStatus.SUCCESS
+        _land_ready(corpus_dir, landing / "photos-2024")
+        assert daemon.tick().status == TickStatus.SUCCESS
+        requested = daemon.requested()
+        assert len(requested) == 2 and requested[0] == "photos_2024"
+        assert requested[1].startswith("photos_2024_")
+
+
+def test_a_batch_whose_id_is_taken_is_skipped_with_its_reason_and_the_rest_go_on(
+    tmp_path, corpus_dir, monkeypatch, run_cli
+):
+    library, landing = tmp_path / "library", tmp_path / "landing"
+    elsewhere = tmp_path / "elsewhere"
+    _land(corpus_dir, elsewhere, 1)
+    with _daemon(monkeypatch, library, landing) as daemon:
+        # a person planned batch "holiday" from another folder before it landed
+        defs = build_definitions(build_resources({}, root=str(library)))
+        daemon.instance.add_dynamic_partitions("batches", ["holiday"])
+        config = {"ops": {"batch_plan": {"config": {"source": str(elsewhere)}}}}
+        plan_job = defs.resolve_job_def("plan_batch")
+        planned = plan_job.execute_in_process(
+            partition_key="holiday", run_config=config, instance=daemon.instance
+        )
+        assert planned.success
+        _land_ready(corpus_dir, landing / "holiday")
+        _land_ready(corpus_dir, landing / "other")
+        tick = daemon.tick()
+        assert tick.status == TickStatus.SUCCESS, tick.error
+        assert daemon.requested() == ["other"]
+        skipped = str(landing / "holiday")
+        reason = f"batch id holiday is taken by the batch planned from {elsewhere}"
+        assert f"landed {skipped} skipped: {reason}" in daemon.log(tick)
+
+        # alone in a tick, the skip is the tick's reason; it is never retried
+        _land_ready(corpus_dir, landing / "photos_001")
+        shutil.copytree(landing / "photos_001", elsewhere / "photos_001")
+        daemon.instance.add_dynamic_partitions("batches", ["photos_001"])
+        config = {"ops": {"batch_plan": {"config": {"source": str(elsewhere / "photos_001")}}}}
+        assert plan_job.execute_in_process(
+            partition_key="photos_001", run_config=config, instance=daemon.instance
+        ).success
+        tick = daemon.tick()
+        assert tick.status == TickStatus.SKIPPED
+        assert f"landed {landing / 'photos_001'} skipped: batch id photos_001" in tick.skip_reason
+        assert "skipped" not in daemon.tick().skip_reason
+
+    code, out, _ = run_cli("status")
+    assert code == 0
+    assert f"skipped landing {skipped} (" in out and "batch id holiday is taken" in out
+    # ingested by hand under another id, it is no longer listed
+    defs.resolve_job_def("plan_batch").execute_in_process(
+        partition_key="holiday_2",
+        run_config={"ops": {"batch_plan": {"config": {"source": skipped}}}},
+        instance=_partitioned(dg.DagsterInstance.get(), "holiday_2"),
+    )
+    code, out, _ = run_cli("status")
+    assert f"skipped landing {skipped} (" not in out
+    assert f"skipped landing {landing / 'photos_001'} (" in out
+
+
+def _partitioned(instance: dg.DagsterInstance, batch: str) -> dg.DagsterInstance:
+    instance.add_dynamic_partitions("batches", [batch])
+    return instance
+
+
+def test_a_batch_an_earlier_version_never_ingested_is_ingested_now(tmp_path, corpus_dir):
+    landing, library = tmp_path / "landing", tmp_path / "library"
+    for name in ("photos_2024", "photos-2024"):
+        _land_ready(corpus_dir, landing / name)
+    resources = build_resources({"ASSET_LIBRARY_LANDING": str(landing)}, root=str(library))
+    defs = build_definitions(resources)
+    with dg.instance_for_test() as instance:
+        # what an earlier version left: both names seen, one plan under the id they shared
+        instance.add_dynamic_partitions("batches", ["photos_2024"])
+        config = {"ops": {"batch_plan": {"config": {"source": str(landing / "photos_2024")}}}}
+        assert (
+            defs.resolve_job_def("plan_batch")
+            .execute_in_process(partition_key="photos_2024", run_config=config, instance=instance)
+            .success
+        )
+        old_cursor = json.dumps(["photos_2024", "photos-2024"])
+        tick = _tick(landing_sensor, instance, resources, old_cursor)
+        [request] = tick.run_requests
+        assert request.partition_key.startswith("photos_2024_")
+        assert request.run_config["ops"]["batch_plan"]["config"]["source"].endswith("photos-2024")
+        again = _tick(landing_sensor, instance, resources, tick.cursor)
+        assert again.run_requests == []

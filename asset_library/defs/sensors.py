@@ -1,6 +1,8 @@
 """Sensors: the triggers that turn landed batches into shard runs without a person.
 
-``landing_sensor`` sees a batch land, records the trigger and requests the batch's plan run.
+``landing_sensor`` sees a batch land, records the trigger and requests the batch's plan run; a
+batch whose id is already taken is skipped with its reason (in the tick's log and the library),
+and the others go on.
 ``shard_sensor`` sees a plan materialize, adds its shard partitions and requests one run per
 shard. Planning is real work (listing a billion URIs), so it happens in a run, not in a tick.
 ``refresh_sensor`` sees shards' lake rows land and requests a ``refresh_library`` run.
@@ -8,6 +10,8 @@ shard. Planning is real work (listing a billion URIs), so it happens in a run, n
 
 import json
 import os
+from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 
@@ -15,11 +19,23 @@ from asset_library.defs.jobs import ingest_shard_job, plan_batch_job, refresh_li
 from asset_library.defs.partitions import batches_partitions, shards_partitions
 from asset_library.defs.resources import LandingZoneResource, LibraryResource, SourceReaderResource
 from asset_library.defs.tags import BATCH_TAG, TRIGGER_TAG, batch_tags
-from asset_library.ids import InvalidIdError, batch_id_for, batch_of, check_batch_id
-from asset_library.ingest.landing import find_ready_batches
+from asset_library.ids import (
+    InvalidIdError,
+    batch_id_for,
+    batch_of,
+    check_batch_id,
+    legacy_batch_id,
+)
+from asset_library.ingest.landing import (
+    LandedBatch,
+    SkippedLanding,
+    find_ready_batches,
+    record_skipped,
+)
 from asset_library.ingest.plan import load_plan
-from asset_library.ingest.sources import is_s3
+from asset_library.ingest.sources import is_s3, normalize_source
 from asset_library.ingest.triggers import new_trigger_id
+from asset_library.layout import LibraryLayout
 
 #: Keeps a tick well inside the 60 s sensor timeout: the daemon checks each new key.
 MAX_BATCHES_PER_TICK = 50
@@ -54,41 +70,101 @@ def landing_sensor(
     context: dg.SensorEvaluationContext,
     landing: LandingZoneResource,
     sources: SourceReaderResource,
+    library: LibraryResource,
 ) -> dg.SensorResult:
-    seen: list[str] = json.loads(context.cursor) if context.cursor else []
+    layout = library.layout()
     client = sources.s3_client() if is_s3(landing.location) else None
-    ready = find_ready_batches(landing.location, client, skip=seen)[:MAX_BATCHES_PER_TICK]
-    requests = []
+    seen, ready = _ready_to_request(landing.location, client, layout, context.cursor)
+    requests: list[dg.RunRequest] = []
+    skipped: list[str] = []
+    taken: dict[str, str] = {}
     for landed in ready:
         batch = batch_id_for(landed.name)
+        holder = taken.get(batch) or _holder_of(context.instance, layout, batch)
+        if holder is not None:
+            skipped.append(_skip(context, layout, landed, batch, f"batch id {batch} is {holder}"))
+            continue
+        taken[batch] = f"taken by {landed.source}, landed in the same tick"
         trigger = new_trigger_id("landing")
-        requests.append(
-            dg.RunRequest(
-                run_key=f"batch:{batch}",
-                partition_key=batch,
-                run_config={
-                    "ops": {
-                        "batch_plan": {
-                            "config": {
-                                "source": landed.source,
-                                "trigger": trigger,
-                                "trigger_kind": "landing",
-                            }
-                        }
-                    }
-                },
-                tags={BATCH_TAG: batch, TRIGGER_TAG: trigger},
-            )
-        )
+        requests.append(_plan_request(landed.source, batch, trigger))
         context.log.info(f"batch {batch} landed at {landed.source}: trigger {trigger}")
     return dg.SensorResult(
         run_requests=requests,
-        dynamic_partitions_requests=[
-            batches_partitions.build_add_request([r.partition_key for r in requests])
-        ]
+        dynamic_partitions_requests=[batches_partitions.build_add_request(list(taken))]
         if requests
         else [],
-        cursor=json.dumps(seen + [landed.name for landed in ready]),
+        cursor=json.dumps({"seen": seen + [landed.name for landed in ready]}),
+        skip_reason="; ".join(skipped) if skipped and not requests else None,
+    )
+
+
+def _plan_request(source: str, batch: str, trigger: str) -> dg.RunRequest:
+    config = {"source": source, "trigger": trigger, "trigger_kind": "landing"}
+    return dg.RunRequest(
+        run_key=f"batch:{batch}",
+        partition_key=batch,
+        run_config={"ops": {"batch_plan": {"config": config}}},
+        tags={BATCH_TAG: batch, TRIGGER_TAG: trigger},
+    )
+
+
+def _holder_of(instance: dg.DagsterInstance, layout: LibraryLayout, batch: str) -> str | None:
+    """What already holds ``batch``, if anything: a plan (from the CLI or an earlier landing)
+    or a partition the sensor requested before."""
+    plan_dir = layout.plan_dir(batch)
+    if (plan_dir / "plan.json").exists():
+        return f"taken by the batch planned from {load_plan(plan_dir).source}"
+    if instance.has_dynamic_partition(batches_partitions.name, batch):
+        return "taken by an existing batch (its plan run has not written a plan yet)"
+    return None
+
+
+def _skip(
+    context: dg.SensorEvaluationContext,
+    layout: LibraryLayout,
+    landed: LandedBatch,
+    batch: str,
+    reason: str,
+) -> str:
+    """Record a landed batch that cannot start, and say so in the tick; the others go on."""
+    source = normalize_source(landed.source)
+    message = (
+        f"landed {source} skipped: {reason}; ingest it under another id with "
+        f"`asset-library ingest {source} --batch <new id>`"
+    )
+    record_skipped(
+        layout.skipped_landings_dir,
+        SkippedLanding(
+            landed.name, source, batch, reason, datetime.now(UTC).isoformat(timespec="seconds")
+        ),
+    )
+    context.log.warning(message)
+    return message
+
+
+def _ready_to_request(
+    location: str, client: Any, layout: LibraryLayout, cursor: str | None
+) -> tuple[list[str], list[LandedBatch]]:
+    """(names seen before, ready batches to look at now). A cursor left by an earlier version
+    (a bare list of names) is checked once for names it saw but never ingested: the ones whose
+    earlier id already belonged to another source's plan come back to be ingested."""
+    raw = json.loads(cursor) if cursor else {"seen": []}
+    if isinstance(raw, dict):
+        seen: list[str] = raw["seen"]
+        return seen, find_ready_batches(location, client, skip=seen)[:MAX_BATCHES_PER_TICK]
+    known = set(raw)
+    everything = find_ready_batches(location, client)
+    swallowed = {b.name for b in everything if b.name in known and _swallowed(layout, b)}
+    seen = [name for name in raw if name not in swallowed]
+    ready = [b for b in everything if b.name not in known or b.name in swallowed]
+    return seen, ready[:MAX_BATCHES_PER_TICK]
+
+
+def _swallowed(layout: LibraryLayout, landed: LandedBatch) -> bool:
+    """Whether an earlier version saw ``landed`` and gave it the id of another source's plan."""
+    plan_dir = layout.plan_dir(legacy_batch_id(landed.name))
+    return (plan_dir / "plan.json").exists() and load_plan(plan_dir).source != normalize_source(
+        landed.source
     )
 
 

@@ -3,17 +3,24 @@
 A batch is ready when a folder (or S3 prefix) under the landing zone holds a ``_READY`` marker,
 or when a manifest file (``.csv``, ``.parquet``, ``.jsonl``) sits at the top of the landing zone.
 Listing looks at the top level only, so a sensor tick costs O(batches), not O(images).
+
+A landed batch the sensor cannot start (its batch id is already taken) is skipped, never
+retried, and recorded with its reason in the library, so ``asset-library status`` lists it until
+it is ingested by hand.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from asset_library.ingest.sources import READY_MARKER, is_manifest, is_s3
+from asset_library.layout import atomic_write_text
 from asset_library.storage import parse_s3_uri
 
 
@@ -66,3 +73,30 @@ def _ready_on_s3(location: str, s3_client: Any, skipped: set[str]) -> list[Lande
             if name not in skipped and is_manifest(name) and not name.startswith((".", "_")):
                 ready.append(LandedBatch(name, f"s3://{bucket}/{obj['Key']}"))
     return ready
+
+
+@dataclass(frozen=True)
+class SkippedLanding:
+    """A landed batch the sensor did not start, and why."""
+
+    name: str
+    source: str
+    batch: str
+    reason: str
+    skipped_at: str
+
+
+def record_skipped(directory: Path, skipped: SkippedLanding) -> Path:
+    """Write ``skipped``'s record, named by a digest of its source (names may hold anything)."""
+    digest = hashlib.sha256(skipped.source.encode()).hexdigest()[:16]
+    path = directory / f"{digest}.json"
+    atomic_write_text(path, json.dumps(asdict(skipped), indent=2))
+    return path
+
+
+def still_skipped(directory: Path, ingested: Iterable[str]) -> list[SkippedLanding]:
+    """The skipped landings recorded under ``directory`` whose source is not among the
+    ``ingested`` sources since (a person ingests one under another id), oldest first."""
+    done = set(ingested)
+    records = [SkippedLanding(**json.loads(p.read_text())) for p in directory.glob("*.json")]
+    return sorted((r for r in records if r.source not in done), key=lambda r: r.skipped_at)

@@ -7,7 +7,8 @@ row and the reason; a URI that cannot be read at ingest time becomes a reject ro
 Manifest values are kept as the text that was written (``02134`` stays ``02134``, ``NA`` stays
 ``NA``): CSV cells are read as text, never type-guessed; JSON Lines string values are kept and
 other JSON values become their JSON text; Parquet values are rendered as text. An empty cell, a
-JSON ``null`` or a missing key means the image has no value for that column. Bytes that are not
+JSON ``null`` or a missing key means the image has no value for that column; a column name or
+JSON key given twice is refused, since only one of its values could be kept. Bytes that are not
 UTF-8 are decoded with U+FFFD in their place. Local URIs are recorded resolved (absolute, no
 ``..``, no symlinks); what a batch may read is decided in :mod:`asset_library.ingest.access`.
 """
@@ -216,6 +217,7 @@ def _manifest_rows(location: str, s3_client: Any) -> Iterator[tuple[int, dict[st
 def _parquet_rows(location: str, source: Any) -> Iterator[tuple[int, dict[str, Any]]]:
     manifest = pq.ParquetFile(source)
     _require_uri_column(location, manifest.schema_arrow.names)
+    _require_unique_names(location, "its columns", manifest.schema_arrow.names)
     number = 0
     for batch in manifest.iter_batches(batch_size=_MANIFEST_BATCH_ROWS):
         for row in batch.to_pylist():
@@ -239,6 +241,7 @@ def _csv_rows(location: str, source: Any) -> Iterator[tuple[int, dict[str, Any]]
     try:
         names = pa_csv.open_csv(source, read_options, parse_options).schema.names
         _require_uri_column(location, names)
+        _require_unique_names(location, "the header (line 1)", names)
         source.seek(0)
         reader = pa_csv.open_csv(
             source,
@@ -285,12 +288,48 @@ def _jsonl_rows(location: str, source: Any) -> Iterator[tuple[int, dict[str, Any
         if not text.strip():
             continue
         try:
-            row = json.loads(text)
+            row = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as error:
             raise ManifestError(f"manifest {location}, line {number}: not JSON: {error}") from None
+        except _RepeatedKeyError as error:
+            raise _repeated_name(location, f"line {number}", error.key) from None
         if not isinstance(row, dict):
             raise ManifestError(f"manifest {location}, line {number}: not a JSON object")
         yield number, row
+
+
+class _RepeatedKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key written twice: ``json`` keeps only the last."""
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKeyError(key)
+            seen.add(key)
+    return row
+
+
+def _require_unique_names(location: str, where: str, names: list[str]) -> None:
+    """Refuse a column named twice: a row read into a dict would keep only its last value."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise _repeated_name(location, where, name)
+        seen.add(name)
+
+
+def _repeated_name(location: str, where: str, name: str) -> ManifestError:
+    return ManifestError(
+        f"manifest {location}, {where}: the name {name!r} is repeated, so all but one of its "
+        "values would be lost; give each column its own name"
+    )
 
 
 def _require_uri_column(location: str, names: list[str]) -> None:
