@@ -174,7 +174,7 @@ def _damage(directory: Path, manifest: dict) -> str | None:
             return f"{path}: CRC-32 differs from the one written"
         try:
             shape = np.load(path, mmap_mode="r").shape
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, EOFError) as error:
             return f"{path}: unreadable ({error})"
         if shape != (2, run.rows):
             return f"{path}: shape {shape}, not (2, {run.rows})"
@@ -200,7 +200,7 @@ class CachedKeys:
             path = self.directory / run.file
             try:
                 keys = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as error:
+            except (OSError, ValueError, EOFError) as error:
                 raise KeyCacheError(f"images key cache run {path}: {error}") from error
             if keys.shape != (2, run.rows):
                 raise KeyCacheError(f"images key cache run {path}: shape {keys.shape}")
