@@ -242,6 +242,8 @@ class Library:
         if self._index is None or stamp != self._index_stamp:
             self._index = SimilarityIndex(self.layout)
             self._index_stamp = stamp
+            if self._index.damage is not None:  # answered from memory until the next refresh
+                self._index.rebuild(self.lake)
         return self._index
 
     def _query_hashes(

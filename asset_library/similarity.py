@@ -17,6 +17,8 @@ Layout under ``<library>/index/``::
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,12 +28,15 @@ import duckdb
 import numpy as np
 from deltalake import DeltaTable
 
+from asset_library.lake.scan import lake_dataset
 from asset_library.lake.tables import IMAGES_APP, Lake, read_changes, row_count
 from asset_library.layout import LibraryLayout
 from asset_library.search import HammingIndex, connected_groups
 from asset_library.search.quality import CONFIRMING_HASH, confirmed
 
 HASH_KINDS = ("phash", "ahash", "dhash")
+
+logger = logging.getLogger(__name__)
 _ROW_BITS = 32
 
 
@@ -58,24 +63,81 @@ class SimilarityIndex:
         self.lake_version = -1
         self.removed: set[str] = set()
         self.indexes: dict[str, HammingIndex] = {kind: HammingIndex() for kind in HASH_KINDS}
+        self._keys: dict[int, np.ndarray] = {}
+        #: Why the saved files cannot be trusted (``None``: they can): the index is then
+        #: rebuilt from ``images`` (:meth:`rebuild`).
+        self.damage: str | None = None
         manifest = self.directory / "segments.json"
-        self.exists = manifest.exists()
+        self.exists = manifest.exists() or any(
+            (self.directory / kind).exists() for kind in HASH_KINDS
+        )
         if self.exists:
             try:
-                saved = json.loads(manifest.read_text())
-            except (OSError, ValueError) as error:
-                raise IndexNotReady(
-                    f"the similarity index is damaged: {manifest} is unreadable ({error}); "
-                    f"delete {self.directory} and run refresh_library to rebuild it"
-                ) from None
-            self.segments = saved.get("segments", {})
-            self.images_version = int(saved.get("images_version", -1))
-            self.lake_version = int(saved.get("lake_version", -1))
-            self.removed = set(saved.get("removed", []))
-            for kind in HASH_KINDS:
-                if (self.directory / kind).exists():
-                    self.indexes[kind] = HammingIndex.load(self.directory / kind, mmap=mmap)
-        self._keys: dict[int, np.ndarray] = {}
+                self._load(manifest, mmap)
+            except (OSError, ValueError, KeyError, TypeError, EOFError, StopIteration) as error:
+                self.damage = (
+                    str(error)
+                    if str(self.directory) in str(error)
+                    else (f"{manifest}: {type(error).__name__}: {error}")
+                )
+                logger.warning(
+                    "similarity index damaged, rebuilt from the images table: %s", self.damage
+                )
+                self._forget()
+
+    def _load(self, manifest: Path, mmap: bool) -> None:
+        """Read the saved index and check that its files agree with one another."""
+        saved = json.loads(manifest.read_text())
+        self.segments = {str(k): dict(v) for k, v in saved["segments"].items()}
+        self.images_version = int(saved["images_version"])
+        self.lake_version = int(saved["lake_version"])
+        self.removed = {str(m) for m in saved["removed"]}
+        listed = {name: int(meta["rows"]) for name, meta in self.segments.items()}
+        for kind in HASH_KINDS:
+            index = HammingIndex.load(self.directory / kind, mmap=mmap)
+            if index.segments() != listed:
+                raise ValueError(
+                    f"{self.directory / kind}: segments {index.segments()} differ from "
+                    f"{manifest}'s {listed}"
+                )
+            self.indexes[kind] = index
+        for name, meta in self.segments.items():
+            path = self._keys_path(name)
+            try:
+                shape = np.load(path, mmap_mode="r").shape
+            except (OSError, ValueError, EOFError) as error:
+                raise ValueError(f"{path}: {error}") from None
+            if shape != (int(meta["rows"]), 16):
+                raise ValueError(f"{path}: shape {shape}, not ({meta['rows']}, 16)")
+
+    def _forget(self) -> None:
+        """Back to an empty index, behind every version of ``images``."""
+        self.segments, self.removed, self._keys = {}, set(), {}
+        self.images_version = self.lake_version = -1
+        self.indexes = {kind: HammingIndex() for kind in HASH_KINDS}
+
+    def rebuild(self, lake: Lake) -> None:
+        """One segment of every md5 ``images`` holds, read from the table (not its change
+        feed, which a vacuum may have cut short); in memory until :meth:`sync` saves it."""
+        self._forget()
+        images = lake.open("images")
+        if images is None:
+            return
+        rows = lake_dataset(images, lake).to_table(columns=["md5", *HASH_KINDS])
+        rows = rows.sort_by("md5")
+        version = images.version()
+        if rows.num_rows:
+            self._add(
+                f"v{version:010d}",
+                {
+                    name: rows[name].to_numpy(zero_copy_only=False).astype(str)
+                    for name in rows.column_names
+                },
+            )
+        merged = images.transaction_version(IMAGES_APP)
+        self.images_version = version
+        self.lake_version = -1 if merged is None else int(merged)
+        self.exists = True
 
     def __len__(self) -> int:
         """Images the index answers for: its entries less the removed ones (each entry's md5
@@ -85,6 +147,12 @@ class SimilarityIndex:
     def sync(self, lake: Lake) -> SyncResult:
         """Bring the index level with ``images``: one new segment for the md5s that appeared
         since the version it reached; md5s that left are recorded as removed."""
+        if self.damage is not None:
+            self._clear_files()
+            self.rebuild(lake)
+            self._save()
+            self.damage = None
+            return SyncResult(list(self.segments), [], 0, len(self))
         images = lake.open("images")
         if images is None:
             return SyncResult([], [], len(self.segments), len(self))
@@ -264,6 +332,12 @@ class SimilarityIndex:
         }
         tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
         tmp.replace(manifest)
+
+    def _clear_files(self) -> None:
+        """Remove the damaged files, so the rebuilt index is saved from nothing."""
+        for name in (*HASH_KINDS, "keys"):
+            shutil.rmtree(self.directory / name, ignore_errors=True)
+        (self.directory / "segments.json").unlink(missing_ok=True)
 
     def _next_number(self) -> int:
         return max((int(s["number"]) for s in self.segments.values()), default=-1) + 1

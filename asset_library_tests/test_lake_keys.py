@@ -37,8 +37,8 @@ def _level(cached: int, merge: str) -> bool:
     return True
 
 
-def _cached(keys: ImageKeys, version: int = 0):
-    found = keys.level_with("table", version, _level)
+def _cached(keys: ImageKeys, version: int, rows: int):
+    found = keys.level_with("table", version, _level, rows)
     assert found is not None
     return found
 
@@ -54,15 +54,15 @@ def test_runs_merge_like_a_binary_counter_and_answer_exactly(tmp_path):
     sizes = []
     for version, md5s in enumerate(added[1:], start=1):
         keys.add(digests(pa.array(md5s)), "table", version, f"m{version}")
-        sizes.append([run.rows for run in _cached(keys, version).runs])
+        sizes.append([run.rows for run in _cached(keys, version, 300 + 100 * version).runs])
     # runs of equal size merge: 100 + 100 -> 200, then 200 + 100 + 100 -> 400 -> 700
     assert sizes == [[300, 100], [300, 200], [300, 200, 100], [700]]
     on_disk = {p.name for p in (tmp_path / "keys").iterdir()} - {MANIFEST}
-    assert on_disk == {run.file for run in _cached(keys, 4).runs}  # merged runs are removed
-    held = _cached(keys, 4).held(pa.array([m for batch in added for m in batch] + outside))
+    assert on_disk == {run.file for run in _cached(keys, 4, 700).runs}  # merged runs are removed
+    held = _cached(keys, 4, 700).held(pa.array([m for batch in added for m in batch] + outside))
     assert held.tolist() == [True] * 700 + [False] * len(outside)
     keys.clear()
-    assert keys.level_with("table", 4, _level) is None
+    assert keys.level_with("table", 4, _level, 700) is None
     assert not list((tmp_path / "keys").iterdir())
 
 
@@ -75,14 +75,14 @@ def test_the_cache_is_trusted_only_level_with_its_table(tmp_path):
         asked.append((cached, merge))
         return True
 
-    assert keys.level_with("table", 3, check) is not None
-    assert keys.level_with("table", 5, check) is not None  # later commits: as check says
+    assert keys.level_with("table", 3, check, 10) is not None
+    assert keys.level_with("table", 5, check, 10) is not None  # later commits: as check says
     assert asked == [(3, "m3"), (3, "m3")]
-    assert keys.level_with("table", 5, lambda cached, merge: False) is None
-    assert keys.level_with("another table", 3, check) is None
-    assert keys.level_with("table", 2, check) is None  # older than the cache
+    assert keys.level_with("table", 5, lambda cached, merge: False, 10) is None
+    assert keys.level_with("another table", 3, check, 10) is None
+    assert keys.level_with("table", 2, check, 10) is None  # older than the cache
     (tmp_path / MANIFEST).write_text("{not json")
-    assert keys.level_with("table", 3, check) is None
+    assert keys.level_with("table", 3, check, 10) is None
 
 
 def test_a_rebuild_or_a_clear_leaves_no_file_the_cache_does_not_name(tmp_path):

@@ -4,8 +4,9 @@ In a shard's run (blocking there: judged before the next write, so a bad shard n
 the lake, or fails at its tables): ``hash_coverage`` and ``uploads_present`` from the shard's
 keys file, and ``attribute_keys_in_occurrences`` from the rows the shard's commits wrote. They
 read through the ``duckdb`` resource (dagster-duckdb; in memory). md5 uniqueness holds
-by construction of ``images`` and is checked in the merged buckets by the merge
-(``images_md5_unique``). The library-wide versions run only in the explicit ``audit_library`` job.
+by construction of ``images`` and is checked after each merge in the buckets it touched, from
+the table's own md5 column (``images_md5_unique``): never from the merge's key cache, whose
+word it checks. The library-wide versions run only in the explicit ``audit_library`` job.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import pyarrow.compute as pc
 from dagster_duckdb import DuckDBResource
 
 from asset_library.lake import Catalog, Lake
+from asset_library.lake.scan import lake_dataset
 from asset_library.lake.tables import read_changes
 from asset_library.storage import ObjectStore, verify_objects
 
@@ -167,6 +170,39 @@ def attribute_keys_in_occurrences(
         if not orphans
         else f"{orphans} attribute keys without an occurrence",
         orphan_keys=orphans,
+        examples=examples or "",
+    )
+
+
+def images_md5_unique(lake: Lake, buckets: list[int]) -> dg.AssetCheckResult:
+    """No md5 has two ``images`` rows in these buckets (those a merge touched), counted from
+    the md5 column of their files as the table's latest commit lists them."""
+    images = lake.table("images")
+    md5s = lake_dataset(images, lake).scanner(
+        columns=["md5"], filter=pc.field("bucket").isin(buckets or [-1])
+    )
+    with duckdb.connect() as connection:
+        connection.register("md5s", md5s.to_reader())
+        connection.execute(  # the reader is read once
+            "CREATE TEMP TABLE copies AS SELECT md5, count(*) AS n FROM md5s GROUP BY md5"
+        )
+        rows, duplicated, examples = connection.execute(
+            """
+            SELECT coalesce(sum(n), 0), count(*) FILTER (WHERE n > 1),
+                   (SELECT string_agg(md5, ', ') FROM (
+                      SELECT md5 FROM copies WHERE n > 1 ORDER BY md5 LIMIT 10))
+            FROM copies
+            """
+        ).fetchall()[0]
+    return _result(
+        "images_md5_unique",
+        "images",
+        duplicated == 0,
+        f"{duplicated} md5s with more than one row among {rows:,} rows of the "
+        f"{len(buckets)} merged buckets",
+        duplicated_md5s=int(duplicated),
+        buckets=len(buckets),
+        rows=int(rows),
         examples=examples or "",
     )
 

@@ -53,7 +53,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 from numpy._core.multiarray import _set_madvise_hugepage
 
 from asset_library.ids import check_shard_key
-from asset_library.lake.keyset import CachedKeys, ImageKeys, digests, md5_text
+from asset_library.lake.keyset import CachedKeys, ImageKeys, KeyCacheError, digests, md5_text
 from asset_library.layout import LibraryLayout
 from asset_library.schema import IMAGE_COLUMNS, TIMESTAMP
 
@@ -819,7 +819,7 @@ def _merge_images(lake: Lake) -> MergeResult:
     keys = ImageKeys(lake.image_keys) if lake.image_keys is not None else None
     start, table_id, merge = images.version(), images.metadata().id, uuid.uuid4().hex
     cached = (
-        keys.level_with(table_id, start, _level_check(lake, images, start))
+        keys.level_with(table_id, start, _level_check(lake, images, start), row_count(images))
         if keys is not None
         else None
     )
@@ -1029,8 +1029,10 @@ def _merge_plan(
     changed = connection.sql("SELECT md5 FROM per_md5").to_arrow_table()["md5"]
     held = None
     if cached is not None:
-        with contextlib.suppress(FileNotFoundError):  # rewritten meanwhile: read the table
+        try:
             held = cached.held(changed)
+        except KeyCacheError as error:  # rewritten meanwhile, or damaged: read the table
+            logger.warning("%s; reading the images table instead", error)
     read = None
     if held is not None:  # the key cache answers: a binary search per changed md5
         connection.register(

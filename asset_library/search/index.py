@@ -281,7 +281,10 @@ class HammingIndex:
         )
         key = str(root.resolve())
         for entry in manifest["segments"]:
-            seg = Segment.read(root / entry["dir"], mmap)
+            try:
+                seg = Segment.read(root / entry["dir"], mmap)
+            except (OSError, ValueError, KeyError, EOFError) as error:
+                raise ValueError(f"{root / entry['dir']}: unreadable segment ({error})") from None
             seg.stored[key] = entry["dir"]
             index._segments[entry["name"]] = seg
         return index

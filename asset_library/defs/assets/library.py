@@ -7,7 +7,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from asset_library.defs.checks import audit
+from asset_library.defs.checks import audit, images_md5_unique
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource
 from asset_library.defs.tags import tag_run
 from asset_library.ids import batch_of
@@ -63,14 +63,7 @@ def images(context: dg.AssetExecutionContext, library: LibraryResource):
         }
     )
     # Not blocking: the similarity index follows images whatever this says.
-    yield dg.AssetCheckResult(
-        check_name="images_md5_unique",
-        passed=merged.duplicated_md5s == 0,
-        severity=dg.AssetCheckSeverity.ERROR,
-        description=f"{merged.duplicated_md5s} duplicated md5s in {len(merged.buckets)} "
-        "merged buckets",
-        metadata={"duplicated_md5s": merged.duplicated_md5s, "buckets": len(merged.buckets)},
-    )
+    yield images_md5_unique(lake, merged.buckets)
 
 
 @dg.asset(
