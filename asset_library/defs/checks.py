@@ -5,7 +5,8 @@ the lake, or fails at its tables): ``hash_coverage`` and ``uploads_present`` fro
 keys file, and ``attribute_keys_in_occurrences`` from the rows the shard's commits wrote. They
 read through the ``duckdb`` resource (dagster-duckdb; in memory). md5 uniqueness holds
 by construction of ``images`` and is checked in the merged buckets by the merge
-(``images_md5_unique``). The library-wide versions run only in the explicit ``audit_library`` job.
+(``images_md5_unique``). The library-wide versions run only in the explicit ``audit_library`` job,
+with one more: every occurrence ``images`` has merged counted once (``occurrences_counted``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 
 from asset_library.lake import Catalog, Lake
+from asset_library.lake.recount import check_counts
 from asset_library.lake.tables import read_changes
 from asset_library.storage import ObjectStore, verify_objects
 
@@ -227,4 +229,25 @@ def audit(
             orphan_keys=orphans,
         )
     )
+    results.append(occurrences_counted(catalog.lake))
     return results
+
+
+def occurrences_counted(lake: Lake) -> dg.AssetCheckResult:
+    """``images`` counts each occurrence it has merged once: the sum of its counts equals the
+    occurrences as of the version it merged, and so does each md5's (bucket by bucket)."""
+    found = check_counts(lake)
+    return _result(
+        "occurrences_counted",
+        "library_audit",
+        found.passed,
+        found.describe(),
+        occurrences=found.occurrences,
+        counted=found.counted,
+        occurrences_version=found.version,
+        wrong_md5s=found.wrong,
+        missing_md5s=found.missing,
+        orphaned_md5s=found.orphaned,
+        unfinished_merge=found.unfinished,
+        examples=", ".join(found.examples),
+    )
