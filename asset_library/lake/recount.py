@@ -195,6 +195,7 @@ def recount(lake: Lake) -> Recount:
     merge_images(lake)
     version = merged_version(lake)
     done = Recount(version=version)
+    counts = lake.table("image_counts")  # as read: a merge committing after it conflicts
     corrections = [
         wrong.filter(
             pc.and_(
@@ -208,7 +209,7 @@ def recount(lake: Lake) -> Recount:
     if rows is not None and rows.num_rows:
         difference = pc.subtract(rows["truth"], rows["shown"])
         write_deltalake(
-            lake.table("image_counts"),
+            counts,
             pa.table(
                 {"md5": rows["md5"], "occurrences": difference, "bucket": rows["bucket"]}
             ).cast(IMAGE_COUNTS_SCHEMA),
