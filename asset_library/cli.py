@@ -197,6 +197,13 @@ def _parser() -> argparse.ArgumentParser:
         help="move a library of the previous layout (lake/base, catalog.duckdb) onto Delta",
     )
     migrate.set_defaults(handler=_migrate)
+
+    recount = commands.add_parser(
+        "recount",
+        parents=[common],
+        help="make every image's occurrence count equal its occurrences (repairs double counts)",
+    )
+    recount.set_defaults(handler=_recount)
     return parser
 
 
@@ -461,6 +468,22 @@ def _migrate(args: argparse.Namespace) -> int:
         f"{library.path}: {len(done.shards)} shard(s) rewritten as Delta commits, "
         f"{done.images:,} images merged; removed {', '.join(done.removed) or 'nothing'}"
     )
+    return 0
+
+
+def _recount(args: argparse.Namespace) -> int:
+    from asset_library.lake import Lake
+    from asset_library.lake.recount import recount
+
+    library = _library(args)
+    done = recount(Lake.of(library.layout))
+    print(
+        f"{library.path}: {done.corrected:,} md5s recounted ({done.difference:+,} occurrences) "
+        f"against occurrences version {done.version}"
+    )
+    if done.left is not None:
+        print(f"asset-library: left as found: {done.left.describe()}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,9 +3,10 @@
 A library is a folder. ``library.json`` records what is fixed when the library is created (its
 bucket count, and from its first ingest its object store); every other path is derived from the
 root here, so no path is spelled twice.
-Every file a writer replaces goes through :func:`atomic_path`: written beside its target under a
-private name, renamed into place on success, removed on failure, so a reader never sees half a
-file.
+Every file a writer replaces goes through :func:`atomic_path` (or, for a file written by a
+writer that holds its own temporary name, :func:`rename_durably`): written beside its target
+under a private name, fsynced, renamed into place on success (the folder fsynced after), removed
+on failure, so a reader never sees half a file and a crash never leaves one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +45,53 @@ def temp_path_for(path: Path) -> Path:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path to write; on success it replaces ``path`` in one rename, made
+    durable (:func:`rename_durably`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        rename_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def rename_durably(
+    source: Path, target: Path, rename: Callable[[Path, Path], None] = os.replace
+) -> None:
+    """Rename a written file (or folder) into place so that a crash leaves the old one or the
+    whole new one: its bytes reach the disk before the rename (else a power cut can leave the
+    new name on an empty or partial file), and the rename itself after (its folder synced).
+    ``rename``: ``os.rename`` to fail rather than replace a folder that is there."""
+    sync_to_disk(source)
+    rename(source, target)
+    sync_directory(target.parent)
+
+
+def sync_to_disk(path: Path) -> None:
+    """fsync a file, or every file under a folder and the folders themselves."""
+    if path.is_dir():
+        for inner in path.iterdir():
+            sync_to_disk(inner)
+        sync_directory(path)
+        return
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_directory(folder: Path) -> None:
+    """fsync a folder, so the names renamed or linked into it persist (POSIX; Windows cannot
+    open a folder for it, and its renames are journaled by NTFS)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from deltalake import DeltaTable
 
 from asset_library.lake.scan import lake_dataset
 from asset_library.lake.tables import IMAGES_APP, Lake, read_changes, row_count
-from asset_library.layout import LibraryLayout
+from asset_library.layout import LibraryLayout, atomic_path, atomic_write_text
 from asset_library.search import HammingIndex, connected_groups
 from asset_library.search.quality import CONFIRMING_HASH, confirmed
 
@@ -307,9 +306,8 @@ class SimilarityIndex:
         digests = np.frombuffer(bytes.fromhex("".join(rows["md5"].tolist())), dtype=np.uint8)
         keys_path = self._keys_path(name)
         keys_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = keys_path.with_name(f".{keys_path.stem}.{uuid.uuid4().hex[:8]}.npy")
-        np.save(tmp, digests.reshape(count, 16))
-        tmp.replace(keys_path)
+        with atomic_path(keys_path) as tmp, tmp.open("wb") as out:
+            np.save(out, digests.reshape(count, 16))
         self._keys.pop(number, None)
         for kind in HASH_KINDS:
             hashes = np.frombuffer(bytes.fromhex("".join(rows[kind].tolist())), dtype=">u8").astype(
@@ -322,16 +320,14 @@ class SimilarityIndex:
         self.directory.mkdir(parents=True, exist_ok=True)
         for kind, index in self.indexes.items():
             index.save(self.directory / kind)
-        manifest = self.directory / "segments.json"
-        tmp = manifest.with_name(f".segments.{uuid.uuid4().hex[:8]}.json")
         saved = {
             "segments": self.segments,
             "images_version": self.images_version,
             "lake_version": self.lake_version,
             "removed": sorted(self.removed),
         }
-        tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
-        tmp.replace(manifest)
+        text = json.dumps(saved, indent=1, sort_keys=True)
+        atomic_write_text(self.directory / "segments.json", text)
 
     def _clear_files(self) -> None:
         """Remove the damaged files, so the rebuilt index is saved from nothing."""

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from asset_library.ids import is_md5
-from asset_library.layout import LibraryLayout, temp_path_for
+from asset_library.layout import LibraryLayout, rename_durably, temp_path_for
 
 __all__ = [
     "DamageRecord",
@@ -229,8 +229,9 @@ class LocalObjectStore(ObjectStore):
 
     A write goes to a temporary file in the target folder, then is published with `os.link`,
     which fails if the name exists: readers never see a partial file and the first writer wins.
-    A damaged object is replaced with `os.replace`, atomic too. Files get the process umask's
-    permissions (0o666 & ~umask), like any other file the process creates.
+    A damaged object is replaced by a rename, atomic and durable too (`rename_durably`). Files
+    get the process umask's permissions (0o666 & ~umask), like any other file the process
+    creates.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -263,7 +264,7 @@ class LocalObjectStore(ObjectStore):
             except FileExistsError:
                 if self._holds(path, md5_hex, len(data)):
                     return PutResult.PRESENT
-                os.replace(tmp, path)
+                rename_durably(tmp, path)
                 return PutResult.REPAIRED
         finally:
             tmp.unlink(missing_ok=True)

@@ -6,7 +6,8 @@ keys file, and ``attribute_keys_in_occurrences`` from the rows the shard's commi
 read through the ``duckdb`` resource (dagster-duckdb; in memory). md5 uniqueness holds
 by construction of ``images`` and is checked after each merge in the buckets it touched, from
 the table's own md5 column (``images_md5_unique``): never from the merge's key cache, whose
-word it checks. The library-wide versions run only in the explicit ``audit_library`` job.
+word it checks. The library-wide versions run only in the explicit ``audit_library`` job,
+with one more: every occurrence ``images`` has merged counted once (``occurrences_counted``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pyarrow.compute as pc
 from dagster_duckdb import DuckDBResource
 
 from asset_library.lake import Catalog, Lake
+from asset_library.lake.recount import check_counts
 from asset_library.lake.scan import lake_dataset
 from asset_library.lake.tables import read_changes
 from asset_library.storage import ObjectStore, verify_objects
@@ -278,4 +280,25 @@ def audit(
             orphan_keys=orphans,
         )
     )
+    results.append(occurrences_counted(catalog.lake))
     return results
+
+
+def occurrences_counted(lake: Lake) -> dg.AssetCheckResult:
+    """``images`` counts each occurrence it has merged once: the sum of its counts equals the
+    occurrences as of the version it merged, and so does each md5's (bucket by bucket)."""
+    found = check_counts(lake)
+    return _result(
+        "occurrences_counted",
+        "library_audit",
+        found.passed,
+        found.describe(),
+        occurrences=found.occurrences,
+        counted=found.counted,
+        occurrences_version=found.version,
+        wrong_md5s=found.wrong,
+        missing_md5s=found.missing,
+        orphaned_md5s=found.orphaned,
+        unfinished_merge=found.unfinished,
+        examples=", ".join(found.examples),
+    )

@@ -47,5 +47,5 @@ audit_library_job = dg.define_asset_job(
     selection=[library_audit],
     tags=SERIAL_TAG,
     description="The library-wide checks: md5 unique, hash coverage, uploads present, "
-    "attribute keys among images.",
+    "attribute keys among images, each occurrence counted once.",
 )

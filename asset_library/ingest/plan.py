@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from asset_library.ids import shard_key
 from asset_library.ingest.sources import SourceItem
-from asset_library.layout import TEMP_SUFFIX, atomic_write_text, temp_path_for
+from asset_library.layout import TEMP_SUFFIX, atomic_write_text, rename_durably, temp_path_for
 
 DEFAULT_MAX_IMAGES_PER_SHARD = 10_000_000
 _PLAN_SCHEMA = pa.schema([("ordinal", pa.int64()), ("uri", pa.string()), ("extras", pa.string())])
@@ -165,14 +165,14 @@ def _move_into_place(staging: Path, plan_dir: Path, plan: BatchPlan, *, replace:
         if plan_dir.exists() and not (plan_dir / "plan.json").exists():
             shutil.rmtree(plan_dir)  # what a planner killed before its rename left
         try:
-            os.rename(staging, plan_dir)
+            rename_durably(staging, plan_dir, os.rename)
         except OSError:
             check_new_batch(plan_dir, plan.batch)
             raise
         return
     retired = plan_dir.with_name(f".{plan_dir.name}.{uuid.uuid4().hex[:8]}.old{TEMP_SUFFIX}")
     os.rename(plan_dir, retired)
-    os.rename(staging, plan_dir)
+    rename_durably(staging, plan_dir, os.rename)
     shutil.rmtree(retired, ignore_errors=True)
 
 
@@ -217,5 +217,5 @@ class _ShardWriter:
     def close(self) -> ShardPlan:
         self._flush()
         self.writer.close()
-        self.tmp.replace(self.path)
+        rename_durably(self.tmp, self.path)
         return ShardPlan(self.key, self.number, self.count, str(self.final_path))

@@ -25,7 +25,7 @@ from asset_library.ids import bucket_of
 from asset_library.ingest.fingerprint import Fingerprint, rejected_unreadable
 from asset_library.ingest.sources import SourceItem, SourceReadError
 from asset_library.ingest.workers import FingerprintPool
-from asset_library.layout import temp_path_for
+from asset_library.layout import rename_durably, temp_path_for
 from asset_library.schema import IMAGE_COLUMNS, TIMESTAMP
 from asset_library.storage import DamageRecord, ObjectStore, PutResult, object_key
 
@@ -222,7 +222,7 @@ def ingest_shard(
         if batches:
             writer.write_table(pa.Table.from_batches(batches))
         writer.close()
-        tmp.replace(keys_path)
+        rename_durably(tmp, keys_path)
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -796,10 +797,12 @@ def merge_images(lake: Lake) -> MergeResult:
     no ``images`` file is rewritten. Only an md5 that lost an occurrence (its shard was replaced
     or emptied) is recomputed from its current occurrences in its bucket and rewritten (or
     deleted) by a Delta ``MERGE``, its ``image_counts`` rows offset to zero. Two commits:
-    ``image_counts`` first, then ``images``, each recording the occurrences version reached, so
-    a merge cut between them finishes on the next run without counting twice, and two merges
-    at once make one fail with a commit conflict. Then md5 uniqueness is checked in the
-    touched buckets."""
+    ``image_counts`` first, then ``images``, each recording the occurrences version reached.
+    A merge cut between them left ``image_counts`` ahead of ``images``: the next merge first
+    makes that range's ``images`` commit (from the occurrences as of the version counted, and
+    without counting it again), then merges what landed since, so every occurrence counts
+    once whatever landed in between. Two merges at once make one fail with a commit conflict.
+    Then md5 uniqueness is checked in the touched buckets."""
     with _small_pages():
         return _merge_images(lake)
 
@@ -810,13 +813,63 @@ def _merge_images(lake: Lake) -> MergeResult:
     images = lake.table("images")
     counts = lake.table("image_counts")
     last = merged_version(lake)
+    counted = counted_version(lake)
     now = occurrences.version()
-    result = MergeResult(from_version=last, to_version=now)
-    if now <= last:
-        result.to_version = last
-        return result
-    changes = read_changes(lake, occurrences, last + 1, now, [f.name for f in OCCURRENCES_SCHEMA])
+    if counted > now:
+        raise ValueError(
+            f"{lake.uri('image_counts')} records occurrences version {counted}, beyond the "
+            f"latest of {lake.uri('occurrences')} ({now}): these tables are not one lake's"
+        )
     keys = ImageKeys(lake.image_keys) if lake.image_keys is not None else None
+    done: list[MergeResult] = []
+    if counted > last:  # a merge of last+1..counted committed image_counts, then stopped:
+        # its images commit is made from the same range, its counts are not written twice
+        reached = DeltaTable(
+            lake.uri("occurrences"), version=counted, storage_options=dict(lake.storage_options)
+        )
+        done.append(_merge_range(lake, reached, images, counts, keys, last, counted, False))
+        last = counted
+    if now > last:
+        done.append(_merge_range(lake, occurrences, images, counts, keys, last, now, True))
+    first = done[0].from_version if done else last
+    result = MergeResult(from_version=first, to_version=done[-1].to_version if done else last)
+    for part in done:
+        result.shards = sorted({*result.shards, *part.shards})
+        result.buckets = sorted({*result.buckets, *part.buckets})
+        result.md5s += part.md5s
+        result.inserted += part.inserted
+        result.updated += part.updated
+        result.deleted += part.deleted
+        result.duplicated_md5s += part.duplicated_md5s
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def counted_version(lake: Lake) -> int:
+    """The occurrences version ``image_counts`` has counted up to (-1 before any merge).
+    Ahead of :func:`merged_version` only after a merge stopped between its two commits."""
+    counts = lake.open("image_counts")
+    version = None if counts is None else counts.transaction_version(IMAGES_APP)
+    return -1 if version is None else int(version)
+
+
+def _merge_range(
+    lake: Lake,
+    occurrences: DeltaTable,
+    images: DeltaTable,
+    counts: DeltaTable,
+    keys: ImageKeys | None,
+    last: int,
+    now: int,
+    write_counts: bool,
+) -> MergeResult:
+    """Fold occurrences versions ``last + 1..now`` (``occurrences`` loaded at ``now``) into
+    ``images``, and into ``image_counts`` unless an earlier merge of this range already
+    committed them there (``write_counts`` false)."""
+    result = MergeResult(from_version=last, to_version=now)
+    images.update_incremental()
+    counts.update_incremental()
+    changes = read_changes(lake, occurrences, last + 1, now, [f.name for f in OCCURRENCES_SCHEMA])
     start, table_id, merge = images.version(), images.metadata().id, uuid.uuid4().hex
     cached = (
         keys.level_with(table_id, start, _level_check(lake, images, start), row_count(images))
@@ -848,10 +901,8 @@ def _merge_images(lake: Lake) -> MergeResult:
         rebuild = keys is not None and cached is None
         plan = _merge_plan(connection, lake, images, occurrences, counts, touched, cached, rebuild)
     result.md5s = plan.md5s
-    if (
-        counts.transaction_version(IMAGES_APP) is None
-        or int(counts.transaction_version(IMAGES_APP)) < now
-    ):  # not written yet by a merge of this range that stopped before images
+    if write_counts:
+        crash_point("image_counts")
         write_deltalake(
             counts,
             plan.counts,
@@ -859,7 +910,8 @@ def _merge_images(lake: Lake) -> MergeResult:
             partition_by=["bucket"],
             commit_properties=_merged_to(now, merge),
         )
-    result.updated = plan.counts.num_rows
+        result.updated = plan.counts.num_rows
+    crash_point("images")
     if plan.recomputed.num_rows:
         source = pa.concat_tables([plan.new.cast(_SOURCE_SCHEMA), plan.recomputed])
         metrics = (
@@ -888,11 +940,30 @@ def _merge_images(lake: Lake) -> MergeResult:
             commit_properties=_merged_to(now, merge),
         )
         result.inserted = plan.new.num_rows
+    crash_point("image_keys")
     if keys is not None:
         _keep_keys(keys, plan, table_id, images.version(), merge)
     result.duplicated_md5s = plan.duplicated
-    result.seconds = time.perf_counter() - started
     return result
+
+
+#: The environment variable naming a merge's commit boundary at which the process kills
+#: itself (SIGKILL), as a crash there would: ``image_counts`` (before that commit), ``images``
+#: (between the two commits), ``image_keys`` (after both); ``<name>@<n>``: the n-th time the
+#: process reaches it. How a crash at each boundary is rehearsed on real tables.
+CRASH_AT = "ASSET_LIBRARY_CRASH_AT"
+_reached: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Kill this process here if :data:`CRASH_AT` names this boundary (and this time)."""
+    wanted = os.environ.get(CRASH_AT)
+    if not wanted:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    point, _, nth = wanted.partition("@")
+    if point == name and _reached[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _keep_keys(keys: ImageKeys, plan: _Plan, table_id: str, version: int, merge: str) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from asset_library.layout import atomic_path
+from asset_library.layout import atomic_path, rename_durably
 from asset_library.search.codec import as_uint64, hash_int
 from asset_library.search.cost import best_join_bands, join_cost
 from asset_library.search.ranges import no_matches
@@ -246,7 +246,7 @@ class HammingIndex:
                 sub = f"seg-{_safe(name)}-{uuid.uuid4().hex[:12]}"
                 tmp = root / f".tmp-{sub}"
                 seg.write(tmp)
-                os.replace(tmp, root / sub)
+                rename_durably(tmp, root / sub)
                 seg.stored[key] = sub
             entries.append({"name": name, "dir": sub, "rows": seg.n})
         manifest = {
@@ -258,8 +258,6 @@ class HammingIndex:
         }
         with atomic_path(root / _MANIFEST) as tmp, open(tmp, "w") as f:
             json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
         keep = {e["dir"] for e in entries}
         for entry in old.get("segments", []):
             if entry["dir"] not in keep:

@@ -139,10 +139,17 @@ def near_duplicate_groups(library: LibraryResource) -> dg.MaterializeResult:
     kinds={"duckdb"},
     check_specs=[
         dg.AssetCheckSpec(name, asset="library_audit", blocking=True)
-        for name in ("md5_unique", "hash_coverage", "uploads_present", "attribute_keys_in_images")
+        for name in (
+            "md5_unique",
+            "hash_coverage",
+            "uploads_present",
+            "attribute_keys_in_images",
+            "occurrences_counted",
+        )
     ],
     description="The full audit, library-wide: md5 uniqueness, hash coverage, uploads present "
-    "(exhaustive to 100k images, else a 10k sample), attribute keys among images. Costs the "
+    "(exhaustive to 100k images, else a 10k sample), attribute keys among images, each "
+    "occurrence counted once in images (bucket by bucket). Costs the "
     "library: run it on purpose (job audit_library), not on every refresh.",
 )
 def library_audit(library: LibraryResource, object_store: ObjectStoreResource):
