@@ -18,8 +18,9 @@ install:
 	@# worker) would otherwise compile Dagster's sources again on import (~2 s of `status`).
 	@$(UV) sync --frozen --compile-bytecode --quiet
 
-# What only the tests start: PostgreSQL 15 (test_production_profile.py) and Chromium with its
-# driver (test_serve_browser.py), from apt when missing.
+# What only the tests start: PostgreSQL 15 (test_production_profile.py), strace
+# (test_durable_writes.py) and Chromium with its driver (test_serve_browser.py), from apt when
+# missing.
 test-services:
 	@test -x $(PG_BIN)/postgres || { \
 		if command -v apt-get >/dev/null 2>&1; then \
@@ -27,6 +28,12 @@ test-services:
 		else \
 			echo "PostgreSQL 15 not found at $(PG_BIN): install it and set ASSET_LIBRARY_PG_BIN" \
 				"for asset_library_tests/test_production_profile.py"; \
+		fi; }
+	@test -x /usr/bin/strace || { \
+		if command -v apt-get >/dev/null 2>&1; then \
+			$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace; \
+		else \
+			echo "strace not found in /usr/bin: install it for asset_library_tests/test_durable_writes.py"; \
 		fi; }
 	@test -x /usr/bin/chromedriver || { \
 		if command -v apt-get >/dev/null 2>&1; then \
