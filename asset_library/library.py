@@ -41,14 +41,19 @@ IMAGE_COLUMNS = IMAGES_SCHEMA.names
 TRANSFORMS = ("none", "dihedral")
 
 
+class ImageNotFoundError(ValueError):
+    """An md5 the library does not have."""
+
+    def __init__(self, md5: str) -> None:
+        super().__init__(f"no image with md5 {md5} in the library")
+        self.md5 = md5
+
+
 class Library:
     """An image library on disk: lookups by md5, SQL over the catalog, similarity search."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        root = Path(path).expanduser().resolve() if path is not None else default_library_path()
-        if not (root / "library.json").exists():
-            raise FileNotFoundError(f"no asset library at {root} (no library.json)")
-        self.layout = LibraryLayout.open(root)
+        self.layout = LibraryLayout.existing(path if path is not None else default_library_path())
         self.lake = Lake.of(self.layout)
         self._index: SimilarityIndex | None = None
         self._catalog: Catalog | None = None
@@ -84,7 +89,8 @@ class Library:
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
         """Rows of one read-only query as dicts; values are bound parameters (``?`` or
-        ``$name``). Anything but one query raises ``ReadOnlyQueryError`` (a ValueError)."""
+        ``$name``). SQL that does not parse raises ``InvalidQueryError``, anything but one query
+        ``ReadOnlyQueryError`` (both ValueErrors)."""
         check_read_only_query(sql)
         with self.connect() as connection:
             result = connection.execute(sql, params or [])
@@ -260,7 +266,7 @@ class Library:
             md5 = check_md5(image)
             rows = catalog.rows_of("images", bucket_of(md5, self.lake.n_buckets), md5)
             if rows.num_rows == 0:
-                raise ValueError(f"no image with md5 {image} in the library")
+                raise ImageNotFoundError(md5)
             quality = rows["quality"][0].as_py()
             if transforms == "none":
                 stored = (hex_to_int(rows[kind][0].as_py()), hex_to_int(rows[second][0].as_py()))

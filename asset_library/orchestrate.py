@@ -35,6 +35,7 @@ from asset_library.defs.resources import build_resources
 from asset_library.ids import batch_id_for, check_batch_id
 from asset_library.ingest.plan import BatchPlan, check_new_batch, load_plan
 from asset_library.ingest.progress import ShardProgress, read_progress
+from asset_library.ingest.sources import check_source
 from asset_library.ingest.triggers import new_trigger_id
 from asset_library.ingest.workers import default_workers
 from asset_library.layout import LibraryLayout
@@ -155,6 +156,7 @@ def ingest_batch(
         raise ValueError(f"parallel must be at least 1, not {parallel}")
     if retries is not None and retries < 0:
         raise ValueError(f"retries must be 0 or more, not {retries}")
+    check_source(source)  # before the library is created for it
     started = time.perf_counter()
     env = dict(os.environ if environ is None else environ)
     resources = build_resources(env, root=str(library))
