@@ -285,11 +285,15 @@ def _ingest(args: argparse.Namespace) -> int:
     rejects = sum(summary.rejects_by_reason.values())
     detail = ", ".join(f"{r}: {n}" for r, n in summary.rejects_by_reason.most_common())
     print(f"rejected  {rejects:,}" + (f" ({detail})" if detail else ""))
-    print(
-        f"library   {summary.catalog.get('images', 0):,} images, "
-        f"{summary.catalog.get('rejects', 0):,} rejects, "
-        f"{summary.catalog.get('attributes', 0):,} attribute values"
-    )
+    if summary.refresh_failure:
+        print(f"library   refresh FAILED: {summary.refresh_failure}")
+        print("          `asset-library status` shows the shards images does not hold yet")
+    else:
+        print(
+            f"library   {summary.catalog.get('images', 0):,} images, "
+            f"{summary.catalog.get('rejects', 0):,} rejects, "
+            f"{summary.catalog.get('attributes', 0):,} attribute values"
+        )
     checks = ", ".join(
         f"{name} {'passed' if ok else 'FAILED'}" for name, ok in summary.checks.items()
     )
@@ -313,6 +317,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"no batches ingested yet in {layout.root}")
         return EXIT_OK
     instance = local_instance(layout)
+    print("\n".join(_library_state(layout, instance)))
     for run in reap_dead_runs(instance):
         partition = run.tags.get("dagster/partition", "")
         print(
@@ -329,6 +334,51 @@ def _status(args: argparse.Namespace) -> int:
         lines += [f"  {shard}  {states[shard]}" for shard in record.shards]
     print("\n".join(lines))
     return EXIT_OK
+
+
+def _library_state(layout: LibraryLayout, instance: Any) -> list[str]:
+    """The library's own state, as ``status`` prints it above the batches: its last refresh
+    (and why it failed), and the shards whose rows ``images`` does not hold yet."""
+    import dagster as dg
+    from deltalake.exceptions import DeltaError
+
+    from asset_library.lake import Lake, shards_not_merged
+    from asset_library.run_worker import step_failure_message
+
+    lines = [f"library   {layout.root}"]
+    records = instance.get_run_records(dg.RunsFilter(job_name="refresh_library"), limit=1)
+    last = records[0] if records else None
+    if last is None:
+        lines.append("refresh   never run")
+    else:
+        run = last.dagster_run
+        when = last.end_time or last.start_time or last.create_timestamp.timestamp()
+        at = datetime.fromtimestamp(when).astimezone().isoformat(timespec="seconds")
+        state = "FAILED" if run.status == dg.DagsterRunStatus.FAILURE else run.status.value.lower()
+        lines.append(f"refresh   last {at}: {state} (run {run.run_id})")
+        if run.status == dg.DagsterRunStatus.FAILURE:
+            failures = instance.get_records_for_run(
+                run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE, limit=1
+            ).records
+            why = step_failure_message(r.event_log_entry.dagster_event for r in failures)
+            lines.append(f"          {why}")
+    try:
+        pending = shards_not_merged(Lake.of(layout))
+    except (DeltaError, OSError) as error:
+        pending, unreadable = None, str(error).splitlines()[0]
+    else:
+        unreadable = "the occurrences table's history cannot be read"
+    if pending is None:
+        lines.append(f"pending   unknown: {unreadable}")
+    elif pending:
+        more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
+        shown = ", ".join(pending[:5]) + more
+        lines.append(
+            f"pending   {len(pending):,} shard(s) whose rows images does not hold yet: {shown}"
+        )
+    else:
+        lines.append("pending   none: images holds every shard's rows")
+    return lines + [""]
 
 
 def _lookup(args: argparse.Namespace) -> int:

@@ -88,6 +88,8 @@ class IngestSummary:
     parallel: int = 1
     checks: dict[str, bool] = field(default_factory=dict)
     catalog: dict[str, Any] = field(default_factory=dict)
+    #: Why the library refresh failed (the first line of its error); empty if it did not.
+    refresh_failure: str = ""
     #: Set when a stop signal (Ctrl-C) ended the ingest early.
     interrupted: bool = False
     #: Shards without a successful run when the ingest stopped (all of them if planning stopped).
@@ -213,7 +215,8 @@ def ingest_batch(
                 return _stopped(summary, instance, plan, started)
     if not refreshed["success"]:
         summary.checks["refresh_library"] = False
-        progress(f"library refresh FAILED: {refreshed['failure']}")
+        summary.refresh_failure = refreshed["failure"] or "the refresh_library run failed"
+        progress(f"library refresh FAILED: {summary.refresh_failure}")
     summary.checks.update(refreshed.get("checks", {}))
     summary.catalog = _metadata(instance, "images", None, refreshed["run_id"])
     summary.seconds = time.perf_counter() - started

@@ -170,3 +170,37 @@ def test_status_lists_an_ingested_batch_and_errors_exit_alike(run_cli, tmp_path,
     assert line.startswith("asset-library: batch 'one' already exists")
     code, _, err = run_cli("ingest", str(batch), "--batch", "one", "--shard-size", "0")
     assert code == 2 and "argument --shard-size: 0 is less than 1" in err
+
+
+def test_a_failed_refresh_is_reported_failed_and_status_shows_what_images_lacks(
+    run_cli, tmp_path, corpus_dir
+):
+    """A damaged table file of the merge (``image_counts``'s first commit): the shards land,
+    the refresh fails; neither the summary nor ``status`` passes that off as an empty library."""
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for name in ("forest-low.jpg", "forest-high.jpg"):
+        shutil.copyfile(corpus_dir / FOREST / name, batch / name)
+    layout = LibraryLayout.open(tmp_path / "library")
+    log = layout.table_dir("image_counts") / "_delta_log"
+    log.mkdir(parents=True)
+    (log / "00000000000000000000.json").write_text('{"commitInfo": {"timestamp": ')
+    code, out, err = run_cli("ingest", str(batch), "--batch", "two", "--shard-size", "1")
+    assert code == 1, out + err
+    [summary] = [
+        line for line in out.splitlines() if line.startswith("library   ") and "FAILED" in line
+    ]
+    assert summary.startswith("library   refresh FAILED: ")
+    assert " 0 images," not in out and "attribute values" not in out, out
+    assert "refresh_library FAILED" in out  # the checks line
+
+    code, out, err = run_cli("status")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"library   {layout.root}"
+    assert lines[1].startswith("refresh   last ") and ": FAILED (run " in lines[1]
+    assert lines[2].strip() == summary.removeprefix("library   refresh FAILED: ").strip()
+    assert lines[3] == (
+        "pending   2 shard(s) whose rows images does not hold yet: two-s00000, two-s00001"
+    )
+    assert "two-s00000  materialized" in out and "two-s00001  materialized" in out
