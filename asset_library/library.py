@@ -20,7 +20,7 @@ from asset_library.ingest.dihedral import query_fingerprint
 from asset_library.ingest.fingerprint import fingerprint, hamming
 from asset_library.lake import Catalog, Lake
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
-from asset_library.lake.tables import IMAGES_SCHEMA
+from asset_library.lake.tables import IMAGES_SCHEMA, ORIGINS
 from asset_library.layout import LibraryLayout, default_library_path
 from asset_library.search.codec import hex_to_int
 from asset_library.search.quality import CONFIRMING_HASH, informative
@@ -112,7 +112,12 @@ class Library:
 
     def lookup(self, md5: str) -> dict[str, Any] | None:
         """The image with this key, with its attributes and every source it was ingested from;
-        ``None`` if the library does not have it."""
+        ``None`` if the library does not have it.
+
+        ``attributes`` holds the values by where they came from: ``derived`` (worked out from
+        the image's bytes: EXIF, size) and ``manifest`` (given by a manifest's columns), each
+        attribute name to its value, or to the list of its values when it has several. A
+        manifest column named like a derived attribute stays under ``manifest``."""
         md5 = check_md5(md5)
         # Straight from the key's bucket: pyarrow opens only that bucket's files.
         bucket = int(bucket_of(md5, self.lake.n_buckets))
@@ -136,12 +141,13 @@ class Library:
         sources = [(r["source_uri"],) for r in occurrences]
         # Counted from the occurrences read here (what the images view shows once merged).
         image["occurrences"] = len(occurrences)
-        values: dict[str, list[Any]] = {}
-        for name, value, kind, _ in attributes:
-            values.setdefault(name, []).append(_typed_value(value, kind))
+        values: dict[str, dict[str, list[Any]]] = {origin: {} for origin in ORIGINS}
+        for name, value, kind, origin in attributes:
+            values[origin].setdefault(name, []).append(_typed_value(value, kind))
         # One value as itself; several (a multi-valued attribute) as the list of all of them.
         image["attributes"] = {
-            name: found[0] if len(found) == 1 else found for name, found in values.items()
+            origin: {name: found[0] if len(found) == 1 else found for name, found in named.items()}
+            for origin, named in values.items()
         }
         image["sources"] = [uri for (uri,) in sources]
         return image

@@ -373,6 +373,11 @@ _DERIVED_SQL = {
 }
 _DERIVED = [(name, *_DERIVED_SQL[name]) for name in DERIVED_ATTRIBUTES]
 
+#: A cube row's ``origin``: worked out from the image's bytes, or given by its manifest. Both
+#: may name the same attribute (a manifest column ``exif.make``): they are told apart by it.
+DERIVED, MANIFEST = "derived", "manifest"
+ORIGINS = (DERIVED, MANIFEST)
+
 #: One row per accepted image, in keys order: what its cube rows are made of. A derived
 #: attribute's value is a column named after it (NULL: no row); the manifest's keys, values
 #: (text; NULL for a JSON null: no row) and value types are three lists of one length, from
@@ -494,7 +499,7 @@ def _cube_rows(images: pa.Table) -> pa.Table:
             "value_type": few(
                 [t for _, _, t in _DERIVED], pc.list_flatten(whole("manifest_types"))
             ),
-            "origin": pc.if_else(pa.array(manifest), "manifest", "derived", memory_pool=pool),
+            "origin": pc.if_else(pa.array(manifest), MANIFEST, DERIVED, memory_pool=pool),
             **{name: gather(per_image[name], image) for name in ("source_uri", "batch", "shard")},
             "bucket": gather(per_image["bucket"], image),
             "ordinal": gather(per_image["ordinal"], image),
