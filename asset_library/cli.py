@@ -355,13 +355,13 @@ def _library_state(layout: LibraryLayout, instance: Any) -> list[str]:
         when = last.end_time or last.start_time or last.create_timestamp.timestamp()
         at = datetime.fromtimestamp(when).astimezone().isoformat(timespec="seconds")
         state = "FAILED" if run.status == dg.DagsterRunStatus.FAILURE else run.status.value.lower()
-        lines.append(f"refresh   last {at}: {state} (run {run.run_id})")
+        why = ""
         if run.status == dg.DagsterRunStatus.FAILURE:
             failures = instance.get_records_for_run(
                 run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE, limit=1
             ).records
-            why = step_failure_message(r.event_log_entry.dagster_event for r in failures)
-            lines.append(f"          {why}")
+            why = ": " + step_failure_message(r.event_log_entry.dagster_event for r in failures)
+        lines.append(f"refresh   last {at}: {state} (run {run.run_id}){why}")
     try:
         pending = shards_not_merged(Lake.of(layout))
     except (DeltaError, OSError) as error:

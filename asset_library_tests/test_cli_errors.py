@@ -199,8 +199,8 @@ def test_a_failed_refresh_is_reported_failed_and_status_shows_what_images_lacks(
     lines = out.splitlines()
     assert lines[0] == f"library   {layout.root}"
     assert lines[1].startswith("refresh   last ") and ": FAILED (run " in lines[1]
-    assert lines[2].strip() == summary.removeprefix("library   refresh FAILED: ").strip()
-    assert lines[3] == (
+    assert lines[1].endswith("): " + summary.removeprefix("library   refresh FAILED: "))
+    assert lines[2] == (
         "pending   2 shard(s) whose rows images does not hold yet: two-s00000, two-s00001"
     )
     assert "two-s00000  materialized" in out and "two-s00001  materialized" in out
