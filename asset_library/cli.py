@@ -1,4 +1,10 @@
-"""``asset-library``: ingest batches and ask the library questions from a terminal."""
+"""``asset-library``: ingest batches and ask the library questions from a terminal.
+
+Exit codes, the same for every command: 0 done; 1 not found (an md5 the library does not
+have) or a run that failed (planning, a shard, the refresh, a check); 2 bad arguments (an
+option, a missing source, an existing --batch, a refused or invalid query) or no library at
+the path; 130 interrupted (Ctrl-C, SIGTERM).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +21,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from asset_library.ids import InvalidIdError, check_batch_id
-from asset_library.layout import default_library_path
+from asset_library.layout import LibraryLayout, default_library_path
 
 if TYPE_CHECKING:
     from asset_library.library import Library
 from asset_library.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
+
+#: Exit codes (the module's docstring says which error gets which).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2  # also argparse's own, for an option it cannot parse
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,22 +52,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        return 0
+        return EXIT_OK
     except Exception as error:
-        if not _is_refusal(error):
+        code = _exit_code(error)
+        if code is None:
             raise
         print(f"asset-library: {error}", file=sys.stderr)
-        return 2
+        return code
 
 
-def _is_refusal(error: Exception) -> bool:
-    """An error that is the user's input or the library's state, said in one line (exit 2),
-    not a defect (a traceback). Imported here so that ``--help`` and ``status`` stay quick."""
+def _exit_code(error: Exception) -> int | None:
+    """The exit code of an error that is the user's input or the library's state, said in one
+    line; ``None`` for a defect (a traceback). Imported here so that ``--help`` and ``status``
+    stay quick."""
     import duckdb
 
+    from asset_library.library import ImageNotFoundError
     from asset_library.similarity import IndexNotReady
 
-    return isinstance(error, FileNotFoundError | ValueError | duckdb.Error | IndexNotReady)
+    if isinstance(error, ImageNotFoundError):
+        return EXIT_FAILED
+    if isinstance(error, FileNotFoundError | ValueError | duckdb.Error | IndexNotReady):
+        return EXIT_USAGE
+    return None
 
 
 def _library(args: argparse.Namespace) -> Library:
@@ -269,13 +288,12 @@ def _batch_id(text: str) -> str:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from asset_library.ingest.plan import BatchExistsError
     from asset_library.orchestrate import PlanningFailed, ingest_batch
     from asset_library.progress_view import ProgressView
 
     if args.replace and not args.batch:
         print("asset-library: --replace needs the --batch to replace", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     library = args.library or str(default_library_path())
     view = ProgressView(sys.stdout)
     try:
@@ -291,15 +309,12 @@ def _ingest(args: argparse.Namespace) -> int:
             progress=view.line,
             live=view.running,
         )
-    except BatchExistsError as error:
-        print(f"asset-library: {error}", file=sys.stderr)
-        return 1
     except PlanningFailed as error:
         print(f"asset-library: planning failed: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:  # before any run started: nothing to undo
         print("asset-library: interrupted before the ingest started", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         view.close()
     again = ["asset-library", "ingest", args.source, "--batch", summary.batch]
@@ -317,7 +332,7 @@ def _ingest(args: argparse.Namespace) -> int:
         if summary.shards and not summary.unfinished_shards:
             print("every shard is in; the library refresh did not finish", file=sys.stderr)
         print(f"re-run:   {shlex.join(again)}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     rate = summary.images / summary.seconds if summary.seconds else 0.0
     print()
     print(f"library   {Path(library).resolve()}")
@@ -336,11 +351,15 @@ def _ingest(args: argparse.Namespace) -> int:
     rejects = sum(summary.rejects_by_reason.values())
     detail = ", ".join(f"{r}: {n}" for r, n in summary.rejects_by_reason.most_common())
     print(f"rejected  {rejects:,}" + (f" ({detail})" if detail else ""))
-    print(
-        f"library   {summary.catalog.get('images', 0):,} images, "
-        f"{summary.catalog.get('rejects', 0):,} rejects, "
-        f"{summary.catalog.get('attributes', 0):,} attribute values"
-    )
+    if summary.refresh_failure:
+        print(f"library   refresh FAILED: {summary.refresh_failure}")
+        print("          `asset-library status` shows the shards images does not hold yet")
+    else:
+        print(
+            f"library   {summary.catalog.get('images', 0):,} images, "
+            f"{summary.catalog.get('rejects', 0):,} rejects, "
+            f"{summary.catalog.get('attributes', 0):,} attribute values"
+        )
     checks = ", ".join(
         f"{name} {'passed' if ok else 'FAILED'}" for name, ok in summary.checks.items()
     )
@@ -350,24 +369,24 @@ def _ingest(args: argparse.Namespace) -> int:
         print(f"FAILED    {shard}: {summary.failures.get(shard, '')}")
     if summary.failed_shards:
         print(f"re-run:   {shlex.join(again)}  (or a backfill of the failed shards in the UI)")
-    return 0 if summary.success else 1
+    return EXIT_OK if summary.success else EXIT_FAILED
 
 
 def _status(args: argparse.Namespace) -> int:
     from asset_library.defs.shard_status import shard_states
     from asset_library.ingest.landing import still_skipped
     from asset_library.ingest.triggers import read_triggers
-    from asset_library.layout import LibraryLayout
     from asset_library.terminal_runs import local_instance, reap_dead_runs
 
-    layout = LibraryLayout.open(args.library or default_library_path())
+    layout = LibraryLayout.existing(args.library or default_library_path())
     records = read_triggers(layout.triggers_dir)
     for skipped in still_skipped(layout.skipped_landings_dir, {r.source for r in records}):
         print(f"skipped landing {skipped.source} ({skipped.skipped_at}): {skipped.reason}")
     if not records:
         print(f"no batches ingested yet in {layout.root}")
-        return 0
+        return EXIT_OK
     instance = local_instance(layout)
+    print("\n".join(_library_state(layout, instance)))
     for run in reap_dead_runs(instance):
         partition = run.tags.get("dagster/partition", "")
         print(
@@ -383,16 +402,62 @@ def _status(args: argparse.Namespace) -> int:
         )
         lines += [f"  {shard}  {states[shard]}" for shard in record.shards]
     print("\n".join(lines))
-    return 0
+    return EXIT_OK
+
+
+def _library_state(layout: LibraryLayout, instance: Any) -> list[str]:
+    """The library's own state, as ``status`` prints it above the batches: its last refresh
+    (and why it failed), and the shards whose rows ``images`` does not hold yet."""
+    import dagster as dg
+    from deltalake.exceptions import DeltaError
+
+    from asset_library.lake import Lake, shards_not_merged
+    from asset_library.run_worker import step_failure_message
+
+    lines = [f"library   {layout.root}"]
+    records = instance.get_run_records(dg.RunsFilter(job_name="refresh_library"), limit=1)
+    last = records[0] if records else None
+    if last is None:
+        lines.append("refresh   never run")
+    else:
+        run = last.dagster_run
+        when = last.end_time or last.start_time or last.create_timestamp.timestamp()
+        at = datetime.fromtimestamp(when).astimezone().isoformat(timespec="seconds")
+        state = "FAILED" if run.status == dg.DagsterRunStatus.FAILURE else run.status.value.lower()
+        why = ""
+        if run.status == dg.DagsterRunStatus.FAILURE:
+            failures = instance.get_records_for_run(
+                run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE, limit=1
+            ).records
+            why = ": " + step_failure_message(r.event_log_entry.dagster_event for r in failures)
+        lines.append(f"refresh   last {at}: {state} (run {run.run_id}){why}")
+    try:
+        pending = shards_not_merged(Lake.of(layout))
+    except (DeltaError, OSError) as error:
+        pending, unreadable = None, str(error).splitlines()[0]
+    else:
+        unreadable = "the occurrences table's history cannot be read"
+    if pending is None:
+        lines.append(f"pending   unknown: {unreadable}")
+    elif pending:
+        more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
+        shown = ", ".join(pending[:5]) + more
+        lines.append(
+            f"pending   {len(pending):,} shard(s) whose rows images does not hold yet: {shown}"
+        )
+    else:
+        lines.append("pending   none: images holds every shard's rows")
+    return lines + [""]
 
 
 def _lookup(args: argparse.Namespace) -> int:
+    from asset_library.library import ImageNotFoundError
+
     image = _library(args).lookup(args.md5)
     if image is None:
-        print(f"asset-library: no image with md5 {args.md5}", file=sys.stderr)
-        return 1
+        raise ImageNotFoundError(args.md5)
     print(json.dumps(image, default=_json_default, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def _similar(args: argparse.Namespace) -> int:
@@ -407,13 +472,13 @@ def _similar(args: argparse.Namespace) -> int:
     )
     for record in found:
         print(json.dumps(record, default=_json_default))
-    return 0
+    return EXIT_OK
 
 
 def _duplicates(args: argparse.Namespace) -> int:
     for number, group in enumerate(_library(args).near_duplicate_groups()):
         print(json.dumps({"group": number, "size": len(group), "md5s": group}))
-    return 0
+    return EXIT_OK
 
 
 def _sql(args: argparse.Namespace) -> int:
@@ -423,7 +488,7 @@ def _sql(args: argparse.Namespace) -> int:
     with _library(args).connect() as connection:
         result = connection.execute(args.query, args.param)
         if result.description is None:
-            return 0
+            return EXIT_OK
         names = [d[0] for d in result.description]
         if args.json:
             for row in result.fetchall():
@@ -432,7 +497,7 @@ def _sql(args: argparse.Namespace) -> int:
             writer = csv.writer(sys.stdout, lineterminator="\n")
             writer.writerow(names)
             writer.writerows(result.fetchall())
-    return 0
+    return EXIT_OK
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -447,7 +512,7 @@ def _serve(args: argparse.Namespace) -> int:
         decode_wait_s=args.decode_wait,
     )
     serve(settings, host=args.host, port=args.port)
-    return 0
+    return EXIT_OK
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -460,15 +525,15 @@ def _migrate(args: argparse.Namespace) -> int:
         print(
             f"{library.path}: attribute index rebuilt to cover the image ({done.index_rows:,} rows)"
         )
-        return 0
+        return EXIT_OK
     if not done.shards and not done.removed:
         print(f"{library.path}: already on the Delta lake, nothing to migrate")
-        return 0
+        return EXIT_OK
     print(
         f"{library.path}: {len(done.shards)} shard(s) rewritten as Delta commits, "
         f"{done.images:,} images merged; removed {', '.join(done.removed) or 'nothing'}"
     )
-    return 0
+    return EXIT_OK
 
 
 def _recount(args: argparse.Namespace) -> int:

@@ -110,6 +110,14 @@ def remove_orphan_temp_files(folder: Path, pattern: str = "*") -> list[Path]:
     return removed
 
 
+class NoLibraryError(FileNotFoundError):
+    """A path given as a library that holds none (no ``library.json``)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(f"no asset library at {root}")
+        self.root = root
+
+
 @dataclass(frozen=True)
 class LibraryLayout:
     """Paths of one library root; the library's bucket count is fixed when it is created."""
@@ -125,6 +133,15 @@ class LibraryLayout:
             atomic_write_text(
                 layout.settings_path, json.dumps({"n_buckets": check_buckets(n_buckets)})
             )
+        return layout
+
+    @classmethod
+    def existing(cls, root: str | Path) -> LibraryLayout:
+        """The library at ``root``, which must exist: readers open it without creating anything,
+        so a mistyped path is an error (:class:`NoLibraryError`), not a new empty library."""
+        layout = cls(Path(root).expanduser().resolve())
+        if not layout.settings_path.is_file():
+            raise NoLibraryError(layout.root)
         return layout
 
     @property

@@ -20,7 +20,7 @@ from asset_library.ingest.dihedral import query_fingerprint
 from asset_library.ingest.fingerprint import fingerprint, hamming
 from asset_library.lake import Catalog, Lake
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
-from asset_library.lake.tables import IMAGES_SCHEMA
+from asset_library.lake.tables import IMAGES_SCHEMA, ORIGINS
 from asset_library.layout import LibraryLayout, default_library_path
 from asset_library.search.codec import hex_to_int
 from asset_library.search.quality import CONFIRMING_HASH, informative
@@ -41,14 +41,19 @@ IMAGE_COLUMNS = IMAGES_SCHEMA.names
 TRANSFORMS = ("none", "dihedral")
 
 
+class ImageNotFoundError(ValueError):
+    """An md5 the library does not have."""
+
+    def __init__(self, md5: str) -> None:
+        super().__init__(f"no image with md5 {md5} in the library")
+        self.md5 = md5
+
+
 class Library:
     """An image library on disk: lookups by md5, SQL over the catalog, similarity search."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        root = Path(path).expanduser().resolve() if path is not None else default_library_path()
-        if not (root / "library.json").exists():
-            raise FileNotFoundError(f"no asset library at {root} (no library.json)")
-        self.layout = LibraryLayout.open(root)
+        self.layout = LibraryLayout.existing(path if path is not None else default_library_path())
         self.lake = Lake.of(self.layout)
         self._index: SimilarityIndex | None = None
         self._catalog: Catalog | None = None
@@ -84,7 +89,8 @@ class Library:
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
         """Rows of one read-only query as dicts; values are bound parameters (``?`` or
-        ``$name``). Anything but one query raises ``ReadOnlyQueryError`` (a ValueError)."""
+        ``$name``). SQL that does not parse raises ``InvalidQueryError``, anything but one query
+        ``ReadOnlyQueryError`` (both ValueErrors)."""
         check_read_only_query(sql)
         with self.connect() as connection:
             result = connection.execute(sql, params or [])
@@ -106,7 +112,12 @@ class Library:
 
     def lookup(self, md5: str) -> dict[str, Any] | None:
         """The image with this key, with its attributes and every source it was ingested from;
-        ``None`` if the library does not have it."""
+        ``None`` if the library does not have it.
+
+        ``attributes`` holds the values by where they came from: ``derived`` (worked out from
+        the image's bytes: EXIF, size) and ``manifest`` (given by a manifest's columns), each
+        attribute name to its value, or to the list of its values when it has several. A
+        manifest column named like a derived attribute stays under ``manifest``."""
         md5 = check_md5(md5)
         # Straight from the key's bucket: pyarrow opens only that bucket's files.
         bucket = int(bucket_of(md5, self.lake.n_buckets))
@@ -130,12 +141,13 @@ class Library:
         sources = [(r["source_uri"],) for r in occurrences]
         # Counted from the occurrences read here (what the images view shows once merged).
         image["occurrences"] = len(occurrences)
-        values: dict[str, list[Any]] = {}
-        for name, value, kind, _ in attributes:
-            values.setdefault(name, []).append(_typed_value(value, kind))
+        values: dict[str, dict[str, list[Any]]] = {origin: {} for origin in ORIGINS}
+        for name, value, kind, origin in attributes:
+            values[origin].setdefault(name, []).append(_typed_value(value, kind))
         # One value as itself; several (a multi-valued attribute) as the list of all of them.
         image["attributes"] = {
-            name: found[0] if len(found) == 1 else found for name, found in values.items()
+            origin: {name: found[0] if len(found) == 1 else found for name, found in named.items()}
+            for origin, named in values.items()
         }
         image["sources"] = [uri for (uri,) in sources]
         return image
@@ -262,7 +274,7 @@ class Library:
             md5 = check_md5(image)
             rows = catalog.rows_of("images", bucket_of(md5, self.lake.n_buckets), md5)
             if rows.num_rows == 0:
-                raise ValueError(f"no image with md5 {image} in the library")
+                raise ImageNotFoundError(md5)
             quality = rows["quality"][0].as_py()
             if transforms == "none":
                 stored = (hex_to_int(rows[kind][0].as_py()), hex_to_int(rows[second][0].as_py()))

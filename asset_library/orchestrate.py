@@ -35,6 +35,7 @@ from asset_library.defs.resources import build_resources
 from asset_library.ids import batch_id_for, check_batch_id
 from asset_library.ingest.plan import BatchPlan, check_new_batch, load_plan
 from asset_library.ingest.progress import ShardProgress, read_progress
+from asset_library.ingest.sources import check_source
 from asset_library.ingest.triggers import new_trigger_id
 from asset_library.ingest.workers import default_workers
 from asset_library.layout import LibraryLayout
@@ -87,6 +88,8 @@ class IngestSummary:
     parallel: int = 1
     checks: dict[str, bool] = field(default_factory=dict)
     catalog: dict[str, Any] = field(default_factory=dict)
+    #: Why the library refresh failed (the first line of its error); empty if it did not.
+    refresh_failure: str = ""
     #: Set when a stop signal (Ctrl-C) ended the ingest early.
     interrupted: bool = False
     #: Shards without a successful run when the ingest stopped (all of them if planning stopped).
@@ -155,6 +158,7 @@ def ingest_batch(
         raise ValueError(f"parallel must be at least 1, not {parallel}")
     if retries is not None and retries < 0:
         raise ValueError(f"retries must be 0 or more, not {retries}")
+    check_source(source)  # before the library is created for it
     started = time.perf_counter()
     env = dict(os.environ if environ is None else environ)
     resources = build_resources(env, root=str(library))
@@ -211,7 +215,8 @@ def ingest_batch(
                 return _stopped(summary, instance, plan, started)
     if not refreshed["success"]:
         summary.checks["refresh_library"] = False
-        progress(f"library refresh FAILED: {refreshed['failure']}")
+        summary.refresh_failure = refreshed["failure"] or "the refresh_library run failed"
+        progress(f"library refresh FAILED: {summary.refresh_failure}")
     summary.checks.update(refreshed.get("checks", {}))
     summary.catalog = _metadata(instance, "images", None, refreshed["run_id"])
     summary.seconds = time.perf_counter() - started

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -90,9 +91,15 @@ def run_job(
 
 
 def failure_message(result: dg.ExecutionResult) -> str:
-    """The first line of the error our code raised in the first failed step: below Dagster's
-    wrapping, above the library errors it wraps (ours name the file, row, shard or URI)."""
-    for event in result.get_step_failure_events():
+    """The first line of the error our code raised in the first failed step."""
+    return step_failure_message(result.get_step_failure_events())
+
+
+def step_failure_message(events: Iterable[dg.DagsterEvent]) -> str:
+    """The first line of the error our code raised in the first of these step failures: below
+    Dagster's wrapping, above the library errors it wraps (ours name the file, row, shard or
+    URI)."""
+    for event in events:
         error = event.step_failure_data.error if event.step_failure_data else None
         if error is None:
             continue

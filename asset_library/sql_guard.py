@@ -61,15 +61,23 @@ class ReadOnlyQueryError(ValueError):
         super().__init__(f"the library is read-only: {reason}")
 
 
+class InvalidQueryError(ValueError):
+    """SQL that does not parse, or no statement at all: a mistake, not a refused write."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"not valid SQL: {reason}")
+
+
 def check_read_only_query(sql: str) -> str:
     """Return ``sql`` unchanged if it is exactly one query that only reads; raise
-    :class:`ReadOnlyQueryError` naming what was refused otherwise."""
+    :class:`InvalidQueryError` if it does not parse, :class:`ReadOnlyQueryError` naming what was
+    refused if it is anything but one query."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as error:
-        raise ReadOnlyQueryError(f"not valid SQL: {error}") from None
+        raise InvalidQueryError(str(error)) from None
     if not statements:
-        raise ReadOnlyQueryError("no statement given: expected one query")
+        raise InvalidQueryError("no statement given: expected one query")
     kinds = [_type_name(statement) for statement in statements]
     if len(kinds) > 1:
         raise ReadOnlyQueryError(

@@ -40,7 +40,7 @@ def test_a_batch_name_is_refused_twice_and_replaced_only_on_purpose(run_cli, tmp
     assert _batch_images(library) == 5
 
     code, out, err = run_cli("ingest", str(office), "--batch", "daily")
-    assert code == 1
+    assert code == 2  # a bad argument
     assert "batch 'daily' already exists" in err and "--replace" in err
     assert str(forest) in err  # what it would have replaced
     assert _batch_images(library) == 5  # nothing replaced

@@ -99,7 +99,7 @@ def test_lookup_returns_the_row_attributes_and_sources(corpus_library, corpus_di
     assert (image["format"], image["size_bytes"]) == ("jpeg", int(row["bytes"]))
     # stored 1200x1800 with EXIF orientation 6: displayed as the landscape it is
     assert (image["width"], image["height"], image["orientation"]) == (1800, 1200, 6)
-    assert image["attributes"]["image.aspect_ratio"] == 1.5
+    assert image["attributes"]["derived"]["image.aspect_ratio"] == 1.5
     assert image["sources"] == [str(corpus_dir / row["path"])]
     assert Library(root).lookup("0" * 32) is None
     with pytest.raises(ValueError, match="not an md5"):

@@ -838,9 +838,46 @@ def test_lookup_shows_every_value_of_a_multi_valued_attribute(tmp_path):
         write_shard(lake, shard, keys)
     _refresh(layout, lake)
     image = Library(layout.root).lookup(md5[0])
-    assert sorted(image["attributes"]["tag"]) == ["blue", "green", "red"]
-    assert image["attributes"]["label"] == "same"
+    assert sorted(image["attributes"]["manifest"]["tag"]) == ["blue", "green", "red"]
+    assert image["attributes"]["manifest"]["label"] == "same"
     assert image["occurrences"] == 3 and len(image["sources"]) == 3
+
+
+def test_a_manifest_value_named_like_a_derived_one_never_passes_for_it(tmp_path):
+    """A manifest column ``exif.make`` on an image without EXIF: ``lookup`` and the
+    ``attributes`` view show it as the manifest's value, never as the image's EXIF make; and
+    where the image has its own, both are there, each with its origin."""
+    layout, lake = _library(tmp_path / "library")
+    md5s = random_md5s(np.random.default_rng(9), 2)
+    shard = "named-s00000"
+    keys = write_keys(
+        layout.keys_path(shard), batch="named", shard=shard, n_buckets=BUCKETS, md5s=md5s
+    )
+    rows = pq.read_table(keys).to_pylist()
+    for row in rows:
+        row["extras"] = json.dumps({"exif.make": "Canon", "image.width": "wide"})
+    rows[1]["camera_make"] = "Canon"  # the second has its own EXIF make, the same text
+    pq.write_table(pa.Table.from_pylist(rows, schema=KEYS_SCHEMA), keys)
+    write_shard(lake, shard, keys)
+    _refresh(layout, lake)
+    library = Library(layout.root)
+    without, with_exif = (library.lookup(md5) for md5 in md5s)
+    assert set(without["attributes"]) == {"derived", "manifest"}
+    assert "exif.make" not in without["attributes"]["derived"]
+    assert without["attributes"]["manifest"] == {"exif.make": "Canon", "image.width": "wide"}
+    assert with_exif["attributes"]["derived"]["exif.make"] == "Canon"
+    assert with_exif["attributes"]["manifest"]["exif.make"] == "Canon"
+    found = library.query(
+        "SELECT md5, origin, value FROM attributes WHERE attribute = 'exif.make' "
+        "ORDER BY md5, origin"
+    )
+    assert [(r["md5"], r["origin"], r["value"]) for r in found] == sorted(
+        [
+            (md5s[0], "manifest", "Canon"),
+            (md5s[1], "derived", "Canon"),
+            (md5s[1], "manifest", "Canon"),
+        ]
+    )
 
 
 def test_similar_says_when_the_index_is_missing_or_behind(tmp_path, capsys):

@@ -16,7 +16,12 @@ import pytest
 from asset_library.cli import main
 from asset_library.library import Library
 from asset_library.orchestrate import ingest_batch
-from asset_library.sql_guard import ReadOnlyQueryError, check_read_only_query, lock_down
+from asset_library.sql_guard import (
+    InvalidQueryError,
+    ReadOnlyQueryError,
+    check_read_only_query,
+    lock_down,
+)
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +178,27 @@ def test_what_the_lock_denies_is_there_to_read(library_root, outside):
         ("WITH i AS (INSERT INTO t VALUES (1) RETURNING *) FROM i", "got INSERT inside"),
         ("SELECT * FROM query('SELECT 1')", "function query() is not allowed"),
         ("SELECT * FROM checkpoint()", "function checkpoint() is not allowed"),
-        ("", "no statement given"),
-        ("-- only a comment", "no statement given"),
-        ("SELECT 1 INTO t", "not valid SQL"),
     ],
 )
 def test_the_check_names_what_it_refused(sql, message):
     with pytest.raises(ReadOnlyQueryError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_read_only_query(sql)
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        ("", "no statement given"),
+        ("-- only a comment", "no statement given"),
+        ("SELECT 1 INTO t", 'syntax error at or near "INTO"'),
+        ("SELEC 1", 'syntax error at or near "SELEC"'),
+    ],
+)
+def test_sql_that_does_not_parse_is_a_mistake_not_a_refusal(sql, message):
+    with pytest.raises(InvalidQueryError, match=message) as invalid:
+        check_read_only_query(sql)
+    assert str(invalid.value).startswith("not valid SQL: ")
+    assert not isinstance(invalid.value, ReadOnlyQueryError)
 
 
 @pytest.mark.parametrize(

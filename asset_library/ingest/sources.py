@@ -68,6 +68,18 @@ def normalize_source(source: str) -> str:
     return source if is_s3(source) else str(Path(source).expanduser().resolve())
 
 
+def check_source(source: str) -> None:
+    """Refuse a local source that is not there (a manifest that is no file, a folder that is no
+    folder) before anything is created or run for it; an S3 source is checked by its listing."""
+    if is_s3(source):
+        return
+    path = Path(source).expanduser()
+    if is_manifest(source) and not path.is_file():
+        raise FileNotFoundError(f"batch source {source!r}: no such manifest file")
+    if not is_manifest(source) and not path.is_dir():
+        raise FileNotFoundError(f"batch source {source!r} is neither a folder nor a manifest")
+
+
 def iter_batch(source: str, s3_client: Any = None) -> Iterator[SourceItem]:
     """Every image of a batch, in a stable order, streamed."""
     if is_manifest(source):
@@ -75,9 +87,8 @@ def iter_batch(source: str, s3_client: Any = None) -> Iterator[SourceItem]:
     elif is_s3(source):
         yield from (SourceItem(uri) for uri in iter_s3_prefix(source, s3_client))
     else:
+        check_source(source)
         root = Path(source).expanduser().resolve()
-        if not root.is_dir():
-            raise FileNotFoundError(f"batch source {source!r} is neither a folder nor a manifest")
         resolve = _Resolver()
         yield from (SourceItem(resolve(str(path))) for path in iter_folder(root))
 

@@ -9,6 +9,7 @@ from asset_library.lake.tables import (
     compact,
     merge_images,
     merged_version,
+    shards_not_merged,
     write_shard,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "compact",
     "merge_images",
     "merged_version",
+    "shards_not_merged",
     "write_shard",
 ]

@@ -8,7 +8,8 @@ runs with ``enable_external_access = false`` and its configuration locked.
 
 Views: ``occurrences`` (every accepted source), ``images`` (one row per md5, its count as first
 merged plus ``image_counts``), ``rejects``,
-``attribute_occurrences`` (the cube as written), ``attributes`` (one row per md5/attribute/value)
+``attribute_occurrences`` (the cube as written), ``attributes`` (one row per
+md5/origin/attribute/value: a manifest value never merges into a derived one of the same name)
 and ``near_duplicates`` (groups the similarity index found). Table macros (parameterised views;
 arguments are bound values, never SQL text) are listed in :data:`MACROS`. DuckDB hands its
 filters to pyarrow (:class:`LakeDataset`): one on ``bucket`` opens only that bucket's files, and
@@ -85,8 +86,8 @@ VIEWS: dict[str, str] = {
     "rejects": f"SELECT {_columns('rejects')} FROM _lake_rejects",
     "attribute_occurrences": f"SELECT {_columns('attributes')} FROM _lake_attributes",
     "attributes": """SELECT md5, attribute, value, any_value(value_type) AS value_type,
-                     any_value(origin) AS origin, any_value(bucket) AS bucket
-                     FROM _lake_attributes GROUP BY md5, attribute, value""",
+                     origin, any_value(bucket) AS bucket
+                     FROM _lake_attributes GROUP BY md5, origin, attribute, value""",
     "near_duplicates": "SELECT * FROM _near_duplicates",
 }
 

@@ -374,6 +374,11 @@ _DERIVED_SQL = {
 }
 _DERIVED = [(name, *_DERIVED_SQL[name]) for name in DERIVED_ATTRIBUTES]
 
+#: A cube row's ``origin``: worked out from the image's bytes, or given by its manifest. Both
+#: may name the same attribute (a manifest column ``exif.make``): they are told apart by it.
+DERIVED, MANIFEST = "derived", "manifest"
+ORIGINS = (DERIVED, MANIFEST)
+
 #: One row per accepted image, in keys order: what its cube rows are made of. A derived
 #: attribute's value is a column named after it (NULL: no row); the manifest's keys, values
 #: (text; NULL for a JSON null: no row) and value types are three lists of one length, from
@@ -495,7 +500,7 @@ def _cube_rows(images: pa.Table) -> pa.Table:
             "value_type": few(
                 [t for _, _, t in _DERIVED], pc.list_flatten(whole("manifest_types"))
             ),
-            "origin": pc.if_else(pa.array(manifest), "manifest", "derived", memory_pool=pool),
+            "origin": pc.if_else(pa.array(manifest), MANIFEST, DERIVED, memory_pool=pool),
             **{name: gather(per_image[name], image) for name in ("source_uri", "batch", "shard")},
             "bucket": gather(per_image["bucket"], image),
             "ordinal": gather(per_image["ordinal"], image),
@@ -602,6 +607,10 @@ def _shard_keys(connection: duckdb.DuckDBPyConnection, keys: Path) -> None:
     rows.create_view("shard_keys", replace=True)
 
 
+#: The custom metadata key naming the shard a shard table's commit wrote.
+SHARD_MARK = "asset_library.shard"
+
+
 def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
     """Replace the shard's rows of occurrences, rejects, attributes and the attribute index:
     one commit each (the index last, from the cube rows computed once).
@@ -644,7 +653,7 @@ def _write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
                 partition_by=[PARTITIONS[table]],
                 target_file_size=256 << 20,
                 writer_properties=_writer_properties(table),
-                commit_properties=CommitProperties(custom_metadata={"asset_library.shard": shard}),
+                commit_properties=CommitProperties(custom_metadata={SHARD_MARK: shard}),
             )
             target.update_incremental()
             metrics = target.history(1)[0].get("operationMetrics", {})
@@ -691,6 +700,19 @@ def merged_version(lake: Lake) -> int:
         return -1
     version = images.transaction_version(IMAGES_APP)
     return -1 if version is None else int(version)
+
+
+def shards_not_merged(lake: Lake) -> list[str] | None:
+    """The shards whose rows landed in ``occurrences`` after the version ``images`` has merged
+    up to, from their commits' :data:`SHARD_MARK`: what the next refresh folds in. ``None`` if
+    the history cannot be read."""
+    occurrences = lake.open("occurrences")
+    if occurrences is None:
+        return []
+    entries = _history(lake, occurrences, merged_version(lake) + 1, occurrences.version())
+    if entries is None:
+        return None
+    return sorted({entry[SHARD_MARK] for entry in entries.values() if entry.get(SHARD_MARK)})
 
 
 #: The custom metadata that marks a commit rewriting rows as they were (compaction's sort).

@@ -164,8 +164,10 @@ def view(request: Request, md5: str) -> Response:
         group = library.query("SELECT group_id FROM near_duplicates WHERE md5 = ?", [key])
     shown = {k: v for k, v in record.items() if k not in ("attributes", "sources")}
     rows = "".join(f"<tr><th>{e(k)}</th><td>{e(_text(v))}</td></tr>" for k, v in shown.items())
-    attributes = "".join(
-        f"<tr><th>{e(k)}</th><td>{e(_text(v))}</td></tr>" for k, v in record["attributes"].items()
+    attributes = "".join(  # where each value came from, so neither passes for the other
+        f'<tr><th>{e(k)}</th><td>{e(_text(v))}</td><td class="muted">{e(origin)}</td></tr>'
+        for origin, named in record["attributes"].items()
+        for k, v in named.items()
     )
     sources = "".join(f"<li>{e(uri)}</li>" for uri in record["sources"])
     in_group = (
