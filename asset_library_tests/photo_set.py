@@ -15,15 +15,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pillow_heif
 from PIL import Image, ImageOps
+
+import asset_library.ingest.fingerprint  # noqa: F401  (registers the HEIF opener, as ingest does)
 
 PHOTO_LIST = Path(__file__).parent / "data" / "photos.txt"
 
 #: Longest side of a derived version: enough for the 32x32 hash grid, cheap to make.
 DERIVED_SIDE = 512
-
-pillow_heif.register_heif_opener()
 
 
 def photo_paths() -> list[str]:

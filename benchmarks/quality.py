@@ -155,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 quality = np.append(quality, fp.quality)
                 dhashes = np.append(dhashes, np.uint64(int(fp.dhash, 16)))
                 theirs = np.append(theirs, np.uint64(_imagehash_phash(data) or 0))
-            families[row[fp.md5]].add("photo:" + name.split(" (")[0])
+            if " (" not in name:  # the file as stored: its versions share its families
+                picture = families[row[fp.md5]] | {"photo:" + name}
+            families[row[fp.md5]] |= picture
             photos.append((row[fp.md5], data))
     else:
         photos = [
