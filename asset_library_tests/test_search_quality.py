@@ -43,6 +43,7 @@ from asset_library.thresholds import (
     DEFAULT_MIN_QUALITY,
     DEFAULT_PHASH_THRESHOLD,
 )
+from asset_library_tests.photo_set import flat_images, photo_paths, photographs
 
 FOUND_RELATIONS = {"exact", "reencode", "resize", "exif-orientation"}
 
@@ -54,9 +55,9 @@ GRADIENTS = {
     "github_lunapaint_pngsuite/png/basn2c16.png",
     "debian_desktop-base/homeworld-theme/grub/grub-16x9.png",
     "debian_desktop-base/homeworld-theme/grub/grub-4x3.png",
-    "debian_mate-backgrounds/mate/desktop/GreenTraditional.jpg",
-    "debian_xfdesktop4-data/xfce/xfce-blue.jpg",
 }
+# Two wallpapers are a gradient with a logo in the middle (GreenTraditional.jpg, xfce-blue.jpg):
+# the logo is detail the pHash can tell apart, so they are kept.
 
 #: Files seen (by eye, and within 0-8 bits on all three hashes) to be the same picture, which
 #: near_dups.tsv does not pair: counted as related in the second set of figures, each joined
@@ -78,10 +79,14 @@ SEEN_SAME_PICTURE = [
         {f"github_lunapaint_pngsuite/png/bas{i}{kind}.png" for i in "in"}
         for kind in ("0g04", "0g16", "2c08", "2c16")
     ),
-    # frames of one VP8 test clip, and a stereo pair of one scene
+    # frames of one VP8 test clip, the same dark frame of another, and a stereo pair
     {
         f"github_webmproject_libwebp-test-data/vp80-00-comprehensive-{n}.webp"
         for n in ("002", "003", "005", "009")
+    },
+    {
+        f"github_webmproject_libwebp-test-data/vp80-00-comprehensive-{n}.webp"
+        for n in ("001", "004", "007", "011", "012")
     },
     {"pypi_scikit-image/motorcycle_left.png", "pypi_scikit-image/motorcycle_right.png"},
 ]
@@ -203,7 +208,7 @@ def test_the_cut_off_removes_most_unrelated_results(corpus, pairs):
             f"labelled queries {per_labelled:.3f}, every image {per_query:.3f}"
         )
     before, after = figures["near_dups.tsv", False], figures["near_dups.tsv", True]
-    assert before[1] > 3.0 and after[1] <= 0.3  # every image queried: 3.18 -> 0.22
+    assert before[1] > 3.0 and after[1] <= 0.3  # every image queried: 3.18 -> 0.25
     assert after[0] <= before[0] / 2  # labelled queries: 0.86 -> 0.29
     # What is left, bar one pair of pictures (a flag and a grey gradient in bands), are copies
     # of the same picture that near_dups.tsv does not pair.
@@ -238,11 +243,12 @@ def test_dhash_confirmation_leaves_only_copies_near_dups_tsv_misses(corpus, pair
     plain = figures["near_dups.tsv", None]
     confirmed_ = figures["near_dups.tsv", DEFAULT_CONFIRM_DISTANCE]
     # The flag against the banded grey gradient (pHash 3 bits, dHash 64) goes: 0.29 -> 0.25 on
-    # the labelled queries, 0.21 -> 0.17 on every image. Not the 0.1 wanted on the labels as
-    # they are: the 36 results left are all SEEN_SAME_PICTURE copies (frames of one sprite,
-    # one checkerboard, hopper as an icon), within 0-8 bits on every hash.
+    # the labelled queries, 0.25 -> 0.21 on every image. Not the 0.1 wanted on the labels as
+    # they are: the results left are all SEEN_SAME_PICTURE copies (frames of one sprite, one
+    # checkerboard, hopper as an icon, four dark copies of one VP8 frame), within 0-8 bits on
+    # every hash.
     assert confirmed_[0] < plain[0] and confirmed_[0] <= 0.26
-    assert confirmed_[1] < plain[1] and confirmed_[1] <= 0.18
+    assert confirmed_[1] < plain[1] and confirmed_[1] <= 0.22
     assert figures["+ seen same picture", DEFAULT_CONFIRM_DISTANCE] == (0.0, 0.0)
 
 
@@ -280,6 +286,24 @@ def test_the_cut_off_keeps_camera_photos_and_drops_flat_images(corpus):
     assert len(camera) == 77 and below / len(camera) <= 0.05
     assert len(flat) >= 30 and all(corpus[p].quality < DEFAULT_MIN_QUALITY for p in flat)
     assert sorted(camera)[len(camera) // 20 + 1] >= DEFAULT_MIN_QUALITY + 10  # room below 5%
+
+
+def test_the_cut_off_keeps_smooth_photographs_and_drops_generated_flat_images(corpus_dir):
+    """The listed photographs and their blurred, low-contrast, dark and hazy versions are kept
+    (at most 1% below the cut); every generated flat image (one colour, gradients, vignettes,
+    near-blank scans) falls below it."""
+    photos = {name: fingerprint(data).quality for name, data in photographs(corpus_dir)}
+    flat = {name: fingerprint(data).quality for name, data in flat_images()}
+    hidden = sorted((q, name) for name, q in photos.items() if q < DEFAULT_MIN_QUALITY)
+    shown = sorted((q, name) for name, q in flat.items() if q >= DEFAULT_MIN_QUALITY)
+    print(f"\nphotographs below {DEFAULT_MIN_QUALITY}: {len(hidden)} of {len(photos)} {hidden}")
+    print(f"flat images at or above it: {len(shown)} of {len(flat)} {shown}; ", end="")
+    print(f"lowest photographs {sorted(photos.values())[:5]}, ", end="")
+    print(f"highest flat images {sorted(flat.values())[-5:]}")
+    assert len(photo_paths()) >= 70 and len(photos) == 5 * len(photo_paths()) >= 200
+    assert None not in photos.values() and None not in flat.values()
+    assert len(hidden) <= len(photos) // 100, hidden
+    assert shown == [] and len(flat) >= 40
 
 
 PHOTOS = (

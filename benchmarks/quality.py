@@ -3,9 +3,14 @@
 Run by hand from the project root (never in CI; about a minute at the default size)::
 
     uv run python benchmarks/quality.py [--corpus ../shared/corpus] [--photos 12] [--max-side 1024]
+    uv run python benchmarks/quality.py --photo-set [--photos 77]   # about 6 minutes
 
 Takes ``--photos`` camera JPEGs from the corpus (EXIF make, decodable, quality at or above the
-cut-off), makes edited copies of each in a temporary folder (re-encode at quality 50 and 20,
+cut-off), or with ``--photo-set`` the photographs of ``asset_library_tests/data/photos.txt``
+(all by default) each with its blurred, low-contrast, dark and hazy versions
+(``asset_library_tests/photo_set.py``, indexed beside the corpus, whatever their quality, each
+version related to the others of its picture), and first prints the share of those below the
+cut-off. It makes edited copies of each in a temporary folder (re-encode at quality 50 and 20,
 resize to 50% and 25%, crop 10% of each side, rotate 90 degrees, mirror, rotate 5 degrees,
 brighter, more contrast, blur, a watermark box, greyscale, padding), and queries every copy
 against the whole corpus (all accepted files: the originals and everything else as distractors)
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -44,6 +50,9 @@ from asset_library.thresholds import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from asset_library_tests.photo_set import photographs  # noqa: E402
+
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus"
 
 Edit = Callable[[Image.Image], Image.Image]
@@ -98,7 +107,8 @@ def _imagehash_phash(data: bytes) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    parser.add_argument("--photos", type=int, default=12)
+    parser.add_argument("--photos", type=int, help="pictures queried (default 12, or all listed)")
+    parser.add_argument("--photo-set", action="store_true", help="the listed photographs")
     parser.add_argument("--max-side", type=int, default=1024, help="edited copies' longest side")
     parser.add_argument("--confirm", type=int, default=DEFAULT_CONFIRM_DISTANCE, help="dHash bits")
     args = parser.parse_args(argv)
@@ -120,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p, fp in fps.items():
         first_path.setdefault(fp.md5, p)
     quality = np.array([fps[first_path[m]].quality for m in md5s])
-    ours = HammingIndex(hashes=np.array([int(fps[first_path[m]].phash, 16) for m in md5s], "u8"))
+    phashes = [int(fps[first_path[m]].phash, 16) for m in md5s]
     dhashes = np.array([int(fps[first_path[m]].dhash, 16) for m in md5s], dtype=np.uint64)
     theirs_hashes = [_imagehash_phash((corpus / first_path[m]).read_bytes()) for m in md5s]
     theirs = np.array([h if h is not None else 0 for h in theirs_hashes], dtype=np.uint64)
@@ -131,11 +141,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 families[row[fps[p].md5]].add(r["family"])
     print(f"corpus: {len(md5s)} images indexed in {time.perf_counter() - started:.1f} s")
 
-    photos = [
-        p
-        for p, fp in sorted(fps.items())
-        if fp.format == "jpeg" and fp.camera_make and fp.quality >= DEFAULT_MIN_QUALITY
-    ][: args.photos]
+    photos: list[tuple[int, bytes]] = []  # (row of the original, its bytes)
+    if args.photo_set:
+        versions = list(photographs(corpus))[: 5 * args.photos if args.photos else None]
+        derived = [fingerprint(data) for _, data in versions]
+        hidden = sum(fp.quality < DEFAULT_MIN_QUALITY for fp in derived)
+        print(f"photo set: {hidden} of {len(derived)} below the cut-off {DEFAULT_MIN_QUALITY}")
+        for (name, data), fp in zip(versions, derived, strict=True):
+            if fp.md5 not in row:
+                row[fp.md5] = len(md5s)
+                md5s.append(fp.md5)
+                phashes.append(int(fp.phash, 16))
+                quality = np.append(quality, fp.quality)
+                dhashes = np.append(dhashes, np.uint64(int(fp.dhash, 16)))
+                theirs = np.append(theirs, np.uint64(_imagehash_phash(data) or 0))
+            if " (" not in name:  # the file as stored: its versions share its families
+                picture = families[row[fp.md5]] | {"photo:" + name}
+            families[row[fp.md5]] |= picture
+            photos.append((row[fp.md5], data))
+    else:
+        photos = [
+            (row[fp.md5], (corpus / p).read_bytes())
+            for p, fp in sorted(fps.items())
+            if fp.format == "jpeg" and fp.camera_make and fp.quality >= DEFAULT_MIN_QUALITY
+        ][: args.photos or 12]
+    ours = HammingIndex(hashes=np.array(phashes, "u8"))
     kinds = ("ih", "ours", "dih", "ours_c", "dih_c")
     results: dict[str, dict[str, list[int]]] = {
         e: {"dhash": [], **{key: [] for kind in kinds for key in (kind, "u_" + kind)}}
@@ -144,9 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plain_ms: list[float] = []
     extra_ms: list[float] = []
     with tempfile.TemporaryDirectory(prefix="quality-bench-") as tmp:
-        for photo in photos:
-            original = row[fps[photo].md5]
-            displayed = ImageOps.exif_transpose(Image.open(corpus / photo)).convert("RGB")
+        for original, photo in photos:
+            displayed = ImageOps.exif_transpose(Image.open(io.BytesIO(photo))).convert("RGB")
             displayed.thumbnail((args.max_side, args.max_side))
             for name, (edit, jpeg_quality) in EDITS.items():
                 target = Path(tmp) / f"{len(plain_ms)}-{name.replace(' ', '_')}.jpg"
@@ -190,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 got["ih"].append(original in hits_ih)
                 got["u_ih"].append(_unrelated(hits_ih, original, families))
     print(
-        f"{len(photos)} camera photos, longest side <= {args.max_side}, "
+        f"{len(photos)} {'photographs' if args.photo_set else 'camera photos'}, "
+        f"longest side <= {args.max_side}, "
         f"threshold {DEFAULT_PHASH_THRESHOLD}, cut-off {DEFAULT_MIN_QUALITY}\n"
     )
     print(
