@@ -39,7 +39,7 @@ def test_an_atomic_write_syncs_the_file_before_its_rename_and_the_folder_after(t
         tmp_path,
     )
     synced = _first(calls, r"fsync\(\d+<[^>]*/\.library\.json\.[0-9a-f]+\.tmp>")
-    renamed = _first(calls, r"^\d+ rename\w*\(.*\.library\.json\.[0-9a-f]+\.tmp.*library\.json")
+    renamed = _first(calls, r"^\d+\s+rename\w*\(.*\.library\.json\.[0-9a-f]+\.tmp.*library\.json")
     folder = _first(calls, rf"fsync\(\d+<{re.escape(str(target.parent))}>\)")
     assert synced < renamed < folder
     assert target.read_text() == "{}"
@@ -55,7 +55,7 @@ def test_a_folder_renamed_into_place_has_every_file_synced_first(tmp_path):
         f"rename_durably(Path({str(staging)!r}), Path({str(final)!r}), os.rename)",
         tmp_path,
     )
-    renamed = _first(calls, r"^\d+ rename\w*\(.*\.staging")
+    renamed = _first(calls, r"^\d+\s+rename\w*\(.*\.staging")
     for name in ("plan.json", "s0.parquet"):
         assert _first(calls, rf"fsync\(\d+<[^>]*/{re.escape(name)}>") < renamed
     assert renamed < _first(calls, rf"fsync\(\d+<{re.escape(str(tmp_path))}>\)")
