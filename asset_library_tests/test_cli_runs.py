@@ -22,7 +22,8 @@ from asset_library.library import Library
 from asset_library.terminal_runs import open_instance
 
 PROJECT = Path(__file__).resolve().parents[1]
-#: libtiff writes to fd 2 on this file ("_tiffReadProc: Invalid Read at loc 3309, eof: 2529.").
+#: libtiff complains about this file ("_tiffReadProc: Invalid Read at loc 3309, eof: 2529."): its
+#: strip 0 lies past the end of the file.
 BAD_TIFF = "github_python-pillow_Pillow/crash-0c7e0e8e11ce787078f00b5b0ca409a167f070e0.tif"
 #: Large wallpapers (4096x4096 WebP, 3700x2400 PNG): a shard of them takes seconds, not
 #: milliseconds, so a signal lands while it runs.
@@ -51,12 +52,12 @@ def test_libtiff_messages_stay_out_of_the_output_and_in_the_reject(
     code = main(["ingest", str(folder), "--library", str(cli_env), "--workers", "1"])
     out, err = capfd.readouterr()
     assert code == 0, out + err
-    assert "1 ingested" in out and "rejected  1 (corrupt: 1)" in out
+    assert "1 ingested" in out and "rejected  1 (truncated: 1)" in out
     for said in ("_tiffReadProc", "TIFFFillStrip", "TIFFReadDirectory"):
         assert said not in out and said not in err
     rejects = Library(cli_env).query("SELECT source_uri, reason, message FROM rejects")
     assert [(Path(r["source_uri"]).name, r["reason"]) for r in rejects] == [
-        ("crash.tif", "corrupt")
+        ("crash.tif", "truncated")
     ]
     assert rejects[0]["message"] == (
         "tiff cannot be decoded: decoder error -2; the decoder reported: "

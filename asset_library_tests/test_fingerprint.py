@@ -12,7 +12,7 @@ from pathlib import Path
 
 import imagehash
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, TiffImagePlugin
 
 from asset_library.ingest.fingerprint import DEFAULT_MAX_PIXELS, Fingerprint, fingerprint, hamming
 from asset_library.ingest.workers import fingerprint_many
@@ -471,6 +471,52 @@ def _webp_with_bitstream_cut(data: bytes, kept: float) -> bytes:
     return b"RIFF" + (4 + len(chunk)).to_bytes(4, "little") + b"WEBP" + chunk
 
 
+# TIFF field types and their sizes in bytes, for the directory entries a cut TIFF rewrites.
+_TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
+
+
+def _tiff_with_strip_cut(data: bytes, kept: float) -> bytes:
+    """The little-endian TIFF with its middle strip cut, the strips and directory after it moved
+    up, and every offset to them and the cut strip's byte count made to agree."""
+
+    def read(at: int, size: int) -> int:
+        return int.from_bytes(data[at : at + size], "little")
+
+    directory = read(4, 4)
+    entries = {
+        read(entry, 2): entry
+        for entry in range(directory + 2, directory + 2 + 12 * read(directory, 2), 12)
+    }
+
+    def values(tag: int) -> list[tuple[int, int]]:
+        entry = entries[tag]
+        size, count = _TIFF_TYPE_SIZES[read(entry + 2, 2)], read(entry + 4, 4)
+        at = entry + 8 if size * count <= 4 else read(entry + 8, 4)
+        return [(at + size * k, size) for k in range(count)]
+
+    offsets, counts = values(273), values(279)
+    middle = len(offsets) // 2
+    start, length = read(*offsets[middle]), read(*counts[middle])
+    keep = int(length * kept)
+    end, gone = start + length, length - keep
+    out = bytearray(data[: start + keep] + data[end:])
+
+    def moved(value: int) -> int:
+        return value - gone if value >= end else value
+
+    def write(at: int, size: int, value: int) -> None:
+        out[moved(at) : moved(at) + size] = value.to_bytes(size, "little")
+
+    write(4, 4, moved(directory))
+    for entry in entries.values():
+        if _TIFF_TYPE_SIZES[read(entry + 2, 2)] * read(entry + 4, 4) > 4:
+            write(entry + 8, 4, moved(read(entry + 8, 4)))
+    for at, size in offsets:
+        write(at, size, moved(read(at, size)))
+    write(*counts[middle], keep)
+    return bytes(out)
+
+
 @pytest.mark.parametrize("mode", ["fast", "exact"])
 @pytest.mark.parametrize(
     ("fmt", "options", "cut"),
@@ -479,8 +525,21 @@ def _webp_with_bitstream_cut(data: bytes, kept: float) -> bytes:
         ("GIF", {}, _gif_with_lzw_cut),
         ("WEBP", {"quality": 80}, _webp_with_bitstream_cut),
         ("WEBP", {"lossless": True}, _webp_with_bitstream_cut),
+        ("TIFF", {"compression": "jpeg"}, _tiff_with_strip_cut),
+        ("TIFF", {"compression": "tiff_lzw"}, _tiff_with_strip_cut),
+        ("TIFF", {"compression": "tiff_adobe_deflate"}, _tiff_with_strip_cut),
+        ("TIFF", {"compression": "packbits"}, _tiff_with_strip_cut),
     ],
-    ids=["png", "gif", "webp-lossy", "webp-lossless"],
+    ids=[
+        "png",
+        "gif",
+        "webp-lossy",
+        "webp-lossless",
+        "tiff-jpeg",
+        "tiff-lzw",
+        "tiff-deflate",
+        "tiff-packbits",
+    ],
 )
 def test_a_file_cut_mid_stream_with_a_valid_trailer_is_truncated(photo, fmt, options, cut, mode):
     whole = _encoded(photo, fmt, **options)
@@ -489,3 +548,35 @@ def test_a_file_cut_mid_stream_with_a_valid_trailer_is_truncated(photo, fmt, opt
         fp = fingerprint(cut(whole, kept), mode=mode)
         assert (fp.status, fp.reason, fp.format) == ("rejected", "truncated", fmt.lower()), fp
         assert fp.phash is None
+
+
+def test_an_uncompressed_tiff_strip_shorter_than_its_rows_is_truncated(photo, monkeypatch):
+    """libtiff writes the directory after the strips: Pillow would read a cut strip on into the
+    next one and the directory. A single strip is read to the end of its rows, as libtiff does."""
+    monkeypatch.setattr(TiffImagePlugin, "WRITE_LIBTIFF", True)
+    strips = _encoded(photo, "TIFF", compression="raw")
+    monkeypatch.setattr(TiffImagePlugin, "WRITE_LIBTIFF", False)
+    single = _encoded(photo, "TIFF", compression="raw")
+    assert fingerprint(strips).ok and fingerprint(single).ok
+    for kept in (0.4, 0.8):
+        for whole in (strips, single):
+            fp = fingerprint(_tiff_with_strip_cut(whole, kept))
+            assert (fp.status, fp.reason, fp.format, fp.phash) == (
+                "rejected",
+                "truncated",
+                "tiff",
+                None,
+            ), fp
+    entry = single.index((279).to_bytes(2, "little") + (4).to_bytes(2, "little"))
+    counted_short = bytearray(single)  # every byte there, the count alone made smaller
+    counted_short[entry + 8 : entry + 12] = (1000).to_bytes(4, "little")
+    fp = fingerprint(bytes(counted_short))
+    assert fp.ok and fp.phash == fingerprint(single).phash, fp.message
+
+
+def test_libtiff_messages_go_into_the_rejection_not_to_stderr(corpus_dir, capfd):
+    data = (corpus_dir / "github_python-pillow_Pillow/hopper_lzw.tif").read_bytes()
+    fp = fingerprint(_tiff_with_strip_cut(data, 0.5))
+    assert (fp.status, fp.reason) == ("rejected", "truncated")
+    assert "; the decoder reported: LZWDecode: " in fp.message
+    assert capfd.readouterr().err == ""

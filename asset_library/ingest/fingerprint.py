@@ -47,7 +47,9 @@ import ctypes
 import functools
 import hashlib
 import io
+import os
 import re
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -135,6 +137,21 @@ _SCALABLE_JPEG_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC9, 0xCA})
 _PREMATURE_END = re.compile(
     r"premature end|found marker 0x(?!d[0-7])[0-9a-f]{2} instead of RST", re.IGNORECASE
 )
+
+# libtiff's words for a strip or tile whose data stops before its pixels do: the codec ran out of
+# input (LZW, PackBits; deflate's "no progress possible" comes with no text from zlib), or the
+# strip lies past the end of the file. Anything else it says makes the file corrupt.
+_TIFF_CUT = re.compile(
+    r"not enough data|not terminated with EOI|premature end|read error on (strip|tile)"
+    r"|invalid read at loc|ZLib error: \.$",
+    re.IGNORECASE,
+)
+# TIFF tags and Compression values read before a decode.
+_TIFF_COMPRESSION, _TIFF_NONE, _TIFF_JPEG, _TIFF_JPEG_TABLES = 259, 1, 7, 347
+_TIFF_STRIPS = (273, 279)  # StripOffsets, StripByteCounts
+_TIFF_TILES = (324, 325)  # TileOffsets, TileByteCounts
+#: Most libtiff messages kept for one image: a hostile file can make it repeat itself.
+_TIFF_MESSAGES_KEPT = 20
 
 # Worker processes are one per core: OpenCV's own thread pool would oversubscribe them.
 cv2.setNumThreads(1)
@@ -317,6 +334,9 @@ def _decode_grey_with_opencv(data: bytes) -> Image.Image | None:
 
 def _decode(data: bytes, image: Image.Image, *, reduce: bool) -> Image.Image:
     """Decode pixels, every JPEG checked for a premature end of its compressed data."""
+    if image.format == "TIFF":
+        _decode_tiff(data, image)
+        return image
     if image.format not in ("JPEG", "MPO"):
         image.load()
         return image
@@ -371,7 +391,9 @@ def _jpeg_frame_type(data: bytes) -> int | None:
     return None
 
 
-def _strict_jpeg_decode(data: bytes, width: int, height: int, scale: int) -> np.ndarray | None:
+def _strict_jpeg_decode(
+    data: bytes, width: int, height: int, scale: int, *, what: str = "jpeg"
+) -> np.ndarray | None:
     """The greyscale pixels at 1/``scale`` (``height x width x 1``) from a libjpeg-turbo decode
     that stops on its first warning. Raises ``Rejected("truncated")`` when that warning says
     the compressed data ended before the pixels did; None when it stopped for another reason
@@ -390,10 +412,137 @@ def _strict_jpeg_decode(data: bytes, width: int, height: int, scale: int) -> np.
         if _PREMATURE_END.search(str(error)):
             raise Rejected(
                 "truncated",
-                f"jpeg cannot be decoded: {_describe(error)}; its compressed data ends before "
+                f"{what} cannot be decoded: {_describe(error)}; its compressed data ends before "
                 "its pixels do",
             ) from None
         return None
+
+
+def _decode_tiff(data: bytes, image: Image.Image) -> None:
+    """Decode a TIFF's first image, rejected as truncated when a strip or tile ends before its
+    pixels do. libtiff says so in its error messages, collected here instead of written to
+    stderr; Pillow reads an uncompressed strip past its byte count and silences libtiff's
+    warnings (where libjpeg's premature end goes), so those two are checked here."""
+    short = _tiff_raw_chunk_short(image)
+    if short:
+        raise Rejected("truncated", f"tiff cannot be decoded: {short}")
+    said = _libtiff_messages()
+    try:
+        image.load()
+    except Exception as error:
+        message = f"tiff cannot be decoded: {_describe(error)}"
+        if said:
+            message += "; the decoder reported: " + "; ".join(dict.fromkeys(said))[:500]
+        cut = "truncated" in message.lower() or any(_TIFF_CUT.search(text) for text in said)
+        raise Rejected("truncated" if cut else "corrupt", message) from None
+    finally:
+        _tiff_said.messages = None
+    if image.tag_v2.get(_TIFF_COMPRESSION) == _TIFF_JPEG:
+        _check_tiff_jpeg_chunks(data, image)
+
+
+def _tiff_chunks(image: Image.Image) -> tuple[str, list[int], list[int]]:
+    """``("strip" or "tile", offsets, byte counts)`` of the TIFF's current image."""
+    tags = image.tag_v2
+    kind, (offsets, counts) = (
+        ("tile", _TIFF_TILES) if _TIFF_TILES[0] in tags else ("strip", _TIFF_STRIPS)
+    )
+    return kind, list(tags.get(offsets) or ()), list(tags.get(counts) or ())
+
+
+def _tiff_raw_chunk_short(image: Image.Image) -> str | None:
+    """Which uncompressed strip or tile declares fewer bytes than its rows take, if one does.
+
+    Pillow reads such a strip on into whatever follows it (the next strip, the directory), so
+    its pixels would come from bytes that are not its own; libtiff refuses it ("Not enough
+    data for scanline"). A single strip is read to the end of its rows, as libtiff does (it
+    takes a short count there for a bogus one): only a file that ends first is cut, which the
+    decoder reports. Subsampled YCbCr, laid out in blocks, is left to the decoder.
+    """
+    tags = image.tag_v2
+    if tags.get(_TIFF_COMPRESSION, _TIFF_NONE) != _TIFF_NONE or tags.get(262) == 6:
+        return None
+    kind, _, counts = _tiff_chunks(image)
+    if len(counts) < 2:
+        return None
+    width, height = image.size
+    bits = tuple(tags.get(258) or (1,))
+    samples = int(tags.get(277) or 1)
+    separate = tags.get(284) == 2
+    pixel_bits = bits[0] if separate else (sum(bits) if len(bits) == samples else bits[0] * samples)
+    if kind == "tile":
+        chunk_width, rows = int(tags.get(322) or 0), int(tags.get(323) or 0)
+    else:
+        chunk_width, rows = width, min(int(tags.get(278) or height), height) or height
+    per_plane = -(-height // rows) if kind == "strip" and rows else 0
+    row_bytes = (chunk_width * pixel_bits + 7) // 8
+    for index, count in enumerate(counts):
+        chunk_rows = min(rows, height - (index % per_plane) * rows) if per_plane else rows
+        if count < chunk_rows * row_bytes:
+            return (
+                f"its {kind} {index} holds {count:,} bytes of the {chunk_rows * row_bytes:,} "
+                "its pixels take"
+            )
+    return None
+
+
+def _check_tiff_jpeg_chunks(data: bytes, image: Image.Image) -> None:
+    """Each JPEG strip or tile (its tables from the JPEGTables tag) through the strict
+    libjpeg-turbo decode at 1/8 scale, a check only: libtiff fills a cut one with grey."""
+    tables = image.tag_v2.get(_TIFF_JPEG_TABLES)
+    prefix = (
+        tables[:-2] if isinstance(tables, bytes) and tables.endswith(b"\xff\xd9") else b"\xff\xd8"
+    )
+    kind, offsets, counts = _tiff_chunks(image)
+    for index, (offset, count) in enumerate(zip(offsets, counts, strict=False)):
+        chunk = data[offset : offset + count]
+        if chunk[:2] == b"\xff\xd8":
+            _strict_jpeg_decode(prefix + chunk[2:], 0, 0, 8, what=f"tiff {kind} {index}")
+
+
+_tiff_said = threading.local()
+
+
+def _libtiff_messages() -> list[str]:
+    """A fresh list that collects what libtiff says on this thread until the decode ends; it
+    stays empty if the handler cannot be installed, and libtiff writes to stderr as before."""
+    said: list[str] = []
+    _tiff_said.messages = said if _libtiff_error_handler() is not None else None
+    return said
+
+
+_kept_alive: list[Any] = []
+_TIFF_ERROR_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
+
+
+@functools.cache
+def _libtiff_error_handler() -> Any:
+    """Install libtiff's error handler for this process, once: during a TIFF decode its
+    messages go to that decode's list, elsewhere to stderr in libtiff's own form."""
+    libtiff = _loaded_library("libtiff", "TIFFSetErrorHandler")  # linked into PIL._imaging
+    if libtiff is None:
+        return None
+    libc = ctypes.CDLL(None)
+    libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+
+    def on_error(module: bytes | None, fmt: bytes, args: int) -> None:
+        text = ctypes.create_string_buffer(512)
+        libc.vsnprintf(text, len(text), fmt, args)
+        line = text.value.decode("utf-8", "replace")
+        if module:
+            line = f"{module.decode('utf-8', 'replace')}: {line}"
+        said = getattr(_tiff_said, "messages", None)
+        if said is None:
+            os.write(2, f"{line}.\n".encode())
+        elif len(said) < _TIFF_MESSAGES_KEPT:
+            said.append(f"{line}.")
+
+    handler = _TIFF_ERROR_HANDLER(on_error)
+    _kept_alive.append(handler)  # libtiff calls it for as long as the process runs
+    libtiff.TIFFSetErrorHandler.argtypes = [_TIFF_ERROR_HANDLER]
+    libtiff.TIFFSetErrorHandler.restype = ctypes.c_void_p
+    libtiff.TIFFSetErrorHandler(handler)
+    return handler
 
 
 def hashes_of_grey(grey: Image.Image) -> dict[str, Any]:
@@ -554,27 +703,36 @@ def _libwebp() -> ctypes.CDLL | None:
     """The libwebp Pillow's WebP module loaded (the wheel's own copy, or the system's)."""
     from PIL import _webp  # noqa: F401  (loads libwebp into this process)
 
+    libwebp = _loaded_library("libwebp", "WebPIAppend")
+    if libwebp is not None:
+        libwebp.WebPINewRGB.restype = ctypes.c_void_p
+        libwebp.WebPINewRGB.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+        ]
+        libwebp.WebPIAppend.restype = ctypes.c_int
+        libwebp.WebPIAppend.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+        libwebp.WebPIDelete.argtypes = [ctypes.c_void_p]
+    return libwebp
+
+
+def _loaded_library(name: str, symbol: str) -> ctypes.CDLL | None:
+    """The copy of library ``name`` (``libwebp``, ``libtiff``) this process has loaded that
+    exports ``symbol``: the one Pillow's modules use, whether the wheel's own or the system's."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/libwebp" in line}
+            paths = {line.split()[-1] for line in maps if f"/{name}" in line}
     except OSError:
         return None
     for path in sorted(paths):
-        if "libwebp-" not in path.rsplit("/", 1)[-1] and "libwebp.so" not in path:
+        file = path.rsplit("/", 1)[-1]
+        if not (file.startswith(f"{name}-") or file.startswith(f"{name}.so")):
             continue
-        libwebp = ctypes.CDLL(path)
-        if hasattr(libwebp, "WebPIAppend"):
-            libwebp.WebPINewRGB.restype = ctypes.c_void_p
-            libwebp.WebPINewRGB.argtypes = [
-                ctypes.c_int,
-                ctypes.c_void_p,
-                ctypes.c_size_t,
-                ctypes.c_int,
-            ]
-            libwebp.WebPIAppend.restype = ctypes.c_int
-            libwebp.WebPIAppend.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-            libwebp.WebPIDelete.argtypes = [ctypes.c_void_p]
-            return libwebp
+        library = ctypes.CDLL(path)
+        if hasattr(library, symbol):
+            return library
     return None
 
 
