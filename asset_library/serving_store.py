@@ -294,7 +294,7 @@ def sync(lake: Lake, path: Path, *, rebuild: bool = False) -> SyncResult:
     )
     target = _Target(
         images=images.version(),
-        occurrences=int(images.transaction_version(IMAGES_APP) or -1),
+        occurrences=_merged_version(images),
         attributes=attributes.version(),
         lake_id=images.metadata().id,
     )
@@ -307,6 +307,12 @@ def sync(lake: Lake, path: Path, *, rebuild: bool = False) -> SyncResult:
         result.reason = f"damaged: {error}"
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _merged_version(images: DeltaTable) -> int:
+    """The occurrences version ``images`` (as loaded) has merged up to; -1 before any merge."""
+    version = images.transaction_version(IMAGES_APP)
+    return -1 if version is None else int(version)
 
 
 @dataclass(frozen=True)
@@ -335,9 +341,8 @@ def _sync(
                 result = _rebuild(lake, connection, target)
                 result.reason = reason
             else:
-                result = _apply_changes(
-                    lake, connection, images, occurrences, attributes, meta, target
-                )
+                tables = (images, occurrences, attributes)
+                result = _apply_changes(lake, connection, tables, meta, target)
             connection.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [
@@ -416,7 +421,7 @@ def _record_json(row: dict[str, Any]) -> str:
 def _apply_images(connection: sqlite3.Connection, changes: pa.Table) -> int:
     """The last change of each md5: its row written, or removed."""
     last: dict[str, dict[str, Any]] = {}
-    for row in changes.sort_by([("_commit_version", "ascending")]).to_pylist():
+    for row in sorted(changes.to_pylist(), key=lambda r: r["_commit_version"]):
         if row["_change_type"] in ("insert", "update_postimage", "delete"):
             last[row["md5"]] = row
     connection.executemany(
