@@ -65,15 +65,15 @@ def test_the_service_answers_from_the_store_and_pages_sources(corpus_library, tm
     md5 = _every_md5(library)[3]
     with LiveServer(create_app(settings)) as client:
         reply = client.get(f"/images/{md5}")
-        assert reply.status_code == 200
+        assert reply.status == 200
         body = reply.json()
         assert body["answered_by"] == "store"
         assert body["md5"] == md5 and body["sources_count"] == body["occurrences"]
         assert body["sources"] == library.lake_record(md5)["sources"]
         page = client.get(f"/images/{md5}/sources?limit=1").json()
         assert page["sources"] == body["sources"][:1] and page["sources_count"] >= 1
-        assert client.get(f"/images/{md5}/sources?limit=1001").status_code == 422
-        assert client.get(f"/images/{'0' * 32}/sources").status_code == 404
+        assert client.get(f"/images/{md5}/sources?limit=1001").status == 422
+        assert client.get(f"/images/{'0' * 32}/sources").status == 404
 
 
 def _copy(root: Path, to: Path) -> Path:
