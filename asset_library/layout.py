@@ -211,6 +211,11 @@ class LibraryLayout:
         return self.root / "image_keys"
 
     @property
+    def serving_store_path(self) -> Path:
+        """The serving store (SQLite) of a folder library: rebuilt from the lake on demand."""
+        return self.root / "serving" / "store.sqlite"
+
+    @property
     def triggers_dir(self) -> Path:
         return self.root / "triggers"
 

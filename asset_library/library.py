@@ -8,6 +8,7 @@ tables, so for a moment ``occurrences`` may hold rows that ``images`` does not c
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,10 +21,17 @@ from asset_library.ingest.dihedral import query_fingerprint
 from asset_library.ingest.fingerprint import fingerprint, hamming
 from asset_library.lake import Catalog, Lake
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
-from asset_library.lake.tables import IMAGES_SCHEMA, ORIGINS
+from asset_library.lake.tables import IMAGES_SCHEMA
 from asset_library.layout import LibraryLayout, default_library_path
 from asset_library.search.codec import hex_to_int
 from asset_library.search.quality import CONFIRMING_HASH, informative
+from asset_library.serving_store import (
+    MAX_SOURCES_PAGE,
+    RECORD_SOURCES,
+    StoreReader,
+    StoreUnavailable,
+    attributes_by_origin,
+)
 from asset_library.similarity import HASH_KINDS, SimilarityIndex
 from asset_library.sql_guard import check_read_only_query
 from asset_library.storage import ObjectStore, open_store, read_image
@@ -36,6 +44,7 @@ from asset_library.thresholds import (
 if TYPE_CHECKING:  # pandas is imported by ``frame`` alone: the CLI starts without it
     import pandas as pd
 
+log = logging.getLogger(__name__)
 IMAGE_COLUMNS = IMAGES_SCHEMA.names
 #: How a query may be turned before it is searched: as it is, or all 8 rotations and flips.
 TRANSFORMS = ("none", "dihedral")
@@ -58,6 +67,8 @@ class Library:
         self._index: SimilarityIndex | None = None
         self._catalog: Catalog | None = None
         self._index_stamp: int | None = None
+        self._reader: StoreReader | None = None
+        self._fallback: str | None = None
 
     @property
     def path(self) -> Path:
@@ -111,13 +122,44 @@ class Library:
             return pd.DataFrame() if result.description is None else result.df()
 
     def lookup(self, md5: str) -> dict[str, Any] | None:
-        """The image with this key, with its attributes and every source it was ingested from;
+        """The image with this key, with its attributes, its first sources and their count;
         ``None`` if the library does not have it.
 
         ``attributes`` holds the values by where they came from: ``derived`` (worked out from
         the image's bytes: EXIF, size) and ``manifest`` (given by a manifest's columns), each
         attribute name to its value, or to the list of its values when it has several. A
-        manifest column named like a derived attribute stays under ``manifest``."""
+        manifest column named like a derived attribute stays under ``manifest``.
+        ``sources`` holds the first :data:`RECORD_SOURCES` (by ingest time), ``sources_count``
+        all of them (:meth:`sources` pages through them). ``answered_by`` says what answered:
+        ``store`` (the serving store, level with the lake) or ``lake`` (the store is absent,
+        damaged or behind: logged)."""
+        md5 = check_md5(md5)
+        try:
+            record = self.store_record(md5)
+        except StoreUnavailable as why:
+            self._fell_back(str(why))
+            record = self.lake_record(md5)
+            answered_by = "lake"
+        else:
+            answered_by = "store"
+        return None if record is None else {**record, "answered_by": answered_by}
+
+    def store_record(self, md5: str) -> dict[str, Any] | None:
+        """The image's record from the serving store; :class:`StoreUnavailable` if it cannot
+        answer (absent, damaged, behind the lake)."""
+        if self._reader is None:
+            self._reader = StoreReader(self.layout.serving_store_path, self.lake)
+        return self._reader.record(md5)
+
+    def _fell_back(self, why: str) -> None:
+        """Log the first fallback to the lake, and each new reason, not every lookup."""
+        if why != self._fallback:
+            log.warning("lookups read the lake: %s", why)
+            self._fallback = why
+
+    def lake_record(self, md5: str) -> dict[str, Any] | None:
+        """The image's record read from the lake (its bucket of images, occurrences and
+        attributes): what the serving store must answer."""
         md5 = check_md5(md5)
         # Straight from the key's bucket: pyarrow opens only that bucket's files.
         bucket = int(bucket_of(md5, self.lake.n_buckets))
@@ -131,26 +173,57 @@ class Library:
             image[f"{kind}_int"] = int(row[kind], 16) if row[kind] else None
         image = {name: image[name] for name in IMAGE_VIEW_COLUMNS}
         cube = catalog.rows_of("attributes", bucket, md5).to_pylist()
-        attributes = sorted(
-            {(r["attribute"], r["value"], r["value_type"], r["origin"]) for r in cube}
+        sources = self._lake_sources(catalog, bucket, md5)
+        # Counted from the occurrences read here (what the images view shows once merged).
+        image["occurrences"] = len(sources)
+        image["attributes"] = attributes_by_origin(
+            (r["attribute"], r["value"], r["value_type"], r["origin"]) for r in cube
         )
+        image["sources"] = sources[:RECORD_SOURCES]
+        image["sources_count"] = len(sources)
+        return image
+
+    def _lake_sources(self, catalog: Catalog, bucket: int, md5: str) -> list[str]:
         occurrences = sorted(
             catalog.rows_of("occurrences", bucket, md5).to_pylist(),
             key=lambda r: (r["ingested_at"], r["shard"], r["ordinal"]),
         )
-        sources = [(r["source_uri"],) for r in occurrences]
-        # Counted from the occurrences read here (what the images view shows once merged).
-        image["occurrences"] = len(occurrences)
-        values: dict[str, dict[str, list[Any]]] = {origin: {} for origin in ORIGINS}
-        for name, value, kind, origin in attributes:
-            values[origin].setdefault(name, []).append(_typed_value(value, kind))
-        # One value as itself; several (a multi-valued attribute) as the list of all of them.
-        image["attributes"] = {
-            origin: {name: found[0] if len(found) == 1 else found for name, found in named.items()}
-            for origin, named in values.items()
+        return [r["source_uri"] for r in occurrences]
+
+    def sources(self, md5: str, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        """A page of the image's sources in ingest order: ``sources`` (at most ``limit``, up
+        to :data:`MAX_SOURCES_PAGE`, from ``offset``), ``sources_count``, ``limit``,
+        ``offset`` and ``answered_by``. :class:`ImageNotFoundError` if it has none."""
+        md5 = check_md5(md5)
+        if not 1 <= limit <= MAX_SOURCES_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_SOURCES_PAGE}, not {limit}")
+        if offset < 0:
+            raise ValueError(f"offset must be 0 or more, not {offset}")
+        try:
+            if self._reader is None:
+                self._reader = StoreReader(self.layout.serving_store_path, self.lake)
+            found = self._reader.sources(md5, limit, offset)
+            answered_by = "store"
+        except StoreUnavailable:  # past the kept sources: the lake has them all
+            catalog = self._level("images", "occurrences")
+            bucket = int(bucket_of(md5, self.lake.n_buckets))
+            if catalog.rows_of("images", bucket, md5).num_rows == 0:
+                found = None
+            else:
+                every = self._lake_sources(catalog, bucket, md5)
+                found = every[offset : offset + limit], len(every)
+            answered_by = "lake"
+        if found is None:
+            raise ImageNotFoundError(md5)
+        page, count = found
+        return {
+            "md5": md5,
+            "sources_count": count,
+            "limit": limit,
+            "offset": offset,
+            "sources": page,
+            "answered_by": answered_by,
         }
-        image["sources"] = [uri for (uri,) in sources]
-        return image
 
     def similar(
         self,
@@ -297,16 +370,3 @@ class Library:
             }, fp.quality
         variants = {t: (hex_to_int(phashes[t]), hex_to_int(dhashes[t])) for t in phashes}
         return variants, fp.quality
-
-
-def _typed_value(value: str, value_type: str) -> Any:
-    try:
-        if value_type == "integer":
-            return int(value)
-        if value_type == "double":
-            return float(value)
-        if value_type == "boolean":
-            return value == "true"
-    except ValueError:
-        return value
-    return value

@@ -30,6 +30,7 @@ from asset_library.lake import Lake, compact, merge_images, write_shard  # noqa:
 from asset_library.lake.tables import lake_files  # noqa: E402
 from asset_library.layout import LibraryLayout  # noqa: E402
 from asset_library.library import Library  # noqa: E402
+from asset_library.serving_store import sync  # noqa: E402
 from asset_library.similarity import SimilarityIndex  # noqa: E402
 from asset_library_tests.synthetic import random_md5s, write_keys  # noqa: E402
 
@@ -66,6 +67,7 @@ def _shard(
     merged, merge_s = _timed(lambda: merge_images(lake))
     synced, index_s = _timed(lambda: SimilarityIndex(layout).sync(lake))
     _, compact_s = _timed(lambda: compact(lake))
+    stored, store_s = _timed(lambda: sync(lake, layout.serving_store_path))
     _, checks_s = _timed(
         lambda: (
             hash_coverage(keys_path, IN_MEMORY_DUCKDB),
@@ -116,6 +118,8 @@ def _shard(
         "merge_s": round(merge_s, 2),
         "index_s": round(index_s, 2),
         "compact_s": round(compact_s, 2),
+        "store_sync_s": round(store_s, 2),
+        "store_rebuilt": stored.rebuilt,
         "checks_s": round(checks_s, 2),
         "lookup_cold_ms": _percentiles(cold_times),
         "lookup_warm_ms": _percentiles(warm_times),

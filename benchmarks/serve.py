@@ -11,6 +11,11 @@ with one keep-alive ``http.client`` connection) over the library's md5s in a shu
 ``--seconds``, and prints requests/s with latency p50/p99, with one client and with
 ``--threads``; the baseline, measured in the same run, is the same call on one ``Library`` in
 this process (one thread), and the ratios are against it.
+
+Lookups are also measured against a bare Starlette app (uvicorn, one process, as ``serve``)
+reading the same records from the serving store's SQLite table by md5, started in the same run:
+the service's rate and p99 are printed as ratios to the bare app's. ``--lookups-only`` measures
+lookups alone (a library built by ``benchmarks/scale.py --keep`` has no image bytes).
 """
 
 from __future__ import annotations
@@ -39,6 +44,37 @@ from asset_library.storage import object_key  # noqa: E402
 from asset_library_tests.http_server import multipart  # noqa: E402
 
 
+def bare_app(store: str):  # noqa: ANN201 (Starlette is imported here only)
+    """The baseline: GET /images/{md5} answers the record JSON from SQLite, nothing else."""
+    import sqlite3
+
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    local = threading.local()
+
+    def lookup(request):  # noqa: ANN001, ANN202
+        connection = getattr(local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+            local.connection = connection
+        row = connection.execute(
+            "SELECT record FROM images WHERE md5 = ?", (request.path_params["md5"],)
+        ).fetchone()
+        return Response(row[0], media_type="application/json", status_code=200 if row else 404)
+
+    return Starlette(
+        routes=[Route("/images/{md5}", lookup), Route("/stats", lambda r: Response("{}"))]
+    )
+
+
+def start_bare(store: Path, port: int) -> subprocess.Popen[bytes]:
+    command = [sys.executable, __file__, "--bare-app", str(store), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return wait_ready(process, port)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -50,6 +86,10 @@ def start_server(library: Path, cache: Path, port: int) -> subprocess.Popen[byte
                "--port", str(port), "--cache-dir", str(cache)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "ASSET_LIBRARY_TOKEN"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return wait_ready(process, port)
+
+
+def wait_ready(process: subprocess.Popen[bytes], port: int) -> subprocess.Popen[bytes]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -123,16 +163,29 @@ def main() -> None:
     parser.add_argument("--library", default=os.environ.get("ASSET_LIBRARY_HOME", "library"))
     parser.add_argument("--threads", type=int, default=4, help="concurrent HTTP clients")
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    parser.add_argument("--lookups-only", action="store_true", help="measure lookups alone")
+    parser.add_argument("--bare-app", help=argparse.SUPPRESS)  # run the baseline app: store path
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_app:
+        import uvicorn
+
+        uvicorn.run(bare_app(args.bare_app), host="127.0.0.1", port=args.port, log_level="error")
+        return
     library = Library(args.library)
     rows = library.query("SELECT md5 FROM images")
     random.Random(0).shuffle(rows)
     md5s = [r["md5"] for r in rows]
-    store = library.object_store()
-    uploads = [store.get(object_key(m)) for m in md5s[:64]]
-    bodies = [multipart("image", "query", data) for data in uploads]
+    answered = library.lookup(md5s[0])["answered_by"]
+    if args.lookups_only:
+        uploads, bodies = [], []
+    else:
+        store = library.object_store()
+        uploads = [store.get(object_key(m)) for m in md5s[:64]]
+        bodies = [multipart("image", "query", data) for data in uploads]
     print(f"library {library.path}: {len(md5s)} images; {args.threads} HTTP clients, "
-          f"{args.seconds:g} s per measurement; {os.cpu_count()} cores")  # fmt: skip
+          f"{args.seconds:g} s per measurement; {os.cpu_count()} cores; "
+          f"lookups answered by the {answered}")  # fmt: skip
 
     cases: list[tuple[str, Request, int, Callable[[int], object]]] = [
         ("lookup  GET /images/{md5}",
@@ -146,6 +199,8 @@ def main() -> None:
                     {"Content-Type": bodies[i][1]}), len(bodies),
          lambda i: library.similar(uploads[i], min_quality=None)),
     ]  # fmt: skip
+    if args.lookups_only:
+        cases = cases[:1]
     with tempfile.TemporaryDirectory() as cache:
         port = free_port()
         server = start_server(library.path, Path(cache), port)
@@ -163,10 +218,40 @@ def main() -> None:
                     results[f"{name}, {clients} client(s)"] = (rate / base_rate, p50 / base_p50)
                     print(f"    ratio to in-process: {rate / base_rate:.2f}x the rate, "
                           f"{p50 / base_p50:.2f}x the p50 latency")  # fmt: skip
+            results.update(against_bare(library, md5s, port, args.threads, args.seconds))
             print(json.dumps({k: [round(a, 3), round(b, 3)] for k, (a, b) in results.items()}))
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=30)
+
+
+def against_bare(
+    library: Library, md5s: list[str], port: int, threads: int, seconds: float
+) -> dict[str, tuple[float, float]]:
+    """GET /images/{md5} on the service and on the bare app, side by side: the service's rate
+    and p99 as ratios to the bare app's (targets: >= 0.4x the rate with one client, p99
+    within 3x with ``threads``)."""
+    bare_port = free_port()
+    bare = start_bare(library.layout.serving_store_path, bare_port)
+    results = {}
+    try:
+        request: Request = lambda i: ("GET", f"/images/{md5s[i]}", None, {})  # noqa: E731
+        print("lookup  GET /images/{md5}: the service against a bare Starlette + SQLite app")
+        for clients in sorted({1, threads}):
+            over_http(bare_port, request, len(md5s), clients, 1.0)  # warm up
+            measured = over_http(bare_port, request, len(md5s), clients, seconds)
+            bare_rate, _ = line(f"bare app, {clients} client(s)", measured, seconds)
+            bare_p99 = float(np.percentile(measured, 99))
+            measured = over_http(port, request, len(md5s), clients, seconds)
+            rate, _ = line(f"service, {clients} client(s)", measured, seconds)
+            p99 = float(np.percentile(measured, 99))
+            print(f"    service / bare: {rate / bare_rate:.2f}x the rate, "
+                  f"{p99 / bare_p99:.2f}x the p99")  # fmt: skip
+            results[f"service/bare, {clients} client(s)"] = (rate / bare_rate, p99 / bare_p99)
+    finally:
+        bare.send_signal(signal.SIGINT)
+        bare.wait(timeout=30)
+    return results
 
 
 if __name__ == "__main__":

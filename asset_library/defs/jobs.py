@@ -10,6 +10,7 @@ from asset_library.defs.assets.library import (
     near_duplicate_groups,
     similarity_index,
 )
+from asset_library.defs.assets.serving import serving_store
 
 #: Runs that write library-wide files carry this tag; dagster.yaml lets one run at a time.
 SERIAL_TAG = {"asset_library/serial": "library"}
@@ -29,10 +30,12 @@ ingest_shard_job = dg.define_asset_job(
 
 refresh_library_job = dg.define_asset_job(
     "refresh_library",
-    selection=dg.AssetSelection.assets(images, similarity_index, near_duplicate_groups),
+    selection=dg.AssetSelection.assets(
+        images, similarity_index, near_duplicate_groups, serving_store
+    ),
     tags=SERIAL_TAG,
     description="Merge the shards that landed into images (touched buckets only), then bring "
-    "the similarity index and the near-duplicate groups level with it.",
+    "the similarity index, the near-duplicate groups and the serving store level with it.",
 )
 
 compact_library_job = dg.define_asset_job(

@@ -27,12 +27,13 @@ from starlette.concurrency import run_in_threadpool
 from asset_library.ids import InvalidIdError, check_md5
 from asset_library.lake.catalog import MACRO_HELP, macro_signature
 from asset_library.layout import LibraryLayout
-from asset_library.library import Library
+from asset_library.library import ImageNotFoundError, Library
 from asset_library.serve import reads
 from asset_library.serve.auth import TokenRequired
 from asset_library.serve.settings import ServeSettings
 from asset_library.serve.thumbs import ThumbnailCache, ThumbnailError
 from asset_library.serve.uploads import BodyLimit, DecodePool, PoolBusy, header_pixels
+from asset_library.serving_store import MAX_SOURCES_PAGE
 from asset_library.similarity import IndexNotReady
 from asset_library.storage import (
     DamagedObjectError,
@@ -202,6 +203,27 @@ def image(request: Request, md5: str) -> dict[str, Any]:
     if found is None:
         raise HTTPException(404, f"no image with md5 {key} in the library")
     return found
+
+
+@router.get(
+    "/images/{md5}/sources",
+    summary="A page of the image's sources in ingest order, with their count",
+)
+def image_sources(
+    request: Request,
+    md5: str,
+    limit: Annotated[int, Query(ge=1, le=MAX_SOURCES_PAGE, description="sources per page")] = 100,
+    offset: Offset = 0,
+) -> dict[str, Any]:
+    key = check_md5(md5)
+    try:
+        page = with_library(request, lambda library: library.sources(key, limit, offset))
+    except ImageNotFoundError:
+        raise HTTPException(404, f"no image with md5 {key} in the library") from None
+    following = None
+    if offset + limit < page["sources_count"]:
+        following = str(request.url.include_query_params(offset=offset + limit))
+    return {**page, "next": following}
 
 
 @router.get(

@@ -1,0 +1,75 @@
+"""The serving store: the lake's answers per md5 in SQLite, kept level with ``images`` by the
+``refresh_library`` job, checked against the lake, rebuilt on demand (``rebuild: true``)."""
+
+import dagster as dg
+
+from asset_library.defs.assets.library import GROUP, images
+from asset_library.defs.resources import LibraryResource
+from asset_library.library import Library
+from asset_library.serving_store import check_store, sync
+
+
+class ServingStoreConfig(dg.Config):
+    """``rebuild``: every row again from the lake's current rows, not from its changes."""
+
+    rebuild: bool = False
+    #: How many records the check compares with the lake's.
+    check_sample: int = 100
+
+
+@dg.asset(
+    deps=[images],
+    group_name=GROUP,
+    kinds={"sqlite"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            "serving_store_level",
+            asset="serving_store",
+            description="As many image rows as images; a sample of records equal to the lake's.",
+        )
+    ],
+    description="Per md5 the image's record, attributes by origin, first sources and their "
+    "count, in one SQLite file in the library: what lookups read. Brought level from the "
+    "images, occurrences and attributes commits since its last sync (a cost per shard).",
+)
+def serving_store(library: LibraryResource, config: ServingStoreConfig):
+    lake = library.lake()
+    if lake.is_s3:
+        yield dg.MaterializeResult(metadata={"skipped": "a lake on S3: lookups read the lake"})
+        yield dg.AssetCheckResult(
+            check_name="serving_store_level",
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            description="no serving store for a lake on S3 yet",
+        )
+        return
+    path = library.layout().serving_store_path
+    synced = sync(lake, path, rebuild=config.rebuild)
+    yield dg.MaterializeResult(
+        metadata={
+            "path": str(path),
+            "rebuilt": synced.rebuilt,
+            "reason": synced.reason,
+            "images_version": synced.images_version,
+            "occurrences_version": synced.occurrences_version,
+            "attributes_version": synced.attributes_version,
+            "images_changed": synced.images_changed,
+            "occurrences_changed": synced.occurrences_changed,
+            "attributes_changed": synced.attributes_changed,
+            "sources_refilled": synced.refilled,
+            "seconds": round(synced.seconds, 3),
+            "bytes": path.stat().st_size,
+        }
+    )
+    checked = check_store(Library(library.layout().root), config.check_sample)
+    yield dg.AssetCheckResult(
+        check_name="serving_store_level",
+        passed=checked.passed,
+        description=checked.reason,
+        metadata={
+            "store_rows": checked.store_rows,
+            "images_rows": checked.lake_rows,
+            "sampled": checked.sampled,
+            "differing": ", ".join(checked.differing[:20]),
+        },
+    )

@@ -1,0 +1,693 @@
+"""The serving store: the lake's answers per md5 in one SQLite file, for lookups at online speed.
+
+Per md5 it holds the image's row (the ``images`` view's columns), how many sources it has, its
+first :data:`RECORD_SOURCES` sources (by ingested_at, shard, ordinal) and its attributes by
+origin, each with how many occurrences carry it. The lake stays the truth: the store records
+the Delta versions it is level with (``meta``), and a reader answers only while the store is
+level with ``images``; otherwise the caller reads the lake.
+
+:func:`sync` keeps it level at a cost per shard: the ``images`` change feed gives the image
+rows, the ``occurrences`` feed the counts and first sources, and the ``attributes`` table's
+commits since the last sync (read as a change feed: the rows of the files each commit added
+and removed) the attribute counts. A damaged, unknown or other lake's file is rebuilt from the
+lake's current rows. One write transaction per sync (WAL), so readers see the old state or the
+new, never a mix.
+
+SQLite on a network filesystem corrupts under concurrent use: such a library has no store
+(:func:`network_filesystem`) and answers from the lake.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+
+from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
+from asset_library.lake.tables import IMAGES_APP, ORIGINS, Lake, read_changes, row_count
+
+log = logging.getLogger(__name__)
+
+#: How many sources a record carries (the first, by ingested_at, shard, ordinal); the rest
+#: page through ``Library.sources``. The store keeps exactly these.
+RECORD_SOURCES = 10
+#: The largest page of sources one call returns.
+MAX_SOURCES_PAGE = 1000
+#: The file's layout; a file of another layout is rebuilt.
+STORE_FORMAT = "1"
+#: The record's columns kept as JSON: the ``images`` view's but the count (kept apart).
+RECORD_COLUMNS = [c for c in IMAGE_VIEW_COLUMNS if c != "occurrences"]
+_SOURCE_KEY = ("ingested_at", "shard", "ordinal")
+#: Filesystem types on which SQLite's locks are not to be trusted.
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "ceph"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS images (md5 TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counts (md5 TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sources (
+  md5 TEXT, ingested_at TEXT, shard TEXT, ordinal INTEGER, source_uri TEXT NOT NULL,
+  PRIMARY KEY (md5, ingested_at, shard, ordinal)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attributes (
+  md5 TEXT, origin TEXT, attribute TEXT, value TEXT, value_type TEXT, n INTEGER NOT NULL,
+  PRIMARY KEY (md5, origin, attribute, value, value_type)) WITHOUT ROWID;
+"""
+_LAKE_TABLES = ("images", "occurrences", "attributes")
+_TABLES = ("meta", "images", "counts", "sources", "attributes")
+
+
+class StoreUnavailable(Exception):
+    """Why the store cannot answer now (absent, damaged, behind the lake): read the lake."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class StoreReader:
+    """A read-only connection to the store (``mode=ro``), for one thread at a time."""
+
+    path: Path
+    lake: Lake
+    _connection: sqlite3.Connection | None = field(default=None, repr=False)
+
+    def _open(self) -> sqlite3.Connection:
+        if self._connection is None:
+            if not self.path.is_file():
+                raise StoreUnavailable(f"no serving store at {self.path}")
+            if self.lake.is_s3:
+                raise StoreUnavailable("the serving store serves a folder library's lake only")
+            connection = sqlite3.connect(
+                f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False
+            )
+            self._connection = connection
+        return self._connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def level(self) -> sqlite3.Connection:
+        """The connection, if the store is level with the lake's latest ``images`` commit:
+        one primary-key read and one ``stat`` of the next commit's log file."""
+        try:
+            connection = self._open()
+            found = connection.execute(
+                "SELECT value FROM meta WHERE key = 'images_version'"
+            ).fetchone()
+        except sqlite3.Error as error:
+            self.close()
+            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
+        if found is None:
+            raise StoreUnavailable(f"serving store {self.path} records no images version")
+        version = int(found[0])
+        log_dir = Path(self.lake.uri("images")) / "_delta_log"
+        if (log_dir / f"{version + 1:020d}.json").exists():
+            raise StoreUnavailable(
+                f"serving store {self.path} is behind the lake (at images version {version})"
+            )
+        return connection
+
+    def record(self, md5: str) -> dict[str, Any] | None:
+        """The image's record as ``Library.lookup`` gives it, ``None`` if it has none;
+        :class:`StoreUnavailable` if the store cannot say."""
+        connection = self.level()
+        try:
+            row = connection.execute(
+                "SELECT i.record, c.n FROM images i LEFT JOIN counts c ON c.md5 = i.md5 "
+                "WHERE i.md5 = ?",
+                (md5,),
+            ).fetchone()
+            if row is None:
+                return None
+            record = _record_of(row[0])
+            record["occurrences"] = int(row[1] or 0)
+            attributes = connection.execute(
+                "SELECT origin, attribute, value, value_type FROM attributes WHERE md5 = ? "
+                "ORDER BY attribute, value, value_type, origin",
+                (md5,),
+            ).fetchall()
+            sources = self._sources(connection, md5, RECORD_SOURCES, 0)
+        except (sqlite3.Error, ValueError, KeyError) as error:
+            self.close()
+            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
+        record["attributes"] = attributes_by_origin(
+            (name, value, kind, origin) for origin, name, value, kind in attributes
+        )
+        record["sources"] = sources
+        record["sources_count"] = record["occurrences"]
+        return record
+
+    def sources(self, md5: str, limit: int, offset: int) -> tuple[list[str], int] | None:
+        """A page of the image's sources and their count (``None``: no such image), when the
+        store keeps that page; :class:`StoreUnavailable` if it does not."""
+        connection = self.level()
+        try:
+            found = connection.execute(
+                "SELECT c.n FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = ?",
+                (md5,),
+            ).fetchone()
+            if found is None:
+                return None
+            count = int(found[0] or 0)
+            if offset + limit > RECORD_SOURCES and count > RECORD_SOURCES:
+                raise StoreUnavailable(f"the store keeps the first {RECORD_SOURCES} sources only")
+            return self._sources(connection, md5, limit, offset), count
+        except sqlite3.Error as error:
+            self.close()
+            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
+
+    @staticmethod
+    def _sources(connection: sqlite3.Connection, md5: str, limit: int, offset: int) -> list[str]:
+        rows = connection.execute(
+            "SELECT source_uri FROM sources WHERE md5 = ? "
+            "ORDER BY ingested_at, shard, ordinal LIMIT ? OFFSET ?",
+            (md5, limit, offset),
+        ).fetchall()
+        return [uri for (uri,) in rows]
+
+
+def _record_of(text: str) -> dict[str, Any]:
+    values = json.loads(text)
+    record = dict(zip(RECORD_COLUMNS, values, strict=True))
+    if record["ingested_at"] is not None:
+        record["ingested_at"] = datetime.fromisoformat(record["ingested_at"])
+    return record
+
+
+def attributes_by_origin(rows: Iterable[tuple[str, str, str, str]]) -> dict[str, dict[str, Any]]:
+    """``{origin: {name: value}}`` from distinct (name, value, value_type, origin) rows: one
+    value as itself (typed), several (a multi-valued attribute) as the list of them, sorted by
+    their text."""
+    values: dict[str, dict[str, list[Any]]] = {origin: {} for origin in ORIGINS}
+    for name, value, kind, origin in sorted(set(rows)):
+        values[origin].setdefault(name, []).append(typed_value(value, kind))
+    return {
+        origin: {name: found[0] if len(found) == 1 else found for name, found in named.items()}
+        for origin, named in values.items()
+    }
+
+
+def typed_value(value: str, value_type: str) -> Any:
+    """A cube value (text) as the type its ``value_type`` names; as text if it is not one."""
+    try:
+        if value_type == "integer":
+            return int(value)
+        if value_type == "double":
+            return float(value)
+        if value_type == "boolean":
+            return value == "true"
+    except ValueError:
+        return value
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class SyncResult:
+    """What one sync did: rebuilt or not, versions reached, rows changed, seconds."""
+
+    rebuilt: bool
+    reason: str
+    images_version: int
+    occurrences_version: int
+    attributes_version: int
+    images_changed: int = 0
+    occurrences_changed: int = 0
+    attributes_changed: int = 0
+    refilled: int = 0
+    seconds: float = 0.0
+
+
+def network_filesystem(path: Path) -> str | None:
+    """The filesystem type under ``path`` if it is a network one (SQLite must not live
+    there), else ``None``. Read from ``/proc/mounts`` (Linux); elsewhere assumed local."""
+    mounts = Path("/proc/mounts")
+    if not mounts.exists():
+        return None
+    target = str(path.resolve())
+    best, kind = "", ""
+    for line in mounts.read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(
+            best
+        ):
+            best, kind = point, parts[2]
+    return kind if kind in NETWORK_FILESYSTEMS else None
+
+
+@contextmanager
+def _writer(path: Path) -> Iterator[sqlite3.Connection]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("PRAGMA journal_mode = WAL").fetchall()
+        connection.execute("PRAGMA synchronous = NORMAL")
+        connection.executescript(_SCHEMA)
+        yield connection
+    finally:
+        connection.close()
+
+
+def _remove(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _meta(connection: sqlite3.Connection) -> dict[str, str]:
+    return dict(connection.execute("SELECT key, value FROM meta").fetchall())
+
+
+def sync(lake: Lake, path: Path, *, rebuild: bool = False) -> SyncResult:
+    """Bring the store at ``path`` level with the lake: from the changes since the versions it
+    records, or (``rebuild``, or a store that is new, damaged, of another layout or another
+    lake's) from the lake's current rows. One write transaction either way."""
+    started = time.perf_counter()
+    if lake.is_s3:
+        raise ValueError(f"{lake.location}: the serving store serves a folder library's lake")
+    kind = network_filesystem(path.parent)
+    if kind is not None:
+        raise ValueError(f"{path}: SQLite on a network filesystem ({kind}) is not safe")
+    images, occurrences, attributes = (
+        lake.table(t) for t in ("images", "occurrences", "attributes")
+    )
+    target = _Target(
+        images=images.version(),
+        occurrences=_merged_version(images),
+        attributes=attributes.version(),
+        lake_id=images.metadata().id,
+    )
+    try:
+        result = _sync(lake, path, images, occurrences, attributes, target, rebuild)
+    except sqlite3.DatabaseError as error:  # a damaged file: the lake has every answer
+        log.warning("serving store %s damaged (%s): rebuilt from the lake", path, error)
+        _remove(path)
+        result = _sync(lake, path, images, occurrences, attributes, target, True)
+        result.reason = f"damaged: {error}"
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _merged_version(images: DeltaTable) -> int:
+    """The occurrences version ``images`` (as loaded) has merged up to; -1 before any merge."""
+    version = images.transaction_version(IMAGES_APP)
+    return -1 if version is None else int(version)
+
+
+@dataclass(frozen=True)
+class _Target:
+    images: int
+    occurrences: int
+    attributes: int
+    lake_id: str
+
+
+def _sync(
+    lake: Lake,
+    path: Path,
+    images: DeltaTable,
+    occurrences: DeltaTable,
+    attributes: DeltaTable,
+    target: _Target,
+    rebuild: bool,
+) -> SyncResult:
+    with _writer(path) as connection:
+        meta = _meta(connection)
+        reason = _rebuild_reason(meta, target) if not rebuild else "asked"
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            if reason is not None:
+                result = _rebuild(lake, connection, target)
+                result.reason = reason
+            else:
+                tables = (images, occurrences, attributes)
+                result = _apply_changes(lake, connection, tables, meta, target)
+            connection.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [
+                    ("format", STORE_FORMAT),
+                    ("lake_id", target.lake_id),
+                    ("images_version", str(target.images)),
+                    ("occurrences_version", str(target.occurrences)),
+                    ("attributes_version", str(target.attributes)),
+                ],
+            )
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    return result
+
+
+def _rebuild_reason(meta: dict[str, str], target: _Target) -> str | None:
+    """Why the store must be rebuilt rather than brought level by changes (None: it need not)."""
+    if not meta:
+        return "new"
+    if meta.get("format") != STORE_FORMAT:
+        return f"layout {meta.get('format')!r}, not {STORE_FORMAT!r}"
+    if meta.get("lake_id") != target.lake_id:
+        return "another lake's store"
+    for name in ("images", "occurrences", "attributes"):
+        if int(meta.get(f"{name}_version", "-1")) > getattr(target, name):
+            return f"{name} version ahead of the lake's"
+    return None
+
+
+def _apply_changes(
+    lake: Lake,
+    connection: sqlite3.Connection,
+    tables: tuple[DeltaTable, DeltaTable, DeltaTable],
+    meta: dict[str, str],
+    target: _Target,
+) -> SyncResult:
+    """Fold in each table's changes (``images``, ``occurrences``, ``attributes``) since the
+    versions the store records."""
+    images, occurrences, attributes = tables
+    result = SyncResult(False, "changes", target.images, target.occurrences, target.attributes)
+    start = int(meta["images_version"]) + 1
+    if start <= target.images:
+        changes = read_changes(lake, images, start, target.images, IMAGE_VIEW_COLUMNS_STORED)
+        result.images_changed = _apply_images(connection, changes)
+    start = int(meta["occurrences_version"]) + 1
+    if start <= target.occurrences:
+        columns = ["md5", "source_uri", *_SOURCE_KEY, "bucket"]
+        changes = read_changes(lake, occurrences, start, target.occurrences, columns)
+        touched, lost = _apply_occurrences(connection, changes)
+        result.occurrences_changed = touched
+        result.refilled = _refill(lake, connection, lost, target.occurrences)
+    start = int(meta["attributes_version"]) + 1
+    if start <= target.attributes:
+        columns = ["md5", "origin", "attribute", "value", "value_type"]
+        changes = read_changes(lake, attributes, start, target.attributes, columns)
+        result.attributes_changed = _apply_attributes(connection, changes)
+    return result
+
+
+#: The ``images`` table's columns the record is made of (the hash integers are derived).
+IMAGE_VIEW_COLUMNS_STORED = [c for c in RECORD_COLUMNS if not c.endswith("_int")]
+
+
+def _record_json(row: dict[str, Any]) -> str:
+    record = dict(row)
+    for kind in ("phash", "ahash", "dhash"):
+        record[f"{kind}_int"] = int(row[kind], 16) if row[kind] else None
+    if record["ingested_at"] is not None:
+        record["ingested_at"] = record["ingested_at"].isoformat()
+    return json.dumps([record[c] for c in RECORD_COLUMNS], separators=(",", ":"))
+
+
+def _apply_images(connection: sqlite3.Connection, changes: pa.Table) -> int:
+    """The last change of each md5: its row written, or removed."""
+    last: dict[str, dict[str, Any]] = {}
+    for row in sorted(changes.to_pylist(), key=lambda r: r["_commit_version"]):
+        if row["_change_type"] in ("insert", "update_postimage", "delete"):
+            last[row["md5"]] = row
+    connection.executemany(
+        "DELETE FROM images WHERE md5 = ?",
+        [(m,) for m, r in last.items() if r["_change_type"] == "delete"],
+    )
+    connection.executemany(
+        "INSERT OR REPLACE INTO images VALUES (?, ?)",
+        [(m, _record_json(r)) for m, r in last.items() if r["_change_type"] != "delete"],
+    )
+    return len(last)
+
+
+def _source_row(row: dict[str, Any]) -> tuple:
+    """An occurrence as a ``sources`` row: md5, its ordering key, its URI."""
+    return (row["md5"], _stamp(row["ingested_at"]), row["shard"], row["ordinal"], row["source_uri"])
+
+
+def _stamp(value: datetime | None) -> str | None:
+    """An ingest time as text that sorts as the time does (fixed width, UTC)."""
+    return None if value is None else value.isoformat(timespec="microseconds")
+
+
+def _apply_occurrences(connection: sqlite3.Connection, changes: pa.Table) -> tuple[int, list]:
+    """Counts moved by the net change of each occurrence; new ones among the first sources
+    kept, removed ones dropped. Returns the md5s touched and those that lost one (with their
+    bucket): their first sources may need refilling from the lake."""
+    net: dict[tuple, int] = {}
+    buckets: dict[str, int] = {}
+    for row in changes.to_pylist():
+        step = {"insert": 1, "delete": -1}.get(row["_change_type"])
+        if step is None or row["md5"] is None:
+            continue
+        key = (
+            row["md5"],
+            _stamp(row["ingested_at"]),
+            row["shard"],
+            row["ordinal"],
+            row["source_uri"],
+        )
+        net[key] = net.get(key, 0) + step
+        buckets[row["md5"]] = row["bucket"]
+    counts: dict[str, int] = {}
+    lost: set[str] = set()
+    for key, n in net.items():
+        if n == 0:
+            continue
+        counts[key[0]] = counts.get(key[0], 0) + n
+        if n < 0:
+            lost.add(key[0])
+    connection.executemany(
+        "INSERT INTO counts VALUES (?, ?) ON CONFLICT (md5) DO UPDATE SET n = n + excluded.n",
+        list(counts.items()),
+    )
+    connection.execute("DELETE FROM counts WHERE n <= 0")
+    connection.executemany(
+        "DELETE FROM sources WHERE md5 = ? AND ingested_at = ? AND shard = ? AND ordinal = ?",
+        [key[:4] for key, n in net.items() if n < 0],
+    )
+    connection.executemany(
+        "INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?, ?)",
+        [key for key, n in net.items() if n > 0],
+    )
+    connection.executemany(
+        "DELETE FROM sources WHERE md5 = ?1 AND (ingested_at, shard, ordinal) NOT IN ("
+        "SELECT ingested_at, shard, ordinal FROM sources WHERE md5 = ?1 "
+        f"ORDER BY ingested_at, shard, ordinal LIMIT {RECORD_SOURCES})",
+        [(m,) for m in counts],
+    )
+    return len(counts), sorted((m, buckets[m]) for m in lost)
+
+
+def _refill(
+    lake: Lake, connection: sqlite3.Connection, lost: list[tuple[str, int]], version: int
+) -> int:
+    """The first sources of md5s that lost some, read again from their buckets of
+    ``occurrences`` as of ``version`` (a shard replaced or emptied: rare)."""
+    short = [
+        (md5, bucket)
+        for md5, bucket in lost
+        if connection.execute(
+            "SELECT (SELECT count(*) FROM sources WHERE md5 = ?1) < "
+            f"min({RECORD_SOURCES}, coalesce((SELECT n FROM counts WHERE md5 = ?1), 0))",
+            (md5,),
+        ).fetchone()[0]
+    ]
+    if not short:
+        return 0
+    table = DeltaTable(
+        lake.uri("occurrences"), version=version, storage_options=dict(lake.storage_options)
+    )
+    md5s = [m for m, _ in short]
+    wanted = pc.field("bucket").isin(sorted({b for _, b in short})) & pc.field("md5").isin(md5s)
+    rows = table.to_pyarrow_dataset().to_table(
+        filter=wanted, columns=["md5", *_SOURCE_KEY, "source_uri"]
+    )
+    connection.executemany("DELETE FROM sources WHERE md5 = ?", [(m,) for m in md5s])
+    kept: dict[str, list[tuple]] = {}
+    for row in rows.to_pylist():
+        kept.setdefault(row["md5"], []).append(
+            (
+                row["md5"],
+                _stamp(row["ingested_at"]),
+                row["shard"],
+                row["ordinal"],
+                row["source_uri"],
+            )
+        )
+    connection.executemany(
+        "INSERT INTO sources VALUES (?, ?, ?, ?, ?)",
+        [s for found in kept.values() for s in sorted(found)[:RECORD_SOURCES]],
+    )
+    return len(short)
+
+
+def _apply_attributes(connection: sqlite3.Connection, changes: pa.Table) -> int:
+    """Each attribute value's count of carrying occurrences moved by the rows added and
+    removed; a value no occurrence carries any more is dropped."""
+    net: dict[tuple, int] = {}
+    for row in changes.to_pylist():
+        step = {"insert": 1, "delete": -1}.get(row["_change_type"])
+        if step is None:
+            continue
+        key = (row["md5"], row["origin"], row["attribute"], row["value"], row["value_type"])
+        net[key] = net.get(key, 0) + step
+    moved = [(*key, n) for key, n in net.items() if n != 0]
+    connection.executemany(
+        "INSERT INTO attributes VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT DO UPDATE SET n = n + excluded.n",
+        moved,
+    )
+    connection.execute("DELETE FROM attributes WHERE n <= 0")
+    return len(moved)
+
+
+def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> SyncResult:
+    """Every row again from the lake's tables at the target versions, streamed."""
+    for table in _TABLES[1:]:
+        connection.execute(f"DELETE FROM {table}")
+    options = dict(lake.storage_options)
+    tables = {
+        "images": DeltaTable(lake.uri("images"), version=target.images, storage_options=options),
+        "occurrences": DeltaTable(
+            lake.uri("occurrences"), version=target.occurrences, storage_options=options
+        )
+        if target.occurrences >= 0
+        else None,
+        "attributes": DeltaTable(
+            lake.uri("attributes"), version=target.attributes, storage_options=options
+        ),
+    }
+    with duckdb.connect() as db:
+        for name, table in tables.items():
+            if table is None:
+                continue
+            db.register(f"_{name}", table.to_pyarrow_dataset())
+            db.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}")
+        for batch in db.sql(
+            f"SELECT {', '.join(IMAGE_VIEW_COLUMNS_STORED)} FROM images"
+        ).to_arrow_reader(50_000):
+            connection.executemany(
+                "INSERT INTO images VALUES (?, ?)",
+                [(r["md5"], _record_json(r)) for r in batch.to_pylist()],
+            )
+        if tables["occurrences"] is not None:
+            connection.executemany(
+                "INSERT INTO counts VALUES (?, ?)",
+                db.sql(
+                    "SELECT md5, count(*) FROM occurrences WHERE md5 IS NOT NULL GROUP BY md5"
+                ).fetchall(),
+            )
+            first = db.sql(
+                "SELECT md5, ingested_at, shard, ordinal, source_uri FROM ("
+                "SELECT *, row_number() OVER (PARTITION BY md5 ORDER BY ingested_at, shard, "
+                f"ordinal) AS r FROM occurrences WHERE md5 IS NOT NULL) WHERE r <= {RECORD_SOURCES}"
+            ).to_arrow_reader(50_000)
+            for batch in first:
+                connection.executemany(
+                    "INSERT INTO sources VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (
+                            r["md5"],
+                            _stamp(r["ingested_at"]),
+                            r["shard"],
+                            r["ordinal"],
+                            r["source_uri"],
+                        )
+                        for r in batch.to_pylist()
+                    ],
+                )
+        connection.executemany(
+            "INSERT INTO attributes VALUES (?, ?, ?, ?, ?, ?)",
+            db.sql(
+                "SELECT md5, origin, attribute, value, value_type, count(*) FROM attributes "
+                "GROUP BY ALL"
+            ).fetchall(),
+        )
+    images_rows = connection.execute("SELECT count(*) FROM images").fetchone()[0]
+    return SyncResult(
+        True, "", target.images, target.occurrences, target.attributes, images_changed=images_rows
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Checking
+
+
+@dataclass
+class StoreCheck:
+    """The store against the lake: row counts, and the records of a sample of md5s."""
+
+    passed: bool
+    store_rows: int
+    lake_rows: int
+    sampled: int
+    differing: list[str]
+    reason: str
+
+
+def check_store(library: Any, sample: int = 100, seed: int | None = None) -> StoreCheck:
+    """Whether the store of ``library`` (a ``Library``) answers as the lake does: as many
+    image rows as ``images``, and the same record from both for ``sample`` md5s drawn from the
+    store (the first md5 at or after a random one: a cost that does not grow with the
+    library; an md5 the store lacks shows in the row count)."""
+    lake_rows = row_count(library.lake.open("images"))
+    path = library.layout.serving_store_path
+    draw = random.Random(seed)
+    try:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as connection:
+            store_rows = connection.execute("SELECT count(*) FROM images").fetchone()[0]
+            chosen = set()
+            for _ in range(sample if store_rows else 0):
+                start = f"{draw.getrandbits(128):032x}"
+                found = (
+                    connection.execute(
+                        "SELECT md5 FROM images WHERE md5 >= ? ORDER BY md5 LIMIT 1", (start,)
+                    ).fetchone()
+                    or connection.execute("SELECT min(md5) FROM images").fetchone()
+                )
+                chosen.add(found[0])
+    except sqlite3.Error as error:
+        return StoreCheck(False, 0, lake_rows, 0, [], f"store unreadable: {error}")
+    differing = []
+    for md5 in sorted(chosen):
+        try:
+            stored = library.store_record(md5)
+        except StoreUnavailable as why:
+            return StoreCheck(False, store_rows, lake_rows, 0, [], str(why))
+        if stored != library.lake_record(md5):
+            differing.append(md5)
+    reasons = []
+    if store_rows != lake_rows:
+        reasons.append(f"{store_rows} image rows in the store, {lake_rows} in images")
+    if differing:
+        reasons.append(f"{len(differing)} of {len(chosen)} sampled records differ")
+    return StoreCheck(
+        not reasons, store_rows, lake_rows, len(chosen), differing, "; ".join(reasons) or "level"
+    )
+
+
+__all__ = [
+    "MAX_SOURCES_PAGE",
+    "RECORD_SOURCES",
+    "StoreReader",
+    "StoreUnavailable",
+    "check_store",
+    "network_filesystem",
+    "sync",
+]
