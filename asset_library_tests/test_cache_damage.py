@@ -22,8 +22,10 @@ from asset_library.lake import Lake, merge_images
 from asset_library.lake.keyset import MANIFEST, ImageKeys, digests
 from asset_library.layout import LibraryLayout
 from asset_library.orchestrate import ingest_batch
+from asset_library.serve import ServeSettings, create_app
 from asset_library.serve.reads import duplicate_groups
 from asset_library.similarity import GROUPS_FILE, SimilarityIndex
+from asset_library_tests.http_server import LiveServer
 
 #: Images of the first batch, and of the second (new ones and some of the first again).
 FIRST, SECOND, REPEATED = 40, 20, 10
@@ -361,3 +363,37 @@ def test_a_damaged_groups_file_is_computed_again_and_answers_as_before(
     caplog.clear()
     assert _group_answers(library) == before
     assert "near-duplicate groups" not in caplog.text
+
+
+THUMBNAIL_DAMAGE: dict[str, Callable[[Path], Path]] = {
+    "truncated": lambda path: _truncate(path, path.stat().st_size // 2),
+    "garbage": lambda path: path.write_bytes(b"\xff\xd8" + b"\x00\xff" * 500) and path,
+    "zero bytes": lambda path: _truncate(path, 0),
+    "overwritten": _overwrite_middle,
+}
+
+
+@pytest.fixture(scope="module")
+def service(expected: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The HTTP service over ``expected``, its thumbnail cache in a folder of its own."""
+    cache = tmp_path_factory.mktemp("serve-cache")
+    with LiveServer(create_app(ServeSettings(library=expected, cache_dir=cache))) as live:
+        yield live, cache
+
+
+@pytest.mark.parametrize("damage", sorted(THUMBNAIL_DAMAGE))
+def test_a_damaged_thumbnail_is_made_again_never_served(
+    damage: str, service: tuple[LiveServer, Path], expected: Path, caplog
+):
+    live, cache = service
+    md5 = _md5s(expected)[sorted(THUMBNAIL_DAMAGE).index(damage)]
+    fresh = live.get(f"/images/{md5}/thumb")
+    assert fresh.status == 200 and fresh.body[:2] == b"\xff\xd8"
+    (cached,) = cache.rglob(f"{md5}.jpg")
+    assert live.get(f"/images/{md5}/thumb").body == fresh.body  # served from the cache
+    assert "thumbnail" not in caplog.text
+    THUMBNAIL_DAMAGE[damage](cached)
+    again = live.get(f"/images/{md5}/thumb")
+    assert again.status == 200 and again.body == fresh.body
+    assert "thumbnail cache damaged, made again" in caplog.text and str(cached) in caplog.text
+    assert cached.read_bytes() == fresh.body  # made again in the cache
