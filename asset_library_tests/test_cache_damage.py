@@ -257,6 +257,8 @@ INDEX_DAMAGE: dict[str, Callable[[Path], Path]] = {
         (_segment(lib) / "ids.npy").write_bytes(b"\x93NUMPY?" * 9) and _segment(lib) / "ids.npy"
     ),
     "segment meta deleted": lambda lib: _delete(_segment(lib, "ahash") / "meta.json"),
+    "segment hashes overwritten": lambda lib: _overwrite_middle(_segment(lib) / "hashes.npy"),
+    "segment ids overwritten": lambda lib: _overwrite_middle(_segment(lib, "dhash") / "ids.npy"),
     "keys file truncated": lambda lib: _truncate(_keys_file(lib), 90),
 }
 
