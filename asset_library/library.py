@@ -32,7 +32,7 @@ from asset_library.serving_store import (
     StoreUnavailable,
     attributes_by_origin,
 )
-from asset_library.similarity import HASH_KINDS, SimilarityIndex
+from asset_library.similarity import HASH_KINDS, NearDuplicates, SimilarityIndex, loaded_index
 from asset_library.sql_guard import check_read_only_query
 from asset_library.storage import ObjectStore, open_store, read_image
 from asset_library.thresholds import (
@@ -89,7 +89,7 @@ class Library:
     def _level(self, *tables: str) -> Catalog:
         """The catalog with these tables (all if none named) level with their latest commits."""
         if self._catalog is None:
-            self._catalog = Catalog(self.lake, self.layout.index_dir / "near_duplicates.parquet")
+            self._catalog = Catalog(self.lake, NearDuplicates(self.layout, self.lake, self.index))
         elif tables:
             self._catalog.refresh(tables)
         else:
@@ -325,10 +325,8 @@ class Library:
         manifest = self.layout.index_dir / "segments.json"
         stamp = manifest.stat().st_mtime_ns if manifest.exists() else None
         if self._index is None or stamp != self._index_stamp:
-            self._index = SimilarityIndex(self.layout)
+            self._index = loaded_index(self.layout, self.lake)
             self._index_stamp = stamp
-            if self._index.damage is not None:  # answered from memory until the next refresh
-                self._index.rebuild(self.lake)
         return self._index
 
     def _query_hashes(

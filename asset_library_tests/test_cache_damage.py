@@ -11,15 +11,21 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from asset_library import Library
+from asset_library.defs.assets.library import near_duplicate_groups, similarity_index
 from asset_library.defs.checks import images_md5_unique
+from asset_library.defs.resources import LibraryResource
 from asset_library.lake import Lake, merge_images
 from asset_library.lake.keyset import MANIFEST, ImageKeys, digests
 from asset_library.layout import LibraryLayout
 from asset_library.orchestrate import ingest_batch
-from asset_library.similarity import SimilarityIndex
+from asset_library.serve import ServeSettings, create_app
+from asset_library.serve.reads import duplicate_groups
+from asset_library.similarity import GROUPS_FILE, SimilarityIndex
+from asset_library_tests.http_server import LiveServer
 
 #: Images of the first batch, and of the second (new ones and some of the first again).
 FIRST, SECOND, REPEATED = 40, 20, 10
@@ -251,6 +257,8 @@ INDEX_DAMAGE: dict[str, Callable[[Path], Path]] = {
         (_segment(lib) / "ids.npy").write_bytes(b"\x93NUMPY?" * 9) and _segment(lib) / "ids.npy"
     ),
     "segment meta deleted": lambda lib: _delete(_segment(lib, "ahash") / "meta.json"),
+    "segment hashes overwritten": lambda lib: _overwrite_middle(_segment(lib) / "hashes.npy"),
+    "segment ids overwritten": lambda lib: _overwrite_middle(_segment(lib, "dhash") / "ids.npy"),
     "keys file truncated": lambda lib: _truncate(_keys_file(lib), 90),
 }
 
@@ -294,3 +302,100 @@ def test_a_damaged_similarity_index_is_rebuilt_and_answers_as_before(
     caplog.clear()
     assert _answers(library) == before  # saved again, and read as saved
     assert "damaged" not in caplog.text
+
+
+def _groups_file(library: Path) -> Path:
+    return library / "index" / GROUPS_FILE
+
+
+GROUPS_DAMAGE: dict[str, Callable[[Path], Path]] = {
+    "truncated": lambda lib: _truncate(_groups_file(lib), _groups_file(lib).stat().st_size // 2),
+    "garbage": lambda lib: (
+        _groups_file(lib).write_bytes(b"PAR1" + b"\x00\xff" * 300 + b"PAR1") and _groups_file(lib)
+    ),
+    "emptied": lambda lib: _truncate(_groups_file(lib), 0),
+    "md5 overwritten": lambda lib: _overwrite_md5(_groups_file(lib)),
+    "deleted": lambda lib: _delete(_groups_file(lib)),
+}
+
+
+def _overwrite_md5(path: Path) -> Path:
+    """Same size, one md5 of a data page turned into another well-formed md5: only the page's
+    checksum tells."""
+    data = path.read_bytes()
+    md5 = pq.read_table(path)["md5"][0].as_py().encode()
+    at = data.index(md5)  # the pages come before the footer's statistics
+    path.write_bytes(data[:at] + md5[::-1] + data[at + len(md5) :])
+    return path
+
+
+def _group_answers(library: Path) -> tuple[list[list[str]], list[dict]]:
+    """The groups as the library and the service's ``/duplicates`` answer them."""
+    opened = Library(library)
+    return opened.near_duplicate_groups(), duplicate_groups(opened, 100, 0).items
+
+
+def _refresh_groups(library: Path) -> None:
+    """The ``refresh_library`` job's index and groups assets, through Dagster."""
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [similarity_index, near_duplicate_groups],
+            resources={"library": LibraryResource(root=str(library))},
+            instance=instance,
+        )
+    assert result.success
+
+
+@pytest.mark.parametrize("damage", sorted(GROUPS_DAMAGE))
+def test_a_damaged_groups_file_is_computed_again_and_answers_as_before(
+    damage: str, expected: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    library = tmp_path / "library"
+    shutil.copytree(expected, library)
+    before = _group_answers(library)
+    assert before[0] and before[1]  # the library has near-duplicate groups to lose
+    written = _groups_file(library).read_bytes()
+    named = GROUPS_DAMAGE[damage](library)
+    damaged = named.read_bytes() if named.exists() else None
+    assert _group_answers(library) == before
+    assert "near-duplicate groups file" in caplog.text and str(named) in caplog.text
+    assert (named.read_bytes() if named.exists() else None) == damaged  # readers write nothing
+    _refresh_groups(library)
+    assert named.read_bytes() == written  # rewritten by the refresh
+    caplog.clear()
+    assert _group_answers(library) == before
+    assert "near-duplicate groups" not in caplog.text
+
+
+THUMBNAIL_DAMAGE: dict[str, Callable[[Path], Path]] = {
+    "truncated": lambda path: _truncate(path, path.stat().st_size // 2),
+    "garbage": lambda path: path.write_bytes(b"\xff\xd8" + b"\x00\xff" * 500) and path,
+    "zero bytes": lambda path: _truncate(path, 0),
+    "overwritten": _overwrite_middle,
+}
+
+
+@pytest.fixture(scope="module")
+def service(expected: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The HTTP service over ``expected``, its thumbnail cache in a folder of its own."""
+    cache = tmp_path_factory.mktemp("serve-cache")
+    with LiveServer(create_app(ServeSettings(library=expected, cache_dir=cache))) as live:
+        yield live, cache
+
+
+@pytest.mark.parametrize("damage", sorted(THUMBNAIL_DAMAGE))
+def test_a_damaged_thumbnail_is_made_again_never_served(
+    damage: str, service: tuple[LiveServer, Path], expected: Path, caplog
+):
+    live, cache = service
+    md5 = _md5s(expected)[sorted(THUMBNAIL_DAMAGE).index(damage)]
+    fresh = live.get(f"/images/{md5}/thumb")
+    assert fresh.status == 200 and fresh.body[:2] == b"\xff\xd8"
+    (cached,) = cache.rglob(f"{md5}.jpg")
+    assert live.get(f"/images/{md5}/thumb").body == fresh.body  # served from the cache
+    assert "thumbnail" not in caplog.text
+    THUMBNAIL_DAMAGE[damage](cached)
+    again = live.get(f"/images/{md5}/thumb")
+    assert again.status == 200 and again.body == fresh.body
+    assert "thumbnail cache damaged, made again" in caplog.text and str(cached) in caplog.text
+    assert cached.read_bytes() == fresh.body  # made again in the cache

@@ -13,7 +13,8 @@ ones) with neighbours planted at distances 0..12 around the queries, it prints:
 * the same query against brute-force numpy (``np.bitwise_count(db ^ q) <= d``) and DuckDB
   (``bit_count(xor(h, $q)) <= $d`` over a UBIGINT column in an in-memory table loaded from Arrow),
   measured in the same run, since only ratios hold on a shared machine;
-* the index saved, memory-mapped back and queried, and the same rows split into 10 segments;
+* the index saved, memory-mapped back (load time, and the share of it spent checking the
+  arrays' CRC-32) and queried, and the same rows split into 10 segments;
 * every index answer checked against brute force (exact recall, or the run fails);
 * at the pairs size (1M): all pairs within r via ``pairs_within`` against a DuckDB band
   equi-join (r + 1 bands, so a pair within r shares at least one band exactly), same answer.
@@ -28,6 +29,7 @@ import resource
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import duckdb
@@ -165,6 +167,14 @@ def time_brute(db: np.ndarray, qs: np.ndarray, n_q: int) -> dict[int, tuple[floa
     return out
 
 
+def crc_seconds(directory: Path) -> float:
+    """What checking the saved arrays' CRC-32 costs a load (files in the page cache)."""
+    t = time.perf_counter()
+    for path in sorted(directory.rglob("*.npy")):
+        zlib.crc32(np.ascontiguousarray(np.load(path, mmap_mode="r")).view(np.uint8))
+    return time.perf_counter() - t
+
+
 def duckdb_table(db: np.ndarray) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     arrow = pa.table({"id": np.arange(db.size, dtype=np.int64), "h": pa.array(db, pa.uint64())})
@@ -265,11 +275,15 @@ def bench_size(kind: str, n: int, args: argparse.Namespace) -> None:
                 save = time.perf_counter() - t
                 del index
                 gc.collect()
+                t = time.perf_counter()
                 loaded = HammingIndex.load(tmp)
+                load = time.perf_counter() - t
+                crc = crc_seconds(Path(tmp))
                 for d in DISTANCES:
                     check(loaded, qs, ref, d, "loaded")
                 row(
-                    f"  loaded, mmap (save {save:.1f} s)",
+                    f"  loaded, mmap (save {save:.1f} s, load {load:.3f} s of which CRC-32 "
+                    f"{crc:.3f} s)",
                     None,
                     loaded.nbytes() / n,
                     time_index(loaded, qs),

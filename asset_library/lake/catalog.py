@@ -18,14 +18,12 @@ one on any column skips the row groups whose statistics rule it out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pds
-import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from asset_library.lake.scan import LakeDataset, lake_dataset, read_keys
@@ -172,6 +170,17 @@ def macro_signature(name: str) -> str:
 _CUBE_BY_ATTRIBUTE = INDEX_SQL.format(cube="_lake_attributes", occurrences="_lake_occurrences")
 
 
+class GroupsSource(Protocol):
+    """Where the ``near_duplicates`` view's rows come from
+    (:class:`asset_library.similarity.NearDuplicates`)."""
+
+    def stamp(self) -> Hashable:
+        """Changes whenever :meth:`table` would answer otherwise."""
+
+    def table(self) -> pa.Table:
+        """Rows of :data:`NEAR_DUPLICATES_SCHEMA`."""
+
+
 class LakeReadError(ValueError):
     """A data file of the lake could not be read (missing or damaged)."""
 
@@ -179,7 +188,7 @@ class LakeReadError(ValueError):
 class Catalog:
     """One DuckDB connection over the lake; :meth:`refresh` follows new commits."""
 
-    def __init__(self, lake: Lake, near_duplicates: Path | None = None) -> None:
+    def __init__(self, lake: Lake, near_duplicates: GroupsSource | None = None) -> None:
         self.lake = lake
         self.near_duplicates = near_duplicates
         self.connection = duckdb.connect(config={"threads": 2})
@@ -187,7 +196,7 @@ class Catalog:
         self._versions: dict[str, int | None] = {}
         self._datasets: dict[str, LakeDataset] = {}
         self._by_bucket: dict[str, dict[int | None, list[pds.Fragment]]] = {}
-        self._groups_mtime: int | None = -1
+        self._groups_stamp: Hashable = object()  # equal to no stamp: the first refresh reads
         self.refresh()
         bits = lake.n_buckets.bit_length() - 1
         bucket_expr = (
@@ -232,17 +241,13 @@ class Catalog:
         self._refresh_groups()
 
     def _refresh_groups(self) -> None:
-        path = self.near_duplicates
-        mtime = path.stat().st_mtime_ns if path is not None and path.exists() else None
-        if mtime == self._groups_mtime:
+        source = self.near_duplicates
+        stamp = None if source is None else source.stamp()
+        if stamp == self._groups_stamp:
             return
-        groups = (
-            NEAR_DUPLICATES_SCHEMA.empty_table()
-            if mtime is None
-            else pq.read_table(path, schema=NEAR_DUPLICATES_SCHEMA)
-        )
+        groups = NEAR_DUPLICATES_SCHEMA.empty_table() if source is None else source.table()
         self.connection.register("_near_duplicates", groups)
-        self._groups_mtime = mtime
+        self._groups_stamp = stamp
 
     def rows_of(self, table: str, bucket: int, md5: str) -> pa.Table:
         """A key's rows of one table, reading only that bucket's files (pyarrow, no SQL)."""

@@ -15,7 +15,8 @@ A segment holds
 Memory is ``8 (hash) + 8 (id) + 4 * (m - 1) (perm) + 4 * sum(2**w) / N`` bytes per image: about
 26.5 bytes at 10M with 3 bands of 21 bits. With no bands, the segment is scanned.
 
-On disk a segment is a directory of ``.npy`` arrays plus ``meta.json``; ``read`` can
+On disk a segment is a directory of ``.npy`` arrays plus ``meta.json``, which records each
+array's CRC-32 so that ``read`` refuses an array overwritten at its own size; ``read`` can
 memory-map the arrays, so a loaded segment lives in the page cache.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -381,14 +383,22 @@ class Segment:
             "const_value": int_to_hex(self.const_value),
             "bands": [list(b) for b in self.bands],
             "bucket": self.bucket,
+            "crc32": {field: _crc32(getattr(self, field)) for field in _ARRAYS},
         }
         (directory / "meta.json").write_text(json.dumps(meta))
 
     @classmethod
     def read(cls, directory: Path, mmap: bool) -> Segment:
-        """Open a written segment; ``mmap`` maps the arrays read-only instead of loading them."""
+        """Open a written segment; ``mmap`` maps the arrays read-only instead of loading them.
+        Each array's CRC-32 is checked against the one written (segments written before it was
+        recorded have none to check)."""
         meta = json.loads((directory / "meta.json").read_text())
         arrays = {field: _load_npy(directory / f"{field}.npy", mmap) for field in _ARRAYS}
+        for field, written in meta.get("crc32", {}).items():
+            found = _crc32(arrays[field])
+            if found != written:
+                path = directory / f"{field}.npy"
+                raise ValueError(f"{path}: CRC-32 {found:08x}, written {int(written):08x}")
         return cls(
             arrays["ids"],
             arrays["hashes"],
@@ -399,6 +409,11 @@ class Segment:
             arrays["perm"],
             [float(x) for x in meta["bucket"]],
         )
+
+
+def _crc32(array: np.ndarray) -> int:
+    """CRC-32 of an array's bytes (zlib's: about 1 GB/s, read from the page cache)."""
+    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8))
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:

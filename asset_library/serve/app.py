@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -250,18 +250,18 @@ def image_bytes(request: Request, md5: str) -> Response:
 @router.get(
     "/images/{md5}/thumb",
     summary="A JPEG thumbnail (longest side 256 px), made once and cached",
-    response_class=FileResponse,
+    response_class=Response,
 )
 async def image_thumb(request: Request, md5: str) -> Response:
     key = check_md5(md5)
     thumbs: ThumbnailCache = request.app.state.thumbs
     etag = f'"{key}-{thumbs.size}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
-    path = await run_in_threadpool(thumbs.cached, key)
-    if path is None:
+    thumb = await run_in_threadpool(thumbs.cached, key)
+    if thumb is None:
         pixels = await run_in_threadpool(with_library, request, lambda lib: _pixels(lib, key))
 
-        def make(library: Library) -> Path:
+        def make(library: Library) -> bytes:
             store = request.app.state.libraries.object_store(library)
             try:
                 return thumbs.make(key, read_image(store, key))
@@ -269,10 +269,10 @@ async def image_thumb(request: Request, md5: str) -> Response:
                 where = store.uri(object_key(key))
                 raise HTTPException(502, f"no thumbnail of {where}: {error}") from None
 
-        path = await request.app.state.decodes.run(lambda: with_library(request, make), pixels)
+        thumb = await request.app.state.decodes.run(lambda: with_library(request, make), pixels)
     if _etag_matches(request, etag):
         return Response(status_code=304, headers=headers)
-    return FileResponse(path, media_type="image/jpeg", headers=headers)
+    return Response(thumb, media_type="image/jpeg", headers=headers)
 
 
 @router.post("/similar", summary="Images near an uploaded image (field 'image') or ?md5=")

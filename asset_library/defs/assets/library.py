@@ -4,17 +4,14 @@ follows it, the near-duplicate groups, and the full audit (only when asked for).
 ``refresh_sensor`` runs the first three as the ``refresh_library`` job when shards land."""
 
 import dagster as dg
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from asset_library.defs.checks import audit, images_md5_unique
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource
 from asset_library.defs.tags import tag_run
 from asset_library.ids import batch_of
-from asset_library.lake import NEAR_DUPLICATES_SCHEMA, Catalog, merge_images
+from asset_library.lake import Catalog, merge_images
 from asset_library.lake.tables import lake_files, row_count
-from asset_library.layout import atomic_path
-from asset_library.similarity import SimilarityIndex
+from asset_library.similarity import NearDuplicates, SimilarityIndex
 from asset_library.storage import DamageRecord
 from asset_library.thresholds import (
     DEFAULT_CONFIRM_DISTANCE,
@@ -97,24 +94,9 @@ def similarity_index(library: LibraryResource) -> dg.MaterializeResult:
     "neighbour: the catalog's near_duplicates view.",
 )
 def near_duplicate_groups(library: LibraryResource) -> dg.MaterializeResult:
-    layout = library.layout()
-    catalog = Catalog(library.lake())
-    try:  # flat images' hashes are rounding noise: they would join unrelated images
-        flat = [md5 for (md5,) in catalog.execute(
-            "SELECT md5 FROM images WHERE quality < ?", [DEFAULT_MIN_QUALITY]
-        ).fetchall()]  # fmt: skip
-    finally:
-        catalog.close()
-    groups = SimilarityIndex(layout).groups(
-        DEFAULT_PHASH_THRESHOLD, exclude=flat, confirm=DEFAULT_CONFIRM_DISTANCE
-    )
-    rows = {
-        "group_id": [n for n, group in enumerate(groups) for _ in group],
-        "group_size": [len(group) for group in groups for _ in group],
-        "md5": [md5 for group in groups for md5 in group],
-    }
-    with atomic_path(layout.index_dir / "near_duplicates.parquet") as tmp:
-        pq.write_table(pa.table(rows, schema=NEAR_DUPLICATES_SCHEMA), tmp)
+    groups_file = NearDuplicates(library.layout(), library.lake())
+    groups = groups_file.compute()
+    groups_file.write(groups)
     largest = "\n".join(
         f"- group {n}: {len(group)} images, e.g. `{group[0]}`"
         for n, group in enumerate(groups[:10])
@@ -124,9 +106,8 @@ def near_duplicate_groups(library: LibraryResource) -> dg.MaterializeResult:
             "threshold": DEFAULT_PHASH_THRESHOLD,
             "min_quality": DEFAULT_MIN_QUALITY,
             "confirm_dhash_distance": DEFAULT_CONFIRM_DISTANCE,
-            "left_out_low_information": len(flat),
             "groups": len(groups),
-            "images_in_groups": len(rows["md5"]),
+            "images_in_groups": sum(len(group) for group in groups),
             "largest_group": len(groups[0]) if groups else 0,
             "largest_groups": dg.MetadataValue.md(largest or "no near-duplicates"),
         }
