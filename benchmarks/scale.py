@@ -68,7 +68,7 @@ def _shard(
     _, compact_s = _timed(lambda: compact(lake))
     _, checks_s = _timed(
         lambda: (
-            hash_coverage(keys_path, IN_MEMORY_DUCKDB),
+            hash_coverage(keys_path, IN_MEMORY_DUCKDB, shard=shard),
             attribute_keys_in_occurrences(
                 lake,
                 shard,
