@@ -346,8 +346,10 @@ class ForgetfulStore(LocalObjectStore):
     """A store that acknowledges writes it does not keep (a lost disk, a bucket's lifecycle
     rule gone wrong): what ``uploads_present`` is there to catch."""
 
-    def put_if_absent(self, key: str, data: bytes, md5_hex: str) -> PutResult:
-        result = super().put_if_absent(key, data, md5_hex)
+    def put_if_absent(
+        self, key: str, data: bytes, md5_hex: str, *, suspect: bool = False
+    ) -> PutResult:
+        result = super().put_if_absent(key, data, md5_hex, suspect=suspect)
         Path(self.uri(key)).unlink()
         return result
 

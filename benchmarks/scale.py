@@ -70,7 +70,7 @@ def _shard(
     stored, store_s = _timed(lambda: sync(lake, layout.serving_store_path))
     _, checks_s = _timed(
         lambda: (
-            hash_coverage(keys_path, IN_MEMORY_DUCKDB),
+            hash_coverage(keys_path, IN_MEMORY_DUCKDB, shard=shard),
             attribute_keys_in_occurrences(
                 lake,
                 shard,

@@ -33,8 +33,18 @@ UPLOAD_CHECK_SAMPLE = 10_000
 
 
 def _result(
-    check: str, asset: str, passed: bool, description: str, **metadata: object
+    check: str,
+    asset: str,
+    passed: bool,
+    description: str,
+    shard: str | None = None,
+    **metadata: object,
 ) -> dg.AssetCheckResult:
+    """A blocking result; a shard's result names its shard first (description and metadata),
+    since the UI records it without a partition."""
+    if shard is not None:
+        description = f"shard {shard}: {description}"
+        metadata = {"shard": shard, **metadata}
     return dg.AssetCheckResult(
         check_name=check,
         asset_key=asset,
@@ -57,7 +67,7 @@ def _coverage(connection: duckdb.DuckDBPyConnection, source: str) -> tuple[int, 
 
 
 def hash_coverage(
-    keys_path: Path, db: DuckDBResource, *, asset: str = "shard_keys"
+    keys_path: Path, db: DuckDBResource, *, shard: str, asset: str = "shard_keys"
 ) -> dg.AssetCheckResult:
     """Every accepted image of the shard has its three hashes."""
     with db.get_connection() as connection:
@@ -71,6 +81,7 @@ def hash_coverage(
         asset,
         covered == images,
         f"{coverage:.4%} of the shard's images have pHash, aHash and dHash",
+        shard,
         images=images,
         missing_hashes=images - covered,
         coverage=coverage,
@@ -85,6 +96,7 @@ def _check_uploads(
     asset: str,
     content_sample: int,
     suspects: Collection[str] = frozenset(),
+    shard: str | None = None,
 ) -> dg.AssetCheckResult:
     """Each checked object's size must be the image's; the bytes of ``content_sample`` of them
     (and of any whose ETag disagrees, or that a reader found damaged: ``suspects``) are read
@@ -98,6 +110,7 @@ def _check_uploads(
         not problems,
         f"{len(rows) - len(problems):,} of {len(rows):,} checked objects intact ({method})"
         + "".join(f"; {p}" for p in problems[:10]),
+        shard,
         images=total,
         checked=len(rows),
         content_checked=min(len(rows), content_sample),
@@ -114,6 +127,7 @@ def uploads_present(
     store: ObjectStore,
     db: DuckDBResource,
     *,
+    shard: str,
     content_sample: int,
     asset: str = "shard_uploads",
     suspects: Collection[str] = frozenset(),
@@ -132,7 +146,7 @@ def uploads_present(
         sampled = random.sample(rows, UPLOAD_CHECK_SAMPLE)
         rows = sampled + [r for r in rows if r[0] in suspects and r not in sampled]
         method = "random sample"
-    return _check_uploads(store, rows, total, method, asset, content_sample, suspects)
+    return _check_uploads(store, rows, total, method, asset, content_sample, suspects, shard)
 
 
 def attribute_keys_in_occurrences(
@@ -171,6 +185,7 @@ def attribute_keys_in_occurrences(
         "every attribute md5 is among the shard's occurrences"
         if not orphans
         else f"{orphans} attribute keys without an occurrence",
+        shard,
         orphan_keys=orphans,
         examples=examples or "",
     )

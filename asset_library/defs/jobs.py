@@ -2,37 +2,27 @@
 
 import dagster as dg
 
-from asset_library.defs.assets.ingestion import batch_plan, shard
-from asset_library.defs.assets.library import (
-    images,
-    lake_compaction,
-    library_audit,
-    near_duplicate_groups,
-    similarity_index,
-)
-from asset_library.defs.assets.serving import serving_store
+from asset_library.defs.partitions import SHARD_OUTPUTS
 
 #: Runs that write library-wide files carry this tag; dagster.yaml lets one run at a time.
 SERIAL_TAG = {"asset_library/serial": "library"}
 
 plan_batch_job = dg.define_asset_job(
     "plan_batch",
-    selection=[batch_plan],
+    selection=["batch_plan"],
     description="Plan one batch into shards (partition: the batch).",
 )
 
 ingest_shard_job = dg.define_asset_job(
     "ingest_shard",
-    selection=[shard],
+    selection=list(SHARD_OUTPUTS),
     description="Ingest one shard, whole: keys and uploads (checked), then its rows in the "
     "lake's occurrences, rejects and attributes tables (one commit each).",
 )
 
 refresh_library_job = dg.define_asset_job(
     "refresh_library",
-    selection=dg.AssetSelection.assets(
-        images, similarity_index, near_duplicate_groups, serving_store
-    ),
+    selection=["images", "similarity_index", "near_duplicate_groups", "serving_store"],
     tags=SERIAL_TAG,
     description="Merge the shards that landed into images (touched buckets only), then bring "
     "the similarity index, the near-duplicate groups and the serving store level with it.",
@@ -40,14 +30,14 @@ refresh_library_job = dg.define_asset_job(
 
 compact_library_job = dg.define_asset_job(
     "compact_library",
-    selection=[lake_compaction],
+    selection=["lake_compaction"],
     tags=SERIAL_TAG,
     description="Compact every table to about one file per bucket and vacuum replaced files.",
 )
 
 audit_library_job = dg.define_asset_job(
     "audit_library",
-    selection=[library_audit],
+    selection=["library_audit"],
     tags=SERIAL_TAG,
     description="The library-wide checks: md5 unique, hash coverage, uploads present, "
     "attribute keys among images, each occurrence counted once.",

@@ -46,7 +46,7 @@ from asset_library.ingest.access import (
     max_image_bytes_from,
 )
 from asset_library.ingest.plan import DEFAULT_MAX_IMAGES_PER_SHARD
-from asset_library.ingest.sources import read_uri
+from asset_library.ingest.sources import is_s3, read_uri
 from asset_library.lake import Lake
 from asset_library.lake.tables import s3_storage_options
 from asset_library.layout import LibraryLayout
@@ -188,21 +188,60 @@ def s3_resource_from_env(environ: Mapping[str, str]) -> S3Resource:
     )
 
 
+def _home(environ: Mapping[str, str], root: str | None) -> str:
+    return str(Path(root or environ.get("ASSET_LIBRARY_HOME") or "library").expanduser().resolve())
+
+
+def _objects_location(environ: Mapping[str, str], home: str) -> str:
+    """Where image bytes go: the setting, else the store the library recorded, else its
+    ``objects`` folder (read only: loading definitions creates no library)."""
+    layout = LibraryLayout(Path(home))
+    return (
+        environ.get("ASSET_LIBRARY_OBJECTS") or layout.recorded_objects() or str(layout.objects_dir)
+    )
+
+
+def store_kinds(
+    environ: Mapping[str, str] | None = None, *, root: str | None = None
+) -> dict[str, str]:
+    """The asset kind of each store (``objects``, ``lake``) as this environment configures it,
+    read as ``build_resources`` reads it: ``s3`` or ``filesystem``."""
+    environ = os.environ if environ is None else environ
+    home = _home(environ, root)
+    layout = LibraryLayout(Path(home))
+    recorded = layout.settings() if layout.settings_path.exists() else {}
+    locations = {
+        "objects": _objects_location(environ, home),
+        "lake": environ.get("ASSET_LIBRARY_LAKE") or recorded.get("lake") or "",
+    }
+    return {store: "s3" if is_s3(at) else "filesystem" for store, at in locations.items()}
+
+
+def with_store_kinds(assets: dg.AssetsDefinition, stores: Mapping[str, str]) -> dg.AssetsDefinition:
+    """``assets`` with each asset that ``stores`` maps to a store (``objects``, ``lake``) given
+    that store's kind. Kinds are fixed when the definitions load, so they are read from the
+    environment then, as the resources are."""
+    kinds = store_kinds()
+
+    def add_kind(spec: dg.AssetSpec) -> dg.AssetSpec:
+        store = stores.get(spec.key.to_user_string())
+        return spec if store is None else spec.replace_attributes(kinds={*spec.kinds, kinds[store]})
+
+    return assets.map_asset_specs(add_kind)
+
+
 def build_resources(
     environ: Mapping[str, str] | None = None, *, root: str | None = None
 ) -> dict[str, Any]:
     """The resources for this environment: local folders unless S3 locations are given."""
     environ = os.environ if environ is None else environ
-    home = str(Path(root or environ.get("ASSET_LIBRARY_HOME") or "library").expanduser().resolve())
+    home = _home(environ, root)
     workers = _int_setting(environ, "ASSET_LIBRARY_WORKERS", minimum=0)
     shard_size = _int_setting(environ, "ASSET_LIBRARY_SHARD_SIZE", minimum=1)
     s3 = s3_resource_from_env(environ)
-    layout = LibraryLayout(Path(home))  # read only: loading definitions creates no library
-    objects = (
-        environ.get("ASSET_LIBRARY_OBJECTS") or layout.recorded_objects() or str(layout.objects_dir)
-    )
+    objects = _objects_location(environ, home)
     verify_sample = int(environ.get("ASSET_LIBRARY_VERIFY_SAMPLE") or DEFAULT_VERIFY_SAMPLE)
-    if objects.startswith("s3://"):
+    if is_s3(objects):
         bucket, prefix = parse_s3_uri(objects)
         object_store: ObjectStoreResource = S3ObjectStoreResource(
             bucket=bucket, prefix=prefix, s3=s3, verify_sample=verify_sample
@@ -215,7 +254,7 @@ def build_resources(
             root=home,
             lake_location=lake,
             lake_storage_options=_without_process_secrets(s3_storage_options(environ))
-            if lake.startswith("s3://")
+            if is_s3(lake)
             else {},
             workers=workers,
             max_images_per_shard=shard_size or DEFAULT_MAX_IMAGES_PER_SHARD,

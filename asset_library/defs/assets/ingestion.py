@@ -6,6 +6,7 @@ shard whose keys fail them never reaches the lake. Whatever launches a shard (it
 of its assets, a backfill, a re-execution) runs all of it."""
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -18,7 +19,12 @@ from asset_library.defs.checks import (
     uploads_present,
 )
 from asset_library.defs.partitions import SHARD_OUTPUTS, batches_partitions, shards_partitions
-from asset_library.defs.resources import LibraryResource, ObjectStoreResource, SourceReaderResource
+from asset_library.defs.resources import (
+    LibraryResource,
+    ObjectStoreResource,
+    SourceReaderResource,
+    with_store_kinds,
+)
 from asset_library.defs.tags import BATCH_TAG, TRIGGER_TAG, tag_run
 from asset_library.ids import batch_of, check_batch_id
 from asset_library.ingest.access import ReadPolicy, batch_roots
@@ -138,7 +144,6 @@ _SHARD_DEP = dg.AssetDep(batch_plan, partition_mapping=dg.AllPartitionMapping())
             "shard_uploads",
             deps=[_SHARD_DEP],
             group_name=GROUP,
-            kinds={"s3"},
             description="The shard's bytes in object storage under their md5 key, write-once.",
         ),
         dg.AssetSpec(
@@ -203,6 +208,18 @@ def shard(
     """Read the shard once, check its keys, then write its lake rows: a shard whose keys fail
     a check never reaches the lake, and its outputs are materialized together or not at all."""
     shard = context.partition_key
+    with _failure_names_its_cause(shard):
+        yield from _ingest(context, shard, library, object_store, sources, duckdb)
+
+
+def _ingest(
+    context: dg.AssetExecutionContext,
+    shard: str,
+    library: LibraryResource,
+    object_store: ObjectStoreResource,
+    sources: SourceReaderResource,
+    duckdb: DuckDBResource,
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     batch = batch_of(shard)
     tag_run(context, [batch])
     layout = library.layout()
@@ -245,16 +262,17 @@ def shard(
         )
 
     key_checks = [
-        hash_coverage(keys_path, duckdb),
+        hash_coverage(keys_path, duckdb, shard=shard),
         uploads_present(
             keys_path,
             store,
             duckdb,
+            shard=shard,
             content_sample=object_store.verify_sample,
             suspects=damaged.md5s(),
         ),
     ]
-    yield from _failing(key_checks, f"shard {shard}: its keys fail a check; no lake row written")
+    yield from _failing(key_checks, shard, "its keys fail a check; no lake row written")
 
     lake = library.lake()
     # One commit per table: Ctrl-C waits for the last commit rather than leaving a part.
@@ -265,7 +283,7 @@ def shard(
             lake, shard, written["occurrences"]["version"], written["attributes"]["version"], duckdb
         )
     ]
-    yield from _failing(table_checks, f"shard {shard}: its lake rows fail a check")
+    yield from _failing(table_checks, shard, "its lake rows fail a check")
 
     yield dg.MaterializeResult(
         asset_key="shard_keys",
@@ -306,14 +324,35 @@ def shard(
     yield from table_checks
 
 
-def _failing(checks: list[dg.AssetCheckResult], message: str) -> Iterator[dg.AssetCheckResult]:
+def _failing(
+    checks: list[dg.AssetCheckResult], shard: str, message: str
+) -> Iterator[dg.AssetCheckResult]:
     """If a check failed, record every result (the UI shows them) and fail the run here,
     before anything further is written or materialized."""
     failed = [c for c in checks if not c.passed]
     if not failed:
         return
     yield from checks
-    raise dg.Failure(f"{message}: " + "; ".join(f"{c.check_name}: {c.description}" for c in failed))
+    named = f"shard {shard}: "
+    causes = "; ".join(
+        f"{c.check_name}: {(c.description or '').removeprefix(named)}" for c in failed
+    )
+    raise dg.Failure(f"{named}{message}: {causes}", metadata={"shard": shard})
+
+
+@contextmanager
+def _failure_names_its_cause(shard: str) -> Iterator[None]:
+    """Make an error of the shard's step a ``dg.Failure`` whose first line is the cause (the
+    error's own message, headed by the shard): Dagster would otherwise head the run's failure with
+    "Error occurred while executing op", the cause one level down. The error stays chained."""
+    try:
+        yield
+    except (dg.Failure, dg.DagsterError):
+        raise
+    except Exception as error:
+        cause = str(error).strip() or type(error).__name__
+        named = cause if cause.startswith(f"shard {shard}") else f"shard {shard}: {cause}"
+        raise dg.Failure(named, metadata={"shard": shard, "error": type(error).__name__}) from error
 
 
 def _keys_preview(path: object, duckdb: DuckDBResource, rows: int = 8) -> str:
@@ -330,3 +369,18 @@ def markdown_table(header: list[str], rows: list[tuple]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+#: The store each store-backed asset of the shard lives in: its kind follows the configuration.
+_SHARD_STORES = {
+    "shard_uploads": "objects",
+    "occurrences": "lake",
+    "rejects": "lake",
+    "attributes": "lake",
+}
+
+
+@dg.definitions
+def ingestion() -> dg.Definitions:
+    """The ingestion assets, each store-backed one of the kind of the store it is in."""
+    return dg.Definitions(assets=[batch_plan, with_store_kinds(shard, _SHARD_STORES)])

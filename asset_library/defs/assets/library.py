@@ -6,7 +6,7 @@ follows it, the near-duplicate groups, and the full audit (only when asked for).
 import dagster as dg
 
 from asset_library.defs.checks import audit, images_md5_unique
-from asset_library.defs.resources import LibraryResource, ObjectStoreResource
+from asset_library.defs.resources import LibraryResource, ObjectStoreResource, with_store_kinds
 from asset_library.defs.tags import tag_run
 from asset_library.ids import batch_of
 from asset_library.lake import Catalog, merge_images
@@ -166,4 +166,18 @@ def lake_compaction(library: LibraryResource) -> dg.MaterializeResult:
     done = compact(lake)
     return dg.MaterializeResult(
         metadata={name: dg.MetadataValue.json(m) for name, m in done.items()}
+    )
+
+
+@dg.definitions
+def library() -> dg.Definitions:
+    """The library-wide assets; the lake's tables of the kind of the store the lake is in."""
+    return dg.Definitions(
+        assets=[
+            with_store_kinds(images, {"images": "lake"}),
+            similarity_index,
+            near_duplicate_groups,
+            library_audit,
+            with_store_kinds(lake_compaction, {"lake_compaction": "lake"}),
+        ]
     )

@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from asset_library.defs.assets.library import GROUP, images
+from asset_library.defs.assets.library import GROUP
 from asset_library.defs.resources import LibraryResource
 from asset_library.library import Library
 from asset_library.serving_store import check_store, sync
@@ -18,7 +18,7 @@ class ServingStoreConfig(dg.Config):
 
 
 @dg.asset(
-    deps=[images],
+    deps=["images"],
     group_name=GROUP,
     kinds={"sqlite"},
     check_specs=[
