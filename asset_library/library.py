@@ -20,18 +20,18 @@ from asset_library.ingest.dihedral import query_fingerprint
 from asset_library.ingest.fingerprint import fingerprint, hamming
 from asset_library.lake import Catalog, Lake
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
+from asset_library.lake.sql_guard import check_read_only_query
 from asset_library.lake.tables import IMAGES_SCHEMA, ORIGINS
 from asset_library.layout import LibraryLayout, default_library_path
 from asset_library.search.codec import hex_to_int
 from asset_library.search.quality import CONFIRMING_HASH, informative
-from asset_library.similarity import HASH_KINDS, SimilarityIndex
-from asset_library.sql_guard import check_read_only_query
-from asset_library.storage import ObjectStore, open_store, read_image
-from asset_library.thresholds import (
+from asset_library.search.thresholds import (
     DEFAULT_CONFIRM_DISTANCE,
     DEFAULT_MIN_QUALITY,
     DEFAULT_PHASH_THRESHOLD,
 )
+from asset_library.similarity import HASH_KINDS, SimilarityIndex
+from asset_library.storage import ObjectStore, open_store, read_image
 
 if TYPE_CHECKING:  # pandas is imported by ``frame`` alone: the CLI starts without it
     import pandas as pd

@@ -18,7 +18,7 @@ from asset_library.defs.checks import images_md5_unique
 from asset_library.lake import Lake, merge_images
 from asset_library.lake.keyset import MANIFEST, ImageKeys, digests
 from asset_library.layout import LibraryLayout
-from asset_library.orchestrate import ingest_batch
+from asset_library.runs.orchestrate import ingest_batch
 from asset_library.similarity import SimilarityIndex
 
 #: Images of the first batch, and of the second (new ones and some of the first again).

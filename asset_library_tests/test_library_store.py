@@ -21,7 +21,7 @@ from asset_library.defs.resources import (
 )
 from asset_library.layout import LibraryLayout
 from asset_library.library import Library
-from asset_library.orchestrate import IngestSummary, ingest_batch
+from asset_library.runs.orchestrate import IngestSummary, ingest_batch
 from asset_library.storage import (
     LocalObjectStore,
     ObjectStore,

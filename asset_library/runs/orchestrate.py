@@ -3,8 +3,8 @@
 ``asset-library ingest`` plans a batch, runs its shards side by side, each as its own
 ``ingest_shard`` run, then the ``refresh_library`` run (images merge, similarity index), all
 recorded in the library's Dagster instance, so ``dagster dev`` on the same library shows them as
-if the sensors had launched them. Runs execute in worker processes (:mod:`run_worker`) through
-Dagster's public execution API; no daemon and no server are needed.
+if the sensors had launched them. Runs execute in run workers (:mod:`asset_library.runs.worker`)
+through Dagster's public execution API; no daemon and no server are needed.
 
 No daemon watches these runs, so the runner looks after them itself: a failed shard is run again
 (up to the retries asked for), Ctrl-C stops the running shards (their runs end failed or
@@ -39,10 +39,10 @@ from asset_library.ingest.sources import check_source
 from asset_library.ingest.triggers import new_trigger_id
 from asset_library.ingest.workers import default_workers
 from asset_library.layout import LibraryLayout
-from asset_library.processes import stop_signals_deferred
-from asset_library.run_worker import INSTANCE_ENV, RunWorkers
+from asset_library.runs.instance import ATTEMPT_TAG, NOT_ENDED, local_instance, reap_dead_runs
+from asset_library.runs.processes import stop_signals_deferred
+from asset_library.runs.worker import INSTANCE_ENV, RunWorkers
 from asset_library.storage import bind_store
-from asset_library.terminal_runs import ATTEMPT_TAG, NOT_ENDED, local_instance, reap_dead_runs
 
 Progress = Callable[[str], None]
 

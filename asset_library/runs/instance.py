@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 
 from asset_library.layout import LibraryLayout
-from asset_library.processes import process_is_gone
+from asset_library.runs.processes import process_is_gone
 
 #: Runs started from a terminal carry the identity of the process that runs them.
 PROCESS_TAG = "asset_library/process"
