@@ -27,6 +27,7 @@ from asset_library.ids import (
     check_buckets,
     check_shard_key,
 )
+from asset_library.s3 import is_s3
 
 SETTINGS_FILE = "library.json"
 #: Private files being written end with this suffix; a killed writer's leftovers are found by it.
@@ -171,14 +172,14 @@ class LibraryLayout:
         if not self.settings_path.exists():
             return None
         recorded = self.settings().get("objects")
-        if recorded is None or str(recorded).startswith("s3://"):
+        if recorded is None or is_s3(str(recorded)):
             return recorded
         return str((self.root / recorded).resolve())
 
     def record_objects(self, location: str) -> None:
         """Record the library's object store. A folder inside the library is recorded relative
         to its root, so a copied or moved library still finds its bytes."""
-        if not location.startswith("s3://"):
+        if not is_s3(location):
             path = Path(location).expanduser().resolve()
             inside = path.is_relative_to(self.root)
             location = path.relative_to(self.root).as_posix() if inside else str(path)

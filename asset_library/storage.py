@@ -33,6 +33,7 @@ from typing import Any
 
 from asset_library.ids import is_md5
 from asset_library.layout import LibraryLayout, rename_durably, temp_path_for
+from asset_library.s3 import SCHEME, is_s3, s3_settings
 
 __all__ = [
     "DamageRecord",
@@ -59,7 +60,6 @@ __all__ = [
 ]
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-DEFAULT_REGION = "us-east-1"
 
 
 class ObjectStoreError(Exception):
@@ -615,7 +615,7 @@ def store_location(location: str | os.PathLike[str]) -> str:
     """A store location in one spelling, so two can be compared: `s3://bucket/prefix` (no
     trailing slash) or an absolute folder path."""
     text = os.fspath(location)
-    if text.startswith("s3://"):
+    if is_s3(text):
         bucket, prefix = parse_s3_uri(text)
         prefix = prefix.strip("/")
         return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
@@ -661,21 +661,19 @@ def s3_client_from_env(
     connect_timeout: float = 5.0,
     read_timeout: float = 60.0,
 ) -> Any:
-    """A boto3 S3 client configured from arguments, else the environment.
-
-    Reads `S3_ENDPOINT_URL` (or `AWS_ENDPOINT_URL`), `AWS_ACCESS_KEY_ID`,
-    `AWS_SECRET_ACCESS_KEY` and `AWS_REGION`/`AWS_DEFAULT_REGION` (default us-east-1). Uses
-    path-style addressing (self-hosted servers rarely have wildcard DNS), a pool big enough
-    for a thread pool of uploaders, and standard-mode retries.
+    """A boto3 S3 client configured from arguments, else the environment
+    (:func:`asset_library.s3.s3_settings`). Uses path-style addressing (self-hosted servers
+    rarely have wildcard DNS), a pool big enough for a thread pool of uploaders, and
+    standard-mode retries.
     """
     import boto3
     from botocore.config import Config
 
-    env = os.environ
-    endpoint_url = endpoint_url or env.get("S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL")
-    access_key = access_key or env.get("AWS_ACCESS_KEY_ID")
-    secret_key = secret_key or env.get("AWS_SECRET_ACCESS_KEY")
-    region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+    settings = s3_settings()
+    endpoint_url = endpoint_url or settings.endpoint_url
+    access_key = access_key or settings.access_key
+    secret_key = secret_key or settings.secret_key
+    region = region or settings.region
     config = Config(
         s3={"addressing_style": "path"},
         max_pool_connections=max_pool_connections,
@@ -697,9 +695,9 @@ def s3_client_from_env(
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Split `s3://bucket/key/or/prefix` into (bucket, "key/or/prefix"); the key may be empty."""
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
+    if not isinstance(uri, str) or not is_s3(uri):
         raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[len("s3://") :].partition("/")
+    bucket, _, key = uri[len(SCHEME) :].partition("/")
     if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
         raise ValueError(f"bad bucket name in S3 URI: {uri!r}")
     return bucket, key
@@ -711,7 +709,7 @@ def open_store(location: str | os.PathLike[str], client: Any = None) -> ObjectSt
     Without `client`, an S3 location gets one from `s3_client_from_env()`.
     """
     text = os.fspath(location)
-    if text.startswith("s3://"):
+    if is_s3(text):
         bucket, prefix = parse_s3_uri(text)
         return S3ObjectStore(client or s3_client_from_env(), bucket, prefix)
     if text.startswith("file://"):

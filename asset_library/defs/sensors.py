@@ -33,9 +33,10 @@ from asset_library.ingest.landing import (
     record_skipped,
 )
 from asset_library.ingest.plan import load_plan
-from asset_library.ingest.sources import is_s3, normalize_source
+from asset_library.ingest.sources import normalize_source
 from asset_library.ingest.triggers import new_trigger_id
 from asset_library.layout import LibraryLayout
+from asset_library.s3 import is_s3
 
 #: Keeps a tick well inside the 60 s sensor timeout: the daemon checks each new key.
 MAX_BATCHES_PER_TICK = 50
