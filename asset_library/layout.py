@@ -30,6 +30,8 @@ from asset_library.ids import (
 from asset_library.s3 import is_s3
 
 SETTINGS_FILE = "library.json"
+#: A batch's plan, in its plan folder (:meth:`LibraryLayout.plan_dir`).
+PLAN_FILE = "plan.json"
 #: Private files being written end with this suffix; a killed writer's leftovers are found by it.
 TEMP_SUFFIX = ".tmp"
 
@@ -202,6 +204,21 @@ class LibraryLayout:
         return self.root / "index"
 
     @property
+    def segments_manifest_path(self) -> Path:
+        """The similarity index's manifest: its segments and the versions it reached."""
+        return self.index_dir / "segments.json"
+
+    @property
+    def near_duplicates_path(self) -> Path:
+        """The near-duplicate groups the library found."""
+        return self.index_dir / "near_duplicates.parquet"
+
+    @property
+    def dagster_home(self) -> Path:
+        """The library's own Dagster instance (runs started from a terminal)."""
+        return self.root / ".dagster"
+
+    @property
     def damaged_objects_dir(self) -> Path:
         """One file per md5 whose stored object a reader found damaged, until it is repaired."""
         return self.root / "damaged_objects"
@@ -222,6 +239,10 @@ class LibraryLayout:
 
     def plan_dir(self, batch: str) -> Path:
         return self.root / "plans" / check_batch_id(batch)
+
+    def plan_path(self, batch: str) -> Path:
+        """The batch's plan file: its shards and where each came from."""
+        return self.plan_dir(batch) / PLAN_FILE
 
     def keys_path(self, shard: str) -> Path:
         """The shard's fingerprint rows: the output of its one pass over the bytes."""

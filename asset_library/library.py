@@ -78,7 +78,7 @@ class Library:
     def _level(self, *tables: str) -> Catalog:
         """The catalog with these tables (all if none named) level with their latest commits."""
         if self._catalog is None:
-            self._catalog = Catalog(self.lake, self.layout.index_dir / "near_duplicates.parquet")
+            self._catalog = Catalog(self.lake, self.layout.near_duplicates_path)
         elif tables:
             self._catalog.refresh(tables)
         else:
@@ -249,7 +249,7 @@ class Library:
     def index(self) -> SimilarityIndex:
         """The similarity index as the ``similarity_index`` asset last saved it (memory-mapped),
         reloaded when that asset saved a newer one. Readers never write it."""
-        manifest = self.layout.index_dir / "segments.json"
+        manifest = self.layout.segments_manifest_path
         stamp = manifest.stat().st_mtime_ns if manifest.exists() else None
         if self._index is None or stamp != self._index_stamp:
             self._index = SimilarityIndex(self.layout)

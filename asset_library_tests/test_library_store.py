@@ -52,6 +52,17 @@ def _keys_in(client, bucket: str) -> list[str]:
 # -- the store a library records ----------------------------------------------------------------
 
 
+def test_the_layout_names_every_file_existing_libraries_hold(tmp_path: Path) -> None:
+    """Each file of a library is named in one place, with the names libraries already hold."""
+    layout = LibraryLayout.open(tmp_path)
+    root = layout.root
+    assert layout.settings_path == root / "library.json" and layout.settings_path.is_file()
+    assert layout.plan_path("b1") == root / "plans" / "b1" / "plan.json"
+    assert layout.segments_manifest_path == root / "index" / "segments.json"
+    assert layout.near_duplicates_path == root / "index" / "near_duplicates.parquet"
+    assert layout.dagster_home == root / ".dagster"
+
+
 def test_a_library_records_its_store_so_a_moved_copy_still_finds_its_bytes(tmp_path: Path):
     root = tmp_path / "library"
     layout = LibraryLayout.open(root)

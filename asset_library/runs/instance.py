@@ -32,7 +32,7 @@ NOT_ENDED = [
 
 def instance_home(layout: LibraryLayout) -> Path:
     """The library's own Dagster instance folder, so the UI on this library sees these runs."""
-    home = layout.root / ".dagster"
+    home = layout.dagster_home
     home.mkdir(parents=True, exist_ok=True)
     project_yaml = Path.cwd() / "dagster.yaml"
     if not (home / "dagster.yaml").exists() and project_yaml.exists():

@@ -107,7 +107,7 @@ def batch_plan(
             "shard_keys": dg.MetadataValue.md(
                 "\n".join(f"- `{s.key}`: {s.images:,} images" for s in plan.shards[:50])
             ),
-            "plan": dg.MetadataValue.path(str(layout.plan_dir(batch) / "plan.json")),
+            "plan": dg.MetadataValue.path(str(layout.plan_path(batch))),
         }
     )
 
