@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asset_library.ids import is_md5
+from asset_library.ids import is_md5_key
 from asset_library.layout import LibraryLayout, rename_durably, temp_path_for
 from asset_library.s3 import SCHEME, is_s3, s3_settings
 
@@ -141,7 +141,7 @@ def object_key(md5: str) -> str:
 
     Two levels of fan-out keep local folders small and spread S3 prefixes.
     """
-    if not isinstance(md5, str) or not _is_lower_md5(md5):
+    if not isinstance(md5, str) or not is_md5_key(md5):
         raise ValueError(f"not an MD5 (32 lower-case hex characters): {md5!r}")
     return f"images/{md5[0:2]}/{md5[2:4]}/{md5}"
 
@@ -160,15 +160,11 @@ def check_key(key: str) -> str:
     return key
 
 
-def _is_lower_md5(text: object) -> bool:
-    return is_md5(text) and text == text.lower()  # type: ignore[union-attr]
-
-
 def _check_md5(md5_hex: str, key: str) -> None:
-    if not isinstance(md5_hex, str) or not _is_lower_md5(md5_hex):
+    if not isinstance(md5_hex, str) or not is_md5_key(md5_hex):
         raise ValueError(f"bad md5_hex {md5_hex!r} for key {key!r}")
     named = key.rpartition("/")[2]
-    if _is_lower_md5(named) and named != md5_hex:
+    if is_md5_key(named) and named != md5_hex:
         # The object would be judged against the wrong digest and "repaired" with other bytes.
         raise ValueError(f"key {key!r} names md5 {named}, but the body's md5 is {md5_hex}")
 
@@ -512,7 +508,7 @@ def _stat_of(head: dict[str, Any]) -> ObjectStat:
     """
     etag = str(head.get("ETag") or "").strip('"').lower()
     encrypted = head.get("ServerSideEncryption") == "aws:kms" or head.get("SSECustomerAlgorithm")
-    claimed = etag if _is_lower_md5(etag) and not encrypted else None
+    claimed = etag if is_md5_key(etag) and not encrypted else None
     return ObjectStat(int(head["ContentLength"]), claimed)
 
 
@@ -604,7 +600,7 @@ class DamageRecord:
     def md5s(self) -> set[str]:
         if not self.folder.is_dir():
             return set()
-        return {p.name for p in self.folder.iterdir() if _is_lower_md5(p.name)}
+        return {p.name for p in self.folder.iterdir() if is_md5_key(p.name)}
 
     def clear(self, md5s: Iterable[str]) -> None:
         for md5 in md5s:

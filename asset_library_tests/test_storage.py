@@ -16,6 +16,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from asset_library.defs.resources import s3_resource_from_env
+from asset_library.ids import check_md5, is_md5_key
 from asset_library.s3 import DEFAULT_REGION, delta_storage_options, is_s3, s3_settings
 from asset_library.storage import (
     DigestMismatchError,
@@ -98,6 +99,15 @@ def test_object_key_layout() -> None:
 def test_object_key_refuses_non_md5(bad: str) -> None:
     with pytest.raises(ValueError, match=repr(bad).replace("\\", "\\\\")):
         object_key(bad)
+
+
+def test_the_md5_rules_storage_uses_are_the_ids_rules() -> None:
+    """A stored key is the lower-case form ``check_md5`` gives; any other spelling is refused."""
+    upper = "D41D8CD98F00B204E9800998ECF8427E"
+    assert is_md5_key(check_md5(upper)) and not is_md5_key(upper)
+    assert not is_md5_key(None) and not is_md5_key("g" * 32) and not is_md5_key("a" * 31)
+    with pytest.raises(ValueError, match=upper):
+        object_key(upper)
 
 
 def test_object_key_refuses_non_string() -> None:
