@@ -374,6 +374,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from asset_library.defs.shard_status import shard_states
+    from asset_library.defs.tags import PARTITION_TAG
     from asset_library.ingest.landing import still_skipped
     from asset_library.ingest.triggers import read_triggers
     from asset_library.runs.instance import local_instance, reap_dead_runs
@@ -388,7 +389,7 @@ def _status(args: argparse.Namespace) -> int:
     instance = local_instance(layout)
     print("\n".join(_library_state(layout, instance)))
     for run in reap_dead_runs(instance):
-        partition = run.tags.get("dagster/partition", "")
+        partition = run.tags.get(PARTITION_TAG, "")
         print(
             f"run {run.run_id} ({run.job_name} {partition}) was in progress but its process "
             "is gone (killed?): marked failed"

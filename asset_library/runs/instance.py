@@ -13,13 +13,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from asset_library.defs.tags import PROCESS_TAG
 from asset_library.layout import LibraryLayout
 from asset_library.runs.processes import process_is_gone
-
-#: Runs started from a terminal carry the identity of the process that runs them.
-PROCESS_TAG = "asset_library/process"
-#: A retried shard's run says which attempt it is (1 for the first).
-ATTEMPT_TAG = "asset_library/attempt"
 
 #: Statuses of a run that has not ended; the CLI's runs never wait in a queue.
 NOT_ENDED = [

@@ -69,7 +69,7 @@ def run_job(
     instance: dg.DagsterInstance, job: str, tags: dict[str, str], config: dict[str, Any]
 ) -> dict[str, Any]:
     """Run ``job`` to its end; what the parent needs to know about it, as plain JSON."""
-    from asset_library.runs.instance import PROCESS_TAG
+    from asset_library.defs.tags import PROCESS_TAG
     from asset_library.runs.processes import process_token
 
     tags = {**tags, PROCESS_TAG: process_token()}
