@@ -36,7 +36,7 @@ from asset_library.storage import ObjectStore, open_store, read_image
 if TYPE_CHECKING:  # pandas is imported by ``frame`` alone: the CLI starts without it
     import pandas as pd
 
-IMAGE_COLUMNS = IMAGES_SCHEMA.names
+IMAGES_TABLE_COLUMNS = IMAGES_SCHEMA.names
 #: How a query may be turned before it is searched: as it is, or all 8 rotations and flips.
 TRANSFORMS = ("none", "dihedral")
 
@@ -126,7 +126,7 @@ class Library:
         if not found:
             return None
         row = found[0]
-        image = {name: row[name] for name in IMAGE_COLUMNS if name in row}
+        image = {name: row[name] for name in IMAGES_TABLE_COLUMNS if name in row}
         for kind in HASH_KINDS:
             image[f"{kind}_int"] = int(row[kind], 16) if row[kind] else None
         image = {name: image[name] for name in IMAGE_VIEW_COLUMNS}

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from asset_library.ingest.fingerprint import DEFAULT_MAX_PIXELS, Fingerprint, fingerprint, hamming
-from asset_library.ingest.workers import fingerprint_many
+from asset_library.ingest.pool import fingerprint_many
 from asset_library.search.thresholds import DEFAULT_PHASH_THRESHOLD
 
 HASHES = ("phash", "ahash", "dhash")

@@ -32,9 +32,9 @@ from asset_library.ingest.fingerprint import (
     phash_block,
     phash_pixels,
 )
+from asset_library.ingest.pool import FingerprintPool, fingerprint_many
 from asset_library.ingest.shard import ingest_shard
 from asset_library.ingest.sources import SourceItem
-from asset_library.ingest.workers import FingerprintPool, fingerprint_many
 from asset_library.search import HammingIndex
 from asset_library.search.quality import confirmed, informative
 from asset_library.search.thresholds import (

@@ -40,10 +40,10 @@ from asset_library.defs.tags import (
 )
 from asset_library.ids import batch_id_for, check_batch_id
 from asset_library.ingest.plan import BatchPlan, check_new_batch, load_plan
+from asset_library.ingest.pool import default_workers
 from asset_library.ingest.progress import ShardProgress, read_progress
 from asset_library.ingest.sources import check_source
 from asset_library.ingest.triggers import new_trigger_id
-from asset_library.ingest.workers import default_workers
 from asset_library.layout import LibraryLayout
 from asset_library.runs.instance import NOT_ENDED, local_instance, reap_dead_runs
 from asset_library.runs.processes import stop_signals_deferred
