@@ -25,7 +25,7 @@ from asset_library.layout import LibraryLayout, default_library_path
 
 if TYPE_CHECKING:
     from asset_library.library import Library
-from asset_library.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
+from asset_library.search.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 
 #: Exit codes (the module's docstring says which error gets which).
 EXIT_OK = 0
@@ -288,8 +288,8 @@ def _batch_id(text: str) -> str:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from asset_library.orchestrate import PlanningFailed, ingest_batch
-    from asset_library.progress_view import ProgressView
+    from asset_library.runs.orchestrate import PlanningFailed, ingest_batch
+    from asset_library.runs.progress_view import ProgressView
 
     if args.replace and not args.batch:
         print("asset-library: --replace needs the --batch to replace", file=sys.stderr)
@@ -374,9 +374,10 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from asset_library.defs.shard_status import shard_states
+    from asset_library.defs.tags import PARTITION_TAG
     from asset_library.ingest.landing import still_skipped
     from asset_library.ingest.triggers import read_triggers
-    from asset_library.terminal_runs import local_instance, reap_dead_runs
+    from asset_library.runs.instance import local_instance, reap_dead_runs
 
     layout = LibraryLayout.existing(args.library or default_library_path())
     records = read_triggers(layout.triggers_dir)
@@ -388,7 +389,7 @@ def _status(args: argparse.Namespace) -> int:
     instance = local_instance(layout)
     print("\n".join(_library_state(layout, instance)))
     for run in reap_dead_runs(instance):
-        partition = run.tags.get("dagster/partition", "")
+        partition = run.tags.get(PARTITION_TAG, "")
         print(
             f"run {run.run_id} ({run.job_name} {partition}) was in progress but its process "
             "is gone (killed?): marked failed"
@@ -412,7 +413,7 @@ def _library_state(layout: LibraryLayout, instance: Any) -> list[str]:
     from deltalake.exceptions import DeltaError
 
     from asset_library.lake import Lake, shards_not_merged
-    from asset_library.run_worker import step_failure_message
+    from asset_library.runs.worker import step_failure_message
 
     lines = [f"library   {layout.root}"]
     records = instance.get_run_records(dg.RunsFilter(job_name="refresh_library"), limit=1)
@@ -482,7 +483,7 @@ def _duplicates(args: argparse.Namespace) -> int:
 
 
 def _sql(args: argparse.Namespace) -> int:
-    from asset_library.sql_guard import check_read_only_query
+    from asset_library.lake.sql_guard import check_read_only_query
 
     check_read_only_query(args.query)  # refused: a ValueError, exit 2 in main()
     with _library(args).connect() as connection:

@@ -35,6 +35,13 @@ def is_md5(text: object) -> bool:
     return isinstance(text, str) and _MD5.fullmatch(text) is not None
 
 
+def is_md5_key(text: object) -> bool:
+    """Whether ``text`` is an md5 key as the library stores it: 32 lower-case hexadecimal
+    digits (what :func:`check_md5` returns). Storage refuses any other spelling, so one image
+    never has two object names."""
+    return is_md5(text) and str(text) == str(text).lower()
+
+
 def check_md5(text: object) -> str:
     """An md5 key, lower-cased; :class:`InvalidIdError` if it is not 32 hexadecimal digits."""
     if not is_md5(text):

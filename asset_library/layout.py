@@ -27,8 +27,11 @@ from asset_library.ids import (
     check_buckets,
     check_shard_key,
 )
+from asset_library.s3 import is_s3
 
 SETTINGS_FILE = "library.json"
+#: A batch's plan, in its plan folder (:meth:`LibraryLayout.plan_dir`).
+PLAN_FILE = "plan.json"
 #: Private files being written end with this suffix; a killed writer's leftovers are found by it.
 TEMP_SUFFIX = ".tmp"
 
@@ -171,14 +174,14 @@ class LibraryLayout:
         if not self.settings_path.exists():
             return None
         recorded = self.settings().get("objects")
-        if recorded is None or str(recorded).startswith("s3://"):
+        if recorded is None or is_s3(str(recorded)):
             return recorded
         return str((self.root / recorded).resolve())
 
     def record_objects(self, location: str) -> None:
         """Record the library's object store. A folder inside the library is recorded relative
         to its root, so a copied or moved library still finds its bytes."""
-        if not location.startswith("s3://"):
+        if not is_s3(location):
             path = Path(location).expanduser().resolve()
             inside = path.is_relative_to(self.root)
             location = path.relative_to(self.root).as_posix() if inside else str(path)
@@ -199,6 +202,21 @@ class LibraryLayout:
     @property
     def index_dir(self) -> Path:
         return self.root / "index"
+
+    @property
+    def segments_manifest_path(self) -> Path:
+        """The similarity index's manifest: its segments and the versions it reached."""
+        return self.index_dir / "segments.json"
+
+    @property
+    def near_duplicates_path(self) -> Path:
+        """The near-duplicate groups the library found."""
+        return self.index_dir / "near_duplicates.parquet"
+
+    @property
+    def dagster_home(self) -> Path:
+        """The library's own Dagster instance (runs started from a terminal)."""
+        return self.root / ".dagster"
 
     @property
     def damaged_objects_dir(self) -> Path:
@@ -226,6 +244,10 @@ class LibraryLayout:
 
     def plan_dir(self, batch: str) -> Path:
         return self.root / "plans" / check_batch_id(batch)
+
+    def plan_path(self, batch: str) -> Path:
+        """The batch's plan file: its shards and where each came from."""
+        return self.plan_dir(batch) / PLAN_FILE
 
     def keys_path(self, shard: str) -> Path:
         """The shard's fingerprint rows: the output of its one pass over the bytes."""

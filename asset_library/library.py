@@ -21,10 +21,16 @@ from asset_library.ingest.dihedral import query_fingerprint
 from asset_library.ingest.fingerprint import fingerprint, hamming
 from asset_library.lake import Catalog, Lake
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
+from asset_library.lake.sql_guard import check_read_only_query
 from asset_library.lake.tables import IMAGES_SCHEMA
 from asset_library.layout import LibraryLayout, default_library_path
 from asset_library.search.codec import hex_to_int
 from asset_library.search.quality import CONFIRMING_HASH, informative
+from asset_library.search.thresholds import (
+    DEFAULT_CONFIRM_DISTANCE,
+    DEFAULT_MIN_QUALITY,
+    DEFAULT_PHASH_THRESHOLD,
+)
 from asset_library.serving_store import (
     MAX_SOURCES_PAGE,
     RECORD_SOURCES,
@@ -33,19 +39,13 @@ from asset_library.serving_store import (
     attributes_by_origin,
 )
 from asset_library.similarity import HASH_KINDS, NearDuplicates, SimilarityIndex, loaded_index
-from asset_library.sql_guard import check_read_only_query
 from asset_library.storage import ObjectStore, open_store, read_image
-from asset_library.thresholds import (
-    DEFAULT_CONFIRM_DISTANCE,
-    DEFAULT_MIN_QUALITY,
-    DEFAULT_PHASH_THRESHOLD,
-)
 
 if TYPE_CHECKING:  # pandas is imported by ``frame`` alone: the CLI starts without it
     import pandas as pd
 
 log = logging.getLogger(__name__)
-IMAGE_COLUMNS = IMAGES_SCHEMA.names
+IMAGES_TABLE_COLUMNS = IMAGES_SCHEMA.names
 #: How a query may be turned before it is searched: as it is, or all 8 rotations and flips.
 TRANSFORMS = ("none", "dihedral")
 
@@ -168,7 +168,7 @@ class Library:
         if not found:
             return None
         row = found[0]
-        image = {name: row[name] for name in IMAGE_COLUMNS if name in row}
+        image = {name: row[name] for name in IMAGES_TABLE_COLUMNS if name in row}
         for kind in HASH_KINDS:
             image[f"{kind}_int"] = int(row[kind], 16) if row[kind] else None
         image = {name: image[name] for name in IMAGE_VIEW_COLUMNS}
@@ -322,7 +322,7 @@ class Library:
     def index(self) -> SimilarityIndex:
         """The similarity index as the ``similarity_index`` asset last saved it (memory-mapped),
         reloaded when that asset saved a newer one. Readers never write it."""
-        manifest = self.layout.index_dir / "segments.json"
+        manifest = self.layout.segments_manifest_path
         stamp = manifest.stat().st_mtime_ns if manifest.exists() else None
         if self._index is None or stamp != self._index_stamp:
             self._index = loaded_index(self.layout, self.lake)

@@ -66,6 +66,7 @@ class SimilarityIndex:
     def __init__(self, layout: LibraryLayout, *, mmap: bool = True) -> None:
         self.layout = layout
         self.directory = layout.index_dir
+        self.manifest_path = layout.segments_manifest_path
         self.segments: dict[str, dict] = {}
         self.images_version = -1
         self.lake_version = -1
@@ -75,7 +76,7 @@ class SimilarityIndex:
         #: Why the saved files cannot be trusted (``None``: they can): the index is then
         #: rebuilt from ``images`` (:meth:`rebuild`).
         self.damage: str | None = None
-        manifest = self.directory / "segments.json"
+        manifest = layout.segments_manifest_path
         self.exists = manifest.exists() or any(
             (self.directory / kind).exists() for kind in HASH_KINDS
         )
@@ -336,13 +337,13 @@ class SimilarityIndex:
             "removed": sorted(self.removed),
         }
         text = json.dumps(saved, indent=1, sort_keys=True)
-        atomic_write_text(self.directory / "segments.json", text)
+        atomic_write_text(self.manifest_path, text)
 
     def _clear_files(self) -> None:
         """Remove the damaged files, so the rebuilt index is saved from nothing."""
         for name in (*HASH_KINDS, "keys"):
             shutil.rmtree(self.directory / name, ignore_errors=True)
-        (self.directory / "segments.json").unlink(missing_ok=True)
+        self.manifest_path.unlink(missing_ok=True)
 
     def _next_number(self) -> int:
         return max((int(s["number"]) for s in self.segments.values()), default=-1) + 1

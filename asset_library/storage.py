@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asset_library.ids import is_md5
+from asset_library.ids import is_md5_key
 from asset_library.layout import LibraryLayout, rename_durably, temp_path_for
+from asset_library.s3 import SCHEME, is_s3, s3_settings
 
 __all__ = [
     "DamageRecord",
@@ -59,7 +60,6 @@ __all__ = [
 ]
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-DEFAULT_REGION = "us-east-1"
 
 
 class ObjectStoreError(Exception):
@@ -141,7 +141,7 @@ def object_key(md5: str) -> str:
 
     Two levels of fan-out keep local folders small and spread S3 prefixes.
     """
-    if not isinstance(md5, str) or not _is_lower_md5(md5):
+    if not isinstance(md5, str) or not is_md5_key(md5):
         raise ValueError(f"not an MD5 (32 lower-case hex characters): {md5!r}")
     return f"images/{md5[0:2]}/{md5[2:4]}/{md5}"
 
@@ -160,15 +160,11 @@ def check_key(key: str) -> str:
     return key
 
 
-def _is_lower_md5(text: object) -> bool:
-    return is_md5(text) and text == text.lower()  # type: ignore[union-attr]
-
-
 def _check_md5(md5_hex: str, key: str) -> None:
-    if not isinstance(md5_hex, str) or not _is_lower_md5(md5_hex):
+    if not isinstance(md5_hex, str) or not is_md5_key(md5_hex):
         raise ValueError(f"bad md5_hex {md5_hex!r} for key {key!r}")
     named = key.rpartition("/")[2]
-    if _is_lower_md5(named) and named != md5_hex:
+    if is_md5_key(named) and named != md5_hex:
         # The object would be judged against the wrong digest and "repaired" with other bytes.
         raise ValueError(f"key {key!r} names md5 {named}, but the body's md5 is {md5_hex}")
 
@@ -512,7 +508,7 @@ def _stat_of(head: dict[str, Any]) -> ObjectStat:
     """
     etag = str(head.get("ETag") or "").strip('"').lower()
     encrypted = head.get("ServerSideEncryption") == "aws:kms" or head.get("SSECustomerAlgorithm")
-    claimed = etag if _is_lower_md5(etag) and not encrypted else None
+    claimed = etag if is_md5_key(etag) and not encrypted else None
     return ObjectStat(int(head["ContentLength"]), claimed)
 
 
@@ -604,7 +600,7 @@ class DamageRecord:
     def md5s(self) -> set[str]:
         if not self.folder.is_dir():
             return set()
-        return {p.name for p in self.folder.iterdir() if _is_lower_md5(p.name)}
+        return {p.name for p in self.folder.iterdir() if is_md5_key(p.name)}
 
     def clear(self, md5s: Iterable[str]) -> None:
         for md5 in md5s:
@@ -615,7 +611,7 @@ def store_location(location: str | os.PathLike[str]) -> str:
     """A store location in one spelling, so two can be compared: `s3://bucket/prefix` (no
     trailing slash) or an absolute folder path."""
     text = os.fspath(location)
-    if text.startswith("s3://"):
+    if is_s3(text):
         bucket, prefix = parse_s3_uri(text)
         prefix = prefix.strip("/")
         return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
@@ -661,21 +657,19 @@ def s3_client_from_env(
     connect_timeout: float = 5.0,
     read_timeout: float = 60.0,
 ) -> Any:
-    """A boto3 S3 client configured from arguments, else the environment.
-
-    Reads `S3_ENDPOINT_URL` (or `AWS_ENDPOINT_URL`), `AWS_ACCESS_KEY_ID`,
-    `AWS_SECRET_ACCESS_KEY` and `AWS_REGION`/`AWS_DEFAULT_REGION` (default us-east-1). Uses
-    path-style addressing (self-hosted servers rarely have wildcard DNS), a pool big enough
-    for a thread pool of uploaders, and standard-mode retries.
+    """A boto3 S3 client configured from arguments, else the environment
+    (:func:`asset_library.s3.s3_settings`). Uses path-style addressing (self-hosted servers
+    rarely have wildcard DNS), a pool big enough for a thread pool of uploaders, and
+    standard-mode retries.
     """
     import boto3
     from botocore.config import Config
 
-    env = os.environ
-    endpoint_url = endpoint_url or env.get("S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL")
-    access_key = access_key or env.get("AWS_ACCESS_KEY_ID")
-    secret_key = secret_key or env.get("AWS_SECRET_ACCESS_KEY")
-    region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+    settings = s3_settings()
+    endpoint_url = endpoint_url or settings.endpoint_url
+    access_key = access_key or settings.access_key
+    secret_key = secret_key or settings.secret_key
+    region = region or settings.region
     config = Config(
         s3={"addressing_style": "path"},
         max_pool_connections=max_pool_connections,
@@ -697,9 +691,9 @@ def s3_client_from_env(
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Split `s3://bucket/key/or/prefix` into (bucket, "key/or/prefix"); the key may be empty."""
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
+    if not isinstance(uri, str) or not is_s3(uri):
         raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[len("s3://") :].partition("/")
+    bucket, _, key = uri[len(SCHEME) :].partition("/")
     if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
         raise ValueError(f"bad bucket name in S3 URI: {uri!r}")
     return bucket, key
@@ -711,7 +705,7 @@ def open_store(location: str | os.PathLike[str], client: Any = None) -> ObjectSt
     Without `client`, an S3 location gets one from `s3_client_from_env()`.
     """
     text = os.fspath(location)
-    if text.startswith("s3://"):
+    if is_s3(text):
         bucket, prefix = parse_s3_uri(text)
         return S3ObjectStore(client or s3_client_from_env(), bucket, prefix)
     if text.startswith("file://"):

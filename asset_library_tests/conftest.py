@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from asset_library.orchestrate import IngestSummary, ingest_batch
+from asset_library.runs.orchestrate import IngestSummary, ingest_batch
 from asset_library_tests.seaweedfs import SeaweedS3
 
 # A suite started in the background by a shell without job control (``make test &``) inherits

@@ -14,7 +14,7 @@ from asset_library.ids import InvalidIdError, batch_id_for
 from asset_library.ingest.plan import BatchExistsError, load_plan, plan_batch
 from asset_library.ingest.sources import SourceItem
 from asset_library.library import Library
-from asset_library.orchestrate import ingest_batch
+from asset_library.runs.orchestrate import ingest_batch
 
 IMAGES = "github_jenssegers_imagehash"
 

@@ -21,7 +21,7 @@ from asset_library.defs.resources import LibraryResource
 from asset_library.lake import Lake, merge_images
 from asset_library.lake.keyset import MANIFEST, ImageKeys, digests
 from asset_library.layout import LibraryLayout
-from asset_library.orchestrate import ingest_batch
+from asset_library.runs.orchestrate import ingest_batch
 from asset_library.serve import ServeSettings, create_app
 from asset_library.serve.reads import duplicate_groups
 from asset_library.similarity import GROUPS_FILE, SimilarityIndex

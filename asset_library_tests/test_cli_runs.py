@@ -19,7 +19,7 @@ import pytest
 
 from asset_library.cli import main
 from asset_library.library import Library
-from asset_library.terminal_runs import open_instance
+from asset_library.runs.instance import open_instance
 
 PROJECT = Path(__file__).resolve().parents[1]
 #: libtiff complains about this file ("_tiffReadProc: Invalid Read at loc 3309, eof: 2529."): its

@@ -133,3 +133,17 @@ def test_s3_keys_from_the_environment_stay_environment_variables(tmp_path, monke
     assert library.lake_storage_options["AWS_REGION"]
     lake = library.lake()
     assert lake.storage_options["AWS_SECRET_ACCESS_KEY"] == "secret-from-env"
+
+
+def test_the_library_wide_jobs_carry_the_serial_tag_the_instance_limits():
+    """The tag that serialises the library-wide writers is spelled once: the jobs carry it and
+    the instance's concurrency limit names it."""
+    import yaml
+
+    from asset_library.defs.tags import SERIAL_TAG, SERIAL_VALUE
+
+    limits = yaml.safe_load((ROOT / "dagster.yaml").read_text())["concurrency"]["runs"]
+    assert {"key": SERIAL_TAG, "limit": 1} in limits["tag_concurrency_limits"]
+    defs = load_defs()
+    for name in ("refresh_library", "compact_library", "audit_library"):
+        assert defs.resolve_job_def(name).tags.get(SERIAL_TAG) == SERIAL_VALUE

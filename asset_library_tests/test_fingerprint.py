@@ -15,8 +15,8 @@ import pytest
 from PIL import Image, ImageOps, TiffImagePlugin
 
 from asset_library.ingest.fingerprint import DEFAULT_MAX_PIXELS, Fingerprint, fingerprint, hamming
-from asset_library.ingest.workers import fingerprint_many
-from asset_library.thresholds import DEFAULT_PHASH_THRESHOLD
+from asset_library.ingest.pool import fingerprint_many
+from asset_library.search.thresholds import DEFAULT_PHASH_THRESHOLD
 
 HASHES = ("phash", "ahash", "dhash")
 NEAR_LABELS = {"exact", "reencode", "resize", "exif-orientation"}

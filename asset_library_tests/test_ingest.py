@@ -11,7 +11,7 @@ import pytest
 from deltalake import DeltaTable
 
 from asset_library.library import Library
-from asset_library.orchestrate import PlanningFailed, ingest_batch
+from asset_library.runs.orchestrate import PlanningFailed, ingest_batch
 from asset_library.storage import LocalObjectStore, object_key
 
 

@@ -1034,7 +1034,7 @@ def test_on_s3_two_shards_commit_at_once_and_a_reader_reads_through_a_replace(
 def test_a_batch_ingests_with_the_lake_on_s3(tmp_path, s3_env, s3_bucket, corpus_dir, monkeypatch):
     import dagster as dg
 
-    from asset_library.orchestrate import ingest_batch
+    from asset_library.runs.orchestrate import ingest_batch
 
     env = {**s3_env, "ASSET_LIBRARY_LAKE": f"s3://{s3_bucket}/lake"}
     with dg.instance_for_test() as instance:

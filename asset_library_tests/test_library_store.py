@@ -21,7 +21,7 @@ from asset_library.defs.resources import (
 )
 from asset_library.layout import LibraryLayout
 from asset_library.library import Library
-from asset_library.orchestrate import IngestSummary, ingest_batch
+from asset_library.runs.orchestrate import IngestSummary, ingest_batch
 from asset_library.storage import (
     LocalObjectStore,
     ObjectStore,
@@ -50,6 +50,17 @@ def _keys_in(client, bucket: str) -> list[str]:
 
 
 # -- the store a library records ----------------------------------------------------------------
+
+
+def test_the_layout_names_every_file_existing_libraries_hold(tmp_path: Path) -> None:
+    """Each file of a library is named in one place, with the names libraries already hold."""
+    layout = LibraryLayout.open(tmp_path)
+    root = layout.root
+    assert layout.settings_path == root / "library.json" and layout.settings_path.is_file()
+    assert layout.plan_path("b1") == root / "plans" / "b1" / "plan.json"
+    assert layout.segments_manifest_path == root / "index" / "segments.json"
+    assert layout.near_duplicates_path == root / "index" / "near_duplicates.parquet"
+    assert layout.dagster_home == root / ".dagster"
 
 
 def test_a_library_records_its_store_so_a_moved_copy_still_finds_its_bytes(tmp_path: Path):

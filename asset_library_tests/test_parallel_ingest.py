@@ -9,9 +9,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from asset_library.defs.tags import ATTEMPT_TAG
 from asset_library.library import Library
-from asset_library.orchestrate import ingest_batch
-from asset_library.terminal_runs import ATTEMPT_TAG
+from asset_library.runs.orchestrate import ingest_batch
 
 #: Twelve JPEGs of a few hundred KB: shards of two take a second or two each.
 ORIENTATION = "github_recurser_exif-orientation-examples"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from asset_library.processes import (
+from asset_library.runs.processes import (
     process_is_gone,
     process_token,
     stop_signals_deferred,

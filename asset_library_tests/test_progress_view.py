@@ -8,8 +8,8 @@ import time
 
 from asset_library.ingest.progress import read_progress, write_progress
 from asset_library.layout import LibraryLayout
-from asset_library.orchestrate import RunningShard
-from asset_library.progress_view import ProgressView, describe, format_seconds
+from asset_library.runs.orchestrate import RunningShard
+from asset_library.runs.progress_view import ProgressView, describe, format_seconds
 
 
 def test_a_progress_file_round_trips_and_gives_an_eta(tmp_path):

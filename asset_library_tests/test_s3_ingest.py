@@ -15,7 +15,7 @@ from asset_library.definitions import build_definitions
 from asset_library.defs.resources import build_resources
 from asset_library.ingest.landing import find_ready_batches
 from asset_library.library import Library
-from asset_library.orchestrate import ingest_batch
+from asset_library.runs.orchestrate import ingest_batch
 from asset_library.storage import object_key
 from asset_library_tests.seaweedfs import SeaweedS3
 

@@ -32,17 +32,17 @@ from asset_library.ingest.fingerprint import (
     phash_block,
     phash_pixels,
 )
+from asset_library.ingest.pool import FingerprintPool, fingerprint_many
 from asset_library.ingest.shard import ingest_shard
 from asset_library.ingest.sources import SourceItem
-from asset_library.ingest.workers import FingerprintPool, fingerprint_many
 from asset_library.search import HammingIndex
 from asset_library.search.quality import confirmed, informative
-from asset_library.storage import LocalObjectStore
-from asset_library.thresholds import (
+from asset_library.search.thresholds import (
     DEFAULT_CONFIRM_DISTANCE,
     DEFAULT_MIN_QUALITY,
     DEFAULT_PHASH_THRESHOLD,
 )
+from asset_library.storage import LocalObjectStore
 from asset_library_tests.photo_set import flat_images, photo_paths, photographs
 
 FOUND_RELATIONS = {"exact", "reencode", "resize", "exif-orientation"}

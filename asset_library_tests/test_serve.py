@@ -13,9 +13,9 @@ from PIL import Image
 
 from asset_library import Library
 from asset_library.cli import main
-from asset_library.orchestrate import ingest_batch
+from asset_library.runs.orchestrate import ingest_batch
+from asset_library.search.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_PHASH_THRESHOLD
 from asset_library.similarity import SimilarityIndex
-from asset_library.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_PHASH_THRESHOLD
 
 NEAR_LABELS = {"exact", "reencode", "resize", "exif-orientation"}
 

@@ -21,7 +21,7 @@ from PIL import Image
 from asset_library import Library
 from asset_library.cli import main
 from asset_library.lake.catalog import MACROS
-from asset_library.orchestrate import ingest_batch
+from asset_library.runs.orchestrate import ingest_batch
 from asset_library.serve import ServeRefused, ServeSettings, create_app
 from asset_library.serve.settings import TOKEN_ENV, default_cache_dir
 from asset_library.serve.uploads import DecodePool, PoolBusy

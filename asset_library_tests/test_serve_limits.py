@@ -24,7 +24,7 @@ from PIL import Image
 
 from asset_library import Library
 from asset_library.layout import LibraryLayout
-from asset_library.orchestrate import ingest_batch
+from asset_library.runs.orchestrate import ingest_batch
 from asset_library.serve import ServeSettings, create_app
 from asset_library.serve.settings import TOKEN_ENV
 from asset_library.storage import DamageRecord, object_key, verify_objects

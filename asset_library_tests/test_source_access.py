@@ -16,7 +16,7 @@ import pytest
 from asset_library.ingest.access import ReadPolicy, SourceReadError
 from asset_library.ingest.plan import load_plan
 from asset_library.library import Library
-from asset_library.orchestrate import ingest_batch
+from asset_library.runs.orchestrate import ingest_batch
 from asset_library.storage import LocalObjectStore
 
 FOREST = "github_jenssegers_imagehash/forest"

@@ -14,14 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from asset_library.cli import main
-from asset_library.library import Library
-from asset_library.orchestrate import ingest_batch
-from asset_library.sql_guard import (
+from asset_library.lake.sql_guard import (
     InvalidQueryError,
     ReadOnlyQueryError,
     check_read_only_query,
     lock_down,
 )
+from asset_library.library import Library
+from asset_library.runs.orchestrate import ingest_batch
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
+from asset_library.defs.resources import s3_resource_from_env
+from asset_library.ids import check_md5, is_md5_key
+from asset_library.s3 import DEFAULT_REGION, delta_storage_options, is_s3, s3_settings
 from asset_library.storage import (
     DigestMismatchError,
     LocalObjectStore,
@@ -98,6 +101,15 @@ def test_object_key_refuses_non_md5(bad: str) -> None:
         object_key(bad)
 
 
+def test_the_md5_rules_storage_uses_are_the_ids_rules() -> None:
+    """A stored key is the lower-case form ``check_md5`` gives; any other spelling is refused."""
+    upper = "D41D8CD98F00B204E9800998ECF8427E"
+    assert is_md5_key(check_md5(upper)) and not is_md5_key(upper)
+    assert not is_md5_key(None) and not is_md5_key("g" * 32) and not is_md5_key("a" * 31)
+    with pytest.raises(ValueError, match=upper):
+        object_key(upper)
+
+
 def test_object_key_refuses_non_string() -> None:
     with pytest.raises(ValueError, match="b'"):
         object_key(b"0123456789abcdef0123456789abcdef")  # type: ignore[arg-type]
@@ -127,6 +139,34 @@ def test_parse_s3_uri() -> None:
 
 
 # -- both stores --------------------------------------------------------------------------------
+
+
+def test_one_reading_of_the_s3_settings() -> None:
+    """The boto3 client, the Dagster resource and the lake's options read one set of variables
+    with one default, and one test says what an S3 location is."""
+    environ = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k"}
+    settings = s3_settings(environ)
+    assert (settings.endpoint_url, settings.region, settings.allow_http) == (
+        "http://127.0.0.1:9",
+        DEFAULT_REGION,
+        True,
+    )
+    assert settings.secrets == {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": None,
+        "AWS_SESSION_TOKEN": None,
+    }
+    resource = s3_resource_from_env({**environ, "S3_ENDPOINT_URL": "https://s3.example"})
+    assert (resource.endpoint_url, resource.region_name) == ("https://s3.example", DEFAULT_REGION)
+    assert delta_storage_options({**environ, "AWS_DEFAULT_REGION": "eu-west-1"}) == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_REGION": "eu-west-1",
+        "conditional_put": "etag",
+    }
+    assert is_s3("s3://bucket/prefix")
+    assert not is_s3("/srv/s3://x") and not is_s3("S3://bucket")
 
 
 def test_put_then_read(store: ObjectStore, images: list[tuple[bytes, str]]) -> None:

@@ -69,10 +69,10 @@ from PIL import Image
 
 from asset_library.ingest import fingerprint as fingerprint_module
 from asset_library.ingest.fingerprint import fingerprint, hamming
-from asset_library.ingest.workers import FingerprintPool
+from asset_library.ingest.pool import FingerprintPool
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE = ("asset_library/ingest/fingerprint.py", "asset_library/ingest/workers.py")
+CODE = ("asset_library/ingest/fingerprint.py", "asset_library/ingest/pool.py")
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus"
 
 TARGET_CORPUS = 3.0

@@ -76,7 +76,7 @@ from typing import Any
 # are spawned and re-import this file as their main module, so heavier imports (pyarrow, boto3)
 # are done inside the functions that use them, keeping worker memory as in production.
 from asset_library.ingest.fingerprint import Fingerprint
-from asset_library.ingest.workers import FingerprintPool
+from asset_library.ingest.pool import FingerprintPool
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus"

@@ -40,10 +40,10 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from asset_library.ingest.dihedral import query_fingerprint
 from asset_library.ingest.fingerprint import Fingerprint, fingerprint, hamming
-from asset_library.ingest.workers import fingerprint_many
+from asset_library.ingest.pool import fingerprint_many
 from asset_library.search import HammingIndex
 from asset_library.search.quality import confirmed, informative
-from asset_library.thresholds import (
+from asset_library.search.thresholds import (
     DEFAULT_CONFIRM_DISTANCE,
     DEFAULT_MIN_QUALITY,
     DEFAULT_PHASH_THRESHOLD,

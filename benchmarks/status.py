@@ -39,7 +39,7 @@ from asset_library.layout import LibraryLayout
 
 def build(root: Path, shards: int, batches: int) -> tuple[dg.DagsterInstance, list[list[str]]]:
     layout = LibraryLayout.open(root)
-    home = root / ".dagster"
+    home = layout.dagster_home
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     instance = dg.DagsterInstance.from_config(str(home))
@@ -98,8 +98,9 @@ def main() -> None:
     shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
     with tempfile.TemporaryDirectory(dir=shm) as folder:
         root = args.at or Path(folder) / "library"
-        if (root / ".dagster").is_dir():
-            instance = dg.DagsterInstance.from_config(str(root / ".dagster"))
+        home = LibraryLayout(root).dagster_home
+        if home.is_dir():
+            instance = dg.DagsterInstance.from_config(str(home))
             per_batch = args.shards // args.batches
             keys = [[f"b{b:03d}-s{s:05d}" for s in range(per_batch)] for b in range(args.batches)]
         else:
@@ -127,7 +128,7 @@ def measure(instance: dg.DagsterInstance, keys: list[list[str]], rounds: int) ->
 def command(root: Path) -> None:
     """The whole command in a fresh process: wall time, and CPU time (on a shared machine the
     wall time mostly measures the other jobs)."""
-    env = {**os.environ, "DAGSTER_HOME": str(root / ".dagster")}
+    env = {**os.environ, "DAGSTER_HOME": str(LibraryLayout(root).dagster_home)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(

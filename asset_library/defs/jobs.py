@@ -3,9 +3,10 @@
 import dagster as dg
 
 from asset_library.defs.partitions import SHARD_OUTPUTS
+from asset_library.defs.tags import SERIAL_TAG, SERIAL_VALUE
 
-#: Runs that write library-wide files carry this tag; dagster.yaml lets one run at a time.
-SERIAL_TAG = {"asset_library/serial": "library"}
+#: Runs that write library-wide files: one at a time (dagster.yaml).
+SERIAL_TAGS = {SERIAL_TAG: SERIAL_VALUE}
 
 plan_batch_job = dg.define_asset_job(
     "plan_batch",
@@ -23,7 +24,7 @@ ingest_shard_job = dg.define_asset_job(
 refresh_library_job = dg.define_asset_job(
     "refresh_library",
     selection=["images", "similarity_index", "near_duplicate_groups", "serving_store"],
-    tags=SERIAL_TAG,
+    tags=SERIAL_TAGS,
     description="Merge the shards that landed into images (touched buckets only), then bring "
     "the similarity index, the near-duplicate groups and the serving store level with it.",
 )
@@ -31,14 +32,14 @@ refresh_library_job = dg.define_asset_job(
 compact_library_job = dg.define_asset_job(
     "compact_library",
     selection=["lake_compaction"],
-    tags=SERIAL_TAG,
+    tags=SERIAL_TAGS,
     description="Compact every table to about one file per bucket and vacuum replaced files.",
 )
 
 audit_library_job = dg.define_asset_job(
     "audit_library",
     selection=["library_audit"],
-    tags=SERIAL_TAG,
+    tags=SERIAL_TAGS,
     description="The library-wide checks: md5 unique, hash coverage, uploads present, "
     "attribute keys among images, each occurrence counted once.",
 )

@@ -46,10 +46,10 @@ from asset_library.ingest.access import (
     max_image_bytes_from,
 )
 from asset_library.ingest.plan import DEFAULT_MAX_IMAGES_PER_SHARD
-from asset_library.ingest.sources import is_s3, read_uri
+from asset_library.ingest.sources import read_uri
 from asset_library.lake import Lake
-from asset_library.lake.tables import s3_storage_options
 from asset_library.layout import LibraryLayout
+from asset_library.s3 import SECRET_VARIABLES, delta_storage_options, is_s3, s3_settings
 from asset_library.storage import (
     LocalObjectStore,
     ObjectStore,
@@ -63,9 +63,6 @@ DEFAULT_VERIFY_SAMPLE = 100
 #: What the Dagster layer opens DuckDB with (the keys preview, the shard's checks): in memory,
 #: one connection per use, so runs side by side never wait on a file lock.
 IN_MEMORY_DUCKDB = DuckDBResource(database=":memory:")
-
-#: Read from the environment when a run starts, never written into the run's config.
-SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 class LibraryResource(dg.ConfigurableResource):
@@ -86,11 +83,11 @@ class LibraryResource(dg.ConfigurableResource):
 
     def lake(self) -> Lake:
         layout = self.layout()
-        if self.lake_location.startswith("s3://"):
+        if is_s3(self.lake_location):
             if layout.settings().get("lake") != self.lake_location:
                 # Readers of this library find its lake here (a URI, never a local path).
                 layout.update_settings(lake=self.lake_location)
-            secrets = {name: os.environ[name] for name in SECRET_VARIABLES if os.environ.get(name)}
+            secrets = {name: value for name, value in s3_settings().secrets.items() if value}
             options = {**secrets, **self.lake_storage_options}
             return Lake(self.lake_location, layout.n_buckets, options, layout.image_keys_dir)
         if self.lake_location:
@@ -174,18 +171,14 @@ class LandingZoneResource(dg.ConfigurableResource):
 def s3_resource_from_env(environ: Mapping[str, str]) -> S3Resource:
     """The S3 resource; keys that come from this process's environment stay ``dg.EnvVar``s
     (the UI shows the variable, not the secret); keys given in ``environ`` alone are literal."""
+    settings = s3_settings(environ)
     secrets: dict[str, Any] = {}
-    for name in SECRET_VARIABLES:
-        value = environ.get(name)
+    for name, value in settings.secrets.items():
         if value and os.environ.get(name) == value:
             secrets[name.lower()] = dg.EnvVar(name)
         else:
             secrets[name.lower()] = value
-    return S3Resource(
-        endpoint_url=environ.get("S3_ENDPOINT_URL") or environ.get("AWS_ENDPOINT_URL"),
-        region_name=environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        **secrets,
-    )
+    return S3Resource(endpoint_url=settings.endpoint_url, region_name=settings.region, **secrets)
 
 
 def _home(environ: Mapping[str, str], root: str | None) -> str:
@@ -253,7 +246,7 @@ def build_resources(
         "library": LibraryResource(
             root=home,
             lake_location=lake,
-            lake_storage_options=_without_process_secrets(s3_storage_options(environ))
+            lake_storage_options=_without_process_secrets(delta_storage_options(environ))
             if is_s3(lake)
             else {},
             workers=workers,

@@ -33,9 +33,10 @@ from asset_library.ingest.landing import (
     record_skipped,
 )
 from asset_library.ingest.plan import load_plan
-from asset_library.ingest.sources import is_s3, normalize_source
+from asset_library.ingest.sources import normalize_source
 from asset_library.ingest.triggers import new_trigger_id
 from asset_library.layout import LibraryLayout
+from asset_library.s3 import is_s3
 
 #: Keeps a tick well inside the 60 s sensor timeout: the daemon checks each new key.
 MAX_BATCHES_PER_TICK = 50
@@ -111,9 +112,8 @@ def _plan_request(source: str, batch: str, trigger: str) -> dg.RunRequest:
 def _holder_of(instance: dg.DagsterInstance, layout: LibraryLayout, batch: str) -> str | None:
     """What already holds ``batch``, if anything: a plan (from the CLI or an earlier landing)
     or a partition the sensor requested before."""
-    plan_dir = layout.plan_dir(batch)
-    if (plan_dir / "plan.json").exists():
-        return f"taken by the batch planned from {load_plan(plan_dir).source}"
+    if layout.plan_path(batch).exists():
+        return f"taken by the batch planned from {load_plan(layout.plan_dir(batch)).source}"
     if instance.has_dynamic_partition(batches_partitions.name, batch):
         return "taken by an existing batch (its plan run has not written a plan yet)"
     return None
@@ -162,10 +162,10 @@ def _ready_to_request(
 
 def _swallowed(layout: LibraryLayout, landed: LandedBatch) -> bool:
     """Whether an earlier version saw ``landed`` and gave it the id of another source's plan."""
-    plan_dir = layout.plan_dir(legacy_batch_id(landed.name))
-    return (plan_dir / "plan.json").exists() and load_plan(plan_dir).source != normalize_source(
-        landed.source
-    )
+    batch = legacy_batch_id(landed.name)
+    return layout.plan_path(batch).exists() and load_plan(
+        layout.plan_dir(batch)
+    ).source != normalize_source(landed.source)
 
 
 @dg.sensor(

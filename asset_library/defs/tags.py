@@ -1,8 +1,9 @@
-"""Run tags that trace a run to its batch and to what started it.
+"""Every run tag the library sets or reads: its own, and Dagster's it relies on.
 
-Launchers that know the batch (the sensors, the schedule, the CLI) set both tags on the run
-request. Launchers that cannot (a partition launched from the UI, an asset backfill, GraphQL)
-start runs without them: the run then tags itself when it starts (``tag_run``)."""
+The batch and trigger tags trace a run to its batch and to what started it. Launchers that know
+the batch (the sensors, the schedule, the CLI) set both tags on the run request. Launchers that
+cannot (a partition launched from the UI, an asset backfill, GraphQL) start runs without them:
+the run then tags itself when it starts (``tag_run``)."""
 
 from collections.abc import Mapping
 
@@ -17,8 +18,20 @@ SEVERAL = "several"
 #: Tag values stay readable in the run list: a longer list is cut and ends in "...".
 MAX_BATCHES_TAG_CHARS = 1000
 
+#: Runs that write library-wide files carry this tag (value :data:`SERIAL_VALUE`); dagster.yaml
+#: lets one such run go at a time.
+SERIAL_TAG = "asset_library/serial"
+SERIAL_VALUE = "library"
+#: Runs started from a terminal carry the identity of the process that runs them.
+PROCESS_TAG = "asset_library/process"
+#: A retried shard's run says which attempt it is (1 for the first).
+ATTEMPT_TAG = "asset_library/attempt"
+
+#: Dagster's own tags.
 BACKFILL_TAG = "dagster/backfill"
 FROM_UI_TAG = "dagster/from_ui"
+PARTITION_TAG = "dagster/partition"
+MAX_RETRIES_TAG = "dagster/max_retries"
 
 
 def batch_tags(batches: list[str]) -> dict[str, str]:

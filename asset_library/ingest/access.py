@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from asset_library.s3 import is_s3
 from asset_library.storage import parse_s3_uri
 
 ALLOWED_ROOTS_ENV = "ASSET_LIBRARY_ALLOWED_ROOTS"
@@ -58,7 +59,7 @@ def resolved(path: str | Path) -> str:
 def batch_roots(source: str, operator_roots: Iterable[str] = ()) -> list[str]:
     """The folders a batch may read: its own root (none for S3 sources), then the operator's."""
     own: list[str] = []
-    if not source.startswith("s3://"):
+    if not is_s3(source):
         path = resolved(source)
         own.append(path if os.path.isdir(path) else os.path.dirname(path))
     return list(dict.fromkeys([*own, *operator_roots]))

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from asset_library.ingest.sources import READY_MARKER, is_manifest, is_s3
+from asset_library.ingest.sources import READY_MARKER, is_manifest
 from asset_library.layout import atomic_write_text
+from asset_library.s3 import is_s3
 from asset_library.storage import parse_s3_uri
 
 

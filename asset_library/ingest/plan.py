@@ -24,7 +24,13 @@ import pyarrow.parquet as pq
 
 from asset_library.ids import shard_key
 from asset_library.ingest.sources import SourceItem
-from asset_library.layout import TEMP_SUFFIX, atomic_write_text, rename_durably, temp_path_for
+from asset_library.layout import (
+    PLAN_FILE,
+    TEMP_SUFFIX,
+    atomic_write_text,
+    rename_durably,
+    temp_path_for,
+)
 
 DEFAULT_MAX_IMAGES_PER_SHARD = 10_000_000
 _PLAN_SCHEMA = pa.schema([("ordinal", pa.int64()), ("uri", pa.string()), ("extras", pa.string())])
@@ -71,7 +77,7 @@ class BatchExistsError(ValueError):
 
 def check_new_batch(plan_dir: Path, batch: str, *, replace: bool = False) -> BatchPlan | None:
     """The batch's current plan, if any; :class:`BatchExistsError` unless ``replace``."""
-    existing = load_plan(plan_dir) if (plan_dir / "plan.json").exists() else None
+    existing = load_plan(plan_dir) if (plan_dir / PLAN_FILE).exists() else None
     if existing is not None and not replace:
         raise BatchExistsError(
             f"batch {batch!r} already exists ({existing.images:,} images in "
@@ -147,7 +153,7 @@ def _write_plan(
         shards=shards,
         roots=roots,
     )
-    atomic_write_text(staging / "plan.json", plan.to_json())
+    atomic_write_text(staging / PLAN_FILE, plan.to_json())
     return plan
 
 
@@ -162,7 +168,7 @@ def _move_into_place(staging: Path, plan_dir: Path, plan: BatchPlan, *, replace:
             "ingest it under a new batch id instead"
         )
     if old is None:
-        if plan_dir.exists() and not (plan_dir / "plan.json").exists():
+        if plan_dir.exists() and not (plan_dir / PLAN_FILE).exists():
             shutil.rmtree(plan_dir)  # what a planner killed before its rename left
         try:
             rename_durably(staging, plan_dir, os.rename)
@@ -177,7 +183,7 @@ def _move_into_place(staging: Path, plan_dir: Path, plan: BatchPlan, *, replace:
 
 
 def load_plan(plan_dir: Path) -> BatchPlan:
-    return BatchPlan.from_json((plan_dir / "plan.json").read_text())
+    return BatchPlan.from_json((plan_dir / PLAN_FILE).read_text())
 
 
 def read_shard_items(path: str | Path) -> Iterable[tuple[int, SourceItem]]:

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 from asset_library.ids import bucket_of
 from asset_library.ingest.fingerprint import Fingerprint, rejected_unreadable
+from asset_library.ingest.pool import FingerprintPool
 from asset_library.ingest.sources import SourceItem, SourceReadError
-from asset_library.ingest.workers import FingerprintPool
 from asset_library.layout import rename_durably, temp_path_for
 from asset_library.schema import IMAGE_COLUMNS, TIMESTAMP
 from asset_library.storage import DamageRecord, ObjectStore, PutResult, object_key

@@ -30,6 +30,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from asset_library.ingest.access import ReadPolicy, SourceReadError, resolved
+from asset_library.s3 import is_s3
 from asset_library.storage import parse_s3_uri
 
 __all__ = ["ManifestError", "SourceItem", "SourceReadError", "iter_batch", "read_uri"]
@@ -52,10 +53,6 @@ class SourceItem:
 
 class ManifestError(ValueError):
     """A manifest that cannot be planned; the message names the file, the row and the reason."""
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
 
 
 def is_manifest(location: str) -> bool:

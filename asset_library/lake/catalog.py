@@ -27,6 +27,7 @@ import pyarrow.dataset as pds
 from deltalake import DeltaTable
 
 from asset_library.lake.scan import LakeDataset, lake_dataset, read_keys
+from asset_library.lake.sql_guard import check_read_only_query, lock_down
 from asset_library.lake.tables import (
     INDEX_SQL,
     PARTITIONS,
@@ -35,7 +36,6 @@ from asset_library.lake.tables import (
     attribute_part_sql,
     is_outdated_index,
 )
-from asset_library.sql_guard import check_read_only_query, lock_down
 
 #: Rows of the near-duplicate groups: the group (numbered from the largest), its size, members.
 NEAR_DUPLICATES_SCHEMA = pa.schema(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from asset_library.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
+from asset_library.search.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 
 #: The hash that confirms a match of each kind: dHash for pHash and aHash searches, pHash for a
 #: dHash search.

@@ -28,6 +28,7 @@ from asset_library.ids import InvalidIdError, check_md5
 from asset_library.lake.catalog import MACRO_HELP, macro_signature
 from asset_library.layout import LibraryLayout
 from asset_library.library import ImageNotFoundError, Library
+from asset_library.search.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 from asset_library.serve import reads
 from asset_library.serve.auth import TokenRequired
 from asset_library.serve.settings import ServeSettings
@@ -42,7 +43,6 @@ from asset_library.storage import (
     object_key,
     read_image,
 )
-from asset_library.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

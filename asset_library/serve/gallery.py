@@ -15,10 +15,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from asset_library.ids import check_md5, is_md5
 from asset_library.lake.catalog import MACRO_HELP, macro_signature
 from asset_library.library import Library
+from asset_library.search.thresholds import DEFAULT_MIN_QUALITY, DEFAULT_PHASH_THRESHOLD
 from asset_library.serve import reads
 from asset_library.serve.auth import COOKIE
 from asset_library.similarity import IndexNotReady
-from asset_library.thresholds import DEFAULT_MIN_QUALITY, DEFAULT_PHASH_THRESHOLD
 
 GROUPS_PER_PAGE = 20
 #: Thumbnails shown in a group's row on the groups page; the group page shows them all.

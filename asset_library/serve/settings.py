@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from asset_library.layout import default_library_path
+from asset_library.layout import SETTINGS_FILE, LibraryLayout, default_library_path
 from asset_library.serve.uploads import DEFAULT_PIXEL_BUDGET
 
 #: The bearer token every request must carry; required to listen beyond loopback.
@@ -73,8 +73,8 @@ class ServeSettings:
         """Settings from the command line and the environment; :class:`ServeRefused` when the
         host is not loopback and no token is set, or the cache would sit inside the library."""
         root = Path(library).expanduser().resolve() if library else default_library_path()
-        if not (root / "library.json").exists():
-            raise ServeRefused(f"no asset library at {root} (no library.json)")
+        if not LibraryLayout(root).settings_path.exists():
+            raise ServeRefused(f"no asset library at {root} (no {SETTINGS_FILE})")
         token = environ.get(TOKEN_ENV) or None
         if not is_loopback(host) and token is None:
             raise ServeRefused(

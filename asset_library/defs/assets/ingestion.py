@@ -29,13 +29,14 @@ from asset_library.defs.tags import BATCH_TAG, TRIGGER_TAG, tag_run
 from asset_library.ids import batch_of, check_batch_id
 from asset_library.ingest.access import ReadPolicy, batch_roots
 from asset_library.ingest.plan import load_plan, plan_batch, read_shard_items
+from asset_library.ingest.pool import FingerprintPool
 from asset_library.ingest.progress import write_progress
 from asset_library.ingest.shard import ShardStats, ingest_shard
-from asset_library.ingest.sources import SourceItem, is_s3, iter_batch, normalize_source
+from asset_library.ingest.sources import SourceItem, iter_batch, normalize_source
 from asset_library.ingest.triggers import TriggerRecord, write_trigger
-from asset_library.ingest.workers import FingerprintPool
 from asset_library.lake import write_shard
-from asset_library.processes import stop_signals_deferred
+from asset_library.runs.processes import stop_signals_deferred
+from asset_library.s3 import is_s3
 from asset_library.storage import DamageRecord
 
 GROUP = "ingestion"
@@ -112,7 +113,7 @@ def batch_plan(
             "shard_keys": dg.MetadataValue.md(
                 "\n".join(f"- `{s.key}`: {s.images:,} images" for s in plan.shards[:50])
             ),
-            "plan": dg.MetadataValue.path(str(layout.plan_dir(batch) / "plan.json")),
+            "plan": dg.MetadataValue.path(str(layout.plan_path(batch))),
         }
     )
 

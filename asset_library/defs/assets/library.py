@@ -11,13 +11,13 @@ from asset_library.defs.tags import tag_run
 from asset_library.ids import batch_of
 from asset_library.lake import Catalog, merge_images
 from asset_library.lake.tables import lake_files, row_count
-from asset_library.similarity import NearDuplicates, SimilarityIndex
-from asset_library.storage import DamageRecord
-from asset_library.thresholds import (
+from asset_library.search.thresholds import (
     DEFAULT_CONFIRM_DISTANCE,
     DEFAULT_MIN_QUALITY,
     DEFAULT_PHASH_THRESHOLD,
 )
+from asset_library.similarity import NearDuplicates, SimilarityIndex
+from asset_library.storage import DamageRecord
 
 GROUP = "library"
 

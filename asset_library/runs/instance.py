@@ -13,13 +13,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from asset_library.defs.tags import PROCESS_TAG
 from asset_library.layout import LibraryLayout
-from asset_library.processes import process_is_gone
-
-#: Runs started from a terminal carry the identity of the process that runs them.
-PROCESS_TAG = "asset_library/process"
-#: A retried shard's run says which attempt it is (1 for the first).
-ATTEMPT_TAG = "asset_library/attempt"
+from asset_library.runs.processes import process_is_gone
 
 #: Statuses of a run that has not ended; the CLI's runs never wait in a queue.
 NOT_ENDED = [
@@ -32,7 +28,7 @@ NOT_ENDED = [
 
 def instance_home(layout: LibraryLayout) -> Path:
     """The library's own Dagster instance folder, so the UI on this library sees these runs."""
-    home = layout.root / ".dagster"
+    home = layout.dagster_home
     home.mkdir(parents=True, exist_ok=True)
     project_yaml = Path.cwd() / "dagster.yaml"
     if not (home / "dagster.yaml").exists() and project_yaml.exists():

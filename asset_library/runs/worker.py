@@ -69,8 +69,8 @@ def run_job(
     instance: dg.DagsterInstance, job: str, tags: dict[str, str], config: dict[str, Any]
 ) -> dict[str, Any]:
     """Run ``job`` to its end; what the parent needs to know about it, as plain JSON."""
-    from asset_library.processes import process_token
-    from asset_library.terminal_runs import PROCESS_TAG
+    from asset_library.defs.tags import PROCESS_TAG
+    from asset_library.runs.processes import process_token
 
     tags = {**tags, PROCESS_TAG: process_token()}
     try:
@@ -154,7 +154,7 @@ class Worker:
         self._unread = b""  # what the worker wrote past its last full line
         self._log_file = log.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from asset_library.run_worker import serve; serve()"],
+            [sys.executable, "-c", "from asset_library.runs.worker import serve; serve()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log_file,

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TextIO
 
-from asset_library.orchestrate import RunningShard
+from asset_library.runs.orchestrate import RunningShard
 
 #: ANSI: cursor up one line, and erase the line.
 _UP, _ERASE = "\x1b[1A", "\x1b[2K"

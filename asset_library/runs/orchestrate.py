@@ -3,8 +3,8 @@
 ``asset-library ingest`` plans a batch, runs its shards side by side, each as its own
 ``ingest_shard`` run, then the ``refresh_library`` run (images merge, similarity index), all
 recorded in the library's Dagster instance, so ``dagster dev`` on the same library shows them as
-if the sensors had launched them. Runs execute in worker processes (:mod:`run_worker`) through
-Dagster's public execution API; no daemon and no server are needed.
+if the sensors had launched them. Runs execute in run workers (:mod:`asset_library.runs.worker`)
+through Dagster's public execution API; no daemon and no server are needed.
 
 No daemon watches these runs, so the runner looks after them itself: a failed shard is run again
 (up to the retries asked for), Ctrl-C stops the running shards (their runs end failed or
@@ -29,20 +29,26 @@ from typing import Any
 
 import dagster as dg
 
-from asset_library.defs.assets.ingestion import BATCH_TAG, TRIGGER_TAG
 from asset_library.defs.partitions import batches_partitions
 from asset_library.defs.resources import build_resources
+from asset_library.defs.tags import (
+    ATTEMPT_TAG,
+    BATCH_TAG,
+    MAX_RETRIES_TAG,
+    PARTITION_TAG,
+    TRIGGER_TAG,
+)
 from asset_library.ids import batch_id_for, check_batch_id
 from asset_library.ingest.plan import BatchPlan, check_new_batch, load_plan
+from asset_library.ingest.pool import default_workers
 from asset_library.ingest.progress import ShardProgress, read_progress
 from asset_library.ingest.sources import check_source
 from asset_library.ingest.triggers import new_trigger_id
-from asset_library.ingest.workers import default_workers
 from asset_library.layout import LibraryLayout
-from asset_library.processes import stop_signals_deferred
-from asset_library.run_worker import INSTANCE_ENV, RunWorkers
+from asset_library.runs.instance import NOT_ENDED, local_instance, reap_dead_runs
+from asset_library.runs.processes import stop_signals_deferred
+from asset_library.runs.worker import INSTANCE_ENV, RunWorkers
 from asset_library.storage import bind_store
-from asset_library.terminal_runs import ATTEMPT_TAG, NOT_ENDED, local_instance, reap_dead_runs
 
 Progress = Callable[[str], None]
 
@@ -173,7 +179,7 @@ def ingest_batch(
     trigger = new_trigger_id("cli")
     summary = IngestSummary(batch=batch, trigger=trigger, parallel=parallel)
     # This process retries its shards itself; a daemon on the same instance must not as well.
-    tags = {BATCH_TAG: batch, TRIGGER_TAG: trigger, "dagster/max_retries": "0"}
+    tags = {BATCH_TAG: batch, TRIGGER_TAG: trigger, MAX_RETRIES_TAG: "0"}
 
     for run in reap_dead_runs(instance):
         summary.reaped_runs.append(run.run_id)
@@ -197,7 +203,7 @@ def ingest_batch(
             if max_images_per_shard is not None:
                 plan_config["max_images_per_shard"] = max_images_per_shard
             config = {"ops": {"batch_plan": {"config": plan_config}}}
-            plan_tags = {**tags, "dagster/partition": batch}
+            plan_tags = {**tags, PARTITION_TAG: batch}
             planned = _run_one(pool, instance, "plan_batch", plan_tags, config)
             if not planned["success"]:
                 raise PlanningFailed(planned["failure"] or f"planning {source} failed")
@@ -270,7 +276,7 @@ def _run_shards(
         while waiting and (worker := pool.idle()) is not None:
             shard, attempt = waiting.popleft()
             layout.progress_path(shard).unlink(missing_ok=True)
-            shard_tags = {**tags, "dagster/partition": shard, ATTEMPT_TAG: str(attempt)}
+            shard_tags = {**tags, PARTITION_TAG: shard, ATTEMPT_TAG: str(attempt)}
             worker.submit(shard, "ingest_shard", shard_tags, {})
             running[shard] = RunningShard(shard, attempt, time.monotonic())
         for shard, answer in _answers(pool, instance, timeout=0.5):
@@ -363,7 +369,7 @@ def _stopped(
         if run.status in NOT_ENDED:
             instance.report_run_canceled(run, "Interrupted (Ctrl-C) before the run finished.")
         elif run.status == dg.DagsterRunStatus.SUCCESS and run.job_name == "ingest_shard":
-            succeeded.add(run.tags.get("dagster/partition"))
+            succeeded.add(run.tags.get(PARTITION_TAG))
     summary.interrupted = True
     if plan is not None:
         summary.unfinished_shards = [s.key for s in plan.shards if s.key not in succeeded]
@@ -411,7 +417,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _run_label(run: dg.DagsterRun) -> str:
-    partition = run.tags.get("dagster/partition")
+    partition = run.tags.get(PARTITION_TAG)
     return f"{run.job_name} {partition}" if partition else run.job_name
 
 

@@ -1,4 +1,5 @@
-"""Fingerprinting across worker processes, streamed, in input order, with bounded memory.
+"""The fingerprint pool: fingerprinting across decoder processes, streamed, in input order,
+with bounded memory.
 
 Decoding is CPU-bound, so the work is spread over processes (one per core by default). Items
 are submitted in small chunks and at most a few chunks per worker are in flight, so a stream of
