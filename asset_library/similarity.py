@@ -36,7 +36,7 @@ from asset_library.lake.tables import IMAGES_APP, Lake, read_changes, row_count
 from asset_library.layout import LibraryLayout, atomic_path, atomic_write_text
 from asset_library.search import HammingIndex, connected_groups
 from asset_library.search.quality import CONFIRMING_HASH, confirmed
-from asset_library.thresholds import (
+from asset_library.search.thresholds import (
     DEFAULT_CONFIRM_DISTANCE,
     DEFAULT_MIN_QUALITY,
     DEFAULT_PHASH_THRESHOLD,

@@ -61,6 +61,7 @@ def test_every_definition_comes_from_the_defs_folder(tmp_path, monkeypatch):
         "images",
         "similarity_index",
         "near_duplicate_groups",
+        "serving_store",
         "library_audit",
         "lake_compaction",
     }
