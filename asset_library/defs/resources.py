@@ -47,8 +47,7 @@ from asset_library.ingest.access import (
 )
 from asset_library.ingest.plan import DEFAULT_MAX_IMAGES_PER_SHARD
 from asset_library.ingest.sources import read_uri
-from asset_library.lake import Lake
-from asset_library.lake.tables import s3_storage_options
+from asset_library.lake import Lake, s3_storage_options
 from asset_library.layout import LibraryLayout
 from asset_library.storage import (
     LocalObjectStore,

@@ -11,8 +11,14 @@ from asset_library.defs.checks import audit, images_md5_unique
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource
 from asset_library.defs.tags import tag_run
 from asset_library.ids import batch_of
-from asset_library.lake import NEAR_DUPLICATES_SCHEMA, Catalog, merge_images
-from asset_library.lake.tables import lake_files, row_count
+from asset_library.lake import (
+    NEAR_DUPLICATES_SCHEMA,
+    Catalog,
+    compact,
+    lake_files,
+    merge_images,
+    row_count,
+)
 from asset_library.layout import atomic_path
 from asset_library.similarity import SimilarityIndex
 from asset_library.storage import DamageRecord
@@ -178,8 +184,6 @@ def library_audit(library: LibraryResource, object_store: ObjectStoreResource):
     "replaced more than 7 days ago deleted). Run by the compact_library job.",
 )
 def lake_compaction(library: LibraryResource) -> dg.MaterializeResult:
-    from asset_library.lake import compact
-
     lake = library.lake()
     merge_images(lake)  # merged first: the change feed it reads must not be vacuumed away
     done = compact(lake)
