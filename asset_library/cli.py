@@ -518,7 +518,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     from asset_library.lake import Lake
-    from asset_library.lake.migrate import migrate
+    from asset_library.migrate import migrate
 
     library = _library(args)
     done = migrate(library.layout, Lake.of(library.layout))

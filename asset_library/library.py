@@ -19,10 +19,9 @@ import numpy as np
 from asset_library.ids import bucket_of, check_md5, is_md5
 from asset_library.ingest.dihedral import query_fingerprint
 from asset_library.ingest.fingerprint import fingerprint, hamming
-from asset_library.lake import Catalog, Lake
+from asset_library.lake import IMAGES_SCHEMA, Catalog, Lake
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
 from asset_library.lake.sql_guard import check_read_only_query
-from asset_library.lake.tables import IMAGES_SCHEMA
 from asset_library.layout import LibraryLayout, default_library_path
 from asset_library.search.codec import hex_to_int
 from asset_library.search.quality import CONFIRMING_HASH, informative

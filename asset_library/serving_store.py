@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
+from asset_library.lake import IMAGES_APP, ORIGINS, Lake, read_changes, row_count
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
-from asset_library.lake.tables import IMAGES_APP, ORIGINS, Lake, read_changes, row_count
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
-from asset_library.lake.catalog import NEAR_DUPLICATES_SCHEMA
+from asset_library.lake import IMAGES_APP, NEAR_DUPLICATES_SCHEMA, Lake, read_changes, row_count
 from asset_library.lake.scan import lake_dataset
-from asset_library.lake.tables import IMAGES_APP, Lake, read_changes, row_count
 from asset_library.layout import LibraryLayout, atomic_path, atomic_write_text
 from asset_library.search import HammingIndex, connected_groups
 from asset_library.search.quality import CONFIRMING_HASH, confirmed

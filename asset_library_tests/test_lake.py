@@ -24,20 +24,23 @@ from asset_library import Library
 from asset_library.cli import main
 from asset_library.ids import bucket_of
 from asset_library.ingest.shard import KEYS_SCHEMA
-from asset_library.lake import Lake, compact, merge_images, write_shard
-from asset_library.lake.catalog import ATTRIBUTE_IMAGE_COLUMNS, LakeReadError
-from asset_library.lake.scan import lake_dataset
-from asset_library.lake.tables import (
+from asset_library.lake import (
     IMAGE_COUNTS_SCHEMA,
     IMAGES_APP,
     SCHEMAS,
-    _merged_to,
-    _sort_buckets,
+    Lake,
     attribute_part_sql,
+    compact,
     is_outdated_index,
+    merge_images,
     read_changes,
     value_type_of,
+    write_shard,
 )
+from asset_library.lake.catalog import ATTRIBUTE_IMAGE_COLUMNS, LakeReadError
+from asset_library.lake.compaction import _sort_buckets
+from asset_library.lake.merge import _merged_to
+from asset_library.lake.scan import lake_dataset
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import IndexNotReady, SimilarityIndex
 from asset_library_tests.synthetic import random_md5s, write_keys

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from asset_library.ingest.sources import ManifestError, iter_manifest
-from asset_library.lake.tables import value_type_of
+from asset_library.lake import value_type_of
 from asset_library.library import Library
 
 FOREST = "github_jenssegers_imagehash/forest"

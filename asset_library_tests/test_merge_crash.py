@@ -16,14 +16,16 @@ from deltalake import write_deltalake
 
 from asset_library import Library
 from asset_library.ids import bucket_of
-from asset_library.lake import Lake, merge_images, write_shard
-from asset_library.lake.recount import check_counts, recount
-from asset_library.lake.tables import (
+from asset_library.lake import (
     CRASH_AT,
     IMAGE_COUNTS_SCHEMA,
+    Lake,
     counted_version,
+    merge_images,
     merged_version,
+    write_shard,
 )
+from asset_library.lake.recount import check_counts, recount
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import SimilarityIndex
 from asset_library_tests.synthetic import random_md5s, write_keys

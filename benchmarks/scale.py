@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asset_library.defs.checks import attribute_keys_in_occurrences, hash_coverage  # noqa: E402
 from asset_library.defs.resources import IN_MEMORY_DUCKDB  # noqa: E402
-from asset_library.lake import Lake, compact, merge_images, write_shard  # noqa: E402
-from asset_library.lake.tables import lake_files  # noqa: E402
+from asset_library.lake import Lake, compact, lake_files, merge_images, write_shard  # noqa: E402
 from asset_library.layout import LibraryLayout  # noqa: E402
 from asset_library.library import Library  # noqa: E402
 from asset_library.serving_store import sync  # noqa: E402

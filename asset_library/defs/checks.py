@@ -21,10 +21,9 @@ import duckdb
 import pyarrow.compute as pc
 from dagster_duckdb import DuckDBResource
 
-from asset_library.lake import Catalog, Lake
+from asset_library.lake import Catalog, Lake, read_changes
 from asset_library.lake.recount import check_counts
 from asset_library.lake.scan import lake_dataset
-from asset_library.lake.tables import read_changes
 from asset_library.storage import ObjectStore, verify_objects
 
 #: Up to this many images, every object is checked; above it, a uniform random sample.

@@ -25,15 +25,14 @@ from asset_library.ids import bucket_of
 from asset_library.ingest.fingerprint import Fingerprint, rejected_unreadable
 from asset_library.ingest.pool import FingerprintPool
 from asset_library.ingest.sources import SourceItem, SourceReadError
+from asset_library.lake.schemas import IMAGE_FACT_COLUMNS, provenance
 from asset_library.layout import rename_durably, temp_path_for
-from asset_library.schema import IMAGE_COLUMNS, TIMESTAMP
 from asset_library.storage import DamageRecord, ObjectStore, PutResult, object_key
 
 KEYS_SCHEMA = pa.schema(
     [
-        ("ordinal", pa.int64()),
-        ("source_uri", pa.string()),
-        *IMAGE_COLUMNS,
+        *provenance("ordinal", "source_uri"),
+        *IMAGE_FACT_COLUMNS,
         ("status", pa.string()),
         ("reason", pa.string()),
         ("message", pa.string()),
@@ -43,9 +42,7 @@ KEYS_SCHEMA = pa.schema(
         ("extras", pa.string()),
         ("bucket", pa.int32()),
         ("uploaded", pa.bool_()),
-        ("batch", pa.string()),
-        ("shard", pa.string()),
-        ("ingested_at", TIMESTAMP),
+        *provenance("batch", "shard", "ingested_at"),
     ]
 )
 _FINGERPRINT_FIELDS = [name for name in Fingerprint.__slots__ if name in KEYS_SCHEMA.names]

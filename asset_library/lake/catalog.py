@@ -27,15 +27,9 @@ import pyarrow.dataset as pds
 from deltalake import DeltaTable
 
 from asset_library.lake.scan import LakeDataset, lake_dataset, read_keys
+from asset_library.lake.schemas import INDEX_SQL, PARTITIONS, SCHEMAS, attribute_part_sql
 from asset_library.lake.sql_guard import check_read_only_query, lock_down
-from asset_library.lake.tables import (
-    INDEX_SQL,
-    PARTITIONS,
-    SCHEMAS,
-    Lake,
-    attribute_part_sql,
-    is_outdated_index,
-)
+from asset_library.lake.table import Lake, is_outdated_index
 
 #: Rows of the near-duplicate groups: the group (numbered from the largest), its size, members.
 NEAR_DUPLICATES_SCHEMA = pa.schema(

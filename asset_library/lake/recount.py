@@ -21,14 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
-from asset_library.lake.tables import (
-    IMAGE_COUNTS_SCHEMA,
-    IMAGES_APP,
-    Lake,
-    counted_version,
-    merge_images,
-    merged_version,
-)
+from asset_library.lake.merge import IMAGES_APP, counted_version, merge_images, merged_version
+from asset_library.lake.scan import lake_dataset
+from asset_library.lake.schemas import IMAGE_COUNTS_SCHEMA
+from asset_library.lake.table import Lake
 
 #: The custom metadata of a recount's commit.
 RECOUNT_MARK = {"asset_library.operation": "recount"}
@@ -123,8 +119,6 @@ class BucketCounts:
 def bucket_counts(lake: Lake, version: int) -> Iterator[BucketCounts]:
     """Bucket by bucket, the counts ``images`` shows against the rows of ``occurrences`` at
     ``version``."""
-    from asset_library.lake.scan import lake_dataset  # it reads the tables module
-
     tables = {
         "occ": _table_at(lake, "occurrences", version) if version >= 0 else None,
         "img": lake.open("images"),

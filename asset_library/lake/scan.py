@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from pyarrow import fs
 
-from asset_library.lake.tables import PARTITIONS, Lake
+from asset_library.lake.schemas import PARTITIONS
+from asset_library.lake.table import Lake
 
 
 def _is_view(kind: pa.DataType) -> bool:

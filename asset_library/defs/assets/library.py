@@ -9,8 +9,7 @@ from asset_library.defs.checks import audit, images_md5_unique
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource, with_store_kinds
 from asset_library.defs.tags import tag_run
 from asset_library.ids import batch_of
-from asset_library.lake import Catalog, merge_images
-from asset_library.lake.tables import lake_files, row_count
+from asset_library.lake import Catalog, compact, lake_files, merge_images, row_count
 from asset_library.search.thresholds import (
     DEFAULT_CONFIRM_DISTANCE,
     DEFAULT_MIN_QUALITY,
@@ -159,8 +158,6 @@ def library_audit(library: LibraryResource, object_store: ObjectStoreResource):
     "replaced more than 7 days ago deleted). Run by the compact_library job.",
 )
 def lake_compaction(library: LibraryResource) -> dg.MaterializeResult:
-    from asset_library.lake import compact
-
     lake = library.lake()
     merge_images(lake)  # merged first: the change feed it reads must not be vacuumed away
     done = compact(lake)

@@ -5,12 +5,12 @@ Every shard's rows are rebuilt from the shard's keys file (``shards/<shard>.parq
 library's working state, which the old layout kept too), so the new tables hold exactly what a
 fresh ingest of those shards would write; then ``images`` is merged and the similarity index is
 rebuilt. The old files are removed only after that succeeded. Running it twice does nothing the
-second time.
+second time. It sits above the lake, beside the similarity index it rebuilds.
 
 A Delta lake written before ``image_counts`` and ``attribute_index`` (or before the index covered
 the image) needs nothing from here: the catalog reads it as it is, the next merge starts
 ``image_counts`` and the next shard written (re)builds ``attribute_index`` from the cube and its
-occurrences (see :meth:`asset_library.lake.tables.Lake.table`); :func:`migrate` rebuilds such an
+occurrences (see :meth:`asset_library.lake.table.Lake.table`); :func:`migrate` rebuilds such an
 index at once, before shards are written side by side.
 """
 
@@ -21,14 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asset_library.ids import check_shard_key
-from asset_library.lake.tables import (
-    Lake,
-    is_outdated_index,
-    merge_images,
-    row_count,
-    write_shard,
-)
+from asset_library.lake import Lake, is_outdated_index, merge_images, row_count, write_shard
 from asset_library.layout import LibraryLayout
+from asset_library.similarity import SimilarityIndex
 
 _OLD_TABLES = ("base", "cube", "near_duplicates")
 
@@ -64,8 +59,6 @@ def _old_shards(layout: LibraryLayout) -> set[str]:
 
 def migrate(layout: LibraryLayout, lake: Lake) -> Migration:
     """Rebuild the lake from the shards' keys files, merge images, drop the old files."""
-    from asset_library.similarity import SimilarityIndex
-
     done = Migration()
     if not old_layout(layout):
         index = lake.open("attribute_index")
