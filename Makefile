@@ -53,7 +53,7 @@ ui: install
 	ASSET_LIBRARY_HOME=$(abspath $(LIBRARY)) DAGSTER_HOME=$(abspath $(LIBRARY))/.dagster \
 		$(UV) run --frozen dg dev
 
-test: install test-services lint docs
+test: install test-services lint types docs
 	$(UV) run --frozen pytest
 
 # The edit-test loop (about two minutes): no test that starts a service (S3, PostgreSQL, a
@@ -68,6 +68,10 @@ test-durations: install test-services
 lint: install
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
+
+# mypy on the package ([tool.mypy] in pyproject.toml: stubs for pandas, boto3 and scipy).
+types: install
+	$(UV) run --frozen mypy
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link, a
 # page missing from the nav or a reference that no longer generates.

@@ -54,11 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return EXIT_OK
     except Exception as error:
-        code = _exit_code(error)
-        if code is None:
+        said = _exit_code(error)
+        if said is None:
             raise
         print(f"asset-library: {error}", file=sys.stderr)
-        return code
+        return said
 
 
 def _exit_code(error: Exception) -> int | None:

@@ -139,7 +139,7 @@ class LibraryLayout:
         return layout
 
     @classmethod
-    def existing(cls, root: str | Path) -> LibraryLayout:
+    def existing(cls, root: str | os.PathLike[str]) -> LibraryLayout:
         """The library at ``root``, which must exist: readers open it without creating anything,
         so a mistyped path is an error (:class:`NoLibraryError`), not a new empty library."""
         layout = cls(Path(root).expanduser().resolve())

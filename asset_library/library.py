@@ -356,7 +356,8 @@ class Library:
             data, name = Path(image).read_bytes(), str(image)
         if transforms == "none":
             fp = fingerprint(data)
-            phashes, dhashes = {}, {}
+            phashes: dict[str, str] = {}
+            dhashes: dict[str, str] = {}
         else:
             fp, phashes, dhashes = query_fingerprint(data)
         if not fp.ok:

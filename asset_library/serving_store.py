@@ -296,7 +296,7 @@ def sync(lake: Lake, path: Path, *, rebuild: bool = False) -> SyncResult:
         images=images.version(),
         occurrences=_merged_version(images),
         attributes=attributes.version(),
-        lake_id=images.metadata().id,
+        lake_id=str(images.metadata().id),  # a UUID text, though delta-rs annotates an int
     )
     try:
         result = _sync(lake, path, images, occurrences, attributes, target, rebuild)
@@ -562,7 +562,7 @@ def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> Syn
     for table in _TABLES[1:]:
         connection.execute(f"DELETE FROM {table}")
     options = dict(lake.storage_options)
-    tables = {
+    tables: dict[str, DeltaTable | None] = {
         "images": DeltaTable(lake.uri("images"), version=target.images, storage_options=options),
         "occurrences": DeltaTable(
             lake.uri("occurrences"), version=target.occurrences, storage_options=options
@@ -574,10 +574,10 @@ def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> Syn
         ),
     }
     with duckdb.connect() as db:
-        for name, table in tables.items():
-            if table is None:
+        for name, delta in tables.items():
+            if delta is None:
                 continue
-            db.register(f"_{name}", table.to_pyarrow_dataset())
+            db.register(f"_{name}", delta.to_pyarrow_dataset())
             db.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}")
         for batch in db.sql(
             f"SELECT {', '.join(IMAGE_VIEW_COLUMNS_STORED)} FROM images"

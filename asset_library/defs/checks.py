@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import duckdb
@@ -37,7 +38,7 @@ def _result(
     passed: bool,
     description: str,
     shard: str | None = None,
-    **metadata: object,
+    **metadata: Any,
 ) -> dg.AssetCheckResult:
     """A blocking result; a shard's result names its shard first (description and metadata),
     since the UI records it without a partition."""

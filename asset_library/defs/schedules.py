@@ -3,7 +3,7 @@
 import dagster as dg
 
 from asset_library.defs.jobs import ingest_shard_job
-from asset_library.defs.partitions import shards_partitions
+from asset_library.defs.partitions import SHARDS
 from asset_library.defs.shard_status import shard_statuses
 from asset_library.defs.tags import BATCH_TAG, TRIGGER_TAG
 from asset_library.ids import batch_of
@@ -14,7 +14,7 @@ MAX_RETRIES_PER_TICK = 1000
 def shards_to_retry(instance: dg.DagsterInstance) -> list[str]:
     """Shards with an output that failed or was never written, and not running: judged by
     all of a shard's outputs, so one whose keys landed but whose lake rows did not is retried."""
-    keys = instance.get_dynamic_partitions(shards_partitions.name)
+    keys = instance.get_dynamic_partitions(SHARDS)
     statuses = shard_statuses(instance, keys)
     return [key for key in keys if statuses[key] in (None, dg.AssetPartitionStatus.FAILED)][
         :MAX_RETRIES_PER_TICK

@@ -16,7 +16,7 @@ from typing import Any
 import dagster as dg
 
 from asset_library.defs.jobs import ingest_shard_job, plan_batch_job, refresh_library_job
-from asset_library.defs.partitions import batches_partitions, shards_partitions
+from asset_library.defs.partitions import BATCHES, SHARDS, batches_partitions, shards_partitions
 from asset_library.defs.resources import LandingZoneResource, LibraryResource, SourceReaderResource
 from asset_library.defs.tags import BATCH_TAG, TRIGGER_TAG, batch_tags
 from asset_library.ids import (
@@ -114,7 +114,7 @@ def _holder_of(instance: dg.DagsterInstance, layout: LibraryLayout, batch: str) 
     or a partition the sensor requested before."""
     if layout.plan_path(batch).exists():
         return f"taken by the batch planned from {load_plan(layout.plan_dir(batch)).source}"
-    if instance.has_dynamic_partition(batches_partitions.name, batch):
+    if instance.has_dynamic_partition(BATCHES, batch):
         return "taken by an existing batch (its plan run has not written a plan yet)"
     return None
 
@@ -206,7 +206,7 @@ def shard_sensor(context: dg.SensorEvaluationContext, library: LibraryResource) 
     if keys:
         # The plan run added its keys already; the daemon checks every requested key with its
         # own query (~30 ms each on Postgres), so request only those still missing.
-        known = set(context.instance.get_dynamic_partitions(shards_partitions.name))
+        known = set(context.instance.get_dynamic_partitions(SHARDS))
         keys = [key for key in keys if key not in known]
     return dg.SensorResult(
         run_requests=requests,

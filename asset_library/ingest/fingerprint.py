@@ -61,6 +61,7 @@ import pillow_heif
 import scipy.fftpack
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
+from PIL.TiffImagePlugin import TiffImageFile
 
 Mode = Literal["fast", "exact"]
 
@@ -314,7 +315,10 @@ def _fail_loads_after_an_error(image: Image.Image) -> None:
         if failures:
             raise failures[0]
         try:
-            return load(this())
+            target = this()
+            if target is None:  # freed: nothing is left to load
+                raise ReferenceError("the image was freed before its pixels were loaded")
+            return load(target)
         except Exception as error:
             failures.append(error)
             raise
@@ -334,7 +338,7 @@ def _decode_grey_with_opencv(data: bytes) -> Image.Image | None:
 
 def _decode(data: bytes, image: Image.Image, *, reduce: bool) -> Image.Image:
     """Decode pixels, every JPEG checked for a premature end of its compressed data."""
-    if image.format == "TIFF":
+    if image.format == "TIFF" and isinstance(image, TiffImageFile):
         _decode_tiff(data, image)
         return image
     if image.format not in ("JPEG", "MPO"):
@@ -418,7 +422,7 @@ def _strict_jpeg_decode(
         return None
 
 
-def _decode_tiff(data: bytes, image: Image.Image) -> None:
+def _decode_tiff(data: bytes, image: TiffImageFile) -> None:
     """Decode a TIFF's first image, rejected as truncated when a strip or tile ends before its
     pixels do. libtiff says so in its error messages, collected here instead of written to
     stderr; Pillow reads an uncompressed strip past its byte count and silences libtiff's
@@ -441,7 +445,7 @@ def _decode_tiff(data: bytes, image: Image.Image) -> None:
         _check_tiff_jpeg_chunks(data, image)
 
 
-def _tiff_chunks(image: Image.Image) -> tuple[str, list[int], list[int]]:
+def _tiff_chunks(image: TiffImageFile) -> tuple[str, list[int], list[int]]:
     """``("strip" or "tile", offsets, byte counts)`` of the TIFF's current image."""
     tags = image.tag_v2
     kind, (offsets, counts) = (
@@ -450,7 +454,7 @@ def _tiff_chunks(image: Image.Image) -> tuple[str, list[int], list[int]]:
     return kind, list(tags.get(offsets) or ()), list(tags.get(counts) or ())
 
 
-def _tiff_raw_chunk_short(image: Image.Image) -> str | None:
+def _tiff_raw_chunk_short(image: TiffImageFile) -> str | None:
     """Which uncompressed strip or tile declares fewer bytes than its rows take, if one does.
 
     Pillow reads such a strip on into whatever follows it (the next strip, the directory), so
@@ -486,7 +490,7 @@ def _tiff_raw_chunk_short(image: Image.Image) -> str | None:
     return None
 
 
-def _check_tiff_jpeg_chunks(data: bytes, image: Image.Image) -> None:
+def _check_tiff_jpeg_chunks(data: bytes, image: TiffImageFile) -> None:
     """Each JPEG strip or tile (its tables from the JPEGTables tag) through the strict
     libjpeg-turbo decode at 1/8 scale, a check only: libtiff fills a cut one with grey."""
     tables = image.tag_v2.get(_TIFF_JPEG_TABLES)

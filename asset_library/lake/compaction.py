@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 
 from asset_library.lake.schemas import INDEX_ORDER, PARTITIONS, SCHEMAS, SORTED_BY_MD5
-from asset_library.lake.table import Lake, is_outdated_index, writer_properties
+from asset_library.lake.table import Lake, is_outdated_index, writer_options
 
 #: Default vacuum retention: files replaced longer ago than this are deleted by compaction.
 #: Delta's own default (7 days): a reader or a time-travel query older than this may fail.
@@ -108,7 +108,7 @@ def _sort_buckets(table: DeltaTable, buckets: list[int], name: str = "attributes
             predicate=f"{column} IN ({listed})",
             partition_by=[column],
             target_file_size=512 << 20,
-            writer_properties=writer_properties(name),
+            **writer_options(name),
             commit_properties=CommitProperties(custom_metadata=REWRITE_MARK),
         )
     table.update_incremental()

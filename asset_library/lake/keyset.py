@@ -250,9 +250,11 @@ class ImageKeys:
             return self._damaged(why)
         return CachedKeys(self.directory, self._runs(manifest))
 
-    def _damaged(self, why: str) -> None:
+    def _damaged(self, why: str) -> CachedKeys | None:
+        """Log the damage and clear the cache: nothing cached is trusted (always ``None``)."""
         logger.warning("images key cache damaged, rebuilt from the table: %s", why)
         self.clear()
+        return None
 
     def _runs(self, manifest: dict | None = None) -> list[_Run]:
         manifest = manifest if manifest is not None else self._manifest() or {}

@@ -34,7 +34,7 @@ from asset_library.lake.schemas import (
     OCCURRENCES_SCHEMA,
     SHARD_MARK,
 )
-from asset_library.lake.table import Lake, row_count, small_pages, writer_properties
+from asset_library.lake.table import Lake, row_count, small_pages, writer_options
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +255,8 @@ def _merge_range(
     images.update_incremental()
     counts.update_incremental()
     changes = read_changes(lake, occurrences, last + 1, now, [f.name for f in OCCURRENCES_SCHEMA])
-    start, table_id, merge = images.version(), images.metadata().id, uuid.uuid4().hex
+    # delta-rs annotates the table id as int; it is the table's UUID text
+    start, table_id, merge = images.version(), str(images.metadata().id), uuid.uuid4().hex
     cached = (
         keys.level_with(table_id, start, _level_check(lake, images, start), row_count(images))
         if keys is not None
@@ -321,7 +322,7 @@ def _merge_range(
             plan.new.drop_columns(["mode"]).cast(IMAGES_SCHEMA),
             mode="append",
             partition_by=["bucket"],
-            writer_properties=writer_properties("images"),
+            **writer_options("images"),
             commit_properties=_merged_to(now, merge),
         )
         result.inserted = plan.new.num_rows
@@ -480,7 +481,7 @@ def _merge_plan(
             held = cached.held(changed)
         except KeyCacheError as error:  # rewritten meanwhile, or damaged: read the table
             logger.warning("%s; reading the images table instead", error)
-    read = None
+    read: list[np.ndarray] | None = None
     if held is not None:  # the key cache answers: a binary search per changed md5
         connection.register(
             "known", pa.table({"md5": changed.filter(pa.array(held)).cast(pa.string())})

@@ -80,7 +80,7 @@ class LakeDataset(pds.FileSystemDataset):
         found._partition = getattr(self, "_partition", "")
         return found
 
-    def scanner(  # type: ignore[override]
+    def scanner(
         self,
         columns: list[str] | None = None,
         filter: pc.Expression | None = None,  # noqa: A002 - pyarrow's own keyword
@@ -235,16 +235,14 @@ def _with_row_counts(dataset: LakeDataset, actions: pa.Table, partition: str) ->
 #: Footers of the files keys were read from, by path (a Delta data file never changes): a warm
 #: lookup parses none. Bounded: enough for every file of three tables at 256 buckets and 5
 #: files per bucket.
-_FOOTERS: OrderedDict[str, tuple[pq.FileMetaData, list[tuple[str | None, str | None]]]] = (
-    OrderedDict()
-)
+_FOOTERS: OrderedDict[str, tuple[pq.FileMetaData, list[tuple[str, str] | None]]] = OrderedDict()
 _FOOTERS_KEPT = 4096
 _FOOTERS_LOCK = threading.Lock()  # libraries on several threads (the HTTP service) share it
 
 
 def _footer(
     fragment: pds.ParquetFileFragment,
-) -> tuple[pq.FileMetaData, list[tuple[str | None, str | None]]]:
+) -> tuple[pq.FileMetaData, list[tuple[str, str] | None]]:
     """The file's footer and each row group's md5 (min, max) (None where not recorded)."""
     with _FOOTERS_LOCK:
         found = _FOOTERS.get(fragment.path)
@@ -254,11 +252,11 @@ def _footer(
     with fragment.filesystem.open_input_file(fragment.path) as source:
         metadata = pq.ParquetFile(source).metadata
     column = metadata.schema.names.index("md5")
-    ranges: list[tuple[str | None, str | None]] = []
+    ranges: list[tuple[str, str] | None] = []
     for group in range(metadata.num_row_groups):
         stats = metadata.row_group(group).column(column).statistics
         known = stats is not None and stats.has_min_max and isinstance(stats.min, str)
-        ranges.append((stats.min, stats.max) if known else (None, None))
+        ranges.append((stats.min, stats.max) if known else None)
     found = (metadata, ranges)
     with _FOOTERS_LOCK:
         _FOOTERS[fragment.path] = found
@@ -285,8 +283,9 @@ def read_keys(
         metadata, ranges = _footer(fragment)
         groups = [
             group
-            for group, (low, high) in enumerate(ranges)
-            if low is None or bisect.bisect_left(wanted, low) < bisect.bisect_right(wanted, high)
+            for group, span in enumerate(ranges)
+            if span is None
+            or bisect.bisect_left(wanted, span[0]) < bisect.bisect_right(wanted, span[1])
         ]
         if not groups:
             continue

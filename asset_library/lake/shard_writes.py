@@ -35,7 +35,7 @@ from asset_library.lake.schemas import (
     SHARD_MARK,
     attribute_part_sql,
 )
-from asset_library.lake.table import Lake, small_pages, writer_properties
+from asset_library.lake.table import Lake, small_pages, writer_options
 
 _OCCURRENCES_SQL = """
     SELECT md5, size_bytes, format, width, height, orientation, frames, phash, ahash, dhash,
@@ -65,7 +65,8 @@ def value_type_of(text: str) -> str:
     above, so what Python reports is what the lake holds."""
     with duckdb.connect() as connection:
         row = connection.execute(f"SELECT {VALUE_TYPE_SQL} FROM (SELECT $v AS v)", {"v": text})
-        return str(row.fetchone()[0])
+        (value_type,) = row.fetchall()[0]  # one row: a SELECT without FROM rows
+        return str(value_type)
 
 
 #: How each derived attribute is read from a keys row, and its value_type (``exif_time``:
@@ -298,7 +299,7 @@ def _write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
                 predicate=f"shard = '{shard}'",
                 partition_by=[PARTITIONS[table]],
                 target_file_size=256 << 20,
-                writer_properties=writer_properties(table),
+                **writer_options(table),
                 commit_properties=CommitProperties(custom_metadata={SHARD_MARK: shard}),
             )
             target.update_incremental()

@@ -45,7 +45,7 @@ _REFUSED_FUNCTION_PREFIXES = ("enable_", "disable_")
 _REFUSED_FUNCTION_PART = "external_resource"
 
 #: Settings that keep extensions out: none installed, none loaded, no new repositories.
-_EXTENSION_SETTINGS = {
+_EXTENSION_SETTINGS: dict[str, bool | str | list[str]] = {
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
     "allow_community_extensions": False,
@@ -118,7 +118,7 @@ def lock_down(
     if _setting(connection, "lock_configuration"):
         _check_same_lock(connection, directories, files)
         return connection
-    settings = {
+    settings: dict[str, bool | str | list[str]] = {
         **_EXTENSION_SETTINGS,
         "allowed_configs": [],
         "allowed_directories": directories,

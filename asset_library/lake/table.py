@@ -15,13 +15,17 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
-from numpy._core.multiarray import _set_madvise_hugepage
+
+# numpy's own switch for madvise(MADV_HUGEPAGE) on large arrays: private, untyped, and the
+# only way to keep a writer's arrays on ordinary pages (see small_pages).
+from numpy._core.multiarray import _set_madvise_hugepage  # type: ignore[attr-defined]
 
 from asset_library.lake.schemas import (
     ATTRIBUTE_INDEX_SCHEMA,
@@ -90,7 +94,7 @@ class Lake:
                     mode="overwrite",
                     schema_mode="overwrite",
                     partition_by=[PARTITIONS[table]],
-                    writer_properties=writer_properties(table),
+                    **writer_options(table),
                 )
             return DeltaTable(self.uri(table), storage_options=dict(self.storage_options))
         if not self.is_s3:
@@ -106,7 +110,7 @@ class Lake:
                 mode="append",
                 partition_by=[PARTITIONS[table]],
                 configuration=configuration,
-                writer_properties=writer_properties(table),
+                **writer_options(table),
                 storage_options=dict(self.storage_options),
             )
         return DeltaTable(self.uri(table), storage_options=dict(self.storage_options))
@@ -150,6 +154,12 @@ BY_MD5_ROW_GROUP = 4096
 #: Rows per Parquet row group of ``attribute_index``: a value's rows are contiguous, so larger
 #: groups only cost the rows read around its two ends.
 ATTRIBUTE_INDEX_ROW_GROUP = 16_384
+
+
+def writer_options(table: str) -> dict[str, Any]:
+    """``write_deltalake``'s writer keyword for a table: none where delta-rs's defaults serve."""
+    properties = writer_properties(table)
+    return {} if properties is None else {"writer_properties": properties}
 
 
 def writer_properties(table: str) -> WriterProperties | None:

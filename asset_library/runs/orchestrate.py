@@ -29,7 +29,7 @@ from typing import Any
 
 import dagster as dg
 
-from asset_library.defs.partitions import batches_partitions
+from asset_library.defs.partitions import BATCHES
 from asset_library.defs.resources import build_resources
 from asset_library.defs.tags import (
     ATTEMPT_TAG,
@@ -193,7 +193,7 @@ def ingest_batch(
         _sigterm_as_interrupt(),
     ):
         try:
-            instance.add_dynamic_partitions(batches_partitions.name, [batch])
+            instance.add_dynamic_partitions(BATCHES, [batch])
             plan_config: dict[str, Any] = {
                 "source": source,
                 "trigger": trigger,

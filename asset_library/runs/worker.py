@@ -25,9 +25,12 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import dagster as dg
+
+if TYPE_CHECKING:  # Dagster does not export the type of what ``instance.get_ref()`` gives
+    from dagster._core.instance.ref import InstanceRef
 
 #: The serialized ref of the instance the runs are recorded in (set by the parent).
 INSTANCE_ENV = "ASSET_LIBRARY_INSTANCE_REF"
@@ -121,7 +124,7 @@ def serve(requests: IO[str] = sys.stdin) -> None:
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printed goes to the worker's log, not into the answers
     _end_with_parent(os.getppid())
-    ref = dg.deserialize_value(os.environ[INSTANCE_ENV])
+    ref = cast("InstanceRef", dg.deserialize_value(os.environ[INSTANCE_ENV]))
     # Entering the instance makes it the "current" definitions state store that Dagster reads
     # when it loads the code location (state-backed components); outside a `with`, that store
     # is whichever instance was entered last in this process, or none.
@@ -239,7 +242,7 @@ class RunWorkers:
     def answers(self, timeout: float) -> list[tuple[Any, dict[str, Any]]]:
         """The runs that ended within ``timeout`` seconds: (task, answer) pairs. A worker that
         died is replaced, so the pool keeps its size."""
-        streams = {w.process.stdout: w for w in self.busy()}
+        streams = {w.process.stdout: w for w in self.busy() if w.process.stdout is not None}
         ready, _, _ = select.select(list(streams), [], [], timeout) if streams else ([], [], [])
         ended = []
         for stream in ready:

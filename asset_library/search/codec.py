@@ -54,9 +54,10 @@ def hex_to_uint64(values: Iterable[str] | np.ndarray) -> np.ndarray:
     Accepts a list, a numpy array of str/bytes, or anything with ``to_numpy`` (a pyarrow array
     or a pandas Series); upper-case digits are accepted as DuckDB accepts them. The digits are
     read straight from the array's code units: no per-string work unless a value is bad."""
-    if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):
+    to_numpy = getattr(values, "to_numpy", None)  # a pyarrow array or a pandas Series
+    if to_numpy is not None and not isinstance(values, np.ndarray):
         arrow = type(values).__module__.startswith("pyarrow")
-        values = values.to_numpy(zero_copy_only=False) if arrow else values.to_numpy()
+        values = to_numpy(zero_copy_only=False) if arrow else to_numpy()
     given = np.asarray(values if isinstance(values, np.ndarray) else list(values))
     if given.size == 0:
         return np.zeros(given.shape, dtype=np.uint64)

@@ -413,7 +413,7 @@ class Segment:
 
 def _crc32(array: np.ndarray) -> int:
     """CRC-32 of an array's bytes (zlib's: about 1 GB/s, read from the page cache)."""
-    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8))
+    return zlib.crc32(np.ascontiguousarray(array).data)
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:

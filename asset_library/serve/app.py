@@ -301,7 +301,7 @@ async def similar(
         raise HTTPException(
             422, "give either an image (multipart field 'image') or ?md5=, and not both"
         )
-    options = {
+    options: dict[str, Any] = {
         "max_distance": max_distance,
         "limit": limit,
         "hash": hash,
@@ -330,6 +330,7 @@ async def similar(
                     lambda: with_library(request, by_md5), pixels
                 )
         else:
+            assert image is not None  # checked above: exactly one of image and md5
             data = await image.read()
             await image.close()
             if not data:

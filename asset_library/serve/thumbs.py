@@ -93,7 +93,8 @@ def thumbnail(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> b
 
 
 def _thumbnail(data: bytes, size: int, max_pixels: int) -> bytes:
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data)) as opened:
+        image: Image.Image = opened
         if image.width * image.height > max_pixels:
             raise ThumbnailError(
                 f"{image.width}x{image.height} pixels, over the limit of {max_pixels:,}"

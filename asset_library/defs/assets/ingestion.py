@@ -18,7 +18,12 @@ from asset_library.defs.checks import (
     hash_coverage,
     uploads_present,
 )
-from asset_library.defs.partitions import SHARD_OUTPUTS, batches_partitions, shards_partitions
+from asset_library.defs.partitions import (
+    SHARD_OUTPUTS,
+    SHARDS,
+    batches_partitions,
+    shards_partitions,
+)
 from asset_library.defs.resources import (
     LibraryResource,
     ObjectStoreResource,
@@ -88,7 +93,7 @@ def batch_plan(
             f"batch {batch}: {len(outside):,} local URI(s) outside the batch's folder and the "
             f"allowed roots will be rejected (outside_batch), e.g. {outside[0]}"
         )
-    context.instance.add_dynamic_partitions(shards_partitions.name, plan.shard_keys)
+    context.instance.add_dynamic_partitions(SHARDS, plan.shard_keys)
     write_trigger(
         layout.triggers_dir,
         TriggerRecord(
