@@ -49,6 +49,7 @@ def test_a_folder_batch_lands_whole(corpus_library, corpus_dir):
         "uploads_present": True,
         "attribute_keys_in_occurrences": True,
         "images_md5_unique": True,
+        "serving_store_level": True,
     }
 
 
