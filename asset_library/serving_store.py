@@ -25,7 +25,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -278,6 +278,9 @@ def _writer(path: Path) -> Iterator[sqlite3.Connection]:
     try:
         connection.execute("PRAGMA journal_mode = WAL").fetchall()
         connection.execute("PRAGMA synchronous = NORMAL")
+        # A shard's rows land all over the B-trees: a cache that holds their pages (a cap,
+        # allocated as used) spares reading each page back once per row.
+        connection.execute("PRAGMA cache_size = -262144")
         connection.executescript(_SCHEMA)
         yield connection
     finally:
@@ -438,21 +441,42 @@ _ROWS = 50_000
 def _record_rows(table: pa.Table | pa.RecordBatch) -> list[tuple[str, str]]:
     """(md5, record JSON) of each ``images`` row, built column by column: a dict per row
     costs several times more, and a shard's images are written each sync."""
-    columns = {name: table.column(name).to_pylist() for name in IMAGE_VIEW_COLUMNS_STORED}
+    columns = {
+        name: table.column(name).to_pylist()
+        for name in IMAGE_VIEW_COLUMNS_STORED
+        if name != "ingested_at"
+    }
     for kind in _HASHES:
         columns[f"{kind}_int"] = [None if h is None else int(h, 16) for h in columns[kind]]
-    columns["ingested_at"] = [None if t is None else t.isoformat() for t in columns["ingested_at"]]
+    columns["ingested_at"] = _texts(table.column("ingested_at"), datetime.isoformat).to_pylist()
     encode = json.JSONEncoder(separators=(",", ":")).encode
     values = zip(*(columns[c] for c in RECORD_COLUMNS), strict=True)
     return [(md5, encode(list(row))) for md5, row in zip(columns["md5"], values, strict=True)]
 
 
-def _stamps(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """Ingest times as :func:`_stamp` text, converted once per distinct time (a shard has one
-    or a few)."""
+def _texts(column: pa.ChunkedArray | pa.Array, text: Callable[[datetime], str]) -> pa.Array:
+    """Ingest times as text, converted once per distinct time (a shard has one or a few)."""
     distinct = pc.unique(column)
-    texts = pa.array([_stamp(t) for t in distinct.to_pylist()], pa.string())
+    texts = pa.array([None if t is None else text(t) for t in distinct.to_pylist()], pa.string())
     return pc.take(texts, pc.index_in(column, distinct))
+
+
+def _stamps(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Ingest times as :func:`_stamp` text."""
+    return _texts(column, _stamp)
+
+
+def _tuples(relation: duckdb.DuckDBPyRelation) -> list[tuple]:
+    """A result's rows as tuples, built column by column from Arrow (several times quicker
+    than ``fetchall`` for the hundreds of thousands of rows of a shard)."""
+    return list(_streamed(relation))
+
+
+def _streamed(relation: duckdb.DuckDBPyRelation) -> Iterator[tuple]:
+    """A result's rows as tuples, a batch of Arrow columns at a time (memory stays bounded
+    however large the result)."""
+    for batch in relation.to_arrow_reader(_ROWS):
+        yield from zip(*(column.to_pylist() for column in batch.columns), strict=True)
 
 
 def _stamp(value: datetime | None) -> str | None:
@@ -489,7 +513,7 @@ def _apply_images(connection: sqlite3.Connection, changes: pa.Table) -> int:
             "SELECT _row FROM changes "
             "WHERE _change_type IN ('insert', 'update_postimage', 'delete') "
             "QUALIFY row_number() OVER (PARTITION BY md5 ORDER BY _commit_version DESC, "
-            "_row DESC) = 1 ORDER BY _row"
+            "_row DESC) = 1 ORDER BY md5"
         ).fetchnumpy()["_row"]
     kept = changes.take(pa.array(last, pa.int64()))
     deleted = pc.equal(kept.column("_change_type"), "delete")
@@ -514,15 +538,18 @@ def _apply_occurrences(connection: sqlite3.Connection, changes: pa.Table) -> tup
             "WHERE md5 IS NOT NULL AND _change_type IN ('insert', 'delete') "
             "GROUP BY md5, stamp, shard, ordinal, source_uri HAVING sum(" + _STEP + ") <> 0"
         )
-        counts = db.sql("SELECT md5, sum(n)::BIGINT FROM net GROUP BY md5").fetchall()
+        counts = _tuples(db.sql("SELECT md5, sum(n)::BIGINT FROM net GROUP BY md5 ORDER BY md5"))
         lost = db.sql("SELECT DISTINCT md5, bucket FROM net WHERE n < 0 ORDER BY md5").fetchall()
-        removed = db.sql("SELECT md5, stamp, shard, ordinal FROM net WHERE n < 0").fetchall()
+        removed = _tuples(db.sql("SELECT md5, stamp, shard, ordinal FROM net WHERE n < 0"))
         # Only the first few of an md5's new sources can be among its first few of all.
-        added = db.sql(
-            "SELECT md5, stamp, shard, ordinal, source_uri FROM net WHERE n > 0 "
-            "QUALIFY row_number() OVER (PARTITION BY md5 ORDER BY stamp NULLS FIRST, "
-            f"shard NULLS FIRST, ordinal NULLS FIRST) <= {RECORD_SOURCES}"
-        ).fetchall()
+        added = _tuples(
+            db.sql(
+                "SELECT md5, stamp, shard, ordinal, source_uri FROM net WHERE n > 0 "
+                "QUALIFY row_number() OVER (PARTITION BY md5 ORDER BY stamp NULLS FIRST, "
+                f"shard NULLS FIRST, ordinal NULLS FIRST) <= {RECORD_SOURCES} "
+                "ORDER BY md5, stamp, shard, ordinal"
+            )
+        )
     connection.executemany(
         "INSERT INTO counts VALUES (?, ?) ON CONFLICT (md5) DO UPDATE SET n = n + excluded.n",
         counts,
@@ -539,7 +566,8 @@ def _apply_occurrences(connection: sqlite3.Connection, changes: pa.Table) -> tup
             "SELECT md5, ingested_at, shard, ordinal FROM ("
             "SELECT s.md5, s.ingested_at, s.shard, s.ordinal, row_number() OVER ("
             "PARTITION BY s.md5 ORDER BY s.ingested_at, s.shard, s.ordinal) AS r "
-            f"FROM {keyed} k JOIN sources s ON s.md5 = k.md5) WHERE r > {RECORD_SOURCES})"
+            f"FROM {keyed} k JOIN counts c ON c.md5 = k.md5 AND c.n > {RECORD_SOURCES} "
+            f"JOIN sources s ON s.md5 = k.md5) WHERE r > {RECORD_SOURCES})"
         )
     return len(counts), lost
 
@@ -580,22 +608,27 @@ def _first_sources(rows: pa.Table) -> list[tuple]:
     """The first :data:`RECORD_SOURCES` of each md5's occurrences (with their ``stamp``), as
     ``sources`` rows."""
     with _netting(occurrences=rows) as db:
-        return db.sql(
-            "SELECT md5, stamp, shard, ordinal, source_uri FROM occurrences "
-            "WHERE md5 IS NOT NULL QUALIFY row_number() OVER (PARTITION BY md5 ORDER BY "
-            f"stamp NULLS FIRST, shard NULLS FIRST, ordinal NULLS FIRST) <= {RECORD_SOURCES}"
-        ).fetchall()
+        return _tuples(
+            db.sql(
+                "SELECT md5, stamp, shard, ordinal, source_uri FROM occurrences "
+                "WHERE md5 IS NOT NULL QUALIFY row_number() OVER (PARTITION BY md5 ORDER BY "
+                f"stamp NULLS FIRST, shard NULLS FIRST, ordinal NULLS FIRST) <= {RECORD_SOURCES}"
+            )
+        )
 
 
 def _apply_attributes(connection: sqlite3.Connection, changes: pa.Table) -> int:
     """Each attribute value's count of carrying occurrences moved by the rows added and
     removed; a value no occurrence carries any more is dropped."""
     with _netting(changes=changes) as db:
-        moved = db.sql(
-            f"SELECT md5, origin, attribute, value, value_type, sum({_STEP})::BIGINT AS n "
-            "FROM changes WHERE _change_type IN ('insert', 'delete') "
-            f"GROUP BY md5, origin, attribute, value, value_type HAVING sum({_STEP}) <> 0"
-        ).fetchall()
+        moved = _tuples(
+            db.sql(
+                f"SELECT md5, origin, attribute, value, value_type, sum({_STEP})::BIGINT AS n "
+                "FROM changes WHERE _change_type IN ('insert', 'delete') "
+                f"GROUP BY md5, origin, attribute, value, value_type HAVING sum({_STEP}) <> 0 "
+                "ORDER BY md5, origin, attribute, value, value_type"
+            )
+        )
     connection.executemany(
         "INSERT INTO attributes VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT DO UPDATE SET n = n + excluded.n",
@@ -626,20 +659,24 @@ def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> Syn
         )
     with _netting(**{f"_{n}": t.to_pyarrow_dataset() for n, t in tables.items()}) as db:
         for batch in db.sql(
-            f"SELECT {', '.join(IMAGE_VIEW_COLUMNS_STORED)} FROM _images"
+            f"SELECT {', '.join(IMAGE_VIEW_COLUMNS_STORED)} FROM _images ORDER BY md5"
         ).to_arrow_reader(_ROWS):
             connection.executemany("INSERT INTO images VALUES (?, ?)", _record_rows(batch))
         if "occurrences" in tables:
             connection.executemany(
                 "INSERT INTO counts VALUES (?, ?)",
-                db.sql(
-                    "SELECT md5, count(*) FROM _occurrences WHERE md5 IS NOT NULL GROUP BY md5"
-                ).fetchall(),
+                _streamed(
+                    db.sql(
+                        "SELECT md5, count(*) FROM _occurrences WHERE md5 IS NOT NULL "
+                        "GROUP BY md5 ORDER BY md5"
+                    )
+                ),
             )
             first = db.sql(
                 "SELECT md5, ingested_at, shard, ordinal, source_uri FROM _occurrences "
                 "WHERE md5 IS NOT NULL QUALIFY row_number() OVER (PARTITION BY md5 ORDER BY "
-                f"ingested_at, shard, ordinal) <= {RECORD_SOURCES}"
+                f"ingested_at, shard, ordinal) <= {RECORD_SOURCES} "
+                "ORDER BY md5, ingested_at, shard, ordinal"
             ).to_arrow_reader(_ROWS)
             for batch in first:
                 stamps = _stamps(batch.column("ingested_at")).to_pylist()
@@ -656,10 +693,12 @@ def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> Syn
                 )
         connection.executemany(
             "INSERT INTO attributes VALUES (?, ?, ?, ?, ?, ?)",
-            db.sql(
-                "SELECT md5, origin, attribute, value, value_type, count(*) FROM _attributes "
-                "GROUP BY ALL"
-            ).fetchall(),
+            _streamed(
+                db.sql(
+                    "SELECT md5, origin, attribute, value, value_type, count(*) FROM _attributes "
+                    "GROUP BY ALL ORDER BY ALL"
+                )
+            ),
         )
     images_rows = connection.execute("SELECT count(*) FROM images").fetchone()[0]
     return SyncResult(
