@@ -107,7 +107,7 @@ def serve(
     settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = False
 ) -> None:
     """Run the service in this process until interrupted. No line per request unless
-    ``access_log``: formatting one costs about as much as answering a lookup."""
+    ``access_log``: formatting one is a measurable share of a lookup's cost."""
     print(f"library   {settings.library}", flush=True)
     print(f"cache     {settings.cache_dir}", flush=True)
     print(f"token     {'required' if settings.token else 'none (loopback only)'}", flush=True)
@@ -215,9 +215,8 @@ _RECORD = TypeAdapter(dict[str, Any])
     responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}},
 )
 async def image(request: Request, md5: str) -> Response:
-    """Answered on the event loop from the serving store (a few primary-key reads: cheaper
-    than a hand-off to a worker thread); from the lake, in a worker thread, when the store
-    cannot answer."""
+    # On the event loop from the serving store (one primary-key statement: cheaper than a
+    # hand-off to a worker thread); from the lake, in a worker thread, when it cannot answer.
     key = check_md5(md5)
     try:
         found = request.app.state.loop_library.lookup(key, fallback=False)
