@@ -120,7 +120,7 @@ class Library:
             result = connection.execute(sql, params or [])
             return pd.DataFrame() if result.description is None else result.df()
 
-    def lookup(self, md5: str) -> dict[str, Any] | None:
+    def lookup(self, md5: str, *, fallback: bool = True) -> dict[str, Any] | None:
         """The image with this key, with its attributes, its first sources and their count;
         ``None`` if the library does not have it.
 
@@ -131,11 +131,15 @@ class Library:
         ``sources`` holds the first :data:`RECORD_SOURCES` (by ingest time), ``sources_count``
         all of them (:meth:`sources` pages through them). ``answered_by`` says what answered:
         ``store`` (the serving store, level with the lake) or ``lake`` (the store is absent,
-        damaged or behind: logged)."""
+        damaged or behind: logged). With ``fallback=False`` the lake is not read:
+        :class:`StoreUnavailable` says why the store cannot answer (a caller that must not wait
+        on the lake, such as the service's event loop, reads it elsewhere)."""
         md5 = check_md5(md5)
         try:
             record = self.store_record(md5)
         except StoreUnavailable as why:
+            if not fallback:
+                raise
             self._fell_back(str(why))
             record = self.lake_record(md5)
             answered_by = "lake"

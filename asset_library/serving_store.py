@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +39,7 @@ from deltalake import DeltaTable
 
 from asset_library.lake import IMAGES_APP, ORIGINS, Lake, read_changes, row_count
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
+from asset_library.lake.scan import plain_schema
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,19 @@ _LAKE_TABLES = ("images", "occurrences", "attributes")
 _TABLES = ("meta", "images", "counts", "sources", "attributes")
 
 
+#: A record's parts in one statement: the version the store is level with, the image's row,
+#: its count, its attributes and its first sources (JSON arrays, in the order of the subquery).
+_RECORD_SQL = f"""
+SELECT (SELECT value FROM meta WHERE key = 'images_version'), i.record, c.n,
+  (SELECT json_group_array(json_array(origin, attribute, value, value_type))
+   FROM attributes WHERE md5 = ?1),
+  (SELECT json_group_array(source_uri) FROM (
+     SELECT source_uri FROM sources WHERE md5 = ?1
+     ORDER BY ingested_at, shard, ordinal LIMIT {RECORD_SOURCES}))
+FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = ?1
+"""
+
+
 class StoreUnavailable(Exception):
     """Why the store cannot answer now (absent, damaged, behind the lake): read the lake."""
 
@@ -84,6 +99,7 @@ class StoreReader:
     path: Path
     lake: Lake
     _connection: sqlite3.Connection | None = field(default=None, repr=False)
+    _next_log: str | None = field(default=None, repr=False)
 
     def _open(self) -> sqlite3.Connection:
         if self._connection is None:
@@ -113,43 +129,41 @@ class StoreReader:
         except sqlite3.Error as error:
             self.close()
             raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
-        if found is None:
+        self._check_level(None if found is None else found[0])
+        return connection
+
+    def _check_level(self, version: str | None) -> None:
+        """:class:`StoreUnavailable` unless ``images`` has no commit after ``version`` (the
+        one the store records)."""
+        if version is None:
             raise StoreUnavailable(f"serving store {self.path} records no images version")
-        version = int(found[0])
-        log_dir = Path(self.lake.uri("images")) / "_delta_log"
-        if (log_dir / f"{version + 1:020d}.json").exists():
+        if self._next_log is None:
+            self._next_log = os.path.join(self.lake.uri("images"), "_delta_log", "{:020d}.json")
+        if os.path.exists(self._next_log.format(int(version) + 1)):
             raise StoreUnavailable(
                 f"serving store {self.path} is behind the lake (at images version {version})"
             )
-        return connection
 
     def record(self, md5: str) -> dict[str, Any] | None:
         """The image's record as ``Library.lookup`` gives it, ``None`` if it has none;
-        :class:`StoreUnavailable` if the store cannot say."""
-        connection = self.level()
+        :class:`StoreUnavailable` if the store cannot say. One statement: one snapshot of
+        the store, even while a sync commits."""
         try:
-            row = connection.execute(
-                "SELECT i.record, c.n FROM images i LEFT JOIN counts c ON c.md5 = i.md5 "
-                "WHERE i.md5 = ?",
-                (md5,),
-            ).fetchone()
+            row = self._open().execute(_RECORD_SQL, (md5,)).fetchone()
             if row is None:
+                self.level()
                 return None
-            record = _record_of(row[0])
-            record["occurrences"] = int(row[1] or 0)
-            attributes = connection.execute(
-                "SELECT origin, attribute, value, value_type FROM attributes WHERE md5 = ? "
-                "ORDER BY attribute, value, value_type, origin",
-                (md5,),
-            ).fetchall()
-            sources = self._sources(connection, md5, RECORD_SOURCES, 0)
+            version, text, count, attributes, sources = row
+            self._check_level(version)
+            record = _record_of(text)
+            record["occurrences"] = int(count or 0)
+            record["attributes"] = attributes_by_origin(
+                (name, value, kind, origin) for origin, name, value, kind in json.loads(attributes)
+            )
+            record["sources"] = json.loads(sources)
         except (sqlite3.Error, ValueError, KeyError) as error:
             self.close()
             raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
-        record["attributes"] = attributes_by_origin(
-            (name, value, kind, origin) for origin, name, value, kind in attributes
-        )
-        record["sources"] = sources
         record["sources_count"] = record["occurrences"]
         return record
 
@@ -264,6 +278,9 @@ def _writer(path: Path) -> Iterator[sqlite3.Connection]:
     try:
         connection.execute("PRAGMA journal_mode = WAL").fetchall()
         connection.execute("PRAGMA synchronous = NORMAL")
+        # A shard's rows land all over the B-trees: a cache that holds their pages (a cap,
+        # allocated as used) spares reading each page back once per row.
+        connection.execute("PRAGMA cache_size = -262144")
         connection.executescript(_SCHEMA)
         yield connection
     finally:
@@ -375,6 +392,15 @@ def _rebuild_reason(meta: dict[str, str], target: _Target) -> str | None:
     return None
 
 
+def _read_changes(
+    lake: Lake, table: DeltaTable, start: int, end: int, columns: list[str]
+) -> pa.Table:
+    """The change rows (``read_changes``) with plain string columns, which every Arrow kernel
+    takes (a view column cannot be taken from or filtered)."""
+    changes = read_changes(lake, table, start, end, columns)
+    return changes.cast(plain_schema(changes.schema))
+
+
 def _apply_changes(
     lake: Lake,
     connection: sqlite3.Connection,
@@ -388,56 +414,69 @@ def _apply_changes(
     result = SyncResult(False, "changes", target.images, target.occurrences, target.attributes)
     start = int(meta["images_version"]) + 1
     if start <= target.images:
-        changes = read_changes(lake, images, start, target.images, IMAGE_VIEW_COLUMNS_STORED)
+        changes = _read_changes(lake, images, start, target.images, IMAGE_VIEW_COLUMNS_STORED)
         result.images_changed = _apply_images(connection, changes)
     start = int(meta["occurrences_version"]) + 1
     if start <= target.occurrences:
         columns = ["md5", "source_uri", *_SOURCE_KEY, "bucket"]
-        changes = read_changes(lake, occurrences, start, target.occurrences, columns)
+        changes = _read_changes(lake, occurrences, start, target.occurrences, columns)
         touched, lost = _apply_occurrences(connection, changes)
         result.occurrences_changed = touched
         result.refilled = _refill(lake, connection, lost, target.occurrences)
     start = int(meta["attributes_version"]) + 1
     if start <= target.attributes:
         columns = ["md5", "origin", "attribute", "value", "value_type"]
-        changes = read_changes(lake, attributes, start, target.attributes, columns)
+        changes = _read_changes(lake, attributes, start, target.attributes, columns)
         result.attributes_changed = _apply_attributes(connection, changes)
     return result
 
 
 #: The ``images`` table's columns the record is made of (the hash integers are derived).
 IMAGE_VIEW_COLUMNS_STORED = [c for c in RECORD_COLUMNS if not c.endswith("_int")]
+_HASHES = ("phash", "ahash", "dhash")
+_STEP = "CASE _change_type WHEN 'insert' THEN 1 ELSE -1 END"
+_ROWS = 50_000
 
 
-def _record_json(row: dict[str, Any]) -> str:
-    record = dict(row)
-    for kind in ("phash", "ahash", "dhash"):
-        record[f"{kind}_int"] = int(row[kind], 16) if row[kind] else None
-    if record["ingested_at"] is not None:
-        record["ingested_at"] = record["ingested_at"].isoformat()
-    return json.dumps([record[c] for c in RECORD_COLUMNS], separators=(",", ":"))
+def _record_rows(table: pa.Table | pa.RecordBatch) -> list[tuple[str, str]]:
+    """(md5, record JSON) of each ``images`` row, built column by column: a dict per row
+    costs several times more, and a shard's images are written each sync."""
+    columns = {
+        name: table.column(name).to_pylist()
+        for name in IMAGE_VIEW_COLUMNS_STORED
+        if name != "ingested_at"
+    }
+    for kind in _HASHES:
+        columns[f"{kind}_int"] = [None if h is None else int(h, 16) for h in columns[kind]]
+    columns["ingested_at"] = _texts(table.column("ingested_at"), datetime.isoformat).to_pylist()
+    encode = json.JSONEncoder(separators=(",", ":")).encode
+    values = zip(*(columns[c] for c in RECORD_COLUMNS), strict=True)
+    return [(md5, encode(list(row))) for md5, row in zip(columns["md5"], values, strict=True)]
 
 
-def _apply_images(connection: sqlite3.Connection, changes: pa.Table) -> int:
-    """The last change of each md5: its row written, or removed."""
-    last: dict[str, dict[str, Any]] = {}
-    for row in sorted(changes.to_pylist(), key=lambda r: r["_commit_version"]):
-        if row["_change_type"] in ("insert", "update_postimage", "delete"):
-            last[row["md5"]] = row
-    connection.executemany(
-        "DELETE FROM images WHERE md5 = ?",
-        [(m,) for m, r in last.items() if r["_change_type"] == "delete"],
-    )
-    connection.executemany(
-        "INSERT OR REPLACE INTO images VALUES (?, ?)",
-        [(m, _record_json(r)) for m, r in last.items() if r["_change_type"] != "delete"],
-    )
-    return len(last)
+def _texts(column: pa.ChunkedArray | pa.Array, text: Callable[[datetime], str | None]) -> pa.Array:
+    """Ingest times as text, converted once per distinct time (a shard has one or a few)."""
+    distinct = pc.unique(column)
+    texts = pa.array([None if t is None else text(t) for t in distinct.to_pylist()], pa.string())
+    return pc.take(texts, pc.index_in(column, distinct))
 
 
-def _source_row(row: dict[str, Any]) -> tuple:
-    """An occurrence as a ``sources`` row: md5, its ordering key, its URI."""
-    return (row["md5"], _stamp(row["ingested_at"]), row["shard"], row["ordinal"], row["source_uri"])
+def _stamps(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Ingest times as :func:`_stamp` text."""
+    return _texts(column, _stamp)
+
+
+def _tuples(relation: duckdb.DuckDBPyRelation) -> list[tuple]:
+    """A result's rows as tuples, built column by column from Arrow (several times quicker
+    than ``fetchall`` for the hundreds of thousands of rows of a shard)."""
+    return list(_streamed(relation))
+
+
+def _streamed(relation: duckdb.DuckDBPyRelation) -> Iterator[tuple]:
+    """A result's rows as tuples, a batch of Arrow columns at a time (memory stays bounded
+    however large the result)."""
+    for batch in relation.to_arrow_reader(_ROWS):
+        yield from zip(*(column.to_pylist() for column in batch.columns), strict=True)
 
 
 def _stamp(value: datetime | None) -> str | None:
@@ -445,53 +484,92 @@ def _stamp(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="microseconds")
 
 
+@contextmanager
+def _netting(**tables: pa.Table) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB over these Arrow tables: change rows are netted there, in bulk."""
+    with duckdb.connect() as db:
+        db.execute("SET TimeZone = 'UTC'")
+        for name, table in tables.items():
+            db.register(name, table)
+        yield db
+
+
+@contextmanager
+def _keyed(connection: sqlite3.Connection, md5s: Iterable[str]) -> Iterator[str]:
+    """A temporary table of these md5s (its name), for one set-based statement over them."""
+    connection.execute("CREATE TEMP TABLE IF NOT EXISTS keyed (md5 TEXT PRIMARY KEY) WITHOUT ROWID")
+    connection.executemany("INSERT OR IGNORE INTO keyed VALUES (?)", ((m,) for m in md5s))
+    try:
+        yield "keyed"
+    finally:
+        connection.execute("DELETE FROM keyed")
+
+
+def _apply_images(connection: sqlite3.Connection, changes: pa.Table) -> int:
+    """The last change of each md5: its row written, or removed."""
+    rows = changes.append_column("_row", pa.array(range(changes.num_rows), pa.int64()))
+    with _netting(changes=rows.select(["md5", "_change_type", "_commit_version", "_row"])) as db:
+        last = db.sql(
+            "SELECT _row FROM changes "
+            "WHERE _change_type IN ('insert', 'update_postimage', 'delete') "
+            "QUALIFY row_number() OVER (PARTITION BY md5 ORDER BY _commit_version DESC, "
+            "_row DESC) = 1 ORDER BY md5"
+        ).fetchnumpy()["_row"]
+    kept = changes.take(pa.array(last, pa.int64()))
+    deleted = pc.equal(kept.column("_change_type"), "delete")
+    gone = kept.filter(deleted).column("md5").to_pylist()
+    connection.executemany("DELETE FROM images WHERE md5 = ?", [(m,) for m in gone])
+    connection.executemany(
+        "INSERT OR REPLACE INTO images VALUES (?, ?)", _record_rows(kept.filter(pc.invert(deleted)))
+    )
+    return kept.num_rows
+
+
 def _apply_occurrences(connection: sqlite3.Connection, changes: pa.Table) -> tuple[int, list]:
     """Counts moved by the net change of each occurrence; new ones among the first sources
     kept, removed ones dropped. Returns the md5s touched and those that lost one (with their
     bucket): their first sources may need refilling from the lake."""
-    net: dict[tuple, int] = {}
-    buckets: dict[str, int] = {}
-    for row in changes.to_pylist():
-        step = {"insert": 1, "delete": -1}.get(row["_change_type"])
-        if step is None or row["md5"] is None:
-            continue
-        key = (
-            row["md5"],
-            _stamp(row["ingested_at"]),
-            row["shard"],
-            row["ordinal"],
-            row["source_uri"],
+    rows = changes.select(["md5", "shard", "ordinal", "source_uri", "bucket", "_change_type"])
+    rows = rows.append_column("stamp", _stamps(changes.column("ingested_at")))
+    with _netting(changes=rows) as db:
+        db.execute(
+            f"CREATE TABLE net AS SELECT md5, stamp, shard, ordinal, source_uri, "
+            f"any_value(bucket) AS bucket, sum({_STEP}) AS n FROM changes "
+            "WHERE md5 IS NOT NULL AND _change_type IN ('insert', 'delete') "
+            "GROUP BY md5, stamp, shard, ordinal, source_uri HAVING sum(" + _STEP + ") <> 0"
         )
-        net[key] = net.get(key, 0) + step
-        buckets[row["md5"]] = row["bucket"]
-    counts: dict[str, int] = {}
-    lost: set[str] = set()
-    for key, n in net.items():
-        if n == 0:
-            continue
-        counts[key[0]] = counts.get(key[0], 0) + n
-        if n < 0:
-            lost.add(key[0])
+        counts = _tuples(db.sql("SELECT md5, sum(n)::BIGINT FROM net GROUP BY md5 ORDER BY md5"))
+        lost = db.sql("SELECT DISTINCT md5, bucket FROM net WHERE n < 0 ORDER BY md5").fetchall()
+        removed = _tuples(db.sql("SELECT md5, stamp, shard, ordinal FROM net WHERE n < 0"))
+        # Only the first few of an md5's new sources can be among its first few of all.
+        added = _tuples(
+            db.sql(
+                "SELECT md5, stamp, shard, ordinal, source_uri FROM net WHERE n > 0 "
+                "QUALIFY row_number() OVER (PARTITION BY md5 ORDER BY stamp NULLS FIRST, "
+                f"shard NULLS FIRST, ordinal NULLS FIRST) <= {RECORD_SOURCES} "
+                "ORDER BY md5, stamp, shard, ordinal"
+            )
+        )
     connection.executemany(
         "INSERT INTO counts VALUES (?, ?) ON CONFLICT (md5) DO UPDATE SET n = n + excluded.n",
-        list(counts.items()),
+        counts,
     )
-    connection.execute("DELETE FROM counts WHERE n <= 0")
+    connection.executemany("DELETE FROM counts WHERE md5 = ? AND n <= 0", [(m,) for m, _ in lost])
     connection.executemany(
         "DELETE FROM sources WHERE md5 = ? AND ingested_at = ? AND shard = ? AND ordinal = ?",
-        [key[:4] for key, n in net.items() if n < 0],
+        removed,
     )
-    connection.executemany(
-        "INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?, ?)",
-        [key for key, n in net.items() if n > 0],
-    )
-    connection.executemany(
-        "DELETE FROM sources WHERE md5 = ?1 AND (ingested_at, shard, ordinal) NOT IN ("
-        "SELECT ingested_at, shard, ordinal FROM sources WHERE md5 = ?1 "
-        f"ORDER BY ingested_at, shard, ordinal LIMIT {RECORD_SOURCES})",
-        [(m,) for m in counts],
-    )
-    return len(counts), sorted((m, buckets[m]) for m in lost)
+    connection.executemany("INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?, ?)", added)
+    with _keyed(connection, (row[0] for row in added)) as keyed:
+        connection.execute(
+            "DELETE FROM sources WHERE (md5, ingested_at, shard, ordinal) IN ("
+            "SELECT md5, ingested_at, shard, ordinal FROM ("
+            "SELECT s.md5, s.ingested_at, s.shard, s.ordinal, row_number() OVER ("
+            "PARTITION BY s.md5 ORDER BY s.ingested_at, s.shard, s.ordinal) AS r "
+            f"FROM {keyed} k JOIN counts c ON c.md5 = k.md5 AND c.n > {RECORD_SOURCES} "
+            f"JOIN sources s ON s.md5 = k.md5) WHERE r > {RECORD_SOURCES})"
+        )
+    return len(counts), lost
 
 
 def _refill(
@@ -499,61 +577,68 @@ def _refill(
 ) -> int:
     """The first sources of md5s that lost some, read again from their buckets of
     ``occurrences`` as of ``version`` (a shard replaced or emptied: rare)."""
-    short = [
-        (md5, bucket)
-        for md5, bucket in lost
-        if connection.execute(
-            "SELECT (SELECT count(*) FROM sources WHERE md5 = ?1) < "
-            f"min({RECORD_SOURCES}, coalesce((SELECT n FROM counts WHERE md5 = ?1), 0))",
-            (md5,),
-        ).fetchone()[0]
-    ]
+    buckets = dict(lost)
+    with _keyed(connection, buckets) as keyed:
+        short = [
+            md5
+            for (md5,) in connection.execute(
+                f"SELECT k.md5 FROM {keyed} k WHERE "
+                "(SELECT count(*) FROM sources s WHERE s.md5 = k.md5) < "
+                f"min({RECORD_SOURCES}, coalesce((SELECT n FROM counts c WHERE c.md5 = k.md5), 0))"
+            ).fetchall()
+        ]
     if not short:
         return 0
     table = DeltaTable(
         lake.uri("occurrences"), version=version, storage_options=dict(lake.storage_options)
     )
-    md5s = [m for m, _ in short]
-    wanted = pc.field("bucket").isin(sorted({b for _, b in short})) & pc.field("md5").isin(md5s)
+    wanted = pc.field("bucket").isin(sorted({buckets[m] for m in short})) & pc.field("md5").isin(
+        short
+    )
     rows = table.to_pyarrow_dataset().to_table(
         filter=wanted, columns=["md5", *_SOURCE_KEY, "source_uri"]
     )
-    connection.executemany("DELETE FROM sources WHERE md5 = ?", [(m,) for m in md5s])
-    kept: dict[str, list[tuple]] = {}
-    for row in rows.to_pylist():
-        kept.setdefault(row["md5"], []).append(
-            (
-                row["md5"],
-                _stamp(row["ingested_at"]),
-                row["shard"],
-                row["ordinal"],
-                row["source_uri"],
+    rows = rows.append_column("stamp", _stamps(rows.column("ingested_at")))
+    connection.executemany("DELETE FROM sources WHERE md5 = ?", [(m,) for m in short])
+    connection.executemany("INSERT INTO sources VALUES (?, ?, ?, ?, ?)", _first_sources(rows))
+    return len(short)
+
+
+def _first_sources(rows: pa.Table) -> list[tuple]:
+    """The first :data:`RECORD_SOURCES` of each md5's occurrences (with their ``stamp``), as
+    ``sources`` rows."""
+    with _netting(occurrences=rows) as db:
+        return _tuples(
+            db.sql(
+                "SELECT md5, stamp, shard, ordinal, source_uri FROM occurrences "
+                "WHERE md5 IS NOT NULL QUALIFY row_number() OVER (PARTITION BY md5 ORDER BY "
+                f"stamp NULLS FIRST, shard NULLS FIRST, ordinal NULLS FIRST) <= {RECORD_SOURCES}"
             )
         )
-    connection.executemany(
-        "INSERT INTO sources VALUES (?, ?, ?, ?, ?)",
-        [s for found in kept.values() for s in sorted(found)[:RECORD_SOURCES]],
-    )
-    return len(short)
 
 
 def _apply_attributes(connection: sqlite3.Connection, changes: pa.Table) -> int:
     """Each attribute value's count of carrying occurrences moved by the rows added and
     removed; a value no occurrence carries any more is dropped."""
-    net: dict[tuple, int] = {}
-    for row in changes.to_pylist():
-        step = {"insert": 1, "delete": -1}.get(row["_change_type"])
-        if step is None:
-            continue
-        key = (row["md5"], row["origin"], row["attribute"], row["value"], row["value_type"])
-        net[key] = net.get(key, 0) + step
-    moved = [(*key, n) for key, n in net.items() if n != 0]
+    with _netting(changes=changes) as db:
+        moved = _tuples(
+            db.sql(
+                f"SELECT md5, origin, attribute, value, value_type, sum({_STEP})::BIGINT AS n "
+                "FROM changes WHERE _change_type IN ('insert', 'delete') "
+                f"GROUP BY md5, origin, attribute, value, value_type HAVING sum({_STEP}) <> 0 "
+                "ORDER BY md5, origin, attribute, value, value_type"
+            )
+        )
     connection.executemany(
         "INSERT INTO attributes VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT DO UPDATE SET n = n + excluded.n",
         moved,
     )
-    connection.execute("DELETE FROM attributes WHERE n <= 0")
+    connection.executemany(
+        "DELETE FROM attributes WHERE md5 = ? AND origin = ? AND attribute = ? AND value = ? "
+        "AND value_type = ? AND n <= 0",
+        [key[:5] for key in moved if key[5] < 0],
+    )
     return len(moved)
 
 
@@ -562,62 +647,58 @@ def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> Syn
     for table in _TABLES[1:]:
         connection.execute(f"DELETE FROM {table}")
     options = dict(lake.storage_options)
-    tables: dict[str, DeltaTable | None] = {
+    tables: dict[str, DeltaTable] = {
         "images": DeltaTable(lake.uri("images"), version=target.images, storage_options=options),
-        "occurrences": DeltaTable(
-            lake.uri("occurrences"), version=target.occurrences, storage_options=options
-        )
-        if target.occurrences >= 0
-        else None,
         "attributes": DeltaTable(
             lake.uri("attributes"), version=target.attributes, storage_options=options
         ),
     }
-    with duckdb.connect() as db:
-        for name, delta in tables.items():
-            if delta is None:
-                continue
-            db.register(f"_{name}", delta.to_pyarrow_dataset())
-            db.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}")
+    if target.occurrences >= 0:
+        tables["occurrences"] = DeltaTable(
+            lake.uri("occurrences"), version=target.occurrences, storage_options=options
+        )
+    with _netting(**{f"_{n}": t.to_pyarrow_dataset() for n, t in tables.items()}) as db:
         for batch in db.sql(
-            f"SELECT {', '.join(IMAGE_VIEW_COLUMNS_STORED)} FROM images"
-        ).to_arrow_reader(50_000):
-            connection.executemany(
-                "INSERT INTO images VALUES (?, ?)",
-                [(r["md5"], _record_json(r)) for r in batch.to_pylist()],
-            )
-        if tables["occurrences"] is not None:
+            f"SELECT {', '.join(IMAGE_VIEW_COLUMNS_STORED)} FROM _images ORDER BY md5"
+        ).to_arrow_reader(_ROWS):
+            connection.executemany("INSERT INTO images VALUES (?, ?)", _record_rows(batch))
+        if "occurrences" in tables:
             connection.executemany(
                 "INSERT INTO counts VALUES (?, ?)",
-                db.sql(
-                    "SELECT md5, count(*) FROM occurrences WHERE md5 IS NOT NULL GROUP BY md5"
-                ).fetchall(),
+                _streamed(
+                    db.sql(
+                        "SELECT md5, count(*) FROM _occurrences WHERE md5 IS NOT NULL "
+                        "GROUP BY md5 ORDER BY md5"
+                    )
+                ),
             )
             first = db.sql(
-                "SELECT md5, ingested_at, shard, ordinal, source_uri FROM ("
-                "SELECT *, row_number() OVER (PARTITION BY md5 ORDER BY ingested_at, shard, "
-                f"ordinal) AS r FROM occurrences WHERE md5 IS NOT NULL) WHERE r <= {RECORD_SOURCES}"
-            ).to_arrow_reader(50_000)
+                "SELECT md5, ingested_at, shard, ordinal, source_uri FROM _occurrences "
+                "WHERE md5 IS NOT NULL QUALIFY row_number() OVER (PARTITION BY md5 ORDER BY "
+                f"ingested_at, shard, ordinal) <= {RECORD_SOURCES} "
+                "ORDER BY md5, ingested_at, shard, ordinal"
+            ).to_arrow_reader(_ROWS)
             for batch in first:
+                stamps = _stamps(batch.column("ingested_at")).to_pylist()
                 connection.executemany(
                     "INSERT INTO sources VALUES (?, ?, ?, ?, ?)",
-                    [
-                        (
-                            r["md5"],
-                            _stamp(r["ingested_at"]),
-                            r["shard"],
-                            r["ordinal"],
-                            r["source_uri"],
-                        )
-                        for r in batch.to_pylist()
-                    ],
+                    zip(
+                        batch.column("md5").to_pylist(),
+                        stamps,
+                        batch.column("shard").to_pylist(),
+                        batch.column("ordinal").to_pylist(),
+                        batch.column("source_uri").to_pylist(),
+                        strict=True,
+                    ),
                 )
         connection.executemany(
             "INSERT INTO attributes VALUES (?, ?, ?, ?, ?, ?)",
-            db.sql(
-                "SELECT md5, origin, attribute, value, value_type, count(*) FROM attributes "
-                "GROUP BY ALL"
-            ).fetchall(),
+            _streamed(
+                db.sql(
+                    "SELECT md5, origin, attribute, value, value_type, count(*) FROM _attributes "
+                    "GROUP BY ALL ORDER BY ALL"
+                )
+            ),
         )
     images_rows = connection.execute("SELECT count(*) FROM images").fetchone()[0]
     return SyncResult(

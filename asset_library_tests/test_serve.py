@@ -216,7 +216,8 @@ def test_cli_similar_duplicates_lookup_and_sql(corpus_library, corpus_dir, capsy
     assert out[0] == "n" and int(out[1]) > 50
     assert main(["sql", "DROP TABLE images", "--library", root]) == 2
     assert "read-only" in capsys.readouterr().err
-    assert main(["similar", "0" * 32, "--library", root]) == 2
+    assert main(["similar", "0" * 32, "--library", root]) == 1  # not found, as lookup says it
+    assert "0" * 32 in capsys.readouterr().err
 
 
 def test_a_dihedral_query_finds_rotated_and_mirrored_copies(tmp_path, corpus_dir, instance):

@@ -9,11 +9,13 @@ import shutil
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pydantic import TypeAdapter
 
 from asset_library import Library
 from asset_library.ingest.shard import KEYS_SCHEMA
@@ -21,7 +23,7 @@ from asset_library.lake import Lake, merge_images, write_shard
 from asset_library.layout import LibraryLayout
 from asset_library.serve.app import create_app
 from asset_library.serve.settings import ServeSettings
-from asset_library.serving_store import RECORD_SOURCES, check_store, sync
+from asset_library.serving_store import RECORD_SOURCES, StoreUnavailable, check_store, sync
 from asset_library_tests.http_server import LiveServer
 from asset_library_tests.synthetic import random_md5s, write_keys
 
@@ -198,6 +200,38 @@ def test_a_store_behind_the_lake_answers_from_the_lake_until_synced(tmp_path, ca
     assert "behind the lake" in caplog.text
     sync(lake, layout.serving_store_path)
     assert library.lookup(more[0])["answered_by"] == "store"
+
+
+def test_the_service_answers_from_the_store_or_the_lake_as_library_lookup_does(tmp_path):
+    """The route's body is FastAPI's JSON of ``Library.lookup``, byte for byte, whether the
+    store answers (on the event loop) or the lake does (the store behind: a worker thread)."""
+    layout, lake = _lake(tmp_path / "library")
+    rng = np.random.default_rng(6)
+    md5s = random_md5s(rng, 40)
+    _land(layout, lake, "a-s00000", md5s)
+    _refresh(layout, lake)
+    library = Library(layout.root)
+    as_json = TypeAdapter(dict[str, Any]).dump_json
+    settings = ServeSettings(library=layout.root, cache_dir=tmp_path / "cache")
+    with LiveServer(create_app(settings)) as client:
+        reply = client.get(f"/images/{md5s[0]}")
+        assert reply.status == 200 and reply.headers["content-type"] == "application/json"
+        assert reply.body == as_json(library.lookup(md5s[0]))
+        assert reply.json()["answered_by"] == "store"
+        assert client.get(f"/images/{'0' * 32}").status == 404
+        more = random_md5s(rng, 3)
+        _land(layout, lake, "b-s00000", more)
+        merge_images(lake)  # images moved on, the store did not
+        with pytest.raises(StoreUnavailable, match="behind the lake"):
+            Library(layout.root).lookup(more[0], fallback=False)
+        for md5 in (more[0], md5s[1]):
+            reply = client.get(f"/images/{md5}")
+            assert reply.status == 200 and reply.json()["answered_by"] == "lake"
+            assert reply.body == as_json(library.lookup(md5))
+        sync(lake, layout.serving_store_path)
+        reply = client.get(f"/images/{more[0]}")
+        assert reply.json()["answered_by"] == "store"
+        assert reply.body == as_json(library.lookup(more[0]))
 
 
 def test_an_image_with_many_sources_has_a_bounded_record_and_pages_them(tmp_path):

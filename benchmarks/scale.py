@@ -167,7 +167,8 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root.parent, ignore_errors=True)
-    print(json.dumps({"first": figures[0], "last": figures[-1]}))
+    store_sync = {f["shard"]: f["store_sync_s"] for f in figures}  # flat from shard 2 on
+    print(json.dumps({"first": figures[0], "last": figures[-1], "store_sync_s": store_sync}))
     return 0
 
 
