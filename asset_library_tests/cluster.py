@@ -1,0 +1,233 @@
+"""A real Ray cluster for tests: a head and worker nodes on this machine, in a network
+namespace that has nothing but loopback.
+
+Ray binds every interface of its machine (and 0.0.0.0) whatever address it is given, so the
+cluster, and the S3 server, Postgres and Dagster processes it talks to, run in a namespace of
+their own: :func:`loopback_namespace` moves the calling thread into a new one, so every process
+it starts is inside too, and moves it back on exit. Needs root (CI runs as root).
+
+Each node is one ``ray start --block`` in its own session; it stops, or is killed to simulate a
+lost machine, by its process tree (found from its pid), never by name: ``ray stop`` would end
+every Ray process on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from asset_library_tests.seaweedfs import free_ports
+
+CLONE_NEWNET = 0x40000000
+READY_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 15.0
+#: Ray's shared-memory object store per node: runs here pass nothing through it.
+OBJECT_STORE_BYTES = 80 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def loopback_namespace() -> Iterator[None]:
+    """Run the calling thread, and every process it starts, in a new network namespace with
+    only loopback up; back in the original namespace on exit."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise RuntimeError(
+                f"cannot make a network namespace (unshare: {os.strerror(errno)}): "
+                "the cluster test needs root"
+            )
+        try:
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True)
+            yield
+        finally:
+            if libc.setns(original, CLONE_NEWNET) != 0:
+                raise RuntimeError(f"setns back failed: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(original)
+
+
+def interfaces() -> list[str]:
+    """The network interfaces the calling thread sees (only ``lo`` inside the namespace)."""
+    return sorted(os.listdir("/sys/class/net"))
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, from /proc (parents before children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop(0)
+        found.append(current)
+        queue += children.get(current, [])
+    return found
+
+
+def kill_tree(pid: int) -> list[int]:
+    """Stop ``pid``'s whole tree at once (SIGSTOP first, so none of it can fork or react),
+    then SIGKILL it: a machine that vanishes. Returns the pids killed."""
+    tree = descendants(pid)
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGSTOP)
+    tree = sorted(set(tree) | {p for member in tree for p in descendants(member)})
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+    return tree
+
+
+def ray_script() -> str:
+    path = Path(sysconfig.get_path("scripts")) / "ray"
+    if not path.is_file():
+        raise RuntimeError(f"ray not found in {path.parent}: run `uv sync` (dev group)")
+    return str(path)
+
+
+class RayNode:
+    """One ``ray start --block`` process (the node's raylet and workers are its children)."""
+
+    def __init__(self, args: list[str], env: Mapping[str, str], log: Path) -> None:
+        self.log_path = log
+        with log.open("wb") as handle:
+            self.process = subprocess.Popen(
+                [ray_script(), "start", "--block", *args],
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.node_id: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"ray node exited {self.process.returncode}: {self.tail()}")
+
+    def kill(self) -> list[int]:
+        """The node's machine lost: its whole process tree killed at once."""
+        killed = kill_tree(self.pid)
+        self.process.wait()
+        return killed
+
+    def stop(self) -> None:
+        """SIGTERM to the tree, SIGKILL to what is left after STOP_TIMEOUT_S."""
+        if self.process.poll() is not None:
+            return
+        tree = descendants(self.pid)
+        for member in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(STOP_TIMEOUT_S)
+        for member in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal.SIGKILL)
+        self.process.wait()
+
+
+class RayCluster:
+    """A head node and ``workers`` more, ``cpus`` each, on loopback ports of this namespace."""
+
+    def __init__(self, env: Mapping[str, str], log_dir: Path, *, cpus: int = 1) -> None:
+        self.env = {**env, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.log_dir = log_dir
+        self.cpus = cpus
+        # Ray's sockets live under it: it must be short (AF_UNIX paths are at most 107 bytes).
+        self.temp_dir = tempfile.mkdtemp(prefix="ray-")
+        self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
+        self.nodes: list[RayNode] = []
+
+    @property
+    def address(self) -> str:
+        """The job server the run launcher submits to."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _common(self) -> list[str]:
+        return [
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={self.cpus}",
+            "--num-gpus=0",
+            f"--object-store-memory={OBJECT_STORE_BYTES}",
+            "--disable-usage-stats",
+        ]
+
+    def start_head(self) -> RayNode:
+        args = [
+            "--head",
+            f"--port={self.gcs_port}",
+            f"--ray-client-server-port={self.client_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--temp-dir={self.temp_dir}",
+            *self._common(),
+        ]
+        return self._add(args, "head")
+
+    def start_worker(self) -> RayNode:
+        args = [f"--address=127.0.0.1:{self.gcs_port}", *self._common()]
+        return self._add(args, f"worker-{len(self.nodes)}")
+
+    def _add(self, args: list[str], name: str) -> RayNode:
+        node = RayNode(args, self.env, self.log_dir / f"ray-{name}.log")
+        self.nodes.append(node)
+        known = {n.node_id for n in self.nodes if n.node_id}
+        node.node_id = self._wait_new_node(node, known)
+        return node
+
+    def alive_nodes(self) -> list[Any]:
+        from ray.util.state import list_nodes
+
+        return [n for n in list_nodes(address=self.address, timeout=10) if n.state == "ALIVE"]
+
+    def _wait_new_node(self, node: RayNode, known: set[str]) -> str:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            node.check_alive()
+            with contextlib.suppress(Exception):  # the dashboard is not up yet
+                new = [n.node_id for n in self.alive_nodes() if n.node_id not in known]
+                if new:
+                    return new[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ray node not up after {READY_TIMEOUT_S:.0f} s: {node.tail()}")
+            time.sleep(1)
+
+    def client(self) -> Any:
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address)
+
+    def stop(self) -> None:
+        """Workers first, then the head; each by its own process tree."""
+        for node in reversed(self.nodes):
+            node.stop()
+        import shutil
+
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
