@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sysconfig
 import tempfile
@@ -59,7 +60,7 @@ def loopback_namespace() -> Iterator[None]:
 
 def interfaces() -> list[str]:
     """The network interfaces the calling thread sees (only ``lo`` inside the namespace)."""
-    return sorted(os.listdir("/sys/class/net"))
+    return sorted(name for _, name in socket.if_nameindex())
 
 
 def descendants(pid: int) -> list[int]:
@@ -156,7 +157,13 @@ class RayCluster:
     """A head node and ``workers`` more, ``cpus`` each, on loopback ports of this namespace."""
 
     def __init__(self, env: Mapping[str, str], log_dir: Path, *, cpus: int = 1) -> None:
-        self.env = {**env, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env = {
+            **env,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Under `uv run`, Ray would start each job's worker with `uv run` in a zipped copy of
+            # the working folder (minutes here); the nodes already run in the project's venv.
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        }
         self.log_dir = log_dir
         self.cpus = cpus
         # Ray's sockets live under it: it must be short (AF_UNIX paths are at most 107 bytes).
@@ -170,8 +177,15 @@ class RayCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _common(self) -> list[str]:
+        # Nodes on one machine must not share the agents' fixed default ports (a second node's
+        # dashboard agent then runs without its HTTP server and its jobs never start).
+        agent, agent_grpc, runtime_env, metrics = free_ports(4)
         return [
             "--node-ip-address=127.0.0.1",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
             f"--num-cpus={self.cpus}",
             "--num-gpus=0",
             f"--object-store-memory={OBJECT_STORE_BYTES}",
