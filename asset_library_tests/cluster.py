@@ -29,8 +29,9 @@ from typing import Any
 from asset_library_tests.seaweedfs import free_ports
 
 CLONE_NEWNET = 0x40000000
-READY_TIMEOUT_S = 90.0
+READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
+START_ATTEMPTS = 3
 #: Ray's shared-memory object store per node: runs here pass nothing through it.
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
 
@@ -104,6 +105,10 @@ def ray_script() -> str:
     return str(path)
 
 
+class NodeExited(RuntimeError):
+    """A node's ``ray start`` ended."""
+
+
 class RayNode:
     """One ``ray start --block`` process (the node's raylet and workers are its children)."""
 
@@ -129,7 +134,7 @@ class RayNode:
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
-            raise RuntimeError(f"ray node exited {self.process.returncode}: {self.tail()}")
+            raise NodeExited(f"ray node exited {self.process.returncode}: {self.tail()}")
 
     def kill(self) -> list[int]:
         """The node's machine lost: its whole process tree killed at once."""
@@ -163,6 +168,8 @@ class RayCluster:
             # Under `uv run`, Ray would start each job's worker with `uv run` in a zipped copy of
             # the working folder (minutes here); the nodes already run in the project's venv.
             "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            # How long `ray start` waits for its raylet to register (30 s by default).
+            "RAY_raylet_start_wait_time_s": "120",
         }
         self.log_dir = log_dir
         self.cpus = cpus
@@ -210,11 +217,21 @@ class RayCluster:
         return self._add(args, f"worker-{len(self.nodes)}")
 
     def _add(self, args: list[str], name: str) -> RayNode:
-        node = RayNode(args, self.env, self.log_dir / f"ray-{name}.log")
-        self.nodes.append(node)
+        """Start a node and wait until the head lists it alive. A raylet gives its agents a
+        fixed 15 s to start, which a busy machine can overrun: the node then exits, and is
+        started again (up to START_ATTEMPTS times)."""
         known = {n.node_id for n in self.nodes if n.node_id}
-        node.node_id = self._wait_new_node(node, known)
-        return node
+        for attempt in range(1, START_ATTEMPTS + 1):
+            node = RayNode(args, self.env, self.log_dir / f"ray-{name}-{attempt}.log")
+            self.nodes.append(node)
+            try:
+                node.node_id = self._wait_new_node(node, known)
+                return node
+            except NodeExited:
+                node.stop()
+                if attempt == START_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     def alive_nodes(self) -> list[Any]:
         from ray.util.state import list_nodes
