@@ -2,9 +2,9 @@
 
 Everything runs in a network namespace with only loopback (Ray binds every interface): the S3
 server, Postgres, a Ray head and a worker node of one CPU each, and Dagster's daemon on the
-deploy/ray profile. A batch lands; its shard runs are Ray jobs spread over both nodes. While the
-worker node runs its second shard, its whole process tree is killed: that run fails, the daemon
-re-runs the shard, and it completes on the head. Where each run ran is asked of Ray's job
+deploy/ray profile. A batch lands; its shard runs are Ray jobs on both nodes at once. While the
+worker node runs a shard, its whole process tree is killed: that run fails, the daemon re-runs
+the shard, and it completes on the head with the other shards. Where each run ran is asked of Ray's job
 server; whether a shard is done is read from the lake's commits, never from a run's status. The
 library then equals one built from the same batch on one machine.
 """
@@ -218,23 +218,19 @@ def _run(instance, cluster, head, worker, daemon, root, shards, mark) -> None:
     """Both nodes run shards; the worker is lost mid-shard; the shard is re-run on the head."""
     nodes = {head.node_id: "head", worker.node_id: "worker"}
 
-    # The worker node's second shard, once it is under way (its step started), is the victim.
+    # The first shard the worker node runs is the victim, once it is under way (its step
+    # started): the head runs another shard at the same time.
     def victim() -> dg.RunRecord | None:
         runs = _shard_runs(instance)
         jobs = _jobs(cluster, runs)
-        on_worker = [
-            r
-            for r in runs
-            if r.dagster_run.run_id in jobs
-            and jobs[r.dagster_run.run_id].driver_node_id == worker.node_id
-        ]
-        if len(on_worker) < 2 or on_worker[0].dagster_run.status != dg.DagsterRunStatus.SUCCESS:
-            return None
-        second = on_worker[1]
-        running = jobs[second.dagster_run.run_id].status == "RUNNING"
-        return second if running and _started_step(instance, second.dagster_run.run_id) else None
+        for record in runs:
+            job = jobs.get(record.dagster_run.run_id)
+            if job is not None and job.driver_node_id == worker.node_id:
+                started = _started_step(instance, record.dagster_run.run_id)
+                return record if job.status == "RUNNING" and started else None
+        return None
 
-    doomed = _wait("a second shard under way on the worker node", victim, 240, daemon, head)
+    doomed = _wait("a shard under way on the worker node", victim, 240, daemon, head)
     shard = doomed.dagster_run.tags["dagster/partition"]
     lake = Lake.of(LibraryLayout.open(root))
     committed_before = _shard_commits(lake).get(shard, [])
@@ -288,7 +284,7 @@ def _run(instance, cluster, head, worker, daemon, root, shards, mark) -> None:
     runs = _shard_runs(instance)
     jobs = _jobs(cluster, runs)
     ran = {
-        run_id: (nodes[job.driver_node_id], job.start_time / 1e3, job.end_time / 1e3)
+        run_id: (nodes[job.driver_node_id], job.start_time / 1e3, (job.end_time or time.time() * 1e3) / 1e3)
         for run_id, job in jobs.items()
     }
     by_node: dict[str, list[str]] = {}
@@ -296,11 +292,12 @@ def _run(instance, cluster, head, worker, daemon, root, shards, mark) -> None:
         run_id = r.dagster_run.run_id
         if r.dagster_run.status == dg.DagsterRunStatus.SUCCESS:
             by_node.setdefault(ran[run_id][0], []).append(r.dagster_run.tags["dagster/partition"])
-    assert set(by_node) == {"head", "worker"}, by_node
+    assert {node for node, _, _ in ran.values()} == {"head", "worker"}, ran
     assert ran[rerun.dagster_run.run_id][0] == "head"
     assert ran[doomed.dagster_run.run_id][0] == "worker"
     on_head = [v for v in ran.values() if v[0] == "head"]
     on_worker = [v for v in ran.values() if v[0] == "worker"]
+    # side by side: a shard on the head while the worker ran its shard
     overlap = max(min(h[2], w[2]) - max(h[1], w[1]) for h in on_head for w in on_worker)
     assert overlap > 0, ran
     first = min(v[1] for v in ran.values())
