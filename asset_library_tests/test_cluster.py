@@ -4,9 +4,9 @@ Everything runs in a network namespace with only loopback (Ray binds every inter
 server, Postgres, a Ray head and a worker node of one CPU each, and Dagster's daemon on the
 deploy/ray profile. A batch lands; its shard runs are Ray jobs on both nodes at once. While the
 worker node runs a shard, its whole process tree is killed: that run fails, the daemon re-runs
-the shard, and it completes on the head with the other shards. Where each run ran is asked of Ray's job
-server; whether a shard is done is read from the lake's commits, never from a run's status. The
-library then equals one built from the same batch on one machine.
+the shard, and it completes on the head with the other shards. Where each run ran is asked of
+Ray's job server; whether a shard is done is read from the lake's commits, never from a run's
+status. The library then equals one built from the same batch on one machine.
 """
 
 from __future__ import annotations
@@ -283,8 +283,9 @@ def _run(instance, cluster, head, worker, daemon, root, shards, mark) -> None:
     # Where and when each shard ran, as Ray saw it.
     runs = _shard_runs(instance)
     jobs = _jobs(cluster, runs)
+    now = time.time() * 1e3
     ran = {
-        run_id: (nodes[job.driver_node_id], job.start_time / 1e3, (job.end_time or time.time() * 1e3) / 1e3)
+        run_id: (nodes[job.driver_node_id], job.start_time / 1e3, (job.end_time or now) / 1e3)
         for run_id, job in jobs.items()
     }
     by_node: dict[str, list[str]] = {}
