@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +86,15 @@ def _shard_commits(lake: Lake) -> dict[str, list[int]]:
     return commits
 
 
-def _rows_by_shard(lake: Lake) -> dict[str, int]:
-    table = lake.open("occurrences")
-    if table is None:
-        return {}
-    rows = table.to_pyarrow_table(columns=["shard"]).column("shard").to_pylist()
-    return {shard: rows.count(shard) for shard in set(rows)}
+def _rows_by_shard(lake: Lake) -> dict[tuple[str, str], int]:
+    """Rows per (table, shard) of the tables a shard run writes its images to."""
+    counts: dict[tuple[str, str], int] = {}
+    for name in ("occurrences", "rejects"):
+        table = lake.open(name)
+        rows = [] if table is None else table.to_pyarrow_table(columns=["shard"])["shard"]
+        for shard in rows.to_pylist() if table is not None else []:
+            counts[name, shard] = counts.get((name, shard), 0) + 1
+    return counts
 
 
 def _started_step(instance: dg.DagsterInstance, run_id: str) -> bool:
@@ -98,6 +102,23 @@ def _started_step(instance: dg.DagsterInstance, run_id: str) -> bool:
         run_id, of_type=dg.DagsterEventType.STEP_START, limit=1
     ).records
     return bool(records)
+
+
+@dataclass
+class Expected:
+    """What the one-machine library of the batch holds: the cluster's must hold the same."""
+
+    rows: dict[tuple[str, str], int]
+    images: dict[str, int]
+    lookups: dict[str, dict[str, Any]]
+
+
+def _images_by_shard(root: Path) -> dict[str, int]:
+    try:
+        counted = Library(root).query("SELECT shard, count(*) AS n FROM images GROUP BY shard")
+    except Exception:  # no catalog yet
+        return {}
+    return {row["shard"]: row["n"] for row in counted}
 
 
 def _lookups(root: Path, md5s: list[str]) -> dict[str, dict[str, Any]]:
@@ -121,6 +142,8 @@ def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
     def mark(what: str) -> None:
         timeline.append((time.monotonic() - began, what))
 
+    for name in ("ASSET_LIBRARY_OBJECTS", "ASSET_LIBRARY_LAKE", "ASSET_LIBRARY_HOME"):
+        monkeypatch.delenv(name, raising=False)
     images = _corpus_jpegs(corpus_dir, SHARDS * IMAGES_PER_SHARD)
     shutil.copyfile(REPO / "workspace.yaml", tmp_path / "workspace.yaml")
     root = tmp_path / "library"
@@ -131,6 +154,30 @@ def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
     for number, (path, _) in enumerate(images):
         shutil.copyfile(path, landed / f"{number:02d}_{path.name}")
     shards = [shard_key(BATCH, n) for n in range(SHARDS)]
+
+    # The same batch built on one machine first: the cluster's library must answer as it does.
+    reference = tmp_path / "reference"
+    with dg.instance_for_test() as local:
+        summary = ingest_batch(
+            str(landed),
+            library=reference,
+            max_images_per_shard=IMAGES_PER_SHARD,
+            workers=1,
+            batch=BATCH,
+            environ={},
+            instance=local,
+            progress=lambda _: None,
+        )
+    assert summary.success
+    md5s = sorted({md5 for _, md5 in images})
+    assert Library(reference).query("SELECT count(*) AS n FROM images") == [{"n": len(md5s)}]
+    expected = Expected(
+        rows=_rows_by_shard(Lake.of(LibraryLayout.open(reference), environ={})),
+        images=_images_by_shard(reference),
+        lookups=_lookups(reference, md5s),
+    )
+    assert sorted({shard for _, shard in expected.rows}) == shards
+    mark("the same batch built on one machine")
 
     with loopback_namespace():
         assert interfaces() == ["lo"]
@@ -161,8 +208,6 @@ def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
                 ASSET_LIBRARY_WORKERS="1",
                 ASSET_LIBRARY_SENSOR_INTERVAL="3",
             )
-            for name in ("ASSET_LIBRARY_OBJECTS", "ASSET_LIBRARY_LAKE", "ASSET_LIBRARY_HOME"):
-                monkeypatch.delenv(name, raising=False)
             for name, value in {**postgres.env(), **seaweed.env()}.items():
                 monkeypatch.setenv(name, value)
 
@@ -182,9 +227,10 @@ def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
                 daemon = start_daemon(env, tmp_path, tmp_path / "daemon.log")
                 (landed / "_READY").touch()
                 mark("batch landed")
-                _run(instance, cluster, head, worker, daemon, root, shards, mark)
-                md5s = sorted({md5 for _, md5 in images})
-                cluster_lookups = _lookups(root, md5s)
+                _run(instance, cluster, head, worker, daemon, root, shards, expected, mark)
+                # the same answers, image by image
+                assert _lookups(root, md5s) == expected.lookups
+                mark("every lookup equal to the one-machine library's")
         finally:
             if daemon is not None:
                 daemon.stop()
@@ -193,28 +239,10 @@ def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
             seaweed.close()
             postgres.stop()
 
-    # The same batch built on one machine: the cluster's library answers exactly as it does.
-    reference = tmp_path / "reference"
-    with dg.instance_for_test() as local:
-        summary = ingest_batch(
-            str(landed),
-            library=reference,
-            max_images_per_shard=IMAGES_PER_SHARD,
-            workers=1,
-            batch=BATCH,
-            environ={},
-            instance=local,
-            progress=lambda _: None,
-        )
-    assert summary.success
-    counted = Library(reference).query("SELECT count(*) AS n FROM images")
-    assert counted == [{"n": len(md5s)}]
-    assert _lookups(reference, md5s) == cluster_lookups
-    mark("equal to the same batch built on one machine")
     print("\n" + "\n".join(f"{t:6.1f} s  {what}" for t, what in timeline))
 
 
-def _run(instance, cluster, head, worker, daemon, root, shards, mark) -> None:
+def _run(instance, cluster, head, worker, daemon, root, shards, expected, mark) -> None:
     """Both nodes run shards; the worker is lost mid-shard; the shard is re-run on the head."""
     nodes = {head.node_id: "head", worker.node_id: "worker"}
 
@@ -233,7 +261,9 @@ def _run(instance, cluster, head, worker, daemon, root, shards, mark) -> None:
     doomed = _wait("a shard under way on the worker node", victim, 240, daemon, head)
     shard = doomed.dagster_run.tags["dagster/partition"]
     lake = Lake.of(LibraryLayout.open(root))
-    committed_before = _shard_commits(lake).get(shard, [])
+    assert lake.is_s3, (
+        lake
+    )  # the lake the runs wrote, on S3    committed_before = _shard_commits(lake).get(shard, [])
     killed = worker.kill()
     mark(f"worker node killed ({len(killed)} processes) mid-shard {shard}")
     assert committed_before == [], f"{shard} was already written before the kill"
@@ -260,9 +290,8 @@ def _run(instance, cluster, head, worker, daemon, root, shards, mark) -> None:
     assert rerun.dagster_run.tags.get("dagster/parent_run_id") == doomed.dagster_run.run_id
 
     # Done means written: every shard's rows are in the lake by its own commits.
-    def complete() -> dict[str, int] | None:
-        rows = _rows_by_shard(lake)
-        return rows if all(rows.get(s) == IMAGES_PER_SHARD for s in shards) else None
+    def complete() -> bool:
+        return _rows_by_shard(lake) == expected.rows
 
     _wait("every shard in the lake", complete, 240, daemon, head)
     commits = _shard_commits(lake)
@@ -271,11 +300,7 @@ def _run(instance, cluster, head, worker, daemon, root, shards, mark) -> None:
     mark("every shard committed")
 
     def refreshed() -> bool:
-        try:
-            counted = Library(root).query("SELECT shard, count(*) AS n FROM images GROUP BY shard")
-        except Exception:  # no catalog yet
-            return False
-        return {r["shard"]: r["n"] for r in counted} == dict.fromkeys(shards, IMAGES_PER_SHARD)
+        return _images_by_shard(root) == expected.images
 
     _wait("the library refreshed", refreshed, 240, daemon, head)
     mark("library refreshed")
