@@ -261,9 +261,8 @@ def _run(instance, cluster, head, worker, daemon, root, shards, expected, mark) 
     doomed = _wait("a shard under way on the worker node", victim, 240, daemon, head)
     shard = doomed.dagster_run.tags["dagster/partition"]
     lake = Lake.of(LibraryLayout.open(root))
-    assert lake.is_s3, (
-        lake
-    )  # the lake the runs wrote, on S3    committed_before = _shard_commits(lake).get(shard, [])
+    assert lake.is_s3, lake  # the lake the runs wrote, on S3
+    committed_before = _shard_commits(lake).get(shard, [])
     killed = worker.kill()
     mark(f"worker node killed ({len(killed)} processes) mid-shard {shard}")
     assert committed_before == [], f"{shard} was already written before the kill"
