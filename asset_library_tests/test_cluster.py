@@ -208,7 +208,10 @@ def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
                 ASSET_LIBRARY_WORKERS="1",
                 ASSET_LIBRARY_SENSOR_INTERVAL="3",
             )
-            for name, value in {**postgres.env(), **seaweed.env()}.items():
+            # This process reads the lake the runs write (library.json names it only once a
+            # shard has recorded it).
+            lake_env = {"ASSET_LIBRARY_LAKE": env["ASSET_LIBRARY_LAKE"]}
+            for name, value in {**postgres.env(), **seaweed.env(), **lake_env}.items():
                 monkeypatch.setenv(name, value)
 
             cluster = RayCluster(env, tmp_path)
