@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import pickle
 import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +264,26 @@ class RayCluster:
         import shutil
 
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def call_in_child(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in a new Python process, its result sent back pickled.
+
+    A process started from inside :func:`loopback_namespace` is wholly inside it; this one's
+    other threads are not (delta-rs does its I/O on a runtime's threads, started at its first
+    use), so what reads the namespace's S3 runs in a child."""
+    code = (
+        "import importlib, pickle, sys\n"
+        "module, name, args = pickle.loads(sys.stdin.buffer.read())\n"
+        "result = getattr(importlib.import_module(module), name)(*args)\n"
+        "sys.stdout.buffer.write(pickle.dumps(result))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        input=pickle.dumps((function.__module__, function.__name__, args)),
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{function.__name__} failed: {done.stderr.decode()[-3000:]}")
+    return pickle.loads(done.stdout)

@@ -28,7 +28,12 @@ from asset_library.ids import shard_key
 from asset_library.lake.tables import SHARD_MARK, Lake
 from asset_library.layout import LibraryLayout
 from asset_library.orchestrate import ingest_batch
-from asset_library_tests.cluster import RayCluster, interfaces, loopback_namespace
+from asset_library_tests.cluster import (
+    RayCluster,
+    call_in_child,
+    interfaces,
+    loopback_namespace,
+)
 from asset_library_tests.dagster_processes import script, start_daemon
 from asset_library_tests.postgres import PostgresServer
 from asset_library_tests.seaweedfs import SeaweedS3
@@ -76,8 +81,10 @@ def _jobs(cluster: RayCluster, runs: list[dg.RunRecord]) -> dict[str, Any]:
     return found
 
 
-def _shard_commits(lake: Lake) -> dict[str, list[int]]:
+def _shard_commits(root: Path) -> dict[str, list[int]]:
     """The ``occurrences`` versions that wrote each shard, from the commits' shard mark."""
+    lake = Lake.of(LibraryLayout.open(root))
+    assert lake.is_s3, lake  # the lake the runs wrote, on S3
     table = lake.open("occurrences")
     commits: dict[str, list[int]] = {}
     for entry in table.history() if table is not None else []:
@@ -86,8 +93,9 @@ def _shard_commits(lake: Lake) -> dict[str, list[int]]:
     return commits
 
 
-def _rows_by_shard(lake: Lake) -> dict[tuple[str, str], int]:
+def _rows_by_shard(root: Path) -> dict[tuple[str, str], int]:
     """Rows per (table, shard) of the tables a shard run writes its images to."""
+    lake = Lake.of(LibraryLayout.open(root))
     counts: dict[tuple[str, str], int] = {}
     for name in ("occurrences", "rejects"):
         table = lake.open(name)
@@ -172,7 +180,7 @@ def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
     md5s = sorted({md5 for _, md5 in images})
     assert Library(reference).query("SELECT count(*) AS n FROM images") == [{"n": len(md5s)}]
     expected = Expected(
-        rows=_rows_by_shard(Lake.of(LibraryLayout.open(reference), environ={})),
+        rows=_rows_by_shard(reference),
         images=_images_by_shard(reference),
         lookups=_lookups(reference, md5s),
     )
@@ -208,8 +216,8 @@ def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
                 ASSET_LIBRARY_WORKERS="1",
                 ASSET_LIBRARY_SENSOR_INTERVAL="3",
             )
-            # This process reads the lake the runs write (library.json names it only once a
-            # shard has recorded it).
+            # The checks (in child processes, see call_in_child) read the lake the runs write:
+            # library.json names it only once a shard has recorded it.
             lake_env = {"ASSET_LIBRARY_LAKE": env["ASSET_LIBRARY_LAKE"]}
             for name, value in {**postgres.env(), **seaweed.env(), **lake_env}.items():
                 monkeypatch.setenv(name, value)
@@ -232,7 +240,7 @@ def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
                 mark("batch landed")
                 _run(instance, cluster, head, worker, daemon, root, shards, expected, mark)
                 # the same answers, image by image
-                assert _lookups(root, md5s) == expected.lookups
+                assert call_in_child(_lookups, root, md5s) == expected.lookups
                 mark("every lookup equal to the one-machine library's")
         finally:
             if daemon is not None:
@@ -263,9 +271,7 @@ def _run(instance, cluster, head, worker, daemon, root, shards, expected, mark) 
 
     doomed = _wait("a shard under way on the worker node", victim, 240, daemon, head)
     shard = doomed.dagster_run.tags["dagster/partition"]
-    lake = Lake.of(LibraryLayout.open(root))
-    assert lake.is_s3, lake  # the lake the runs wrote, on S3
-    committed_before = _shard_commits(lake).get(shard, [])
+    committed_before = call_in_child(_shard_commits, root).get(shard, [])
     killed = worker.kill()
     mark(f"worker node killed ({len(killed)} processes) mid-shard {shard}")
     assert committed_before == [], f"{shard} was already written before the kill"
@@ -293,16 +299,16 @@ def _run(instance, cluster, head, worker, daemon, root, shards, expected, mark) 
 
     # Done means written: every shard's rows are in the lake by its own commits.
     def complete() -> bool:
-        return _rows_by_shard(lake) == expected.rows
+        return call_in_child(_rows_by_shard, root) == expected.rows
 
     _wait("every shard in the lake", complete, 240, daemon, head)
-    commits = _shard_commits(lake)
+    commits = call_in_child(_shard_commits, root)
     assert sorted(commits) == shards
     assert all(len(commits[s]) == 1 for s in shards), commits
     mark("every shard committed")
 
     def refreshed() -> bool:
-        return _images_by_shard(root) == expected.images
+        return call_in_child(_images_by_shard, root) == expected.images
 
     _wait("the library refreshed", refreshed, 240, daemon, head)
     mark("library refreshed")
