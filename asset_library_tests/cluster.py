@@ -28,6 +28,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from asset_library import Library
+from asset_library.lake.tables import SHARD_MARK, Lake
+from asset_library.layout import LibraryLayout
 from asset_library_tests.seaweedfs import free_ports
 
 CLONE_NEWNET = 0x40000000
@@ -287,3 +290,50 @@ def call_in_child(function: Callable[..., Any], *args: Any) -> Any:
     if done.returncode != 0:
         raise RuntimeError(f"{function.__name__} failed: {done.stderr.decode()[-3000:]}")
     return pickle.loads(done.stdout)
+
+
+# What the checks read from a library (run through call_in_child inside the namespace).
+
+
+def shard_commits(root: Path) -> dict[str, list[int]]:
+    """The ``occurrences`` versions that wrote each shard, from the commits' shard mark."""
+    lake = Lake.of(LibraryLayout.open(root))
+    assert lake.is_s3, lake  # the lake the runs wrote, on S3
+    table = lake.open("occurrences")
+    commits: dict[str, list[int]] = {}
+    for entry in table.history() if table is not None else []:
+        if entry.get(SHARD_MARK):
+            commits.setdefault(entry[SHARD_MARK], []).append(int(entry["version"]))
+    return commits
+
+
+def rows_by_shard(root: Path) -> dict[tuple[str, str], int]:
+    """Rows per (table, shard) of the tables a shard run writes its images to."""
+    lake = Lake.of(LibraryLayout.open(root))
+    counts: dict[tuple[str, str], int] = {}
+    for name in ("occurrences", "rejects"):
+        table = lake.open(name)
+        rows = [] if table is None else table.to_pyarrow_table(columns=["shard"])["shard"]
+        for shard in rows.to_pylist() if table is not None else []:
+            counts[name, shard] = counts.get((name, shard), 0) + 1
+    return counts
+
+
+def images_by_shard(root: Path) -> dict[str, int]:
+    try:
+        counted = Library(root).query("SELECT shard, count(*) AS n FROM images GROUP BY shard")
+    except Exception:  # no catalog yet
+        return {}
+    return {row["shard"]: row["n"] for row in counted}
+
+
+def lookups(root: Path, md5s: list[str]) -> dict[str, dict[str, Any]]:
+    """Each image's lookup, less when it was ingested (the only field two builds differ in)."""
+    library = Library(root)
+    found = {}
+    for md5 in md5s:
+        image = library.lookup(md5)
+        assert image is not None, f"{md5} missing from {root}"
+        image.pop("ingested_at")
+        found[md5] = image
+    return found

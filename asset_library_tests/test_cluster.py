@@ -25,14 +25,16 @@ import yaml
 
 from asset_library import Library
 from asset_library.ids import shard_key
-from asset_library.lake.tables import SHARD_MARK, Lake
-from asset_library.layout import LibraryLayout
 from asset_library.orchestrate import ingest_batch
 from asset_library_tests.cluster import (
     RayCluster,
     call_in_child,
+    images_by_shard,
     interfaces,
+    lookups,
     loopback_namespace,
+    rows_by_shard,
+    shard_commits,
 )
 from asset_library_tests.dagster_processes import script, start_daemon
 from asset_library_tests.postgres import PostgresServer
@@ -81,30 +83,6 @@ def _jobs(cluster: RayCluster, runs: list[dg.RunRecord]) -> dict[str, Any]:
     return found
 
 
-def _shard_commits(root: Path) -> dict[str, list[int]]:
-    """The ``occurrences`` versions that wrote each shard, from the commits' shard mark."""
-    lake = Lake.of(LibraryLayout.open(root))
-    assert lake.is_s3, lake  # the lake the runs wrote, on S3
-    table = lake.open("occurrences")
-    commits: dict[str, list[int]] = {}
-    for entry in table.history() if table is not None else []:
-        if entry.get(SHARD_MARK):
-            commits.setdefault(entry[SHARD_MARK], []).append(int(entry["version"]))
-    return commits
-
-
-def _rows_by_shard(root: Path) -> dict[tuple[str, str], int]:
-    """Rows per (table, shard) of the tables a shard run writes its images to."""
-    lake = Lake.of(LibraryLayout.open(root))
-    counts: dict[tuple[str, str], int] = {}
-    for name in ("occurrences", "rejects"):
-        table = lake.open(name)
-        rows = [] if table is None else table.to_pyarrow_table(columns=["shard"])["shard"]
-        for shard in rows.to_pylist() if table is not None else []:
-            counts[name, shard] = counts.get((name, shard), 0) + 1
-    return counts
-
-
 def _started_step(instance: dg.DagsterInstance, run_id: str) -> bool:
     records = instance.get_records_for_run(
         run_id, of_type=dg.DagsterEventType.STEP_START, limit=1
@@ -119,26 +97,6 @@ class Expected:
     rows: dict[tuple[str, str], int]
     images: dict[str, int]
     lookups: dict[str, dict[str, Any]]
-
-
-def _images_by_shard(root: Path) -> dict[str, int]:
-    try:
-        counted = Library(root).query("SELECT shard, count(*) AS n FROM images GROUP BY shard")
-    except Exception:  # no catalog yet
-        return {}
-    return {row["shard"]: row["n"] for row in counted}
-
-
-def _lookups(root: Path, md5s: list[str]) -> dict[str, dict[str, Any]]:
-    """Each image's lookup, less when it was ingested (the only field two builds differ in)."""
-    library = Library(root)
-    found = {}
-    for md5 in md5s:
-        image = library.lookup(md5)
-        assert image is not None, f"{md5} missing from {root}"
-        image.pop("ingested_at")
-        found[md5] = image
-    return found
 
 
 def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
@@ -180,9 +138,9 @@ def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
     md5s = sorted({md5 for _, md5 in images})
     assert Library(reference).query("SELECT count(*) AS n FROM images") == [{"n": len(md5s)}]
     expected = Expected(
-        rows=_rows_by_shard(reference),
-        images=_images_by_shard(reference),
-        lookups=_lookups(reference, md5s),
+        rows=rows_by_shard(reference),
+        images=images_by_shard(reference),
+        lookups=lookups(reference, md5s),
     )
     assert sorted({shard for _, shard in expected.rows}) == shards
     mark("the same batch built on one machine")
@@ -240,7 +198,7 @@ def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
                 mark("batch landed")
                 _run(instance, cluster, head, worker, daemon, root, shards, expected, mark)
                 # the same answers, image by image
-                assert call_in_child(_lookups, root, md5s) == expected.lookups
+                assert call_in_child(lookups, root, md5s) == expected.lookups
                 mark("every lookup equal to the one-machine library's")
         finally:
             if daemon is not None:
@@ -271,7 +229,7 @@ def _run(instance, cluster, head, worker, daemon, root, shards, expected, mark) 
 
     doomed = _wait("a shard under way on the worker node", victim, 240, daemon, head)
     shard = doomed.dagster_run.tags["dagster/partition"]
-    committed_before = call_in_child(_shard_commits, root).get(shard, [])
+    committed_before = call_in_child(shard_commits, root).get(shard, [])
     killed = worker.kill()
     mark(f"worker node killed ({len(killed)} processes) mid-shard {shard}")
     assert committed_before == [], f"{shard} was already written before the kill"
@@ -299,16 +257,16 @@ def _run(instance, cluster, head, worker, daemon, root, shards, expected, mark) 
 
     # Done means written: every shard's rows are in the lake by its own commits.
     def complete() -> bool:
-        return call_in_child(_rows_by_shard, root) == expected.rows
+        return call_in_child(rows_by_shard, root) == expected.rows
 
     _wait("every shard in the lake", complete, 240, daemon, head)
-    commits = call_in_child(_shard_commits, root)
+    commits = call_in_child(shard_commits, root)
     assert sorted(commits) == shards
     assert all(len(commits[s]) == 1 for s in shards), commits
     mark("every shard committed")
 
     def refreshed() -> bool:
-        return call_in_child(_images_by_shard, root) == expected.images
+        return call_in_child(images_by_shard, root) == expected.images
 
     _wait("the library refreshed", refreshed, 240, daemon, head)
     mark("library refreshed")
