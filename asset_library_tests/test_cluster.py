@@ -303,7 +303,7 @@ def _run(instance, cluster, head, worker, daemon, root, shards, expected, mark) 
     }
     overheads = [ran[r.dagster_run.run_id][1] - r.create_timestamp.timestamp() for r in runs]
     starts = [r.start_time - ran[r.dagster_run.run_id][1] for r in runs if r.start_time]
-    print(f"\nshard runs (node, start, end in s after the first Ray job started): {spans}")
+    print(f"\nshard runs (node, Ray job submitted, ended; s after the first submission): {spans}")
     print(
         f"per run: created -> Ray job started {min(overheads):.1f}-{max(overheads):.1f} s; "
         f"Ray job started -> run started {min(starts):.1f}-{max(starts):.1f} s; "
