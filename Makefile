@@ -19,8 +19,8 @@ install:
 	@$(UV) sync --frozen --compile-bytecode --quiet
 
 # What only the tests start: PostgreSQL 15 (test_production_profile.py), strace
-# (test_durable_writes.py) and Chromium with its driver (test_serve_browser.py), from apt when
-# missing.
+# (test_durable_writes.py), iproute2 (test_cluster.py: the loopback of its network namespace) and
+# Chromium with its driver (test_serve_browser.py), from apt when missing.
 test-services:
 	@test -x $(PG_BIN)/postgres || { \
 		if command -v apt-get >/dev/null 2>&1; then \
@@ -34,6 +34,12 @@ test-services:
 			$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace; \
 		else \
 			echo "strace not found in /usr/bin: install it for asset_library_tests/test_durable_writes.py"; \
+		fi; }
+	@command -v ip >/dev/null 2>&1 || { \
+		if command -v apt-get >/dev/null 2>&1; then \
+			$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; \
+		else \
+			echo "ip not found: install iproute2 for asset_library_tests/test_cluster.py"; \
 		fi; }
 	@test -x /usr/bin/chromedriver || { \
 		if command -v apt-get >/dev/null 2>&1; then \
