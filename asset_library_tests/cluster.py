@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from asset_library import Library
-from asset_library.lake.tables import SHARD_MARK, Lake
+from asset_library.lake import SHARD_MARK, Lake
 from asset_library.layout import LibraryLayout
 from asset_library_tests.seaweedfs import free_ports
 

@@ -25,7 +25,7 @@ import yaml
 
 from asset_library import Library
 from asset_library.ids import shard_key
-from asset_library.orchestrate import ingest_batch
+from asset_library.runs.orchestrate import ingest_batch
 from asset_library_tests.cluster import (
     RayCluster,
     call_in_child,
