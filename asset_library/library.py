@@ -30,7 +30,7 @@ from asset_library.search.thresholds import (
     DEFAULT_MIN_QUALITY,
     DEFAULT_PHASH_THRESHOLD,
 )
-from asset_library.serving_store import (
+from asset_library.serving import (
     MAX_SOURCES_PAGE,
     RECORD_SOURCES,
     StoreReader,

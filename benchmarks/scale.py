@@ -29,7 +29,7 @@ from asset_library.defs.resources import IN_MEMORY_DUCKDB  # noqa: E402
 from asset_library.lake import Lake, compact, lake_files, merge_images, write_shard  # noqa: E402
 from asset_library.layout import LibraryLayout  # noqa: E402
 from asset_library.library import Library  # noqa: E402
-from asset_library.serving_store import sync  # noqa: E402
+from asset_library.serving import sync  # noqa: E402
 from asset_library.similarity import SimilarityIndex  # noqa: E402
 from asset_library_tests.synthetic import random_md5s, write_keys  # noqa: E402
 

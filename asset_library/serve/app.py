@@ -35,7 +35,7 @@ from asset_library.serve.auth import TokenRequired
 from asset_library.serve.settings import ServeSettings
 from asset_library.serve.thumbs import ThumbnailCache, ThumbnailError
 from asset_library.serve.uploads import BodyLimit, DecodePool, PoolBusy, header_pixels
-from asset_library.serving_store import MAX_SOURCES_PAGE, StoreUnavailable
+from asset_library.serving import MAX_SOURCES_PAGE, StoreUnavailable
 from asset_library.similarity import IndexNotReady
 from asset_library.storage import (
     DamagedObjectError,

@@ -6,7 +6,7 @@ import dagster as dg
 from asset_library.defs.assets.library import GROUP
 from asset_library.defs.resources import LibraryResource
 from asset_library.library import Library
-from asset_library.serving_store import check_store, sync
+from asset_library.serving import check_store, sync
 
 
 class ServingStoreConfig(dg.Config):

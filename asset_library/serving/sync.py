@@ -1,238 +1,46 @@
-"""The serving store: the lake's answers per md5 in one SQLite file, for lookups at online speed.
+"""Writing the store: :func:`sync` keeps it level with the lake at a cost per shard.
 
-Per md5 it holds the image's row (the ``images`` view's columns), how many sources it has, its
-first :data:`RECORD_SOURCES` sources (by ingested_at, shard, ordinal) and its attributes by
-origin, each with how many occurrences carry it. The lake stays the truth: the store records
-the Delta versions it is level with (``meta``), and a reader answers only while the store is
-level with ``images``; otherwise the caller reads the lake.
-
-:func:`sync` keeps it level at a cost per shard: the ``images`` change feed gives the image
-rows, the ``occurrences`` feed the counts and first sources, and the ``attributes`` table's
-commits since the last sync (read as a change feed: the rows of the files each commit added
-and removed) the attribute counts. A damaged, unknown or other lake's file is rebuilt from the
+The ``images`` change feed gives the image rows, the ``occurrences`` feed the counts and first
+sources, and the ``attributes`` table's commits since the last sync (read as a change feed: the
+rows of the files each commit added and removed) the attribute counts; change rows are netted
+in an in-memory DuckDB, in bulk. A damaged, unknown or other lake's file is rebuilt from the
 lake's current rows. One write transaction per sync (WAL), so readers see the old state or the
 new, never a mix.
-
-SQLite on a network filesystem corrupts under concurrent use: such a library has no store
-(:func:`network_filesystem`) and answers from the lake.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from asset_library.lake import IMAGES_APP, ORIGINS, Lake, read_changes, row_count
-from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
+from asset_library.lake import IMAGES_APP, Lake, read_changes
 from asset_library.lake.scan import plain_schema
+from asset_library.serving.schema import (
+    RECORD_COLUMNS,
+    RECORD_SOURCES,
+    STORE_FORMAT,
+    TABLES,
+    network_filesystem,
+    read_meta,
+    remove_store,
+    writer,
+)
 
 log = logging.getLogger(__name__)
 
-#: How many sources a record carries (the first, by ingested_at, shard, ordinal); the rest
-#: page through ``Library.sources``. The store keeps exactly these.
-RECORD_SOURCES = 10
-#: The largest page of sources one call returns.
-MAX_SOURCES_PAGE = 1000
-#: The file's layout; a file of another layout is rebuilt.
-STORE_FORMAT = "1"
-#: The record's columns kept as JSON: the ``images`` view's but the count (kept apart).
-RECORD_COLUMNS = [c for c in IMAGE_VIEW_COLUMNS if c != "occurrences"]
 _SOURCE_KEY = ("ingested_at", "shard", "ordinal")
-#: Filesystem types on which SQLite's locks are not to be trusted.
-NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "ceph"}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS images (md5 TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS counts (md5 TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sources (
-  md5 TEXT, ingested_at TEXT, shard TEXT, ordinal INTEGER, source_uri TEXT NOT NULL,
-  PRIMARY KEY (md5, ingested_at, shard, ordinal)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS attributes (
-  md5 TEXT, origin TEXT, attribute TEXT, value TEXT, value_type TEXT, n INTEGER NOT NULL,
-  PRIMARY KEY (md5, origin, attribute, value, value_type)) WITHOUT ROWID;
-"""
-_LAKE_TABLES = ("images", "occurrences", "attributes")
-_TABLES = ("meta", "images", "counts", "sources", "attributes")
-
-
-#: A record's parts in one statement: the version the store is level with, the image's row,
-#: its count, its attributes and its first sources (JSON arrays, in the order of the subquery).
-_RECORD_SQL = f"""
-SELECT (SELECT value FROM meta WHERE key = 'images_version'), i.record, c.n,
-  (SELECT json_group_array(json_array(origin, attribute, value, value_type))
-   FROM attributes WHERE md5 = ?1),
-  (SELECT json_group_array(source_uri) FROM (
-     SELECT source_uri FROM sources WHERE md5 = ?1
-     ORDER BY ingested_at, shard, ordinal LIMIT {RECORD_SOURCES}))
-FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = ?1
-"""
-
-
-class StoreUnavailable(Exception):
-    """Why the store cannot answer now (absent, damaged, behind the lake): read the lake."""
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-
-
-@dataclass
-class StoreReader:
-    """A read-only connection to the store (``mode=ro``), for one thread at a time."""
-
-    path: Path
-    lake: Lake
-    _connection: sqlite3.Connection | None = field(default=None, repr=False)
-    _next_log: str | None = field(default=None, repr=False)
-
-    def _open(self) -> sqlite3.Connection:
-        if self._connection is None:
-            if not self.path.is_file():
-                raise StoreUnavailable(f"no serving store at {self.path}")
-            if self.lake.is_s3:
-                raise StoreUnavailable("the serving store serves a folder library's lake only")
-            connection = sqlite3.connect(
-                f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False
-            )
-            self._connection = connection
-        return self._connection
-
-    def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
-    def level(self) -> sqlite3.Connection:
-        """The connection, if the store is level with the lake's latest ``images`` commit:
-        one primary-key read and one ``stat`` of the next commit's log file."""
-        try:
-            connection = self._open()
-            found = connection.execute(
-                "SELECT value FROM meta WHERE key = 'images_version'"
-            ).fetchone()
-        except sqlite3.Error as error:
-            self.close()
-            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
-        self._check_level(None if found is None else found[0])
-        return connection
-
-    def _check_level(self, version: str | None) -> None:
-        """:class:`StoreUnavailable` unless ``images`` has no commit after ``version`` (the
-        one the store records)."""
-        if version is None:
-            raise StoreUnavailable(f"serving store {self.path} records no images version")
-        if self._next_log is None:
-            self._next_log = os.path.join(self.lake.uri("images"), "_delta_log", "{:020d}.json")
-        if os.path.exists(self._next_log.format(int(version) + 1)):
-            raise StoreUnavailable(
-                f"serving store {self.path} is behind the lake (at images version {version})"
-            )
-
-    def record(self, md5: str) -> dict[str, Any] | None:
-        """The image's record as ``Library.lookup`` gives it, ``None`` if it has none;
-        :class:`StoreUnavailable` if the store cannot say. One statement: one snapshot of
-        the store, even while a sync commits."""
-        try:
-            row = self._open().execute(_RECORD_SQL, (md5,)).fetchone()
-            if row is None:
-                self.level()
-                return None
-            version, text, count, attributes, sources = row
-            self._check_level(version)
-            record = _record_of(text)
-            record["occurrences"] = int(count or 0)
-            record["attributes"] = attributes_by_origin(
-                (name, value, kind, origin) for origin, name, value, kind in json.loads(attributes)
-            )
-            record["sources"] = json.loads(sources)
-        except (sqlite3.Error, ValueError, KeyError) as error:
-            self.close()
-            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
-        record["sources_count"] = record["occurrences"]
-        return record
-
-    def sources(self, md5: str, limit: int, offset: int) -> tuple[list[str], int] | None:
-        """A page of the image's sources and their count (``None``: no such image), when the
-        store keeps that page; :class:`StoreUnavailable` if it does not."""
-        connection = self.level()
-        try:
-            found = connection.execute(
-                "SELECT c.n FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = ?",
-                (md5,),
-            ).fetchone()
-            if found is None:
-                return None
-            count = int(found[0] or 0)
-            if offset + limit > RECORD_SOURCES and count > RECORD_SOURCES:
-                raise StoreUnavailable(f"the store keeps the first {RECORD_SOURCES} sources only")
-            return self._sources(connection, md5, limit, offset), count
-        except sqlite3.Error as error:
-            self.close()
-            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
-
-    @staticmethod
-    def _sources(connection: sqlite3.Connection, md5: str, limit: int, offset: int) -> list[str]:
-        rows = connection.execute(
-            "SELECT source_uri FROM sources WHERE md5 = ? "
-            "ORDER BY ingested_at, shard, ordinal LIMIT ? OFFSET ?",
-            (md5, limit, offset),
-        ).fetchall()
-        return [uri for (uri,) in rows]
-
-
-def _record_of(text: str) -> dict[str, Any]:
-    values = json.loads(text)
-    record = dict(zip(RECORD_COLUMNS, values, strict=True))
-    if record["ingested_at"] is not None:
-        record["ingested_at"] = datetime.fromisoformat(record["ingested_at"])
-    return record
-
-
-def attributes_by_origin(rows: Iterable[tuple[str, str, str, str]]) -> dict[str, dict[str, Any]]:
-    """``{origin: {name: value}}`` from distinct (name, value, value_type, origin) rows: one
-    value as itself (typed), several (a multi-valued attribute) as the list of them, sorted by
-    their text."""
-    values: dict[str, dict[str, list[Any]]] = {origin: {} for origin in ORIGINS}
-    for name, value, kind, origin in sorted(set(rows)):
-        values[origin].setdefault(name, []).append(typed_value(value, kind))
-    return {
-        origin: {name: found[0] if len(found) == 1 else found for name, found in named.items()}
-        for origin, named in values.items()
-    }
-
-
-def typed_value(value: str, value_type: str) -> Any:
-    """A cube value (text) as the type its ``value_type`` names; as text if it is not one."""
-    try:
-        if value_type == "integer":
-            return int(value)
-        if value_type == "double":
-            return float(value)
-        if value_type == "boolean":
-            return value == "true"
-    except ValueError:
-        return value
-    return value
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
 
 
 @dataclass
@@ -249,51 +57,6 @@ class SyncResult:
     attributes_changed: int = 0
     refilled: int = 0
     seconds: float = 0.0
-
-
-def network_filesystem(path: Path) -> str | None:
-    """The filesystem type under ``path`` if it is a network one (SQLite must not live
-    there), else ``None``. Read from ``/proc/mounts`` (Linux); elsewhere assumed local."""
-    mounts = Path("/proc/mounts")
-    if not mounts.exists():
-        return None
-    target = str(path.resolve())
-    best, kind = "", ""
-    for line in mounts.read_text().splitlines():
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        point = parts[1].replace("\\040", " ")
-        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(
-            best
-        ):
-            best, kind = point, parts[2]
-    return kind if kind in NETWORK_FILESYSTEMS else None
-
-
-@contextmanager
-def _writer(path: Path) -> Iterator[sqlite3.Connection]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(path, isolation_level=None)
-    try:
-        connection.execute("PRAGMA journal_mode = WAL").fetchall()
-        connection.execute("PRAGMA synchronous = NORMAL")
-        # A shard's rows land all over the B-trees: a cache that holds their pages (a cap,
-        # allocated as used) spares reading each page back once per row.
-        connection.execute("PRAGMA cache_size = -262144")
-        connection.executescript(_SCHEMA)
-        yield connection
-    finally:
-        connection.close()
-
-
-def _remove(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-
-
-def _meta(connection: sqlite3.Connection) -> dict[str, str]:
-    return dict(connection.execute("SELECT key, value FROM meta").fetchall())
 
 
 def sync(lake: Lake, path: Path, *, rebuild: bool = False) -> SyncResult:
@@ -319,7 +82,7 @@ def sync(lake: Lake, path: Path, *, rebuild: bool = False) -> SyncResult:
         result = _sync(lake, path, images, occurrences, attributes, target, rebuild)
     except sqlite3.DatabaseError as error:  # a damaged file: the lake has every answer
         log.warning("serving store %s damaged (%s): rebuilt from the lake", path, error)
-        _remove(path)
+        remove_store(path)
         result = _sync(lake, path, images, occurrences, attributes, target, True)
         result.reason = f"damaged: {error}"
     result.seconds = time.perf_counter() - started
@@ -349,8 +112,8 @@ def _sync(
     target: _Target,
     rebuild: bool,
 ) -> SyncResult:
-    with _writer(path) as connection:
-        meta = _meta(connection)
+    with writer(path) as connection:
+        meta = read_meta(connection)
         reason = _rebuild_reason(meta, target) if not rebuild else "asked"
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -644,7 +407,7 @@ def _apply_attributes(connection: sqlite3.Connection, changes: pa.Table) -> int:
 
 def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> SyncResult:
     """Every row again from the lake's tables at the target versions, streamed."""
-    for table in _TABLES[1:]:
+    for table in TABLES[1:]:
         connection.execute(f"DELETE FROM {table}")
     options = dict(lake.storage_options)
     tables: dict[str, DeltaTable] = {
@@ -704,71 +467,3 @@ def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> Syn
     return SyncResult(
         True, "", target.images, target.occurrences, target.attributes, images_changed=images_rows
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Checking
-
-
-@dataclass
-class StoreCheck:
-    """The store against the lake: row counts, and the records of a sample of md5s."""
-
-    passed: bool
-    store_rows: int
-    lake_rows: int
-    sampled: int
-    differing: list[str]
-    reason: str
-
-
-def check_store(library: Any, sample: int = 100, seed: int | None = None) -> StoreCheck:
-    """Whether the store of ``library`` (a ``Library``) answers as the lake does: as many
-    image rows as ``images``, and the same record from both for ``sample`` md5s drawn from the
-    store (the first md5 at or after a random one: a cost that does not grow with the
-    library; an md5 the store lacks shows in the row count)."""
-    lake_rows = row_count(library.lake.open("images"))
-    path = library.layout.serving_store_path
-    draw = random.Random(seed)
-    try:
-        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as connection:
-            store_rows = connection.execute("SELECT count(*) FROM images").fetchone()[0]
-            chosen = set()
-            for _ in range(sample if store_rows else 0):
-                start = f"{draw.getrandbits(128):032x}"
-                found = (
-                    connection.execute(
-                        "SELECT md5 FROM images WHERE md5 >= ? ORDER BY md5 LIMIT 1", (start,)
-                    ).fetchone()
-                    or connection.execute("SELECT min(md5) FROM images").fetchone()
-                )
-                chosen.add(found[0])
-    except sqlite3.Error as error:
-        return StoreCheck(False, 0, lake_rows, 0, [], f"store unreadable: {error}")
-    differing = []
-    for md5 in sorted(chosen):
-        try:
-            stored = library.store_record(md5)
-        except StoreUnavailable as why:
-            return StoreCheck(False, store_rows, lake_rows, 0, [], str(why))
-        if stored != library.lake_record(md5):
-            differing.append(md5)
-    reasons = []
-    if store_rows != lake_rows:
-        reasons.append(f"{store_rows} image rows in the store, {lake_rows} in images")
-    if differing:
-        reasons.append(f"{len(differing)} of {len(chosen)} sampled records differ")
-    return StoreCheck(
-        not reasons, store_rows, lake_rows, len(chosen), differing, "; ".join(reasons) or "level"
-    )
-
-
-__all__ = [
-    "MAX_SOURCES_PAGE",
-    "RECORD_SOURCES",
-    "StoreReader",
-    "StoreUnavailable",
-    "check_store",
-    "network_filesystem",
-    "sync",
-]

@@ -1,0 +1,28 @@
+"""The serving store: the lake's answers per md5 in one SQLite file, for lookups at online speed.
+
+The lake stays the truth: the store records the Delta versions it is level with, and a reader
+answers only while the store is level with ``images``; otherwise the caller reads the lake.
+
+One module per concern, each importing only those listed before it: :mod:`.schema` (the file's
+tables, its ``meta`` and where it may live), :mod:`.reader` (records read from the store),
+:mod:`.sync` (the store brought level with the lake) and :mod:`.check` (the store against the
+lake). Callers import the public names from here.
+"""
+
+from asset_library.serving.check import StoreCheck, check_store
+from asset_library.serving.reader import StoreReader, StoreUnavailable, attributes_by_origin
+from asset_library.serving.schema import MAX_SOURCES_PAGE, RECORD_SOURCES, network_filesystem
+from asset_library.serving.sync import SyncResult, sync
+
+__all__ = [
+    "MAX_SOURCES_PAGE",
+    "RECORD_SOURCES",
+    "StoreCheck",
+    "StoreReader",
+    "StoreUnavailable",
+    "SyncResult",
+    "attributes_by_origin",
+    "check_store",
+    "network_filesystem",
+    "sync",
+]

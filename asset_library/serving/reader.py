@@ -1,0 +1,175 @@
+"""Reading the store: a lookup's record per md5, while the store is level with the lake.
+
+The lake stays the truth: a reader answers only while the store is level with ``images`` (the
+version ``meta`` records is its latest commit); otherwise it raises :class:`StoreUnavailable`
+and the caller reads the lake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from asset_library.lake import ORIGINS, Lake
+from asset_library.serving.schema import RECORD_COLUMNS, RECORD_SOURCES
+
+#: A record's parts in one statement: the version the store is level with, the image's row,
+#: its count, its attributes and its first sources (JSON arrays, in the order of the subquery).
+_RECORD_SQL = f"""
+SELECT (SELECT value FROM meta WHERE key = 'images_version'), i.record, c.n,
+  (SELECT json_group_array(json_array(origin, attribute, value, value_type))
+   FROM attributes WHERE md5 = ?1),
+  (SELECT json_group_array(source_uri) FROM (
+     SELECT source_uri FROM sources WHERE md5 = ?1
+     ORDER BY ingested_at, shard, ordinal LIMIT {RECORD_SOURCES}))
+FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = ?1
+"""
+
+
+class StoreUnavailable(Exception):
+    """Why the store cannot answer now (absent, damaged, behind the lake): read the lake."""
+
+
+@dataclass
+class StoreReader:
+    """A read-only connection to the store (``mode=ro``), for one thread at a time."""
+
+    path: Path
+    lake: Lake
+    _connection: sqlite3.Connection | None = field(default=None, repr=False)
+    _next_log: str | None = field(default=None, repr=False)
+
+    def _open(self) -> sqlite3.Connection:
+        if self._connection is None:
+            if not self.path.is_file():
+                raise StoreUnavailable(f"no serving store at {self.path}")
+            if self.lake.is_s3:
+                raise StoreUnavailable("the serving store serves a folder library's lake only")
+            connection = sqlite3.connect(
+                f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False
+            )
+            self._connection = connection
+        return self._connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def level(self) -> sqlite3.Connection:
+        """The connection, if the store is level with the lake's latest ``images`` commit:
+        one primary-key read and one ``stat`` of the next commit's log file."""
+        try:
+            connection = self._open()
+            found = connection.execute(
+                "SELECT value FROM meta WHERE key = 'images_version'"
+            ).fetchone()
+        except sqlite3.Error as error:
+            self.close()
+            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
+        self._check_level(None if found is None else found[0])
+        return connection
+
+    def _check_level(self, version: str | None) -> None:
+        """:class:`StoreUnavailable` unless ``images`` has no commit after ``version`` (the
+        one the store records)."""
+        if version is None:
+            raise StoreUnavailable(f"serving store {self.path} records no images version")
+        if self._next_log is None:
+            self._next_log = os.path.join(self.lake.uri("images"), "_delta_log", "{:020d}.json")
+        if os.path.exists(self._next_log.format(int(version) + 1)):
+            raise StoreUnavailable(
+                f"serving store {self.path} is behind the lake (at images version {version})"
+            )
+
+    def record(self, md5: str) -> dict[str, Any] | None:
+        """The image's record as ``Library.lookup`` gives it, ``None`` if it has none;
+        :class:`StoreUnavailable` if the store cannot say. One statement: one snapshot of
+        the store, even while a sync commits."""
+        try:
+            row = self._open().execute(_RECORD_SQL, (md5,)).fetchone()
+            if row is None:
+                self.level()
+                return None
+            version, text, count, attributes, sources = row
+            self._check_level(version)
+            record = _record_of(text)
+            record["occurrences"] = int(count or 0)
+            record["attributes"] = attributes_by_origin(
+                (name, value, kind, origin) for origin, name, value, kind in json.loads(attributes)
+            )
+            record["sources"] = json.loads(sources)
+        except (sqlite3.Error, ValueError, KeyError) as error:
+            self.close()
+            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
+        record["sources_count"] = record["occurrences"]
+        return record
+
+    def sources(self, md5: str, limit: int, offset: int) -> tuple[list[str], int] | None:
+        """A page of the image's sources and their count (``None``: no such image), when the
+        store keeps that page; :class:`StoreUnavailable` if it does not."""
+        connection = self.level()
+        try:
+            found = connection.execute(
+                "SELECT c.n FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = ?",
+                (md5,),
+            ).fetchone()
+            if found is None:
+                return None
+            count = int(found[0] or 0)
+            if offset + limit > RECORD_SOURCES and count > RECORD_SOURCES:
+                raise StoreUnavailable(f"the store keeps the first {RECORD_SOURCES} sources only")
+            return self._sources(connection, md5, limit, offset), count
+        except sqlite3.Error as error:
+            self.close()
+            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
+
+    @staticmethod
+    def _sources(connection: sqlite3.Connection, md5: str, limit: int, offset: int) -> list[str]:
+        rows = connection.execute(
+            "SELECT source_uri FROM sources WHERE md5 = ? "
+            "ORDER BY ingested_at, shard, ordinal LIMIT ? OFFSET ?",
+            (md5, limit, offset),
+        ).fetchall()
+        return [uri for (uri,) in rows]
+
+
+def _record_of(text: str) -> dict[str, Any]:
+    values = json.loads(text)
+    record = dict(zip(RECORD_COLUMNS, values, strict=True))
+    if record["ingested_at"] is not None:
+        record["ingested_at"] = datetime.fromisoformat(record["ingested_at"])
+    return record
+
+
+def attributes_by_origin(rows: Iterable[tuple[str, str, str, str]]) -> dict[str, dict[str, Any]]:
+    """``{origin: {name: value}}`` from distinct (name, value, value_type, origin) rows: one
+    value as itself (typed), several (a multi-valued attribute) as the list of them, sorted by
+    their text."""
+    values: dict[str, dict[str, list[Any]]] = {origin: {} for origin in ORIGINS}
+    for name, value, kind, origin in sorted(set(rows)):
+        values[origin].setdefault(name, []).append(typed_value(value, kind))
+    return {
+        origin: {name: found[0] if len(found) == 1 else found for name, found in named.items()}
+        for origin, named in values.items()
+    }
+
+
+def typed_value(value: str, value_type: str) -> Any:
+    """A cube value (text) as the type its ``value_type`` names; as text if it is not one."""
+    try:
+        if value_type == "integer":
+            return int(value)
+        if value_type == "double":
+            return float(value)
+        if value_type == "boolean":
+            return value == "true"
+    except ValueError:
+        return value
+    return value

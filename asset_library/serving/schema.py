@@ -1,0 +1,95 @@
+"""The store's SQLite file: its tables, the ``meta`` it records, and where it may live.
+
+Per md5 it holds the image's row (the ``images`` view's columns), how many sources it has, its
+first :data:`RECORD_SOURCES` sources (by ingested_at, shard, ordinal) and its attributes by
+origin, each with how many occurrences carry it. ``meta`` records the layout, the lake and the
+Delta versions the store is level with; a file of another layout is rebuilt.
+
+SQLite on a network filesystem corrupts under concurrent use: such a library has no store
+(:func:`network_filesystem`) and answers from the lake.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
+
+#: How many sources a record carries (the first, by ingested_at, shard, ordinal); the rest
+#: page through ``Library.sources``. The store keeps exactly these.
+RECORD_SOURCES = 10
+#: The largest page of sources one call returns.
+MAX_SOURCES_PAGE = 1000
+#: The file's layout; a file of another layout is rebuilt.
+STORE_FORMAT = "1"
+#: The record's columns kept as JSON: the ``images`` view's but the count (kept apart).
+RECORD_COLUMNS = [c for c in IMAGE_VIEW_COLUMNS if c != "occurrences"]
+#: Filesystem types on which SQLite's locks are not to be trusted.
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "ceph"}
+
+#: The store's tables, created if absent each time a writer opens the file.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS images (md5 TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counts (md5 TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sources (
+  md5 TEXT, ingested_at TEXT, shard TEXT, ordinal INTEGER, source_uri TEXT NOT NULL,
+  PRIMARY KEY (md5, ingested_at, shard, ordinal)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attributes (
+  md5 TEXT, origin TEXT, attribute TEXT, value TEXT, value_type TEXT, n INTEGER NOT NULL,
+  PRIMARY KEY (md5, origin, attribute, value, value_type)) WITHOUT ROWID;
+"""
+#: The store's tables, ``meta`` first (a rebuild empties the others).
+TABLES = ("meta", "images", "counts", "sources", "attributes")
+
+
+def network_filesystem(path: Path) -> str | None:
+    """The filesystem type under ``path`` if it is a network one (SQLite must not live
+    there), else ``None``. Read from ``/proc/mounts`` (Linux); elsewhere assumed local."""
+    mounts = Path("/proc/mounts")
+    if not mounts.exists():
+        return None
+    target = str(path.resolve())
+    best, kind = "", ""
+    for line in mounts.read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(
+            best
+        ):
+            best, kind = point, parts[2]
+    return kind if kind in NETWORK_FILESYSTEMS else None
+
+
+@contextmanager
+def writer(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection that writes the store (WAL: readers keep their snapshot meanwhile), its
+    tables created if absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("PRAGMA journal_mode = WAL").fetchall()
+        connection.execute("PRAGMA synchronous = NORMAL")
+        # A shard's rows land all over the B-trees: a cache that holds their pages (a cap,
+        # allocated as used) spares reading each page back once per row.
+        connection.execute("PRAGMA cache_size = -262144")
+        connection.executescript(SCHEMA)
+        yield connection
+    finally:
+        connection.close()
+
+
+def remove_store(path: Path) -> None:
+    """The store's file and its WAL files gone: a damaged store is rebuilt from nothing."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def read_meta(connection: sqlite3.Connection) -> dict[str, str]:
+    """What the store records: its layout, its lake and the versions it is level with."""
+    return dict(connection.execute("SELECT key, value FROM meta").fetchall())
