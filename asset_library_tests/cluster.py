@@ -328,12 +328,16 @@ def images_by_shard(root: Path) -> dict[str, int]:
 
 
 def lookups(root: Path, md5s: list[str]) -> dict[str, dict[str, Any]]:
-    """Each image's lookup, less when it was ingested (the only field two builds differ in)."""
+    """Each image's lookup, less when it was ingested (two builds differ in it) and which store
+    answered (an S3 lake is read directly; a folder library's serving store answers)."""
     library = Library(root)
     found = {}
     for md5 in md5s:
         image = library.lookup(md5)
         assert image is not None, f"{md5} missing from {root}"
         image.pop("ingested_at")
+        image.pop("answered_by")
+        for source in image.get("sources", []):
+            source.pop("ingested_at", None)
         found[md5] = image
     return found
