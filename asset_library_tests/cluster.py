@@ -337,7 +337,5 @@ def lookups(root: Path, md5s: list[str]) -> dict[str, dict[str, Any]]:
         assert image is not None, f"{md5} missing from {root}"
         image.pop("ingested_at")
         image.pop("answered_by")
-        for source in image.get("sources", []):
-            source.pop("ingested_at", None)
         found[md5] = image
     return found
