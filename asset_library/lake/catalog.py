@@ -18,6 +18,7 @@ one on any column skips the row groups whose statistics rule it out.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -164,6 +165,27 @@ def macro_signature(name: str) -> str:
 _CUBE_BY_ATTRIBUTE = INDEX_SQL.format(cube="_lake_attributes", occurrences="_lake_occurrences")
 
 
+def _readers_of(name: str) -> set[str]:
+    """The views and macros that read ``name``, directly or through one another."""
+    bodies = {**VIEWS, **{macro: body for macro, (_, body) in MACROS.items()}}
+    found = {name}
+    while grown := {
+        reader
+        for reader, body in bodies.items()
+        if reader not in found and any(re.search(rf"\b{re.escape(n)}\b", body) for n in found)
+    }:
+        found |= grown
+    return found
+
+
+#: A query that names one of these may read the near-duplicate groups: only it reads (or
+#: computes again) the groups file, so that a lookup or a count never pays for it.
+_GROUP_READERS = re.compile(
+    r"\b(" + "|".join(map(re.escape, sorted(_readers_of("_near_duplicates")))) + r")\b",
+    re.IGNORECASE,
+)
+
+
 class GroupsSource(Protocol):
     """Where the ``near_duplicates`` view's rows come from
     (:class:`asset_library.similarity.NearDuplicates`)."""
@@ -190,7 +212,10 @@ class Catalog:
         self._versions: dict[str, int | None] = {}
         self._datasets: dict[str, LakeDataset] = {}
         self._by_bucket: dict[str, dict[int | None, list[pds.Fragment]]] = {}
-        self._groups_stamp: Hashable = object()  # equal to no stamp: the first refresh reads
+        # The groups are read (or computed again) by the first query that may use them, never
+        # for a key's rows: a lookup must not pay for them, nor fail with them.
+        self._groups_stamp: Hashable = object()  # equal to no stamp: the first query reads
+        self.connection.register("_near_duplicates", NEAR_DUPLICATES_SCHEMA.empty_table())
         self.refresh()
         bits = lake.n_buckets.bit_length() - 1
         bucket_expr = (
@@ -232,7 +257,6 @@ class Catalog:
                 self._by_bucket.pop(name, None)
                 self.connection.register(f"_lake_{name}", dataset)
             self._versions[name] = version
-        self._refresh_groups()
 
     def _refresh_groups(self) -> None:
         source = self.near_duplicates
@@ -279,6 +303,8 @@ class Catalog:
     ) -> duckdb.DuckDBPyConnection:
         """One read-only query, parameters bound as values."""
         check_read_only_query(sql)
+        if _GROUP_READERS.search(sql):
+            self._refresh_groups()
         return self.connection.execute(sql, params or [])
 
     def close(self) -> None:
