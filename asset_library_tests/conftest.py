@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 from asset_library.runs.orchestrate import IngestSummary, ingest_batch
-from asset_library_tests.seaweedfs import SeaweedS3
+from asset_library_tests.support.seaweedfs import SeaweedS3
 
 # A suite started in the background by a shell without job control (``make test &``) inherits
 # SIGINT ignored, and so would every process it starts: the Ctrl-C tests need Python's own

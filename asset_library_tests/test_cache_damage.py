@@ -25,7 +25,7 @@ from asset_library.runs.orchestrate import ingest_batch
 from asset_library.serve import ServeSettings, create_app
 from asset_library.serve.reads import duplicate_groups
 from asset_library.similarity import GROUPS_FILE, SimilarityIndex
-from asset_library_tests.http_server import LiveServer
+from asset_library_tests.support.http_server import LiveServer
 
 #: Images of the first batch, and of the second (new ones and some of the first again).
 FIRST, SECOND, REPEATED = 40, 20, 10

@@ -26,7 +26,7 @@ import yaml
 from asset_library import Library
 from asset_library.ids import shard_key
 from asset_library.runs.orchestrate import ingest_batch
-from asset_library_tests.cluster import (
+from asset_library_tests.support.cluster import (
     RayCluster,
     call_in_child,
     images_by_shard,
@@ -36,10 +36,10 @@ from asset_library_tests.cluster import (
     rows_by_shard,
     shard_commits,
 )
-from asset_library_tests.dagster_processes import script, start_daemon
-from asset_library_tests.postgres import PostgresServer
-from asset_library_tests.seaweedfs import SeaweedS3
-from asset_library_tests.test_production_profile import _corpus_jpegs
+from asset_library_tests.support.corpus import corpus_jpegs
+from asset_library_tests.support.dagster_processes import script, start_daemon
+from asset_library_tests.support.postgres import PostgresServer
+from asset_library_tests.support.seaweedfs import SeaweedS3
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres, pytest.mark.s3, pytest.mark.daemon]
 
@@ -110,7 +110,7 @@ def test_shards_run_on_a_ray_cluster_and_survive_a_lost_node(
 
     for name in ("ASSET_LIBRARY_OBJECTS", "ASSET_LIBRARY_LAKE", "ASSET_LIBRARY_HOME"):
         monkeypatch.delenv(name, raising=False)
-    images = _corpus_jpegs(corpus_dir, SHARDS * IMAGES_PER_SHARD)
+    images = corpus_jpegs(corpus_dir, SHARDS * IMAGES_PER_SHARD)
     shutil.copyfile(REPO / "workspace.yaml", tmp_path / "workspace.yaml")
     root = tmp_path / "library"
     home = root / ".dagster"

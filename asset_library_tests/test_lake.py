@@ -44,7 +44,7 @@ from asset_library.lake.merge import _merged_to
 from asset_library.lake.scan import lake_dataset
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import IndexNotReady, SimilarityIndex
-from asset_library_tests.synthetic import random_md5s, write_keys
+from asset_library_tests.support.synthetic import random_md5s, write_keys
 
 BUCKETS = 16
 COUNTS = (

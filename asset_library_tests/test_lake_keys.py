@@ -13,7 +13,7 @@ import pytest
 from asset_library import Library
 from asset_library.lake import compact, merge_images
 from asset_library.lake.keyset import MANIFEST, ImageKeys, digests, md5_text
-from asset_library_tests.synthetic import random_md5s
+from asset_library_tests.support.synthetic import random_md5s
 from asset_library_tests.test_lake import _counts_are_true, _land, _library
 
 

@@ -29,7 +29,7 @@ from asset_library.storage import (
     StoreMismatchError,
     object_key,
 )
-from asset_library_tests.seaweedfs import SeaweedS3
+from asset_library_tests.support.seaweedfs import SeaweedS3
 
 FOLDER = "github_jenssegers_imagehash"  # 8 small JPEGs
 

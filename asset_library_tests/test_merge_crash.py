@@ -28,7 +28,7 @@ from asset_library.lake import (
 from asset_library.lake.recount import check_counts, recount
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import SimilarityIndex
-from asset_library_tests.synthetic import random_md5s, write_keys
+from asset_library_tests.support.synthetic import random_md5s, write_keys
 
 BUCKETS = 8
 #: A refresh's merge in a process of its own, as the run worker makes it.

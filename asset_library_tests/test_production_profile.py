@@ -9,7 +9,6 @@ landing zone, run records and `Library` queries, so asset names may change under
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -26,8 +25,9 @@ from asset_library import Library
 from asset_library.ids import shard_key
 from asset_library.layout import LibraryLayout
 from asset_library.storage import object_key
-from asset_library_tests.dagster_processes import Webserver, script, start_daemon
-from asset_library_tests.postgres import PostgresServer
+from asset_library_tests.support.corpus import corpus_jpegs
+from asset_library_tests.support.dagster_processes import Webserver, script, start_daemon
+from asset_library_tests.support.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -163,27 +163,6 @@ def test_postgres_partition_costs_per_key(
 # --- the end-to-end run ----------------------------------------------------------------------
 
 
-def _corpus_jpegs(corpus_dir: Path, count: int) -> list[tuple[Path, str]]:
-    """`count` small, decodable, distinct still JPEGs of the corpus, with their md5s."""
-    with (corpus_dir / "MANIFEST.tsv").open() as handle:
-        manifest = {row["path"]: row for row in csv.DictReader(handle, delimiter="\t")}
-    with (corpus_dir / "DETAILS.tsv").open() as handle:
-        details = {row["path"]: row for row in csv.DictReader(handle, delimiter="\t")}
-    chosen: dict[str, Path] = {}
-    for path, row in sorted(manifest.items()):
-        fine = details.get(path, {})
-        if (
-            row["format"] == "JPEG"
-            and int(row["bytes"]) < 100_000
-            and fine.get("decode") == "ok"
-            and fine.get("frames") == "1"
-        ):
-            chosen.setdefault(row["md5"], corpus_dir / path)
-        if len(chosen) == count:
-            return [(path, md5) for md5, path in chosen.items()]
-    raise AssertionError(f"the corpus has fewer than {count} small still JPEGs")
-
-
 def _object_folder(layout: LibraryLayout, md5: str) -> Path:
     """`objects/images/<md5[0:2]>`: the folder every object of that prefix goes under."""
     return layout.objects_dir.joinpath(*object_key(md5).split("/")[:2])
@@ -263,7 +242,7 @@ def test_a_landed_batch_runs_on_the_production_profile(
         monkeypatch.setenv(name, value)
 
     # The batch lands without its marker; two shards' object folders are blocked by files.
-    images = _corpus_jpegs(corpus_dir, SHARDS * IMAGES_PER_SHARD)
+    images = corpus_jpegs(corpus_dir, SHARDS * IMAGES_PER_SHARD)
     landed = root / "landing" / BATCH
     landed.mkdir(parents=True)
     for number, (path, _) in enumerate(images):

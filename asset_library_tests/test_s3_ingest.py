@@ -17,7 +17,7 @@ from asset_library.ingest.landing import find_ready_batches
 from asset_library.library import Library
 from asset_library.runs.orchestrate import ingest_batch
 from asset_library.storage import object_key
-from asset_library_tests.seaweedfs import SeaweedS3
+from asset_library_tests.support.seaweedfs import SeaweedS3
 
 PHOTOS = "github_recurser_exif-orientation-examples"
 

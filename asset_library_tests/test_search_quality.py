@@ -43,7 +43,7 @@ from asset_library.search.thresholds import (
     DEFAULT_PHASH_THRESHOLD,
 )
 from asset_library.storage import LocalObjectStore
-from asset_library_tests.photo_set import flat_images, photo_paths, photographs
+from asset_library_tests.support.photo_set import flat_images, photo_paths, photographs
 
 FOUND_RELATIONS = {"exact", "reencode", "resize", "exif-orientation"}
 

@@ -26,7 +26,7 @@ from asset_library.serve import ServeRefused, ServeSettings, create_app
 from asset_library.serve.settings import TOKEN_ENV, default_cache_dir
 from asset_library.serve.uploads import DecodePool, PoolBusy
 from asset_library.storage import object_key
-from asset_library_tests.http_server import LiveServer, multipart
+from asset_library_tests.support.http_server import LiveServer, multipart
 
 FOREST = "github_jenssegers_imagehash/forest/forest-high.jpg"
 

@@ -17,7 +17,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from asset_library import Library
 from asset_library.layout import atomic_path
 from asset_library.serve import ServeSettings, create_app
-from asset_library_tests.http_server import LiveServer
+from asset_library_tests.support.http_server import LiveServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

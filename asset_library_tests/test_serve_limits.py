@@ -28,7 +28,7 @@ from asset_library.runs.orchestrate import ingest_batch
 from asset_library.serve import ServeSettings, create_app
 from asset_library.serve.settings import TOKEN_ENV
 from asset_library.storage import DamageRecord, object_key, verify_objects
-from asset_library_tests.http_server import LiveServer, multipart
+from asset_library_tests.support.http_server import LiveServer, multipart
 
 FOREST = "github_jenssegers_imagehash/forest"
 #: The peak RSS the docs state for ``serve`` with its default decode pool (2 slots, one

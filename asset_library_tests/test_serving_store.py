@@ -24,8 +24,8 @@ from asset_library.layout import LibraryLayout
 from asset_library.serve.app import create_app
 from asset_library.serve.settings import ServeSettings
 from asset_library.serving import RECORD_SOURCES, StoreUnavailable, check_store, sync
-from asset_library_tests.http_server import LiveServer
-from asset_library_tests.synthetic import random_md5s, write_keys
+from asset_library_tests.support.http_server import LiveServer
+from asset_library_tests.support.synthetic import random_md5s, write_keys
 
 BUCKETS = 16
 

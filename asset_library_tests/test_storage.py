@@ -33,7 +33,7 @@ from asset_library.storage import (
     s3_client_from_env,
     verify_objects,
 )
-from asset_library_tests.seaweedfs import SeaweedS3
+from asset_library_tests.support.seaweedfs import SeaweedS3
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
 S3_PREFIX = "lib/v1"

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asset_library.lake import SCHEMAS, Lake, write_shard  # noqa: E402
 from asset_library.layout import LibraryLayout  # noqa: E402
-from asset_library_tests.synthetic import random_md5s, write_keys  # noqa: E402
+from asset_library_tests.support.synthetic import random_md5s, write_keys  # noqa: E402
 
 _CUBE_SCHEMA = pa.schema([f for f in SCHEMAS["attributes"]])
 

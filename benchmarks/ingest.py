@@ -294,7 +294,7 @@ def measure_speed(
     paths: Sequence[Path], pool: FingerprintPool, rounds: Rounds, work: Path
 ) -> list[Step]:
     from asset_library.storage import LocalObjectStore, S3ObjectStore
-    from asset_library_tests.seaweedfs import SeaweedS3
+    from asset_library_tests.support.seaweedfs import SeaweedS3
 
     blobs = [path.read_bytes() for path in paths]
     seaweed = SeaweedS3(work / "seaweed")

@@ -8,19 +8,18 @@ Run by hand from the project root (never in CI; about a minute at the default si
 Takes ``--photos`` camera JPEGs from the corpus (EXIF make, decodable, quality at or above the
 cut-off), or with ``--photo-set`` the photographs of ``asset_library_tests/data/photos.txt``
 (all by default) each with its blurred, low-contrast, dark and hazy versions
-(``asset_library_tests/photo_set.py``, indexed beside the corpus, whatever their quality, each
-version related to the others of its picture), and first prints the share of those below the
-cut-off. It makes edited copies of each in a temporary folder (re-encode at quality 50 and 20,
-resize to 50% and 25%, crop 10% of each side, rotate 90 degrees, mirror, rotate 5 degrees,
-brighter, more contrast, blur, a watermark box, greyscale, padding), and queries every copy
-against the whole corpus (all accepted files: the originals and everything else as distractors)
-at the default threshold. Printed per edit: recall (the copy finds its original) for ImageHash's
-pHash (hashed on the image as displayed, no cut-off), ours (fast mode, quality cut-off on
-results) and ours querying the 8 dihedral variants, each without and with the dHash
+(``asset_library_tests/support/photo_set.py``, indexed beside the corpus, whatever their
+quality, each version related to the others of its picture), and first prints the share of those
+below the cut-off. It makes edited copies of each in a temporary folder (re-encode at quality 50
+and 20, resize to 50% and 25%, crop 10% of each side, rotate 90 degrees, mirror, rotate 5
+degrees, brighter, more contrast, blur, a watermark box, greyscale, padding), and queries every
+copy against the whole corpus (all accepted files: the originals and everything else as
+distractors) at the default threshold. Printed per edit: recall (the copy finds its original)
+for ImageHash's pHash (hashed on the image as displayed, no cut-off), ours (fast mode, quality
+cut-off on results) and ours querying the 8 dihedral variants, each without and with the dHash
 confirmation (``--confirm`` bits, default the library's); then unrelated results per query
 (anything but the original and its labelled near_dups.tsv family, per md5), and the largest
-dHash distance between a copy and the original its pHash found.
-"""
+dHash distance between a copy and the original its pHash found."""
 
 from __future__ import annotations
 
@@ -51,7 +50,7 @@ from asset_library.search.thresholds import (
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from asset_library_tests.photo_set import photographs  # noqa: E402
+from asset_library_tests.support.photo_set import photographs  # noqa: E402
 
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus"
 

@@ -31,7 +31,7 @@ from asset_library.layout import LibraryLayout  # noqa: E402
 from asset_library.library import Library  # noqa: E402
 from asset_library.serving import sync  # noqa: E402
 from asset_library.similarity import SimilarityIndex  # noqa: E402
-from asset_library_tests.synthetic import random_md5s, write_keys  # noqa: E402
+from asset_library_tests.support.synthetic import random_md5s, write_keys  # noqa: E402
 
 
 def _timed(fn):

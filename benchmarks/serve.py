@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asset_library import Library  # noqa: E402
 from asset_library.storage import object_key  # noqa: E402
-from asset_library_tests.http_server import multipart  # noqa: E402
+from asset_library_tests.support.http_server import multipart  # noqa: E402
 
 
 def bare_app(store: str):  # noqa: ANN201 (Starlette is imported here only)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from asset_library_tests.seaweedfs import free_ports
+from asset_library_tests.support.seaweedfs import free_ports
 
 PG_BIN = Path(os.environ.get("ASSET_LIBRARY_PG_BIN", "/usr/lib/postgresql/15/bin"))
 READY_TIMEOUT_S = 30.0

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 import asset_library.ingest.fingerprint  # noqa: F401  (registers the HEIF opener, as ingest does)
 
-PHOTO_LIST = Path(__file__).parent / "data" / "photos.txt"
+PHOTO_LIST = Path(__file__).parents[1] / "data" / "photos.txt"
 
 #: Longest side of a derived version: enough for the 32x32 hash grid, cheap to make.
 DERIVED_SIDE = 512

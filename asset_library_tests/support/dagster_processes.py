@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from asset_library_tests.seaweedfs import free_ports
+from asset_library_tests.support.seaweedfs import free_ports
 
 STOP_TIMEOUT_S = 20.0
 # Loopback requests must never go through an HTTP proxy from the environment.

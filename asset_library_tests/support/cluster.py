@@ -31,7 +31,7 @@ from typing import Any
 from asset_library import Library
 from asset_library.lake import SHARD_MARK, Lake
 from asset_library.layout import LibraryLayout
-from asset_library_tests.seaweedfs import free_ports
+from asset_library_tests.support.seaweedfs import free_ports
 
 CLONE_NEWNET = 0x40000000
 READY_TIMEOUT_S = 180.0
