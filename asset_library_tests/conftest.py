@@ -26,7 +26,10 @@ _bucket_numbers = itertools.count(1)
 SERVICE_FIXTURES = {"seaweed": "s3", "postgres": "postgres", "browser": "browser"}
 #: ``make test-fast`` runs the tests that start no service and took at most this many seconds
 #: (setup included) in the last recorded full run: the edit-test loop's budget.
-FAST_BUDGET_SECONDS = 2.0
+FAST_BUDGET_SECONDS = 1.0
+#: Shared fixtures that ingest a library through Dagster (10-20 s each, once): a recorded run
+#: charges them to the first test that uses them, so every test that uses them is slow.
+LIBRARY_FIXTURES = {"corpus_library", "batches", "library_root"}
 #: Per-test seconds of the last full run, written by ``make test-durations``.
 DURATIONS_FILE = Path(__file__).with_name("durations.json")
 
@@ -48,7 +51,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if fixture in fixtures:
                 item.add_marker(marker)
         # A test never recorded is new: it stays in the fast set until a full run measures it.
-        if recorded.get(item.nodeid, 0.0) > FAST_BUDGET_SECONDS:
+        if recorded.get(item.nodeid, 0.0) > FAST_BUDGET_SECONDS or fixtures & LIBRARY_FIXTURES:
             item.add_marker("slow")
 
 
