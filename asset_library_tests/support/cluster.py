@@ -274,12 +274,17 @@ def call_in_child(function: Callable[..., Any], *args: Any) -> Any:
 
     A process started from inside :func:`loopback_namespace` is wholly inside it; this one's
     other threads are not (delta-rs does its I/O on a runtime's threads, started at its first
-    use), so what reads the namespace's S3 runs in a child."""
+    use), so what reads the namespace's S3 runs in a child. The child leaves by ``os._exit``
+    once its answer is written, skipping the interpreter's teardown: a CI run saw such a child
+    abort with ``terminate called without an active exception`` and no traceback, the mark of
+    a C++ thread (DuckDB's or pyarrow's) still alive when the interpreter tears down."""
     code = (
-        "import importlib, pickle, sys\n"
+        "import importlib, os, pickle, sys\n"
         "module, name, args = pickle.loads(sys.stdin.buffer.read())\n"
         "result = getattr(importlib.import_module(module), name)(*args)\n"
         "sys.stdout.buffer.write(pickle.dumps(result))\n"
+        "sys.stdout.buffer.flush()\n"
+        "os._exit(0)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
