@@ -85,8 +85,13 @@ class SeaweedS3:
     test can take the server away mid-run and bring it back at the same endpoint.
     """
 
-    def __init__(self, base_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, base_dir: str | os.PathLike[str] | None = None, *, metrics: bool = False
+    ) -> None:
+        """``metrics``: also serve the S3 gateway's Prometheus counters on a loopback port
+        (:meth:`request_counts`), for benchmarks that count requests."""
         self._owns_base = base_dir is None
+        self._port_names = (*PORT_NAMES, "metricsPort") if metrics else PORT_NAMES
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="seaweedfs-test-"))
         self.data_dir = self.base_dir / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +178,7 @@ class SeaweedS3:
             f"-dir={self.data_dir}",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
+            "-metricsIp=127.0.0.1",
             "-master.telemetry=false",
             "-webdav=false",
             "-admin.ui=false",
@@ -197,7 +203,8 @@ class SeaweedS3:
         errors = []
         for attempt in range(START_ATTEMPTS):
             if not self.ports or attempt > 0:
-                self.ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
+                names = self._port_names
+                self.ports = dict(zip(names, free_ports(len(names)), strict=True))
             try:
                 self._start_once(timeout)
                 return self
@@ -270,6 +277,20 @@ class SeaweedS3:
                 for volumes in (nodes or {}).values():
                     ids.update(int(volume["Id"]) for volume in volumes or ())
         return ids
+
+    def request_counts(self) -> dict[str, int]:
+        """Requests the S3 gateway has answered since it started, by action (``PUT``,
+        ``GET``, ``HEAD``, ``LIST``, ...), from its Prometheus counters (``metrics=True``)."""
+        url = f"http://127.0.0.1:{self.ports['metricsPort']}/metrics"
+        with _NO_PROXY.open(url, timeout=5) as response:
+            text = response.read().decode()
+        counts: dict[str, int] = {}
+        for line in text.splitlines():
+            if line.startswith("SeaweedFS_s3_request_total{"):
+                labels, _, value = line.rpartition(" ")
+                action = labels.split('type="', 1)[1].split('"', 1)[0]
+                counts[action] = counts.get(action, 0) + int(float(value))
+        return counts
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log_path is None or not self.log_path.exists():
