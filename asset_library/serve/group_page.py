@@ -1,0 +1,136 @@
+"""One near-duplicate group, a page of members at a time, each with its Hamming distances to
+the group's first image (the smallest md5).
+
+Pages are cut by a cursor (``after`` / ``before`` an md5), not an offset: a group can hold
+thousands of images, and a deep page costs what the first does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import Response
+
+from asset_library.ids import is_md5
+from asset_library.library import Library
+from asset_library.serve import reads
+from asset_library.serve.pages import borrow, e, error_page, layout, tile
+
+#: The most members a group page shows.
+MEMBERS_PER_PAGE = 60
+#: The hashes whose distances a member shows, the first the one groups are made by.
+HASHES = ("phash", "dhash", "ahash")
+
+router = APIRouter(include_in_schema=False)
+
+
+@dataclass(frozen=True)
+class MemberPage:
+    """A slice of a group in md5 order: its members, where it starts, and the group's ends."""
+
+    size: int
+    first: str
+    last: str
+    before: int  # members before this slice
+    members: list[dict[str, Any]]
+
+
+def member_page(
+    library: Library, group: int, after: str | None, before: str | None, limit: int
+) -> MemberPage | None:
+    """Up to ``limit`` members after ``after`` (or before ``before``), with ``<hash>_distance``
+    to the group's first member; ``None`` if there is no such group."""
+    ends = library.query(
+        "SELECT count(*) AS size, min(md5) AS first, max(md5) AS last "
+        "FROM near_duplicates WHERE group_id = ?",
+        [group],
+    )[0]
+    if not ends["size"]:
+        return None
+    cut, order, cursor = ("md5 < ?", "DESC", before) if before else ("md5 > ?", "", after or "")
+    distances = ", ".join(f"bit_count(xor(i.{h}_int, f.{h}_int)) AS {h}_distance" for h in HASHES)
+    columns = ", ".join(f"i.{c.strip()}" for c in reads.SUMMARY_COLUMNS.split(","))
+    members = library.query(
+        f"WITH page AS (SELECT md5 FROM near_duplicates WHERE group_id = ? AND {cut} "
+        f"ORDER BY md5 {order} LIMIT ?), "
+        f"f AS (SELECT {', '.join(f'{h}_int' for h in HASHES)} FROM image(?)) "
+        f"SELECT {columns}, {distances} FROM images i, f "
+        "WHERE i.md5 IN (SELECT md5 FROM page) ORDER BY i.md5",
+        [group, cursor, limit, ends["first"]],
+    )
+    start = members[0]["md5"] if members else cursor
+    preceding = library.query(
+        "SELECT count(*) AS n FROM near_duplicates WHERE group_id = ? AND md5 < ?", [group, start]
+    )[0]["n"]
+    return MemberPage(ends["size"], ends["first"], ends["last"], preceding, members)
+
+
+def member_tile(member: dict[str, Any]) -> str:
+    """A member's tile, its pHash distance on the thumbnail and every distance below it."""
+    shown = " · ".join(f"{h[0]}Hash {member[f'{h}_distance']}" for h in HASHES)
+    marks = " ".join(f'data-{h}="{int(member[h + "_distance"])}"' for h in HASHES)
+    badge = f"{member['phash_distance']} bits"
+    return (
+        f'<div class="member" data-md5="{e(member["md5"])}" {marks}>{tile(member, badge)}'
+        f'<span class="dist">{e(shown)} bits</span></div>'
+    )
+
+
+@router.get("/groups/{group}")
+def group_page(
+    request: Request,
+    group: Annotated[int, Path(ge=0, le=reads.MAX_ID)],
+    after: str = "",
+    before: str = "",
+) -> Response:
+    for name, value in (("after", after), ("before", before)):
+        if value and not is_md5(value):
+            message = f"{name}: not an md5 key: {value!r} (expected 32 hexadecimal digits)"
+            return error_page("Bad request", message, 422)
+    if after and before:
+        return error_page("Bad request", "give after or before, not both", 422)
+    with borrow(request) as library:
+        found = member_page(
+            library, group, after.lower() or None, before.lower() or None, MEMBERS_PER_PAGE
+        )
+    if found is None:
+        return error_page("Not found", f"no near-duplicate group {group}", 404)
+    members = found.members
+    base = f"/groups/{group}"
+    back = ahead = ""
+    if members and members[0]["md5"] > found.first:
+        back = f'<a href="{base}?before={members[0]["md5"]}" rel="prev">← previous</a>'
+    if members and members[-1]["md5"] < found.last:
+        ahead = f'<a href="{base}?after={members[-1]["md5"]}" rel="next">next →</a>'
+    if members:
+        where = (
+            f"images {found.before + 1:,}-{found.before + len(members):,} of {found.size:,}"
+            if found.size > len(members)
+            else f"{found.size:,} images"
+        )
+        grid = "".join(member_tile(m) for m in members)
+    else:
+        where = f"{found.size:,} images"
+        grid = f'<p class="muted">No images here: <a href="{base}">the first page</a>.</p>'
+    pager = f'<nav class="pager">{back}<span>{where}</span>{ahead}</nav>'
+    body = (
+        f'<p><a href="/groups">← all groups</a></p><h1>Group {group}</h1>'
+        f'<p class="lede">{where}, in md5 order. Each shows its Hamming distances (bits of 64) '
+        f'to the group\'s first image, <a href="/view/{found.first}">{found.first}</a>.</p>'
+        f'{pager}<section class="grid" id="members">{grid}</section>{pager}'
+    )
+    return layout(f"Group {group}", body, "Near-duplicates")
+
+
+def largest_groups(library: Library, limit: int, offset: int) -> reads.Page:
+    """Groups largest first (their numbering), each ``group`` and ``size`` only: a group's
+    members are on its own page."""
+    total = library.query("SELECT count(DISTINCT group_id) AS n FROM near_duplicates")[0]["n"]
+    rows = library.query(
+        "SELECT group_id AS group, any_value(group_size) AS size FROM near_duplicates "
+        "GROUP BY group_id ORDER BY group_id LIMIT ? OFFSET ?",
+        [limit, offset],
+    )
+    return reads.Page(total, limit, offset, rows)
