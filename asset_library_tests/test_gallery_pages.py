@@ -55,24 +55,22 @@ def _walk(client: TestClient, url: str | None, rel: str) -> list[list[tuple[str,
     return pages
 
 
-def test_a_group_is_shown_a_bounded_page_at_a_time_with_its_distances(
-    client, library, monkeypatch
-):
+def test_a_group_is_shown_a_bounded_page_at_a_time_with_its_distances(client, library, monkeypatch):
     groups = library.near_duplicate_groups()
     number, members = max(enumerate(groups), key=lambda g: len(g[1]))
-    assert len(members) >= 3  # the corpus's largest group: more than one page of two
-    monkeypatch.setattr(group_page, "MEMBERS_PER_PAGE", 2)
+    per_page = len(members) // 3  # the corpus's largest group, in three or four pages
+    assert per_page >= 1
+    monkeypatch.setattr(group_page, "MEMBERS_PER_PAGE", per_page)
     ahead = _walk(client, f"/groups/{number}", "next")
-    assert all(1 <= len(page) <= 2 for page in ahead) and len(ahead) == -(-len(members) // 2)
+    assert all(1 <= len(page) <= per_page for page in ahead)
+    assert len(ahead) == -(-len(members) // per_page)
     assert {m[0] for m in ahead[0]}.isdisjoint(m[0] for m in ahead[1])
     assert [m[0] for page in ahead for m in page] == sorted(members)
     # back from the last page by the previous links: the same pages
     last = f"/groups/{number}?after={ahead[-2][-1][0]}"
     assert _walk(client, last, "prev") == ahead[::-1]
     # the distances to the first member, from the hashes as the lake holds them (hex text)
-    hashes = {
-        r["md5"]: r for r in library.query("SELECT md5, phash, dhash, ahash FROM images")
-    }
+    hashes = {r["md5"]: r for r in library.query("SELECT md5, phash, dhash, ahash FROM images")}
     first = hashes[min(members)]
     for md5, *distances in (m for page in ahead for m in page):
         expected = [
@@ -82,7 +80,7 @@ def test_a_group_is_shown_a_bounded_page_at_a_time_with_its_distances(
         assert [int(d) for d in distances] == expected, md5
     assert [int(d) for d in ahead[0][0][1:]] == [0, 0, 0]
     shown = client.get(f"/groups/{number}").text
-    assert f"images 1-2 of {len(members)}" in shown and 'rel="prev"' not in shown
+    assert f"images 1-{per_page} of {len(members)}" in shown and 'rel="prev"' not in shown
 
 
 def test_a_group_page_refuses_a_bad_cursor_naming_it(client):
@@ -97,7 +95,13 @@ def test_home_lists_recent_batches_and_largest_groups_each_bounded(client, libra
     body = client.get("/").text
     batches = body.split('id="recent-batches"')[1].split("</section>")[0]
     largest = body.split('id="largest-groups"')[1].split("</section>")[0]
-    assert f'href="/batches/{corpus_library[1].batch}"' in batches
+    # other tests may add batches to the shared corpus library: the newest five are shown
+    listed = re.findall(r'href="/batches/([^"]+)"', batches)
+    total = len(list((corpus_library[0] / "triggers").glob("*.json")))
+    assert 1 <= len(listed) == min(total, 5) and (f"all {total:,} batches" in batches) == (
+        total > 5
+    )
+    assert f'href="/batches/{corpus_library[1].batch}"' in client.get("/batches").text
     linked = re.findall(r'href="/groups/(\d+)"', largest)
     total = len(library.near_duplicate_groups())
     assert linked == [str(n) for n in range(min(total, 5))]
@@ -156,6 +160,7 @@ HOSTILE_FOLDER = 'in"><script>alert(1)<'
 HOSTILE_FILE = "<svg onload=alert(2)>.jpg"
 
 
+@pytest.mark.slow  # an ingest through Dagster
 def test_a_hostile_source_is_escaped_and_shard_states_are_what_status_says(
     run_cli, tmp_path, corpus_dir
 ):
@@ -165,14 +170,14 @@ def test_a_hostile_source_is_escaped_and_shard_states_are_what_status_says(
     for n, image in enumerate(sorted(forest.glob("*.jpg"))[:3]):
         shutil.copy(image, folder / f"{n}{HOSTILE_FILE}")
     (folder / "'&not an image.jpg").write_bytes(b"not an image")
-    code, out, err = run_cli("ingest", str(folder), "--shard-size", "2")
+    code, out, err = run_cli("ingest", str(folder))
     assert code == 0, err
     root = tmp_path / "library"
     status = run_cli("status")[1]
     batch = re.search(r"^(\S+)\s+\d+ images", status, re.M)
     assert batch is not None
     states = dict(re.findall(r"^  (\S+)  (\w+)$", status, re.M))
-    assert len(states) == 2
+    assert len(states) == 1
     with _client(root, tmp_path / "cache") as live:
         pages = {
             path: live.get(path).text

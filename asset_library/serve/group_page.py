@@ -99,7 +99,8 @@ def group_page(
         return error_page("Not found", f"no near-duplicate group {group}", 404)
     members = found.members
     base = f"/groups/{group}"
-    back = ahead = ""
+    back = '<span class="off">← previous</span>'
+    ahead = '<span class="off">next →</span>'
     if members and members[0]["md5"] > found.first:
         back = f'<a href="{base}?before={members[0]["md5"]}" rel="prev">← previous</a>'
     if members and members[-1]["md5"] < found.last:
@@ -115,6 +116,8 @@ def group_page(
         where = f"{found.size:,} images"
         grid = f'<p class="muted">No images here: <a href="{base}">the first page</a>.</p>'
     pager = f'<nav class="pager">{back}<span>{where}</span>{ahead}</nav>'
+    if found.size <= len(members):
+        pager = ""  # all of it on one page
     body = (
         f'<p><a href="/groups">← all groups</a></p><h1>Group {group}</h1>'
         f'<p class="lede">{where}, in md5 order. Each shows its Hamming distances (bits of 64) '
