@@ -194,3 +194,14 @@ def test_a_hostile_source_is_escaped_and_shard_states_are_what_status_says(
     assert f"{len(states)} materialized" in page
     tally = Counter(states.values())
     assert all(f"{n:,} {state}" in pages["/"] for state, n in tally.items())
+
+
+def test_the_groups_page_shows_each_groups_first_members(client, library):
+    groups = library.near_duplicate_groups()
+    body = client.get("/groups").text
+    for number, members in enumerate(groups[:20]):
+        row = body.split(f'<a href="/groups/{number}">Group {number}</a>')[1]
+        row = row.split("</section>")[0]
+        shown = re.findall(r'class="tile" href="/view/([0-9a-f]{32})"', row)
+        assert shown == sorted(members)[:9], number
+        assert (f"+{len(members) - 9} more" in row) == (len(members) > 9)

@@ -17,6 +17,7 @@ from asset_library.ingest.triggers import TriggerRecord
 from asset_library.library import Library
 from asset_library.serve import reads
 from asset_library.serve.batch_states import BatchList, ShardStates, batch_plan, recent_batches
+from asset_library.serve.group_page import image_summaries
 from asset_library.serve.pages import borrow, e, error_page, layout, pager, past_the_end, tile
 
 #: The most batches a page of batches lists, the most shards a batch page lists, and the
@@ -133,11 +134,12 @@ def batch_page(request: Request, batch: str, page: PageNumber = 1) -> Response:
             "ORDER BY n DESC, reason",
             [batch],
         )
-        samples = library.query(
-            f"SELECT {reads.SUMMARY_COLUMNS} FROM images WHERE md5 IN (SELECT md5 FROM "
-            "occurrences WHERE batch = ? ORDER BY shard, ordinal LIMIT ?) ORDER BY md5",
+        firsts = library.query(
+            "SELECT DISTINCT md5 FROM (SELECT md5 FROM occurrences WHERE batch = ? "
+            "ORDER BY shard, ordinal LIMIT ?) ORDER BY md5",
             [batch, SAMPLE_IMAGES],
         )
+        samples = image_summaries(library, [r["md5"] for r in firsts])
     if plan is None and not (counts["occurrences"] or counts["rejects"]):
         message = f"no batch {batch} in this library (its batches are listed at /batches)"
         return error_page("Not found", message, 404)

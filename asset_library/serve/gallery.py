@@ -22,7 +22,8 @@ from asset_library.serve.pages import borrow, e, error_page, layout, pager, past
 from asset_library.similarity import IndexNotReady
 
 GROUPS_PER_PAGE = 20
-#: Thumbnails shown in a group's row on the groups page; the group page shows them all.
+#: Thumbnails shown in a group's row on the groups page; the group page shows them all, a
+#: bounded page at a time.
 ROW_THUMBS = 9
 REJECTS_PER_PAGE = 50
 
@@ -185,22 +186,18 @@ def _text(value: Any) -> str:
 @router.get("/groups")
 def groups(request: Request, page: PageNumber = 1) -> Response:
     with borrow(request) as library:
-        found = reads.duplicate_groups(library, GROUPS_PER_PAGE, (page - 1) * GROUPS_PER_PAGE)
-        shown = [md5 for g in found.items for md5 in g["md5s"][:ROW_THUMBS]]
-        details = {
-            r["md5"]: r
-            for r in library.query(
-                f"SELECT {reads.SUMMARY_COLUMNS} FROM images WHERE md5 IN (SELECT unnest(?))",
-                [shown],
-            )
-        }
+        found = group_page.largest_groups(
+            library, GROUPS_PER_PAGE, (page - 1) * GROUPS_PER_PAGE, ROW_THUMBS
+        )
+        shown = [md5 for g in found.items for md5 in g["md5s"]]
+        details = {r["md5"]: r for r in group_page.image_summaries(library, shown)}
     pages = max(1, math.ceil(found.total / GROUPS_PER_PAGE))
     if page > pages:
         return past_the_end("/groups", page, pages)
     rows = []
     for row in found.items:
         number, more = row["group"], row["size"] - ROW_THUMBS
-        tiles = "".join(tile(details.get(m, {"md5": m})) for m in row["md5s"][:ROW_THUMBS])
+        tiles = "".join(tile(details.get(m, {"md5": m})) for m in row["md5s"])
         tail = f'<a class="more" href="/groups/{number}">+{more} more</a>' if more > 0 else ""
         rows.append(
             f'<section class="group"><h2><a href="/groups/{number}">Group {number}</a> '

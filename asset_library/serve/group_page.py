@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
-from asset_library.ids import is_md5
+from asset_library.ids import bucket_of, is_md5
 from asset_library.library import Library
 from asset_library.serve import reads
 from asset_library.serve.pages import borrow, e, error_page, layout, tile
@@ -42,33 +42,61 @@ def member_page(
 ) -> MemberPage | None:
     """Up to ``limit`` members after ``after`` (or before ``before``), with ``<hash>_distance``
     to the group's first member; ``None`` if there is no such group."""
+    cursor = before or after or ""
     ends = library.query(
-        "SELECT count(*) AS size, min(md5) AS first, max(md5) AS last "
+        "SELECT count(*) AS size, min(md5) AS first, max(md5) AS last, "
+        "count(*) FILTER (WHERE md5 <= ?) AS upto, count(*) FILTER (WHERE md5 < ?) AS below "
         "FROM near_duplicates WHERE group_id = ?",
-        [group],
+        [cursor, cursor, group],
     )[0]
     if not ends["size"]:
         return None
-    cut, order, cursor = ("md5 < ?", "DESC", before) if before else ("md5 > ?", "", after or "")
-    distances = ", ".join(f"bit_count(xor(i.{h}_int, f.{h}_int)) AS {h}_distance" for h in HASHES)
-    columns = ", ".join(f"i.{c.strip()}" for c in reads.SUMMARY_COLUMNS.split(","))
-    members = library.query(
-        f"WITH page AS (SELECT md5 FROM near_duplicates WHERE group_id = ? AND {cut} "
-        f"ORDER BY md5 {order} LIMIT ?), "
-        f"f AS (SELECT {', '.join(f'{h}_int' for h in HASHES)} FROM image(?)) "
-        f"SELECT {columns}, {distances} FROM images i, f "
-        "WHERE i.md5 IN (SELECT md5 FROM page) ORDER BY i.md5",
-        [group, cursor, limit, ends["first"]],
-    )
-    start = members[0]["md5"] if members else cursor
-    preceding = library.query(
-        "SELECT count(*) AS n FROM near_duplicates WHERE group_id = ? AND md5 < ?", [group, start]
-    )[0]["n"]
+    cut, order = ("md5 < ?", "DESC") if before else ("md5 > ?", "")
+    md5s = [
+        r["md5"]
+        for r in library.query(
+            f"SELECT md5 FROM near_duplicates WHERE group_id = ? AND {cut} "
+            f"ORDER BY md5 {order} LIMIT ?",
+            [group, cursor, limit],
+        )
+    ]
+    rows = {r["md5"]: r for r in image_summaries(library, sorted({*md5s, ends["first"]}))}
+    first = rows.get(ends["first"])  # absent only from a groups file older than the lake
+    members = [
+        {**rows[md5], **{f"{h}_distance": _bits(rows[md5], first, h) for h in HASHES}}
+        for md5 in sorted(md5s)
+        if md5 in rows
+    ]
+    preceding = ends["below"] - len(md5s) if before else ends["upto"]
     return MemberPage(ends["size"], ends["first"], ends["last"], preceding, members)
+
+
+def image_summaries(library: Library, md5s: list[str]) -> list[dict[str, Any]]:
+    """The images' summaries and hashes, in md5 order. The keys and their buckets are bound
+    as literal lists, so that only the buckets that hold them are read (a subquery would read
+    every bucket)."""
+    if not md5s:
+        return []
+    buckets = sorted({bucket_of(md5, library.lake.n_buckets) for md5 in md5s})
+    hashes = ", ".join(f"{h}_int" for h in HASHES)
+    return library.query(
+        f"SELECT {reads.SUMMARY_COLUMNS}, {hashes} FROM images "
+        f"WHERE bucket IN ({', '.join('?' * len(buckets))}) "
+        f"AND md5 IN ({', '.join('?' * len(md5s))}) ORDER BY md5",
+        [*buckets, *md5s],
+    )
+
+
+def _bits(image: dict[str, Any], first: dict[str, Any] | None, kind: str) -> int | None:
+    if first is None:
+        return None
+    return int(image[f"{kind}_int"] ^ first[f"{kind}_int"]).bit_count()
 
 
 def member_tile(member: dict[str, Any]) -> str:
     """A member's tile, its pHash distance on the thumbnail and every distance below it."""
+    if member["phash_distance"] is None:
+        return f'<div class="member" data-md5="{e(member["md5"])}">{tile(member)}</div>'
     shown = " · ".join(f"{h[0]}Hash {member[f'{h}_distance']}" for h in HASHES)
     marks = " ".join(f'data-{h}="{int(member[h + "_distance"])}"' for h in HASHES)
     badge = f"{member['phash_distance']} bits"
@@ -127,13 +155,22 @@ def group_page(
     return layout(f"Group {group}", body, "Near-duplicates")
 
 
-def largest_groups(library: Library, limit: int, offset: int) -> reads.Page:
-    """Groups largest first (their numbering), each ``group`` and ``size`` only: a group's
-    members are on its own page."""
+def largest_groups(library: Library, limit: int, offset: int, thumbs: int = 0) -> reads.Page:
+    """Groups largest first (their numbering): ``group``, ``size`` and the first ``thumbs``
+    md5s (``md5s``), however large the group: its members are on its own page."""
     total = library.query("SELECT count(DISTINCT group_id) AS n FROM near_duplicates")[0]["n"]
     rows = library.query(
         "SELECT group_id AS group, any_value(group_size) AS size FROM near_duplicates "
         "GROUP BY group_id ORDER BY group_id LIMIT ? OFFSET ?",
         [limit, offset],
     )
-    return reads.Page(total, limit, offset, rows)
+    firsts: dict[int, list[str]] = {row["group"]: [] for row in rows}
+    if thumbs and rows:
+        for row in library.query(
+            "SELECT group_id, md5 FROM near_duplicates WHERE group_id IN (SELECT unnest(?)) "
+            "QUALIFY row_number() OVER (PARTITION BY group_id ORDER BY md5) <= ? "
+            "ORDER BY group_id, md5",
+            [list(firsts), thumbs],
+        ):
+            firsts[row["group_id"]].append(row["md5"])
+    return reads.Page(total, limit, offset, [{**r, "md5s": firsts[r["group"]]} for r in rows])
