@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from asset_library import Library
 from asset_library.layout import LibraryLayout
-from asset_library.serve import ServeSettings, create_app, group_page
+from asset_library.serve import ServeSettings, batch_pages, create_app, group_page
 
 MEMBER = re.compile(
     r'<div class="member" data-md5="([0-9a-f]{32})" '
@@ -109,7 +109,7 @@ def test_home_lists_recent_batches_and_largest_groups_each_bounded(client, libra
     assert 'id="drop"' in body and 'id="results"' in body  # the search is still there
 
 
-def test_a_batch_page_counts_what_the_catalog_holds(client, library, corpus_library):
+def test_a_batch_page_counts_what_the_catalog_holds(client, library, corpus_library, monkeypatch):
     batch = corpus_library[1].batch
     body = client.get(f"/batches/{batch}").text
 
@@ -136,6 +136,13 @@ def test_a_batch_page_counts_what_the_catalog_holds(client, library, corpus_libr
         for r in library.query("SELECT DISTINCT md5 FROM occurrences WHERE batch = ?", [batch])
     }
     assert 0 < len(shown) <= 12 and set(shown) <= in_batch
+    monkeypatch.setattr(batch_pages, "SHARDS_PER_PAGE", 3)  # the shards a page at a time
+    paged = [client.get(f"/batches/{batch}?page={n}") for n in (1, 2, 3)]
+    assert [re.findall(r"<tr><td class='mono'>([^<]+)</td>", p.text) for p in paged[:2]] == [
+        shards[:3],
+        shards[3:],
+    ]
+    assert paged[2].status_code == 404 and "past the end" in paged[2].text
     assert client.get("/batches/no_such_batch").status_code == 404
     bad = client.get("/batches/a..b")
     assert bad.status_code == 422 and "invalid batch id" in bad.text
@@ -169,7 +176,6 @@ def test_a_hostile_source_is_escaped_and_shard_states_are_what_status_says(
     forest = corpus_dir / "github_jenssegers_imagehash/forest"
     for n, image in enumerate(sorted(forest.glob("*.jpg"))[:3]):
         shutil.copy(image, folder / f"{n}{HOSTILE_FILE}")
-    (folder / "'&not an image.jpg").write_bytes(b"not an image")
     code, out, err = run_cli("ingest", str(folder))
     assert code == 0, err
     root = tmp_path / "library"
@@ -180,14 +186,14 @@ def test_a_hostile_source_is_escaped_and_shard_states_are_what_status_says(
     assert len(states) == 1
     with _client(root, tmp_path / "cache") as live:
         pages = {
-            path: live.get(path).text
-            for path in ("/", "/batches", f"/batches/{batch.group(1)}", "/rejected")
+            path: live.get(path).text for path in ("/", "/batches", f"/batches/{batch.group(1)}")
         }
     for path, body in pages.items():
         assert "<script>alert" not in body and "<svg onload" not in body, path
         assert html.escape(HOSTILE_FOLDER) in body or html.escape(HOSTILE_FILE) in body, path
     page = pages[f"/batches/{batch.group(1)}"]
     assert html.escape(HOSTILE_FILE) in page  # a sample image's name
+    assert "No rejects in this batch: every source it read was ingested." in page
     shown = dict(re.findall(r"<tr><td class='mono'>([^<]+)</td><td>[\d,]+</td><td>[\d,]+</td>"
                             r"<td>(\w+)</td></tr>", page))  # fmt: skip
     assert shown == states and set(states.values()) == {"materialized"}
