@@ -39,6 +39,10 @@ def write_trigger(directory: Path, record: TriggerRecord) -> Path:
     return path
 
 
+def read_trigger(path: Path) -> TriggerRecord:
+    return TriggerRecord(**json.loads(path.read_text()))
+
+
 def read_triggers(directory: Path) -> list[TriggerRecord]:
-    records = [TriggerRecord(**json.loads(p.read_text())) for p in directory.glob("*.json")]
+    records = [read_trigger(p) for p in directory.glob("*.json")]
     return sorted(records, key=lambda r: r.triggered_at)

@@ -32,6 +32,7 @@ from asset_library.library import ImageNotFoundError, Library
 from asset_library.search.thresholds import DEFAULT_CONFIRM_DISTANCE, DEFAULT_MIN_QUALITY
 from asset_library.serve import reads
 from asset_library.serve.auth import TokenRequired
+from asset_library.serve.batch_states import ShardStates
 from asset_library.serve.settings import ServeSettings
 from asset_library.serve.thumbs import ThumbnailCache, ThumbnailError
 from asset_library.serve.uploads import BodyLimit, DecodePool, PoolBusy, header_pixels
@@ -84,6 +85,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.libraries = reads.LibraryPool(settings.library, settings.readers)
     app.state.loop_library = Library(settings.library)  # the event loop's own: store reads only
     app.state.thumbs = ThumbnailCache(settings.cache_dir / "thumbs", settings.thumb_size)
+    app.state.shard_states = ShardStates(LibraryLayout(settings.library))
     app.include_router(router)
     app.include_router(gallery_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -141,7 +143,7 @@ async def _invalid_request(request: Request, error: Exception) -> Response:
     message = validation_message(error)
     route = request.scope.get("route")
     if route is not None and not getattr(route, "include_in_schema", True):
-        from asset_library.serve.gallery import error_page
+        from asset_library.serve.pages import error_page
 
         return error_page("Bad request", message, 422)
     return JSONResponse({"detail": message}, status_code=422)

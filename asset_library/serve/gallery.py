@@ -3,121 +3,89 @@ for the search upload. Everything it loads is served here (no CDN, no web fonts)
 
 from __future__ import annotations
 
-import html
 import math
 from datetime import datetime
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
-from fastapi import APIRouter, Form, Path, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import RedirectResponse, Response
 
 from asset_library.ids import check_md5, is_md5
 from asset_library.lake.catalog import MACRO_HELP, macro_signature
 from asset_library.library import Library
 from asset_library.search.thresholds import DEFAULT_MIN_QUALITY, DEFAULT_PHASH_THRESHOLD
-from asset_library.serve import reads
+from asset_library.serve import batch_pages, group_page, reads
 from asset_library.serve.auth import COOKIE
+from asset_library.serve.batch_states import recent_batches
+from asset_library.serve.pages import borrow, e, error_page, layout, pager, past_the_end, tile
 from asset_library.similarity import IndexNotReady
 
 GROUPS_PER_PAGE = 20
-#: Thumbnails shown in a group's row on the groups page; the group page shows them all.
+#: Thumbnails shown in a group's row on the groups page; the group page shows them all, a
+#: bounded page at a time.
 ROW_THUMBS = 9
 REJECTS_PER_PAGE = 50
 
 router = APIRouter(include_in_schema=False)
+router.include_router(group_page.router)
+router.include_router(batch_pages.router)
 #: A page number: from 1, and small enough that its first row is a catalog offset.
 PageNumber = Annotated[
     int, Query(ge=1, le=reads.MAX_OFFSET // max(GROUPS_PER_PAGE, REJECTS_PER_PAGE))
 ]
 
 
-def e(value: object) -> str:
-    return html.escape("" if value is None else str(value))
-
-
-def layout(title: str, body: str, active: str = "", status: int = 200) -> HTMLResponse:
-    links = [("/", "Search"), ("/groups", "Near-duplicates"), ("/rejected", "Rejects")]
-    links.append(("/docs", "API"))
-    nav = "".join(
-        f'<a href="{href}"{" class=active" if label == active else ""}>{label}</a>'
-        for href, label in links
-    )
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{e(title)} · asset-library</title>
-<link rel="icon" href="data:,"><link rel="stylesheet" href="/static/gallery.css">
-</head><body>
-<header class="bar"><a class="brand" href="/">asset&#8209;library</a><nav>{nav}</nav>
-<form class="lookup" action="/lookup" method="get" role="search">
-<input name="md5" placeholder="look up an md5" aria-label="md5" spellcheck="false"></form>
-</header>
-<main>{body}</main>
-<script src="/static/gallery.js" defer></script>
-</body></html>"""
-    return HTMLResponse(page, status_code=status)
-
-
-def error_page(title: str, message: str, status: int) -> HTMLResponse:
-    """A page that says what was wrong, with the status that says it to a program."""
-    return layout(title, f'<p class="error">{e(message)}</p>', status=status)
-
-
-def past_the_end(base: str, page: int, pages: int, **params: str) -> HTMLResponse:
-    """A 404 for a page number beyond the last, linking to the last page."""
-    query = urlencode({**{k: v for k, v in params.items() if v}, "page": pages})
-    body = (
-        f'<p class="error">page {page:,} is past the end: there {"is" if pages == 1 else "are"} '
-        f"{pages:,} page{'' if pages == 1 else 's'}.</p>"
-        f'<p><a href="{base}?{e(query)}">the last page</a></p>'
-    )
-    return layout("No such page", body, status=404)
-
-
-def tile(image: dict[str, Any], badge: str | None = None) -> str:
-    """One thumbnail linking to the image's page."""
-    md5 = image["md5"]
-    name = str(image.get("source_uri") or "").rsplit("/", 1)[-1]
-    size = f"{image.get('width')}×{image.get('height')} {image.get('format') or ''}"
-    mark = f'<span class="badge">{e(badge)}</span>' if badge is not None else ""
-    return (
-        f'<a class="tile" href="/view/{md5}" title="{e(image.get("source_uri"))}">'
-        f'<span class="frame"><img src="/images/{md5}/thumb" alt="{e(name)}" loading="lazy">'
-        f'{mark}</span><span class="meta"><span class="name">{e(name)}</span>'
-        f'<span class="dims">{e(size)}</span></span></a>'
-    )
-
-
-def pager(base: str, page: int, pages: int, **params: str) -> str:
-    if pages <= 1:
-        return ""
-
-    def link(number: int, label: str) -> str:
-        query = urlencode({**{k: v for k, v in params.items() if v}, "page": number})
-        return f'<a href="{base}?{query}">{label}</a>'
-
-    back = link(page - 1, "← previous") if page > 1 else '<span class="off">← previous</span>'
-    ahead = link(page + 1, "next →") if page < pages else '<span class="off">next →</span>'
-    return f'<nav class="pager">{back}<span>page {page} of {pages}</span>{ahead}</nav>'
-
-
-def _library(request: Request) -> Any:
-    return request.app.state.libraries.borrow()
+#: The batches and the groups ``/`` lists; the rest are on their own pages.
+HOME_ROWS = 5
+NO_GROUPS = (
+    "No near-duplicate groups yet: the near-duplicate groups are computed by the refresh "
+    "(the <code>refresh_library</code> job, which <code>asset-library ingest</code> runs after "
+    "its shards)."
+)
 
 
 @router.get("/")
 def home(request: Request) -> Response:
-    with _library(request) as library:
-        counts = reads.stats(library)
-    formats = ", ".join(f"{n} {e(f)}" for f, n in counts["formats"].items())
+    with borrow(request) as library:
+        by_format = library.query(
+            "SELECT format, count(*) AS n FROM images GROUP BY format ORDER BY n DESC, format"
+        )
+        rejects = library.query("SELECT count(*) AS n FROM rejects")[0]["n"]
+        groups = group_page.largest_groups(library, HOME_ROWS, 0)
+        batches = recent_batches(library.layout, HOME_ROWS, 0)
+        recent = (
+            batch_pages.batch_table(request, library, batches)
+            if batches.records
+            else batch_pages.no_batches(library)
+        )
+    images = sum(r["n"] for r in by_format)
+    formats = ", ".join(f"{r['n']} {e(r['format'])}" for r in by_format)
+    more_batches = (
+        f'<p><a href="/batches">all {batches.total:,} batches →</a></p>'
+        if batches.total > len(batches.records)
+        else ""
+    )
+    group_rows = "".join(
+        f'<li><a href="/groups/{g["group"]}">Group {g["group"]}</a> '
+        f'<span class="muted">{g["size"]:,} images</span></li>'
+        for g in groups.items
+    )
+    largest = (
+        f'<ul class="groups">{group_rows}</ul>'
+        if group_rows
+        else f'<p class="empty">{NO_GROUPS}</p>'
+    )
+    more_groups = (
+        f'<p><a href="/groups">all {groups.total:,} groups →</a></p>' if groups.has_next else ""
+    )
     body = f"""
 <section class="hero">
   <h1>Find an image's near-duplicates</h1>
-  <p class="lede">{counts["images"]:,} images ({formats}) ·
-  <a href="/groups">{counts["near_duplicate_groups"]:,} near-duplicate groups</a> ·
-  <a href="/rejected">{sum(counts["rejects"].values()):,} rejects</a> ·
-  {len(counts["batches"])} batch{"es" if len(counts["batches"]) != 1 else ""}</p>
+  <p class="lede">{images:,} images{f" ({formats})" if formats else ""} ·
+  <a href="/groups">{groups.total:,} near-duplicate groups</a> ·
+  <a href="/rejected">{rejects:,} rejects</a> ·
+  <a href="/batches">{batches.total:,} batch{"es" if batches.total != 1 else ""}</a></p>
   <label id="drop" class="drop" for="file">
     <input id="file" type="file" accept="image/*" hidden>
     <img id="query-preview" alt="" hidden>
@@ -136,6 +104,8 @@ def home(request: Request) -> Response:
 </section>
 <p id="status" class="status" role="status"></p>
 <section id="results" class="grid"></section>
+<section id="recent-batches"><h2>Recent batches</h2>{recent}{more_batches}</section>
+<section id="largest-groups"><h2>Largest near-duplicate groups</h2>{largest}{more_groups}</section>
 """
     return layout("Search", body, "Search")
 
@@ -155,7 +125,7 @@ def view(request: Request, md5: str) -> Response:
         message = f"not an md5 key: {md5!r} (expected 32 hexadecimal digits)"
         return error_page("Not an md5", message, 422)
     key = check_md5(md5)
-    with _library(request) as library:
+    with borrow(request) as library:
         record = library.lookup(key)
         if record is None:
             message = f"no image with md5 {key} in the library"
@@ -215,23 +185,19 @@ def _text(value: Any) -> str:
 
 @router.get("/groups")
 def groups(request: Request, page: PageNumber = 1) -> Response:
-    with _library(request) as library:
-        found = reads.duplicate_groups(library, GROUPS_PER_PAGE, (page - 1) * GROUPS_PER_PAGE)
-        shown = [md5 for g in found.items for md5 in g["md5s"][:ROW_THUMBS]]
-        details = {
-            r["md5"]: r
-            for r in library.query(
-                f"SELECT {reads.SUMMARY_COLUMNS} FROM images WHERE md5 IN (SELECT unnest(?))",
-                [shown],
-            )
-        }
+    with borrow(request) as library:
+        found = group_page.largest_groups(
+            library, GROUPS_PER_PAGE, (page - 1) * GROUPS_PER_PAGE, ROW_THUMBS
+        )
+        shown = [md5 for g in found.items for md5 in g["md5s"]]
+        details = {r["md5"]: r for r in group_page.image_summaries(library, shown)}
     pages = max(1, math.ceil(found.total / GROUPS_PER_PAGE))
     if page > pages:
         return past_the_end("/groups", page, pages)
     rows = []
     for row in found.items:
         number, more = row["group"], row["size"] - ROW_THUMBS
-        tiles = "".join(tile(details.get(m, {"md5": m})) for m in row["md5s"][:ROW_THUMBS])
+        tiles = "".join(tile(details.get(m, {"md5": m})) for m in row["md5s"])
         tail = f'<a class="more" href="/groups/{number}">+{more} more</a>' if more > 0 else ""
         rows.append(
             f'<section class="group"><h2><a href="/groups/{number}">Group {number}</a> '
@@ -241,30 +207,15 @@ def groups(request: Request, page: PageNumber = 1) -> Response:
     body = (
         f"<h1>Near-duplicate groups</h1><p class='lede'>{found.total:,} groups, largest first: "
         "images the similarity index links within the default distance.</p>"
-        + ("".join(rows) or '<p class="muted">No near-duplicates found.</p>')
+        + ("".join(rows) or f'<p class="empty">{NO_GROUPS}</p>')
         + pager("/groups", page, pages)
     )
     return layout("Near-duplicate groups", body, "Near-duplicates")
 
 
-@router.get("/groups/{group}")
-def group_page(request: Request, group: Annotated[int, Path(ge=0, le=reads.MAX_ID)]) -> Response:
-    with _library(request) as library:
-        members = reads.group_members(library, group)
-    if not members:
-        message = f"no near-duplicate group {group}"
-        return error_page("Not found", message, 404)
-    body = (
-        f'<p><a href="/groups">← all groups</a></p><h1>Group {group}</h1>'
-        f'<p class="lede">{len(members)} images</p>'
-        f'<section class="grid" id="members">{"".join(tile(m) for m in members)}</section>'
-    )
-    return layout(f"Group {group}", body, "Near-duplicates")
-
-
 @router.get("/rejected")
 def rejected(request: Request, reason: str = "", page: PageNumber = 1) -> Response:
-    with _library(request) as library:
+    with borrow(request) as library:
         counts = reads.stats(library)["rejects"]
         found = reads.rejects(
             library, reason or None, REJECTS_PER_PAGE, (page - 1) * REJECTS_PER_PAGE
