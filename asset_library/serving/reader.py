@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from asset_library.ids import bucket_of
 from asset_library.lake import ORIGINS, Lake
 from asset_library.serving.schema import RECORD_COLUMNS, RECORD_SOURCES
 
@@ -32,6 +33,24 @@ FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = ?1
 """
 
 
+#: The images having an attribute value (of one origin, or any) after a cursor, in md5 order,
+#: from the index by value (a seek, then rows in order: no sort); an md5 holding the value
+#: under several origins or types comes once per such row, next to each other.
+_WITH_VALUE = (
+    "FROM attributes a INDEXED BY attributes_by_value "
+    "WHERE a.attribute = ?1 AND a.value = ?2 AND a.md5 > ?3 AND (?4 IS NULL OR a.origin = ?4) "
+    "ORDER BY a.md5"
+)
+#: Those with an ``images`` row (an md5 whose shard is written but not merged has none), with
+#: the row and the count.
+_IMAGES_WITH_VALUE = (
+    "SELECT a.md5, i.record, c.n "
+    + _WITH_VALUE.replace("WHERE", "JOIN images i ON i.md5 = a.md5 "
+                          "LEFT JOIN counts c ON c.md5 = a.md5 WHERE")
+)  # fmt: skip
+_MD5S_WITH_VALUE = f"SELECT a.md5 {_WITH_VALUE}"
+
+
 class StoreUnavailable(Exception):
     """Why the store cannot answer now (absent, damaged, behind the lake): read the lake."""
 
@@ -43,7 +62,7 @@ class StoreReader:
     path: Path
     lake: Lake
     _connection: sqlite3.Connection | None = field(default=None, repr=False)
-    _next_log: str | None = field(default=None, repr=False)
+    _next_logs: dict[str, str] = field(default_factory=dict, repr=False)
 
     def _open(self) -> sqlite3.Connection:
         if self._connection is None:
@@ -62,31 +81,74 @@ class StoreReader:
             self._connection.close()
             self._connection = None
 
-    def level(self) -> sqlite3.Connection:
-        """The connection, if the store is level with the lake's latest ``images`` commit:
-        one primary-key read and one ``stat`` of the next commit's log file."""
+    def level(self, *tables: str) -> sqlite3.Connection:
+        """The connection, if the store is level with the lake's latest commit of ``images``
+        (and of these other tables): a read of ``meta`` (a few rows) and one ``stat`` of the
+        next commit's log file per table."""
         try:
             connection = self._open()
-            found = connection.execute(
-                "SELECT value FROM meta WHERE key = 'images_version'"
-            ).fetchone()
+            found = dict(connection.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.Error as error:
             self.close()
             raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
-        self._check_level(None if found is None else found[0])
+        for table in ("images", *tables):
+            self._check_level(found.get(f"{table}_version"), table)
         return connection
 
-    def _check_level(self, version: str | None) -> None:
-        """:class:`StoreUnavailable` unless ``images`` has no commit after ``version`` (the
+    def _check_level(self, version: str | None, table: str = "images") -> None:
+        """:class:`StoreUnavailable` unless ``table`` has no commit after ``version`` (the
         one the store records)."""
         if version is None:
-            raise StoreUnavailable(f"serving store {self.path} records no images version")
-        if self._next_log is None:
-            self._next_log = os.path.join(self.lake.uri("images"), "_delta_log", "{:020d}.json")
-        if os.path.exists(self._next_log.format(int(version) + 1)):
-            raise StoreUnavailable(
-                f"serving store {self.path} is behind the lake (at images version {version})"
+            raise StoreUnavailable(f"serving store {self.path} records no {table} version")
+        if table not in self._next_logs:
+            self._next_logs[table] = os.path.join(
+                self.lake.uri(table), "_delta_log", "{:020d}.json"
             )
+        if os.path.exists(self._next_logs[table].format(int(version) + 1)):
+            raise StoreUnavailable(
+                f"serving store {self.path} is behind the lake (at {table} version {version})"
+            )
+
+    def with_attribute(
+        self, attribute: str, value: str, origin: str | None, after: str, limit: int, images: bool
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` images having the attribute value (of ``origin``, or any), their md5
+        after ``after``, in md5 order: each image's row as the ``images`` view gives it
+        (``images``), or its md5 and bucket. Read in one snapshot of the store, level with
+        ``images`` and ``attributes``; :class:`StoreUnavailable` if it is not."""
+        try:
+            connection = self._open()
+            connection.execute("BEGIN")  # the level seen and the rows read: one snapshot
+            try:
+                self.level("attributes")
+                sql = _IMAGES_WITH_VALUE if images else _MD5S_WITH_VALUE
+                cursor = connection.execute(sql, (attribute, value, after, origin))
+                rows: list[dict[str, Any]] = []
+                last = after
+                for found in cursor:  # stepped lazily: a page reads its own rows only
+                    if found[0] == last:
+                        continue  # the same image under another origin or type
+                    last = found[0]
+                    rows.append(self._row(found) if images else {"md5": last})
+                    if len(rows) == limit:
+                        break
+                cursor.close()
+            finally:
+                if self._connection is not None:  # (closed if it could not be read)
+                    connection.execute("ROLLBACK")
+        except (sqlite3.Error, ValueError, KeyError) as error:
+            self.close()
+            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
+        if not images:
+            for row in rows:
+                row["bucket"] = bucket_of(row["md5"], self.lake.n_buckets)
+        return rows
+
+    @staticmethod
+    def _row(found: tuple[str, str, int | None]) -> dict[str, Any]:
+        row = _record_of(found[1])
+        row["occurrences"] = int(found[2] or 0)
+        return row
 
     def record(self, md5: str) -> dict[str, Any] | None:
         """The image's record as ``Library.lookup`` gives it, ``None`` if it has none;
