@@ -256,7 +256,9 @@ def attribute_pages(library: Library, page: int, depth: int, seconds: float) -> 
           f"cores; attribute pages answered by the {answered}")  # fmt: skip
     readers = {"store": library.store_attribute_page, "lake": library.lake_attribute_page}
 
-    def pages(answered_by: str, value: tuple[str, str], after: str, limit: int, every: bool):
+    def pages(
+        answered_by: str, value: tuple[str, str], after: str, limit: int, every: bool, images: bool
+    ):
         """One page (``limit`` rows after ``after``; one more row to know if another
         follows, as ``images_with_attribute`` asks), or every page from there. A rare value
         is another each call (``score`` 7, 8, ...: each 0.1%), so no call finds the pages of
@@ -267,7 +269,7 @@ def attribute_pages(library: Library, page: int, depth: int, seconds: float) -> 
             start, rows = after, 0
             name, text = value if value[0] != "score" else ("score", str((7 + i) % 1000))
             while True:
-                found = read(name, text, origin=None, after=start, limit=limit + 1, images=True)
+                found = read(name, text, origin=None, after=start, limit=limit + 1, images=images)
                 rows += min(len(found), limit)
                 if not every or len(found) <= limit:
                     return rows
@@ -291,14 +293,14 @@ def attribute_pages(library: Library, page: int, depth: int, seconds: float) -> 
         port = free_port()
         server = start_server(library.path, Path(cache), port)
         try:
-            for name, value, after, limit, every in cases:
+            for name, value, after, limit, every, images in cases:
                 if after is None:
                     print(f"{name}: the value has fewer than {depth} pages")
                     continue
                 print(name)
                 p50 = {}
                 for answered_by in readers:
-                    call = pages(answered_by, value, after, limit, every)
+                    call = pages(answered_by, value, after, limit, every, images)
                     call(-1)  # warm
                     measured = in_process(call, 1000, seconds)
                     p50[answered_by] = line(f"Library, {answered_by}", measured, seconds)[1]

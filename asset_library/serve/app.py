@@ -412,16 +412,24 @@ Cursor = Annotated[
 ]
 
 
-def _attribute_page(request: Request, page: dict[str, Any]) -> dict[str, Any]:
-    """A page of images having an attribute value as JSON: the link to the next page too."""
+def _attribute_page(request: Request, page: dict[str, Any]) -> Response:
+    """A page of images having an attribute value as JSON, with the link to the next page
+    (serialized as a record is: FastAPI's check of each row first doubled its cost)."""
     cursor = page["cursor"]
     following = None if cursor is None else str(request.url.include_query_params(after=cursor))
-    return {**page, "next": following}
+    return Response(_RECORD.dump_json({**page, "next": following}), media_type="application/json")
+
+
+_PAGE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {"schema": {"type": "object"}}}}
+}
 
 
 @router.get(
     "/attributes/images",
     summary="A page of the images having an attribute value, in md5 order, after a cursor",
+    response_class=Response,
+    responses=_PAGE_RESPONSE,
 )
 def attribute_images(
     request: Request,
@@ -430,7 +438,7 @@ def attribute_images(
     origin: Origin = None,
     limit: PageSize = 100,
     after: Cursor = None,
-) -> dict[str, Any]:
+) -> Response:
     page = with_library(
         request,
         lambda lib: lib.images_with_attribute(attr, val, origin=origin, limit=limit, after=after),
@@ -441,6 +449,8 @@ def attribute_images(
 @router.get(
     "/attributes/md5s",
     summary="The md5s (and buckets) of those images: a page after a cursor",
+    response_class=Response,
+    responses=_PAGE_RESPONSE,
 )
 def attribute_md5s(
     request: Request,
@@ -449,7 +459,7 @@ def attribute_md5s(
     origin: Origin = None,
     limit: PageSize = 100,
     after: Cursor = None,
-) -> dict[str, Any]:
+) -> Response:
     page = with_library(
         request,
         lambda lib: lib.md5s_with_attribute(attr, val, origin=origin, limit=limit, after=after),
