@@ -277,16 +277,12 @@ def attribute_pages(library: Library, page: int, depth: int, seconds: float) -> 
 
         return call
 
+    rare_name = f"rare value (score=7, 8, ...: {rare} rows), every page of 1000"
     cases = [
-        (
-            f"rare value (score=7, 8, ...: {rare} rows), every page of 1000",
-            ("score", "7"),
-            "",
-            1000,
-            True,
-        ),
-        ("common value (label=cat), first page", ("label", "cat"), "", page, False),
-        (f"common value (label=cat), page {depth}", ("label", "cat"), deep, page, False),
+        (rare_name, ("score", "7"), "", 1000, True, True),
+        (f"{rare_name}, md5s only", ("score", "7"), "", 1000, True, False),
+        ("common value (label=cat), first page", ("label", "cat"), "", page, False, True),
+        (f"common value (label=cat), page {depth}", ("label", "cat"), deep, page, False, True),
     ]
     results = {}
     with tempfile.TemporaryDirectory() as cache:
