@@ -29,6 +29,8 @@ from asset_library_tests.support.http_server import LiveServer
 from asset_library_tests.support.synthetic import random_md5s, write_keys
 
 FOLDERS = ("github_recurser_exif-orientation-examples", "github_jenssegers_imagehash")
+#: Each over the fast budget: a library ingested through Dagster, or Delta shards synced.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -143,14 +143,13 @@ class StoreReader:
             finally:
                 if self._connection is not None:  # (closed if it could not be read)
                     connection.execute("ROLLBACK")
+            if not images:
+                n_buckets = self.lake.n_buckets
+                return [{"md5": md5, "bucket": bucket_of(md5, n_buckets)} for md5, *_ in found]
+            rows = _records_of([text for _, text, _ in found])
         except (sqlite3.Error, ValueError, KeyError) as error:
             self.close()
             raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
-        if not images:
-            return [
-                {"md5": md5, "bucket": bucket_of(md5, self.lake.n_buckets)} for md5, *_ in found
-            ]
-        rows = _records_of([text for _, text, _ in found])
         for row, (_, _, count) in zip(rows, found, strict=True):
             row["occurrences"] = int(count or 0)
         return rows
