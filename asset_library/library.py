@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from asset_library.ids import bucket_of, check_md5, is_md5
+from asset_library.ids import InvalidIdError, bucket_of, check_md5, is_md5
 from asset_library.ingest.dihedral import query_fingerprint
 from asset_library.ingest.fingerprint import fingerprint, hamming
-from asset_library.lake import IMAGES_SCHEMA, Catalog, Lake
+from asset_library.lake import IMAGES_SCHEMA, ORIGINS, Catalog, Lake
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
 from asset_library.lake.sql_guard import check_read_only_query
 from asset_library.layout import LibraryLayout, default_library_path
@@ -31,6 +32,7 @@ from asset_library.search.thresholds import (
     DEFAULT_PHASH_THRESHOLD,
 )
 from asset_library.serving import (
+    MAX_ATTRIBUTE_PAGE,
     MAX_SOURCES_PAGE,
     RECORD_SOURCES,
     StoreReader,
@@ -170,11 +172,7 @@ class Library:
         found = catalog.rows_of("images", bucket, md5).to_pylist()
         if not found:
             return None
-        row = found[0]
-        image = {name: row[name] for name in IMAGES_TABLE_COLUMNS if name in row}
-        for kind in HASH_KINDS:
-            image[f"{kind}_int"] = int(row[kind], 16) if row[kind] else None
-        image = {name: image[name] for name in IMAGE_VIEW_COLUMNS}
+        image = _view_row(found[0])
         cube = catalog.rows_of("attributes", bucket, md5).to_pylist()
         sources = self._lake_sources(catalog, bucket, md5)
         # Counted from the occurrences read here (what the images view shows once merged).
@@ -185,6 +183,128 @@ class Library:
         image["sources"] = sources[:RECORD_SOURCES]
         image["sources_count"] = len(sources)
         return image
+
+    def images_with_attribute(
+        self,
+        attribute: str,
+        value: str,
+        *,
+        origin: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        """A page of the images having this attribute value, in md5 order: ``rows`` (at most
+        ``limit``, up to :data:`MAX_ATTRIBUTE_PAGE`), each the image's row as the ``images``
+        view gives it (its first source and its count of all sources); ``cursor``, the
+        ``after`` of the next page (the last md5 of this one; ``None`` after the last page);
+        and ``answered_by``. ``value`` is the value's text as the cube holds it (``'true'``,
+        ``'42'``); ``origin`` (``derived`` or ``manifest``) keeps the images having it from
+        there, ``None`` from either. A page costs the same however deep it is: it starts after
+        its cursor. Answered from the serving store while it is level with the lake's
+        ``images`` and ``attributes``, else from the lake (logged), with the same rows."""
+        return self._with_attribute(attribute, value, origin, limit, after, images=True)
+
+    def md5s_with_attribute(
+        self,
+        attribute: str,
+        value: str,
+        *,
+        origin: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`images_with_attribute` with ``md5`` and ``bucket`` alone in each row (and
+        the images of a shard not yet merged into ``images`` among them, as the
+        ``md5s_with_attribute`` macro has them)."""
+        return self._with_attribute(attribute, value, origin, limit, after, images=False)
+
+    def _with_attribute(
+        self,
+        attribute: str,
+        value: str,
+        origin: str | None,
+        limit: int,
+        after: str | None,
+        images: bool,
+    ) -> dict[str, Any]:
+        start = _attribute_page_checked(attribute, value, origin, limit, after)
+        try:
+            rows = self.store_attribute_page(
+                attribute, value, origin=origin, after=start, limit=limit + 1, images=images
+            )
+            answered_by = "store"
+        except StoreUnavailable as why:
+            self._fell_back(str(why))
+            rows = self.lake_attribute_page(
+                attribute, value, origin=origin, after=start, limit=limit + 1, images=images
+            )
+            answered_by = "lake"
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return {
+            "attribute": attribute,
+            "value": value,
+            "origin": origin,
+            "limit": limit,
+            "after": after,
+            "cursor": rows[-1]["md5"] if more else None,
+            "rows": rows,
+            "answered_by": answered_by,
+        }
+
+    def store_attribute_page(
+        self,
+        attribute: str,
+        value: str,
+        *,
+        origin: str | None,
+        after: str,
+        limit: int,
+        images: bool,
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` rows of :meth:`images_with_attribute` (``images``) or
+        :meth:`md5s_with_attribute` after the md5 ``after`` (``""``: from the first), from the
+        serving store; :class:`StoreUnavailable` if it cannot answer."""
+        if self._reader is None:
+            self._reader = StoreReader(self.layout.serving_store_path, self.lake)
+        return self._reader.with_attribute(attribute, value, origin, after, limit, images)
+
+    def lake_attribute_page(
+        self,
+        attribute: str,
+        value: str,
+        *,
+        origin: str | None,
+        after: str,
+        limit: int,
+        images: bool,
+    ) -> list[dict[str, Any]]:
+        """:meth:`store_attribute_page` read from the lake: the md5s from the attribute index
+        (the cube, by origin), the rows from their buckets of ``images`` and ``occurrences``.
+        What the serving store must answer."""
+        tables = ("images", "occurrences") if images else ()
+        catalog = self._level("attributes", "attribute_index", *tables)
+        if origin is None:
+            having = "SELECT md5, bucket FROM md5s_with_attribute(?, ?)"
+            values: list[Any] = [attribute, value]
+        else:
+            having = (
+                "SELECT DISTINCT md5, bucket FROM attribute_occurrences "
+                "WHERE attribute = ? AND value = ? AND origin = ?"
+            )
+            values = [attribute, value, origin]
+        merged = " AND md5 IN (SELECT md5 FROM images)" if images else ""
+        found = catalog.execute(
+            f"SELECT md5, bucket FROM ({having}) WHERE md5 > ?{merged} ORDER BY md5 LIMIT ?",
+            [*values, after, limit],
+        ).fetchall()
+        if not images:
+            return [{"md5": md5, "bucket": bucket} for md5, bucket in found]
+        md5s, buckets = [m for m, _ in found], [b for _, b in found]
+        rows = {r["md5"]: r for r in catalog.rows_in("images", buckets, md5s).to_pylist()}
+        counts = Counter(catalog.rows_in("occurrences", buckets, md5s).column("md5").to_pylist())
+        # Counted from the occurrences, as lake_record counts them (and the store does).
+        return [{**_view_row(rows[md5]), "occurrences": counts[md5]} for md5 in md5s]
 
     def _lake_sources(self, catalog: Catalog, bucket: int, md5: str) -> list[str]:
         occurrences = sorted(
@@ -372,3 +492,39 @@ class Library:
             }, fp.quality
         variants = {t: (hex_to_int(phashes[t]), hex_to_int(dhashes[t])) for t in phashes}
         return variants, fp.quality
+
+
+def _view_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``images`` table row as the ``images`` view shows it (the hashes as integers too),
+    its ``occurrences`` as first merged: the caller counts them."""
+    image = {name: row[name] for name in IMAGES_TABLE_COLUMNS if name in row}
+    for kind in HASH_KINDS:
+        image[f"{kind}_int"] = int(row[kind], 16) if row[kind] else None
+    return {name: image[name] for name in IMAGE_VIEW_COLUMNS}
+
+
+def _attribute_page_checked(
+    attribute: object, value: object, origin: object, limit: object, after: object
+) -> str:
+    """The md5 a page of images having an attribute value starts after (``""``: the first);
+    ``ValueError`` naming the input that is not as it must be."""
+    if not isinstance(attribute, str) or not attribute:
+        raise ValueError(f"attribute must be a non-empty text, not {attribute!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"value must be the value's text (as the cube holds it), not {value!r}")
+    if origin is not None and origin not in ORIGINS:
+        raise ValueError(f"origin must be one of {', '.join(ORIGINS)} (or none), not {origin!r}")
+    if (
+        not isinstance(limit, int)
+        or isinstance(limit, bool)
+        or not 1 <= limit <= MAX_ATTRIBUTE_PAGE
+    ):
+        raise ValueError(f"limit must be between 1 and {MAX_ATTRIBUTE_PAGE}, not {limit!r}")
+    if after is None:
+        return ""
+    if not is_md5(after):
+        raise InvalidIdError(
+            f"after must be the cursor of the page before (an md5: 32 hexadecimal digits), "
+            f"not {after!r}"
+        )
+    return str(after).lower()

@@ -12,6 +12,13 @@ with one keep-alive ``http.client`` connection) over the library's md5s in a shu
 ``--threads``; the baseline, measured in the same run, is the same call on one ``Library`` in
 this process (one thread), and the ratios are against it.
 
+``--attributes`` measures the pages of images having an attribute value (a library built by
+``benchmarks/scale.py --keep``: ``label`` has five values of 20% each, ``score`` a thousand of
+0.1%): a rare value's rows (every page), a common value's first page and a deep one (page
+``--depth``, by its cursor), each answered by the serving store and by the lake (the fallback's
+own reads), in this process; the lake's time as a ratio to the store's, and the service's
+``GET /attributes/images`` for the same page.
+
 Lookups are also measured against a bare Starlette app (uvicorn, one process, as ``serve``)
 reading the same records from the serving store's SQLite table by md5, started in the same run:
 the service's rate and p99 are printed as ratios to the bare app's. ``--lookups-only`` measures
@@ -86,15 +93,17 @@ def start_server(library: Path, cache: Path, port: int) -> subprocess.Popen[byte
                "--port", str(port), "--cache-dir", str(cache)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "ASSET_LIBRARY_TOKEN"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return wait_ready(process, port)
+    return wait_ready(process, port, "/openapi.json")  # /stats would compute the groups
 
 
-def wait_ready(process: subprocess.Popen[bytes], port: int) -> subprocess.Popen[bytes]:
+def wait_ready(
+    process: subprocess.Popen[bytes], port: int, probe: str = "/stats"
+) -> subprocess.Popen[bytes]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            connection.request("GET", "/stats")
+            connection.request("GET", probe)
             if connection.getresponse().status == 200:
                 return process
         except OSError:
@@ -164,6 +173,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4, help="concurrent HTTP clients")
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     parser.add_argument("--lookups-only", action="store_true", help="measure lookups alone")
+    parser.add_argument(
+        "--attributes", action="store_true", help="measure attribute pages alone (scale.py)"
+    )
+    parser.add_argument("--page", type=int, default=100, help="rows per attribute page")
+    parser.add_argument("--depth", type=int, default=1000, help="the deep page's number")
     parser.add_argument("--bare-app", help=argparse.SUPPRESS)  # run the baseline app: store path
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,6 +187,9 @@ def main() -> None:
         uvicorn.run(bare_app(args.bare_app), host="127.0.0.1", port=args.port, log_level="error")
         return
     library = Library(args.library)
+    if args.attributes:
+        attribute_pages(library, args.page, args.depth, args.seconds)
+        return
     rows = library.query("SELECT md5 FROM images")
     random.Random(0).shuffle(rows)
     md5s = [r["md5"] for r in rows]
@@ -223,6 +240,83 @@ def main() -> None:
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=30)
+
+
+def attribute_pages(library: Library, page: int, depth: int, seconds: float) -> None:
+    """The store's and the lake's time for the same attribute pages, and the service's."""
+    images = library.query("SELECT count(*) AS n FROM images")[0]["n"]
+    common = library.query(  # the deep page's cursor: the md5 before its first row
+        "SELECT md5 FROM md5s_with_attribute('label', 'cat') ORDER BY md5 LIMIT 1 OFFSET ?",
+        [page * (depth - 1) - 1],
+    )
+    deep = common[0]["md5"] if common else None
+    answered = library.images_with_attribute("label", "cat", limit=page)["answered_by"]
+    rare = library.query("SELECT count(*) AS n FROM md5s_with_attribute('score', '7')")[0]["n"]
+    print(f"library {library.path}: {images} images; pages of {page} rows; {os.cpu_count()} "
+          f"cores; attribute pages answered by the {answered}")  # fmt: skip
+    readers = {"store": library.store_attribute_page, "lake": library.lake_attribute_page}
+
+    def pages(
+        answered_by: str, value: tuple[str, str], after: str, limit: int, every: bool, images: bool
+    ):
+        """One page (``limit`` rows after ``after``; one more row to know if another
+        follows, as ``images_with_attribute`` asks), or every page from there. A rare value
+        is another each call (``score`` 7, 8, ...: each 0.1%), so no call finds the pages of
+        the one before in a cache."""
+        read = readers[answered_by]
+
+        def call(i: int) -> int:
+            start, rows = after, 0
+            name, text = value if value[0] != "score" else ("score", str((7 + i) % 1000))
+            while True:
+                found = read(name, text, origin=None, after=start, limit=limit + 1, images=images)
+                rows += min(len(found), limit)
+                if not every or len(found) <= limit:
+                    return rows
+                start = found[limit - 1]["md5"]
+
+        return call
+
+    rare_name = f"rare value (score=7, 8, ...: {rare} rows), every page of 1000"
+    cases = [
+        (rare_name, ("score", "7"), "", 1000, True, True),
+        (f"{rare_name}, md5s only", ("score", "7"), "", 1000, True, False),
+        ("common value (label=cat), first page", ("label", "cat"), "", page, False, True),
+        (f"common value (label=cat), page {depth}", ("label", "cat"), deep, page, False, True),
+    ]
+    results = {}
+    with tempfile.TemporaryDirectory() as cache:
+        port = free_port()
+        server = start_server(library.path, Path(cache), port)
+        try:
+            for name, value, after, limit, every, images in cases:
+                if after is None:
+                    print(f"{name}: the value has fewer than {depth} pages")
+                    continue
+                print(name)
+                p50 = {}
+                for answered_by in readers:
+                    call = pages(answered_by, value, after, limit, every, images)
+                    call(-1)  # warm
+                    measured = in_process(call, 1000, seconds)
+                    p50[answered_by] = line(f"Library, {answered_by}", measured, seconds)[1]
+                results[name] = p50["lake"] / p50["store"]
+                print(f"    lake / store: {results[name]:.1f}x the p50 latency")
+                if not every:
+                    query = f"/attributes/images?attr={value[0]}&val={value[1]}&limit={limit}"
+                    query += f"&after={after}" if after else ""
+
+                    def request(_: int, q: str = query) -> tuple[str, str, None, dict[str, str]]:
+                        return "GET", q, None, {}
+
+                    over_http(port, request, 1, 1, 1.0)  # warm up
+                    measured = over_http(port, request, 1, 1, seconds)
+                    http_p50 = line("HTTP GET /attributes/images, 1 client", measured, seconds)[1]
+                    print(f"    HTTP / Library store: {http_p50 / p50['store']:.2f}x the p50")
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=30)
+    print(json.dumps({k: round(v, 1) for k, v in results.items()}))
 
 
 def against_bare(

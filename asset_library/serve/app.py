@@ -36,7 +36,7 @@ from asset_library.serve.batch_states import ShardStates
 from asset_library.serve.settings import ServeSettings
 from asset_library.serve.thumbs import ThumbnailCache, ThumbnailError
 from asset_library.serve.uploads import BodyLimit, DecodePool, PoolBusy, header_pixels
-from asset_library.serving import MAX_SOURCES_PAGE, StoreUnavailable
+from asset_library.serving import MAX_ATTRIBUTE_PAGE, MAX_SOURCES_PAGE, StoreUnavailable
 from asset_library.similarity import IndexNotReady
 from asset_library.storage import (
     DamagedObjectError,
@@ -399,6 +399,74 @@ def query_macro(request: Request, macro: str, limit: Limit = 50, offset: Offset 
         shown = ", ".join(f"{k}={v!r}" for k, v in given.items())
         raise HTTPException(422, f"{macro}({shown}): {error}") from None
     return {"macro": macro, "arguments": given, **page_body(request, page, "rows")}
+
+
+Attribute = Annotated[str, Query(min_length=1, description="the attribute's name")]
+Value = Annotated[str, Query(description="the value's text, as the cube holds it")]
+Origin = Annotated[
+    Literal["derived", "manifest"] | None, Query(description="where the value came from; any")
+]
+PageSize = Annotated[
+    int, Query(ge=1, le=MAX_ATTRIBUTE_PAGE, description="rows per page (at most 1000)")
+]
+Cursor = Annotated[
+    str | None, Query(description="the cursor of the page before (its last md5); none: the first")
+]
+
+
+def _attribute_page(request: Request, page: dict[str, Any]) -> Response:
+    """A page of images having an attribute value as JSON, with the link to the next page
+    (serialized as a record is: FastAPI's check of each row first doubled its cost)."""
+    cursor = page["cursor"]
+    following = None if cursor is None else str(request.url.include_query_params(after=cursor))
+    return Response(_RECORD.dump_json({**page, "next": following}), media_type="application/json")
+
+
+_PAGE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {"schema": {"type": "object"}}}}
+}
+
+
+@router.get(
+    "/attributes/images",
+    summary="A page of the images having an attribute value, in md5 order, after a cursor",
+    response_class=Response,
+    responses=_PAGE_RESPONSE,
+)
+def attribute_images(
+    request: Request,
+    attr: Attribute,
+    val: Value,
+    origin: Origin = None,
+    limit: PageSize = 100,
+    after: Cursor = None,
+) -> Response:
+    page = with_library(
+        request,
+        lambda lib: lib.images_with_attribute(attr, val, origin=origin, limit=limit, after=after),
+    )
+    return _attribute_page(request, page)
+
+
+@router.get(
+    "/attributes/md5s",
+    summary="The md5s (and buckets) of those images: a page after a cursor",
+    response_class=Response,
+    responses=_PAGE_RESPONSE,
+)
+def attribute_md5s(
+    request: Request,
+    attr: Attribute,
+    val: Value,
+    origin: Origin = None,
+    limit: PageSize = 100,
+    after: Cursor = None,
+) -> Response:
+    page = with_library(
+        request,
+        lambda lib: lib.md5s_with_attribute(attr, val, origin=origin, limit=limit, after=after),
+    )
+    return _attribute_page(request, page)
 
 
 @router.get("/duplicates", summary="Near-duplicate groups, largest first")

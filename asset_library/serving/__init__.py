@@ -11,10 +11,16 @@ lake). Callers import the public names from here.
 
 from asset_library.serving.check import StoreCheck, check_store
 from asset_library.serving.reader import StoreReader, StoreUnavailable, attributes_by_origin
-from asset_library.serving.schema import MAX_SOURCES_PAGE, RECORD_SOURCES, network_filesystem
+from asset_library.serving.schema import (
+    MAX_ATTRIBUTE_PAGE,
+    MAX_SOURCES_PAGE,
+    RECORD_SOURCES,
+    network_filesystem,
+)
 from asset_library.serving.sync import SyncResult, sync
 
 __all__ = [
+    "MAX_ATTRIBUTE_PAGE",
     "MAX_SOURCES_PAGE",
     "RECORD_SOURCES",
     "StoreCheck",

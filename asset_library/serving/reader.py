@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from asset_library.ids import bucket_of
 from asset_library.lake import ORIGINS, Lake
 from asset_library.serving.schema import RECORD_COLUMNS, RECORD_SOURCES
 
@@ -32,6 +33,28 @@ FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = ?1
 """
 
 
+#: The images having an attribute value (of one origin, or any) after a cursor, in md5 order,
+#: from the index by value (a seek, then rows in order: no sort); an md5 holding the value
+#: under several origins or types comes once per such row, next to each other.
+_WITH_VALUE = (
+    "FROM attributes a INDEXED BY attributes_by_value "
+    "WHERE a.attribute = ?1 AND a.value = ?2 AND a.md5 > ?3 AND (?4 IS NULL OR a.origin = ?4) "
+    "ORDER BY a.md5"
+)
+#: Those with an ``images`` row (an md5 whose shard is written but not merged has none), with
+#: the row and the count.
+_IMAGES_WITH_VALUE = (
+    "SELECT a.md5, i.record, c.n "
+    + _WITH_VALUE.replace("WHERE", "JOIN images i ON i.md5 = a.md5 "
+                          "LEFT JOIN counts c ON c.md5 = a.md5 WHERE")
+)  # fmt: skip
+_MD5S_WITH_VALUE = f"SELECT a.md5 {_WITH_VALUE}"
+
+
+#: How much of the store a reader maps into memory (SQLite caps it at its build's maximum).
+MMAP_BYTES = 1 << 40
+
+
 class StoreUnavailable(Exception):
     """Why the store cannot answer now (absent, damaged, behind the lake): read the lake."""
 
@@ -43,7 +66,7 @@ class StoreReader:
     path: Path
     lake: Lake
     _connection: sqlite3.Connection | None = field(default=None, repr=False)
-    _next_log: str | None = field(default=None, repr=False)
+    _next_logs: dict[str, str] = field(default_factory=dict, repr=False)
 
     def _open(self) -> sqlite3.Connection:
         if self._connection is None:
@@ -54,6 +77,9 @@ class StoreReader:
             connection = sqlite3.connect(
                 f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False
             )
+            # Pages read from the OS's cache in place (up to SQLite's cap, 2 GB): a page of
+            # images is a row here, a row there; 1.6x quicker than a read call for each.
+            connection.execute(f"PRAGMA mmap_size = {MMAP_BYTES}").fetchall()
             self._connection = connection
         return self._connection
 
@@ -62,31 +88,71 @@ class StoreReader:
             self._connection.close()
             self._connection = None
 
-    def level(self) -> sqlite3.Connection:
-        """The connection, if the store is level with the lake's latest ``images`` commit:
-        one primary-key read and one ``stat`` of the next commit's log file."""
+    def level(self, *tables: str) -> sqlite3.Connection:
+        """The connection, if the store is level with the lake's latest commit of ``images``
+        (and of these other tables): a read of ``meta`` (a few rows) and one ``stat`` of the
+        next commit's log file per table."""
         try:
             connection = self._open()
-            found = connection.execute(
-                "SELECT value FROM meta WHERE key = 'images_version'"
-            ).fetchone()
+            found = dict(connection.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.Error as error:
             self.close()
             raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
-        self._check_level(None if found is None else found[0])
+        for table in ("images", *tables):
+            self._check_level(found.get(f"{table}_version"), table)
         return connection
 
-    def _check_level(self, version: str | None) -> None:
-        """:class:`StoreUnavailable` unless ``images`` has no commit after ``version`` (the
+    def _check_level(self, version: str | None, table: str = "images") -> None:
+        """:class:`StoreUnavailable` unless ``table`` has no commit after ``version`` (the
         one the store records)."""
         if version is None:
-            raise StoreUnavailable(f"serving store {self.path} records no images version")
-        if self._next_log is None:
-            self._next_log = os.path.join(self.lake.uri("images"), "_delta_log", "{:020d}.json")
-        if os.path.exists(self._next_log.format(int(version) + 1)):
-            raise StoreUnavailable(
-                f"serving store {self.path} is behind the lake (at images version {version})"
+            raise StoreUnavailable(f"serving store {self.path} records no {table} version")
+        if table not in self._next_logs:
+            self._next_logs[table] = os.path.join(
+                self.lake.uri(table), "_delta_log", "{:020d}.json"
             )
+        if os.path.exists(self._next_logs[table].format(int(version) + 1)):
+            raise StoreUnavailable(
+                f"serving store {self.path} is behind the lake (at {table} version {version})"
+            )
+
+    def with_attribute(
+        self, attribute: str, value: str, origin: str | None, after: str, limit: int, images: bool
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` images having the attribute value (of ``origin``, or any), their md5
+        after ``after``, in md5 order: each image's row as the ``images`` view gives it
+        (``images``), or its md5 and bucket. Read in one snapshot of the store, level with
+        ``images`` and ``attributes``; :class:`StoreUnavailable` if it is not."""
+        try:
+            connection = self._open()
+            connection.execute("BEGIN")  # the level seen and the rows read: one snapshot
+            try:
+                self.level("attributes")
+                sql = _IMAGES_WITH_VALUE if images else _MD5S_WITH_VALUE
+                cursor = connection.execute(sql, (attribute, value, after, origin))
+                found: list[tuple[str, str, int | None]] = []
+                last = after
+                for row in cursor:  # stepped lazily: a page reads its own rows only
+                    if row[0] == last:
+                        continue  # the same image under another origin or type
+                    last = row[0]
+                    found.append(row if images else (last, "", None))
+                    if len(found) == limit:
+                        break
+                cursor.close()
+            finally:
+                if self._connection is not None:  # (closed if it could not be read)
+                    connection.execute("ROLLBACK")
+            if not images:
+                n_buckets = self.lake.n_buckets
+                return [{"md5": md5, "bucket": bucket_of(md5, n_buckets)} for md5, *_ in found]
+            rows = _records_of([text for _, text, _ in found])
+        except (sqlite3.Error, ValueError, KeyError) as error:
+            self.close()
+            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
+        for row, (_, _, count) in zip(rows, found, strict=True):
+            row["occurrences"] = int(count or 0)
+        return rows
 
     def record(self, md5: str) -> dict[str, Any] | None:
         """The image's record as ``Library.lookup`` gives it, ``None`` if it has none;
@@ -141,11 +207,24 @@ class StoreReader:
 
 
 def _record_of(text: str) -> dict[str, Any]:
-    values = json.loads(text)
-    record = dict(zip(RECORD_COLUMNS, values, strict=True))
-    if record["ingested_at"] is not None:
-        record["ingested_at"] = datetime.fromisoformat(record["ingested_at"])
-    return record
+    return _records_of([text])[0]
+
+
+def _records_of(texts: list[str]) -> list[dict[str, Any]]:
+    """Records from their JSON texts: decoded as one array (a decode per record costs twice
+    as much), each ingest time parsed once (a shard's images share a few)."""
+    times: dict[str, datetime] = {}
+    records = []
+    for values in json.loads(f"[{','.join(texts)}]"):
+        record = dict(zip(RECORD_COLUMNS, values, strict=True))
+        stamp = record["ingested_at"]
+        if stamp is not None:
+            parsed = times.get(stamp)
+            if parsed is None:
+                parsed = times[stamp] = datetime.fromisoformat(stamp)
+            record["ingested_at"] = parsed
+        records.append(record)
+    return records
 
 
 def attributes_by_origin(rows: Iterable[tuple[str, str, str, str]]) -> dict[str, dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 Per md5 it holds the image's row (the ``images`` view's columns), how many sources it has, its
 first :data:`RECORD_SOURCES` sources (by ingested_at, shard, ordinal) and its attributes by
-origin, each with how many occurrences carry it. ``meta`` records the layout, the lake and the
-Delta versions the store is level with; a file of another layout is rebuilt.
+origin, each with how many occurrences carry it; the attributes are indexed by value as well
+(:data:`ATTRIBUTE_INDEX`), for the pages of images having one. ``meta`` records the layout,
+the lake and the Delta versions the store is level with; a file of another layout is rebuilt.
 
 SQLite on a network filesystem corrupts under concurrent use: such a library has no store
 (:func:`network_filesystem`) and answers from the lake.
@@ -23,8 +24,10 @@ from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
 RECORD_SOURCES = 10
 #: The largest page of sources one call returns.
 MAX_SOURCES_PAGE = 1000
-#: The file's layout; a file of another layout is rebuilt.
-STORE_FORMAT = "1"
+#: The largest page of images (or md5s) having an attribute value one call returns.
+MAX_ATTRIBUTE_PAGE = 1000
+#: The file's layout; a file of another layout is rebuilt (2: ``attributes_by_value``).
+STORE_FORMAT = "2"
 #: The record's columns kept as JSON: the ``images`` view's but the count (kept apart).
 RECORD_COLUMNS = [c for c in IMAGE_VIEW_COLUMNS if c != "occurrences"]
 #: Filesystem types on which SQLite's locks are not to be trusted.
@@ -42,6 +45,15 @@ CREATE TABLE IF NOT EXISTS attributes (
   md5 TEXT, origin TEXT, attribute TEXT, value TEXT, value_type TEXT, n INTEGER NOT NULL,
   PRIMARY KEY (md5, origin, attribute, value, value_type)) WITHOUT ROWID;
 """
+#: The images having an attribute value, in md5 order: a page starts where the last ended (one
+#: seek) however deep it is. Its entries carry the rest of the key (origin, value_type), so a
+#: page by origin reads no row of the table. A rebuild makes it after the rows (one sort); a sync
+#: keeps it as it changes the rows. The value type is not among its leading columns: a
+#: value is asked for by its text, whatever its type, and the md5 order must hold across them.
+ATTRIBUTE_INDEX = "attributes_by_value"
+ATTRIBUTE_INDEX_SQL = (
+    f"CREATE INDEX IF NOT EXISTS {ATTRIBUTE_INDEX} ON attributes (attribute, value, md5)"
+)
 #: The store's tables, ``meta`` first (a rebuild empties the others).
 TABLES = ("meta", "images", "counts", "sources", "attributes")
 

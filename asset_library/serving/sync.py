@@ -28,6 +28,8 @@ from deltalake import DeltaTable
 from asset_library.lake import IMAGES_APP, Lake, read_changes
 from asset_library.lake.scan import plain_schema
 from asset_library.serving.schema import (
+    ATTRIBUTE_INDEX,
+    ATTRIBUTE_INDEX_SQL,
     RECORD_COLUMNS,
     RECORD_SOURCES,
     STORE_FORMAT,
@@ -407,6 +409,7 @@ def _apply_attributes(connection: sqlite3.Connection, changes: pa.Table) -> int:
 
 def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> SyncResult:
     """Every row again from the lake's tables at the target versions, streamed."""
+    connection.execute(f"DROP INDEX IF EXISTS {ATTRIBUTE_INDEX}")  # made after the rows: a sort
     for table in TABLES[1:]:
         connection.execute(f"DELETE FROM {table}")
     options = dict(lake.storage_options)
@@ -463,6 +466,7 @@ def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> Syn
                 )
             ),
         )
+    connection.execute(ATTRIBUTE_INDEX_SQL)
     images_rows = connection.execute("SELECT count(*) FROM images").fetchone()[0]
     return SyncResult(
         True, "", target.images, target.occurrences, target.attributes, images_changed=images_rows
