@@ -31,6 +31,7 @@ from asset_library import Library
 from asset_library.ids import shard_key
 from asset_library.runs.orchestrate import ingest_batch
 from asset_library_tests.support.cluster import (
+    SHARD_TABLES,
     RayCluster,
     RayNode,
     call_in_child,
@@ -318,7 +319,8 @@ def _run(
     wait_for("every shard in the lake", complete, 300, *cluster.alive, every=2)
     commits = call_in_child(shard_commits, cluster.root)
     assert sorted(commits) == shards
-    assert all(len(commits[s]["occurrences"]) == 1 for s in shards), commits
+    once = {s: sorted(t for t, marks in commits[s].items() if len(marks) == 1) for s in shards}
+    assert once == {s: sorted(SHARD_TABLES) for s in shards}, commits
     mark("every shard written")
 
     def refreshed() -> bool:
