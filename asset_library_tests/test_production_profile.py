@@ -9,13 +9,11 @@ landing zone, run records and `Library` queries, so asset names may change under
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import pytest
@@ -26,10 +24,16 @@ from asset_library.ids import shard_key
 from asset_library.layout import LibraryLayout
 from asset_library.storage import object_key
 from asset_library_tests.support.corpus import corpus_jpegs
-from asset_library_tests.support.dagster_processes import Webserver, script, start_daemon
+from asset_library_tests.support.dagster_processes import Webserver, start_daemon
+from asset_library_tests.support.deployment import (
+    REPO,
+    deployed_env,
+    make_clone,
+    shard_runs,
+    wait_for,
+)
 from asset_library_tests.support.postgres import PostgresServer
 
-REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 SHARDS = 3
 IMAGES_PER_SHARD = 4
@@ -168,24 +172,6 @@ def _object_folder(layout: LibraryLayout, md5: str) -> Path:
     return layout.objects_dir.joinpath(*object_key(md5).split("/")[:2])
 
 
-def _wait(what: str, condition: Callable[[], Any], timeout: float, *alive: Any) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        for process in alive:
-            process.check_alive()
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.log_path.name}\n{p.tail()}" for p in alive)
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
-        time.sleep(2)
-
-
-def _shard_runs(instance: dg.DagsterInstance) -> list[dg.RunRecord]:
-    return list(instance.get_run_records(dg.RunsFilter(job_name="ingest_shard"), ascending=True))
-
-
 def _max_overlap(records: list[dg.RunRecord]) -> int:
     """The most runs that were running at one moment."""
     edges = sorted(
@@ -215,40 +201,21 @@ def test_a_landed_batch_runs_on_the_production_profile(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The working folder is laid out like a clone: workspace.yaml beside the library, whose
-    # Dagster instance is library/.dagster, so the documented backfill command runs verbatim.
-    shutil.copyfile(REPO / "workspace.yaml", tmp_path / "workspace.yaml")
-    root = tmp_path / "library"
-    home = root / ".dagster"
-    home.mkdir(parents=True)
+    # The working folder is laid out like a clone, so the documented backfill command runs
+    # verbatim.
+    clone = make_clone(tmp_path)
     config = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
     config["run_retries"] = {"enabled": False}  # the backfill, not a retry, repairs the shards
-    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
-
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("AWS_", "S3_", "DAGSTER_", "ASSET_LIBRARY_")) and k != "PWD"
-    }
-    env.update(postgres.env())
-    env.update(
-        DAGSTER_HOME=str(home),
-        ASSET_LIBRARY_HOME=str(root),
-        ASSET_LIBRARY_SHARD_SIZE=str(IMAGES_PER_SHARD),
-        ASSET_LIBRARY_WORKERS="1",
-        ASSET_LIBRARY_SENSOR_INTERVAL="3",
-    )
+    (clone.home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    env = deployed_env(clone, postgres.env(), shard_size=IMAGES_PER_SHARD)
     for name, value in postgres.env().items():
         monkeypatch.setenv(name, value)
 
     # The batch lands without its marker; two shards' object folders are blocked by files.
     images = corpus_jpegs(corpus_dir, SHARDS * IMAGES_PER_SHARD)
-    landed = root / "landing" / BATCH
-    landed.mkdir(parents=True)
-    for number, (path, _) in enumerate(images):
-        shutil.copyfile(path, landed / f"{number:02d}_{path.name}")
+    landed = clone.land(BATCH, images)
     shards = [shard_key(BATCH, n) for n in range(SHARDS)]
-    layout = LibraryLayout.open(root)
+    layout = LibraryLayout.open(clone.root)
     blocked: dict[str, Path] = {}
     for number in (1, 2):
         own = images[number * IMAGES_PER_SHARD : (number + 1) * IMAGES_PER_SHARD]
@@ -260,7 +227,7 @@ def test_a_landed_batch_runs_on_the_production_profile(
         folder.write_text("a file where a folder of objects must be\n")
         blocked[shards[number]] = folder
 
-    with dg.DagsterInstance.from_config(str(home)) as instance:  # creates the schema once
+    with dg.DagsterInstance.from_config(str(clone.home)) as instance:  # creates the schema once
         daemon = start_daemon(env, tmp_path, tmp_path / "daemon.log")
         webserver = Webserver(env, tmp_path, tmp_path / "webserver.log")
         try:
@@ -289,11 +256,11 @@ def _run(instance, daemon, webserver, env, clone, landed, shards, blocked, image
 
     # The sensors plan the batch and run its shards, side by side.
     def first_runs_done() -> list[dg.RunRecord] | None:
-        runs = _shard_runs(instance)
+        runs = shard_runs(instance)
         finished = [r for r in runs if r.dagster_run.is_finished]
         return runs if len(runs) >= len(shards) and len(finished) == len(runs) else None
 
-    runs = _wait("the shard runs", first_runs_done, 240, daemon)
+    runs = wait_for("the shard runs", first_runs_done, 240, daemon)
     landed_to_runs = time.monotonic() - started
     by_shard = {r.dagster_run.tags["dagster/partition"]: r for r in runs}
     assert sorted(by_shard) == shards and len(runs) == len(shards)
@@ -321,8 +288,7 @@ def _run(instance, daemon, webserver, env, clone, landed, shards, blocked, image
         folder.unlink()
     repaired = time.monotonic()
     command = _documented_backfill_command().replace("KEY1,KEY2", shards[2])
-    path = f"{Path(script('dagster')).parent}:{env.get('PATH', '')}"
-    cli_env = {k: v for k, v in env.items() if k != "DAGSTER_HOME"} | {"PATH": path}
+    cli_env = {k: v for k, v in env.items() if k != "DAGSTER_HOME"}  # the command sets it
     cli = subprocess.Popen(
         ["bash", "-c", command],
         cwd=clone,
@@ -353,11 +319,11 @@ def _run(instance, daemon, webserver, env, clone, landed, shards, blocked, image
     assert cli.returncode == 0 and "Launched backfill job" in output, output
 
     def repaired_runs() -> dict[str, dg.RunRecord] | None:
-        latest = {r.dagster_run.tags["dagster/partition"]: r for r in _shard_runs(instance)}
+        latest = {r.dagster_run.tags["dagster/partition"]: r for r in shard_runs(instance)}
         done = all(latest[s].dagster_run.status == dg.DagsterRunStatus.SUCCESS for s in shards[1:])
         return latest if done else None
 
-    latest = _wait("the backfilled shards", repaired_runs, 240, daemon, webserver)
+    latest = wait_for("the backfilled shards", repaired_runs, 240, daemon, webserver)
     assert latest[shards[1]].dagster_run.tags.get("dagster/backfill") == backfill_id
     assert latest[shards[2]].dagster_run.tags.get("dagster/backfill")
     assert latest[shards[2]].dagster_run.tags["dagster/backfill"] != backfill_id
@@ -367,7 +333,7 @@ def _run(instance, daemon, webserver, env, clone, landed, shards, blocked, image
         assert tags["asset_library/trigger"] == f"backfill-{tags['dagster/backfill']}"
 
     expected = {shard: IMAGES_PER_SHARD for shard in shards}
-    counts = _wait("the complete library", lambda: _library_count(root) == expected, 180, daemon)
+    counts = wait_for("the complete library", lambda: _library_count(root) == expected, 180, daemon)
     assert counts
     [total] = Library(root).query("SELECT count(*) AS n FROM images")
     assert total["n"] == len({md5 for _, md5 in images})

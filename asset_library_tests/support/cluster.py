@@ -277,7 +277,10 @@ def call_in_child(function: Callable[..., Any], *args: Any) -> Any:
     use), so what reads the namespace's S3 runs in a child. The child leaves by ``os._exit``
     once its answer is written, skipping the interpreter's teardown: a CI run saw such a child
     abort with ``terminate called without an active exception`` and no traceback, the mark of
-    a C++ thread (DuckDB's or pyarrow's) still alive when the interpreter tears down."""
+    a C++ thread (DuckDB's or pyarrow's) still alive when the interpreter tears down, as
+    delta-rs and polars users report at exit after reading Delta tables through pyarrow. Only
+    at exit: this read, looped with a normal exit against an S3 lake whose shards were being
+    rewritten and merged, aborted so in 2 of 168 reads, both after writing its answer."""
     code = (
         "import importlib, os, pickle, sys\n"
         "module, name, args = pickle.loads(sys.stdin.buffer.read())\n"
@@ -300,15 +303,22 @@ def call_in_child(function: Callable[..., Any], *args: Any) -> Any:
 # What the checks read from a library (run through call_in_child inside the namespace).
 
 
-def shard_commits(root: Path) -> dict[str, list[int]]:
-    """The ``occurrences`` versions that wrote each shard, from the commits' shard mark."""
+#: The tables a shard run writes, one commit each (``write_shard``), the index last.
+SHARD_TABLES = ("occurrences", "rejects", "attributes", "attribute_index")
+
+
+def shard_commits(root: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Each shard's commits by table, from the commits' shard mark: (Delta version, commit
+    time in seconds since the epoch, from the commit's own ``timestamp``)."""
     lake = Lake.of(LibraryLayout.open(root))
     assert lake.is_s3, lake  # the lake the runs wrote, on S3
-    table = lake.open("occurrences")
-    commits: dict[str, list[int]] = {}
-    for entry in table.history() if table is not None else []:
-        if entry.get(SHARD_MARK):
-            commits.setdefault(entry[SHARD_MARK], []).append(int(entry["version"]))
+    commits: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for name in SHARD_TABLES:
+        table = lake.open(name)
+        for entry in table.history() if table is not None else []:
+            if entry.get(SHARD_MARK):
+                mark = (int(entry["version"]), int(entry["timestamp"]) / 1e3)
+                commits.setdefault(entry[SHARD_MARK], {}).setdefault(name, []).append(mark)
     return commits
 
 
