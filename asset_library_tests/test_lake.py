@@ -39,7 +39,7 @@ from asset_library.lake import (
     write_shard,
 )
 from asset_library.lake.catalog import ATTRIBUTE_IMAGE_COLUMNS, LakeReadError
-from asset_library.lake.compaction import _sort_buckets
+from asset_library.lake.compaction import _bucket_files, _merge_buckets
 from asset_library.lake.merge import _merged_to
 from asset_library.lake.scan import lake_dataset
 from asset_library.layout import LibraryLayout
@@ -203,7 +203,7 @@ def test_a_replaced_shard_changes_exactly_its_counts_before_any_vacuum(tmp_path)
     # the rewritten images files, holds each image once still
     before = library.query(COUNTS)[0]
     versions = {t: DeltaTable(lake.uri(t)).version() for t in ("occurrences", "images")}
-    compact(lake, min_files=2)
+    compact(lake, fan_in=2)
     assert library.query(COUNTS)[0] == before
     # its sorted rewrite changes no row: the change feed the merge and the index read skips it
     moved = [name for name, version in versions.items()
@@ -289,7 +289,7 @@ def test_repeats_append_counts_and_rewrite_no_images_file(tmp_path):
     assert library.lookup(second[140]) is None
     assert library.lookup(second[110])["occurrences"] == 1
     # compaction sums image_counts per md5 and keeps every count
-    compact(lake, min_files=1)
+    compact(lake, fan_in=1)
     summed = DeltaTable(lake.uri("image_counts")).to_pyarrow_table()
     assert summed.num_rows == len(set(summed["md5"].to_pylist()))
     _counts_are_true(Library(layout.root))
@@ -305,7 +305,7 @@ def test_the_change_feed_skips_rewrites_by_their_true_version(tmp_path):
     _land(layout, lake, "v-s00001", random_md5s(rng, 100), seed=1)
     stale = DeltaTable(lake.uri("occurrences"))
     shard_version = stale.version()
-    compact(lake, min_files=2)  # rewrites occurrences' buckets: the next version
+    compact(lake, fan_in=2)  # rewrites occurrences' buckets: the next version
     assert DeltaTable(lake.uri("occurrences")).version() == shard_version + 1
     inserted = read_changes(lake, stale, shard_version, shard_version, ["md5"])
     assert inserted.num_rows == 100
@@ -478,7 +478,7 @@ def test_lookup_reads_one_bucket_and_a_damaged_bucket_breaks_only_itself(tmp_pat
     md5s = random_md5s(np.random.default_rng(6), 400)
     _land(layout, lake, "d-s00000", md5s)
     _refresh(layout, lake)
-    compact(lake, min_files=2)
+    compact(lake, fan_in=2)
     library = Library(layout.root)
     target = md5s[0]
     damaged_bucket = (bucket_of(target, BUCKETS) + 1) % BUCKETS
@@ -590,7 +590,7 @@ def test_text_filters_reach_pyarrow_and_skip_row_groups(tmp_path):
         assert kept <= files < groups, (table, files, groups, kept)
     # compaction sorts each bucket's merged files again (images' in plain string): still
     # pruned, same answers
-    compact(lake, min_files=2)
+    compact(lake, fan_in=2)
     for table in ("images", "occurrences", "attributes"):
         files, groups, kept = _md5_row_groups(lake, table, some)
         assert files == 1 and kept == 1 < groups, (table, files, groups, kept)
@@ -744,7 +744,7 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path,
     assert covered == _expected_with_value(library, "label", "cat")
     _outdate_index(lake)
     assert Library(layout.root).query(rows) == covered
-    compact(lake, min_files=1)  # leaves it to the next write to rebuild, and answers the same
+    compact(lake, fan_in=1)  # leaves it to the next write to rebuild, and answers the same
     assert is_outdated_index("attribute_index", lake.open("attribute_index"))
     assert Library(layout.root).query(rows) == covered
     _land(layout, lake, "i-s00002", random_md5s(rng, 100), seed=6)
@@ -773,8 +773,9 @@ def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(
     _land(layout, lake, "q-s00001", random_md5s(rng, 300))
     read = lake.open("attributes")  # what the compaction read
     _land(layout, lake, "q-s00000", random_md5s(rng, 100))  # the shard replaced meanwhile
+    plan = _bucket_files(read, "attributes")
     with pytest.raises(CommitFailedError):  # it removed files the sort would rewrite
-        _sort_buckets(read, list(range(BUCKETS)))
+        _merge_buckets(read, "attributes", plan)
     found = Library(layout.root).query(
         "SELECT shard, count(*) AS n FROM attribute_occurrences GROUP BY shard ORDER BY shard"
     )

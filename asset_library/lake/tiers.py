@@ -1,0 +1,80 @@
+"""Which files of a bucket compaction merges: size tiers, so a byte is rewritten once per tier.
+
+A file's tier is a step of a log scale of its size: tier 0 under ``tier_bytes``, tier ``t``
+from ``tier_bytes * fan_in ** (t - 1)`` up to ``fan_in`` times that. A shard's commit adds
+small files; once a tier holds ``fan_in`` files they are merged into one, about ``fan_in``
+times as large, so it lands a tier up, where it may complete that tier in turn (planned in
+the same pass: each bucket is rewritten at most once per compaction). Files of higher tiers are
+left alone until their own tier fills. A row is thus rewritten about once per tier it climbs,
+``log_fan_in(bucket / shard file)`` times in its life, and a bucket holds at most
+``fan_in - 1`` files per tier between compactions.
+
+With ``tier_bytes`` above every file (everything in tier 0), this is the whole-bucket rewrite:
+a bucket of ``fan_in`` files or more merged into one; ``fan_in`` 1 rewrites every bucket whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+#: Files of one tier that make it merge into one (and the size ratio between tiers).
+FAN_IN = 8
+#: Files under this size are tier 0. A log scale's offset only: empty tiers cost nothing, so
+#: it sits below the files a shard writes to a bucket (~10-40 MB at 10M images a shard).
+TIER_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One live file of a bucket, as the Delta log lists it."""
+
+    path: str
+    size: int
+
+
+def tier_of(size: int, fan_in: int = FAN_IN, tier_bytes: int = TIER_BYTES) -> int:
+    """The tier of a file of ``size`` bytes."""
+    tier, bound = 0, tier_bytes
+    while size >= bound:
+        tier, bound = tier + 1, bound * max(fan_in, 2)
+    return tier
+
+
+def check_policy(fan_in: int, tier_bytes: int) -> None:
+    """A clear error for a policy that cannot terminate or means nothing."""
+    if fan_in < 1:
+        raise ValueError(f"compaction fan_in {fan_in}: must be 1 or more (files merged at once)")
+    if tier_bytes < 1:
+        raise ValueError(f"compaction tier_bytes {tier_bytes}: must be a positive size in bytes")
+
+
+def files_to_merge(
+    files: Sequence[DataFile], fan_in: int = FAN_IN, tier_bytes: int = TIER_BYTES
+) -> list[DataFile]:
+    """The files of one bucket to merge into one now (none: the bucket is left as it is).
+
+    From the lowest tier up: a tier holding ``fan_in`` files (counting the file the merge so
+    far would make, by the sum of its inputs' sizes) joins the merge; a tier that does not
+    stops it. So the small files go first, and a large file is read only when its tier is full."""
+    check_policy(fan_in, tier_bytes)
+    if fan_in == 1:  # every bucket rewritten whole, a single file too
+        return list(files)
+    by_tier: dict[int, list[DataFile]] = {}
+    for found in files:
+        by_tier.setdefault(tier_of(found.size, fan_in, tier_bytes), []).append(found)
+    chosen: list[DataFile] = []
+    for tier in sorted(by_tier):
+        present = len(by_tier[tier])
+        if chosen:  # the merged file lands in some tier: this one counts it, if it is this one
+            lands = tier_of(sum(f.size for f in chosen), fan_in, tier_bytes)
+            if lands > tier:
+                continue  # it goes past this tier, whose files stay
+            if lands < tier:
+                break
+            present += 1
+        if present >= fan_in:
+            chosen.extend(by_tier[tier])
+        elif chosen:
+            break
+    return chosen
