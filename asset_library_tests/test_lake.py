@@ -42,6 +42,8 @@ from asset_library.lake.catalog import ATTRIBUTE_IMAGE_COLUMNS, LakeReadError
 from asset_library.lake.compaction import _bucket_files, _merge_buckets
 from asset_library.lake.merge import _merged_to
 from asset_library.lake.scan import lake_dataset
+from asset_library.lake.schemas import SORTED_BY_MD5
+from asset_library.lake.tiers import tier_of
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import IndexNotReady, SimilarityIndex
 from asset_library_tests.support.synthetic import random_md5s, write_keys
@@ -780,6 +782,129 @@ def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(
         "SELECT shard, count(*) AS n FROM attribute_occurrences GROUP BY shard ORDER BY shard"
     )
     assert found == [{"shard": "q-s00000", "n": 600}, {"shard": "q-s00001", "n": 1800}]
+
+
+def _paths(lake: Lake, table: str, bucket: int) -> set[str]:
+    """The live files of one bucket of a table, by the add actions' paths."""
+    actions = pa.table(lake.open(table).get_add_actions(flatten=True))
+    return {
+        path
+        for path, found in zip(
+            actions["path"].to_pylist(), actions["partition.bucket"].to_pylist(), strict=True
+        )
+        if found == bucket
+    }
+
+
+def _file_sizes(lake: Lake, table: str) -> dict[str, int]:
+    actions = pa.table(lake.open(table).get_add_actions(flatten=True))
+    return dict(zip(actions["path"].to_pylist(), actions["size_bytes"].to_pylist(), strict=True))
+
+
+def _each_file_sorted(lake: Lake, table: str, written: set[str]) -> None:
+    """Every live file of a table holds its rows by md5 (then as its writer sorts them, for the
+    files compaction wrote: ``written``), and the log's md5 bounds of each are its least and
+    greatest md5."""
+    declared = [c.strip() for c in SORTED_BY_MD5[table].split(",") if c.strip() != "bucket"]
+    actions = pa.table(lake.open(table).get_add_actions(flatten=True))
+    for path, low, high in zip(
+        *(actions[c].to_pylist() for c in ("path", "min.md5", "max.md5")), strict=True
+    ):
+        order = declared if path in written else ["md5"]
+        read = pq.read_table(Path(lake.uri(table)) / path, columns=order)
+        assert read.sort_by([(name, "ascending") for name in order]).equals(read), path
+        assert (low, high) == (min(read["md5"].to_pylist()), max(read["md5"].to_pylist()))
+
+
+def _rows(lake: Lake) -> dict[str, list[dict]]:
+    """Every table's rows, in one order (``image_counts``: its sum per md5)."""
+    found = {}
+    for name in SCHEMAS:
+        rows = lake.open(name).to_pyarrow_table().cast(SCHEMAS[name])
+        if name == "image_counts":
+            rows = rows.group_by("md5").aggregate([("occurrences", "sum")])
+            rows = rows.filter(pc.field("occurrences_sum") != 0)
+        found[name] = rows.sort_by([(c, "ascending") for c in rows.column_names]).to_pylist()
+    return found
+
+
+def test_compaction_merges_tiers_and_leaves_large_files_alone(tmp_path):
+    """One bucket, a large shard then small shards, compacted after each (fan-in 3): the small
+    files are merged once three are there, their merged files once three of those are, and
+    the large file is never rewritten (the whole-bucket rewrite read it every time); rows,
+    order, statistics, lookups and change feeds hold."""
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(31)
+    bucket = 5
+    pool = [m for m in random_md5s(rng, 16 * 800) if bucket_of(m, BUCKETS) == bucket]
+    large_md5s, small_md5s = pool[:500], pool[500:]
+    _land(layout, lake, "g-s00000", large_md5s)
+    (large,) = _paths(lake, "occurrences", bucket)
+    # tiers of 16 rows up: a shard's 20 rows are tier 1, three merged (60) tier 2, nine
+    # (180) tier 3, the large shard's 500 tier 4
+    policy = {"fan_in": 3, "tier_rows": 16}
+    assert [tier_of(n, **policy) for n in (20, 60, 180, 500)] == [1, 2, 3, 4]
+    merge_images(lake)
+    assert compact(lake, **policy)["occurrences"]["bytes_rewritten"] == 0
+    history: list[set[str]] = [_paths(lake, "occurrences", bucket)]
+    for n in range(1, 10):  # small shards 1..9, each compacted after it lands
+        _land(layout, lake, f"g-s{n:05d}", small_md5s[20 * (n - 1) : 20 * n], seed=n)
+        landed = _paths(lake, "occurrences", bucket)
+        if n % 3:  # fewer than three small files: nothing merged
+            assert compact(lake, **policy)["occurrences"]["bytes_rewritten"] == 0
+            history.append(_paths(lake, "occurrences", bucket))
+            assert history[-1] == landed and large in landed
+        else:
+            rows = _rows(lake)
+            files = {name: set(_file_sizes(lake, name)) for name in SORTED_BY_MD5}
+            done = compact(lake, **policy)["occurrences"]
+            history.append(_paths(lake, "occurrences", bucket))
+            assert large in history[-1]  # never read: its tier never fills
+            assert _rows(lake) == rows
+            for name in SORTED_BY_MD5:
+                _each_file_sorted(lake, name, set(_file_sizes(lake, name)) - files[name])
+            assert done["files_added"] == 1 and done["bytes_rewritten"] > 0
+            assert done["bytes_rewritten"] < _file_sizes(lake, "occurrences")[large]
+    # shard 3: tier 1 held three small files: merged into one (tier 2) ...
+    first = history[3] - history[2]
+    assert len(first) == 1 and history[3] == {large, *first}
+    # ... shard 6: three small files again, the first merged file untouched
+    assert first < history[6] and len(history[6]) == 3
+    # shard 9: three small ones, whose merged file makes tier 2's third: all merged into one
+    # of tier 3, the large file still untouched
+    assert len(history[9]) == 2 and not (first & history[9]) and large in history[9]
+    rows_of = pa.table(lake.open("occurrences").get_add_actions(flatten=True))
+    assert sorted(rows_of["num_records"].to_pylist()) == [180, 500]
+
+    # the merge reads the shards' commits among the compactions' and counts each image once
+    assert merge_images(lake).inserted == 9 * 20
+    _counts_are_true(Library(layout.root))
+    SimilarityIndex(layout).sync(lake)
+    library = Library(layout.root)
+    before = _rows(lake)
+    some = small_md5s[5]
+    looked = library.lookup(some)
+    versions = {name: lake.open(name).version() for name in ("occurrences", "images")}
+    # every file of every table stays sorted as its writer sorts it; a merge of every file
+    # (fan-in 1) changes no row, and neither merge nor index sees a change
+    files = {name: set(_file_sizes(lake, name)) for name in SORTED_BY_MD5}
+    compact(lake, fan_in=1)
+    assert _rows(lake) == before
+    library = Library(layout.root)
+    for name in SORTED_BY_MD5:
+        _each_file_sorted(lake, name, set(_file_sizes(lake, name)) - files[name])
+    assert library.lookup(some) == looked and looked["occurrences"] == 1
+    for name, version in versions.items():
+        table = lake.open(name)
+        assert read_changes(lake, table, version + 1, table.version(), ["md5"]).num_rows == 0
+    assert merge_images(lake).md5s == 0
+    synced = SimilarityIndex(layout).sync(lake)
+    assert synced.added == [] and synced.removed == [] and synced.images == 500 + 9 * 20
+    # the statistics of the files compaction wrote prune a lookup: to the row group of the
+    # md5, to no file for an md5 below the bucket's least
+    for name in ("occurrences", "attributes", "images"):
+        assert _md5_row_groups(lake, name, some) == (1, 1, 1)
+        assert _md5_row_groups(lake, name, "5" + "0" * 31)[2] == 0
 
 
 def test_rows_read_by_key_equal_the_rows_a_query_finds(tmp_path):

@@ -30,7 +30,7 @@ from asset_library.lake.schemas import INDEX_ORDER, PARTITIONS, SCHEMAS, SORTED_
 from asset_library.lake.table import Lake, is_outdated_index, parquet_options, parquet_row_group
 from asset_library.lake.tiers import (
     FAN_IN,
-    TIER_BYTES,
+    TIER_ROWS,
     DataFile,
     check_policy,
     files_to_merge,
@@ -50,15 +50,15 @@ def compact(
     retention_hours: int = VACUUM_RETENTION_HOURS,
     tables: Iterable[str] = tuple(SCHEMAS),
     fan_in: int = FAN_IN,
-    tier_bytes: int = TIER_BYTES,
+    tier_rows: int = TIER_ROWS,
 ) -> dict[str, dict[str, Any]]:
     """Merge each bucket's files by size tiers (:func:`.tiers.files_to_merge`: ``fan_in``
-    files of a tier into one, tier 0 under ``tier_bytes``), then vacuum files replaced more
+    files of a tier into one, tier 0 under ``tier_rows`` rows), then vacuum files replaced more
     than ``retention_hours`` ago. One commit per table for the merges (each bucket's merged
     file sorted as its writer sorts it), and two for a vacuum that removes files (its start
     and end). Metrics per table: files before and after, buckets merged, files added and
     removed, bytes rewritten (read) and written, and live files per tier after."""
-    check_policy(fan_in, tier_bytes)
+    check_policy(fan_in, tier_rows)
     done: dict[str, dict[str, Any]] = {}
     for name in tables:
         table = lake.open(name)
@@ -68,7 +68,7 @@ def compact(
         plan = {
             bucket: chosen
             for bucket, files in buckets.items()
-            if (chosen := files_to_merge(files, fan_in, tier_bytes))
+            if (chosen := files_to_merge(files, fan_in, tier_rows))
         }
         metrics: dict[str, Any] = {
             "files_before": sum(len(files) for files in buckets.values()),
@@ -92,7 +92,7 @@ def compact(
         tiers: dict[str, int] = {}
         for files in after.values():
             for found in files:
-                tier = str(tier_of(found.size, fan_in, tier_bytes))
+                tier = str(tier_of(found.rows, fan_in, tier_rows))
                 tiers[tier] = tiers.get(tier, 0) + 1
         metrics["files_per_tier"] = dict(sorted(tiers.items(), key=lambda item: int(item[0])))
         metrics["max_files_in_a_bucket"] = max((len(f) for f in after.values()), default=0)
@@ -106,12 +106,10 @@ def _bucket_files(table: DeltaTable, name: str) -> dict[int, list[DataFile]]:
     found: dict[int, list[DataFile]] = {}
     if not actions.num_rows:
         return found
-    column = actions[f"partition.{PARTITIONS[name]}"].to_pylist()
-    for path, size, bucket in zip(
-        actions["path"].to_pylist(), actions["size_bytes"].to_pylist(), column, strict=True
-    ):
+    listed = ("path", "num_records", "size_bytes", f"partition.{PARTITIONS[name]}")
+    for path, rows, size, bucket in zip(*(actions[c].to_pylist() for c in listed), strict=True):
         if bucket is not None:
-            found.setdefault(int(bucket), []).append(DataFile(path, int(size)))
+            found.setdefault(int(bucket), []).append(DataFile(path, int(rows or 0), int(size)))
     return found
 
 
