@@ -1184,3 +1184,10 @@ def test_a_batch_ingests_with_the_lake_on_s3(tmp_path, s3_env, s3_bucket, corpus
     rows = library.query("SELECT md5, occurrences FROM images")
     assert len(rows) == summary.ok
     assert rows[0]["md5"] in {r["md5"] for r in library.similar(rows[0]["md5"], max_distance=0)}
+    # compaction writes its merged files through the table's own store (S3 here)
+    lake = Lake.of(LibraryLayout.existing(tmp_path / "library"), env)
+    before, looked = _rows(lake), library.lookup(rows[0]["md5"])
+    done = compact(lake, fan_in=1)
+    assert done["occurrences"]["files_added"] == done["occurrences"]["buckets"] > 0
+    assert _rows(lake) == before
+    assert Library(tmp_path / "library").lookup(rows[0]["md5"]) == looked

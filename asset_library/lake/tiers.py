@@ -22,10 +22,12 @@ from dataclasses import dataclass
 
 #: Files of one tier that make it merge into one (and the size ratio between tiers).
 FAN_IN = 8
-#: Files of fewer rows are tier 0. A log scale's offset only: empty tiers cost nothing. A shard
-#: of 10M images writes ~39k occurrences rows to each of 256 buckets (tier 0); at a billion
-#: images a bucket's ~3.9M rows reach tier 3.
-TIER_ROWS = 1 << 16
+#: Files of fewer rows are tier 0: under one row group of the tables read by md5
+#: (``table.BY_MD5_ROW_GROUP``), where a file is mostly its footer. A log scale's offset only:
+#: empty tiers cost nothing, and a tier-0 merge rewrites at most ``fan_in`` times this. A shard
+#: of 10M images writes ~39k occurrences rows to each of 256 buckets (tier 2, of 32k-256k
+#: rows); a bucket of a billion images, ~3.9M rows, reaches tier 4 (2M-16M).
+TIER_ROWS = 4096
 
 
 @dataclass(frozen=True)
