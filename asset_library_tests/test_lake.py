@@ -35,6 +35,7 @@ from asset_library.lake import (
     is_outdated_index,
     merge_images,
     read_changes,
+    row_count,
     value_type_of,
     write_shard,
 )
@@ -591,8 +592,8 @@ def test_text_filters_reach_pyarrow_and_skip_row_groups(tmp_path):
         files, groups, kept = _md5_row_groups(lake, table, some)
         assert kept <= files < groups, (table, files, groups, kept)
     # compaction sorts each bucket's merged files again (images' in plain string): still
-    # pruned, same answers
-    compact(lake, fan_in=2)
+    # pruned, same answers (every bucket merged whole: fan-in 1)
+    compact(lake, fan_in=1)
     for table in ("images", "occurrences", "attributes"):
         files, groups, kept = _md5_row_groups(lake, table, some)
         assert files == 1 and kept == 1 < groups, (table, files, groups, kept)
@@ -769,6 +770,7 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path,
 
 
 def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(tmp_path):
+    """Compaction's commit removes the files it read: one removed meanwhile fails it."""
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(13)
     _land(layout, lake, "q-s00000", random_md5s(rng, 300))
@@ -782,6 +784,11 @@ def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(
         "SELECT shard, count(*) AS n FROM attribute_occurrences GROUP BY shard ORDER BY shard"
     )
     assert found == [{"shard": "q-s00000", "n": 600}, {"shard": "q-s00001", "n": 1800}]
+    # a shard that only adds files meanwhile does not conflict, and its rows stay
+    read = lake.open("attributes")
+    _land(layout, lake, "q-s00002", random_md5s(rng, 50))
+    _merge_buckets(read, "attributes", _bucket_files(read, "attributes"))
+    assert row_count(lake.open("attributes")) == (100 + 300 + 50) * 6
 
 
 def _paths(lake: Lake, table: str, bucket: int) -> set[str]:
@@ -1081,16 +1088,23 @@ def test_a_library_of_the_previous_layout_is_migrated(tmp_path, capsys):
 
 
 def test_the_scale_benchmark_runs():
+    """Both compaction policies, side by side: the same shards, each with its figures and its
+    ratios against shard 2."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+    arguments = ["--shards", "2", "--shard-size", "1000", "--buckets", "16"]
     done = subprocess.run(
-        [sys.executable, str(script), "--shards", "2", "--shard-size", "1000", "--buckets", "16"],
+        [sys.executable, str(script), *arguments, "--compaction", "both", "--fan-in", "2"],
         capture_output=True,
         text=True,
         timeout=600,
         check=True,
     )
-    last = json.loads(done.stdout.strip().splitlines()[-1])
-    assert last["first"]["images"] == 1000 and last["last"]["images"] == 1900
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    ends = [line for line in lines if "first" in line]
+    assert [(e["first"]["images"], e["last"]["images"]) for e in ends] == [(1000, 1900)] * 2
+    ratios = [line for line in lines if "compact_mb_rewritten" in line]
+    assert [r["shard"] for r in ratios] == [1, 2, 1, 2]
+    assert [r["compact_bytes_rewritten"] for r in ratios] == [0.0, 1.0] * 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -89,12 +90,10 @@ def compact(
         metrics["vacuumed_files"] = len(vacuumed)
         after = _bucket_files(table, name)
         metrics["files_after"] = sum(len(files) for files in after.values())
-        tiers: dict[str, int] = {}
-        for files in after.values():
-            for found in files:
-                tier = str(tier_of(found.rows, fan_in, tier_rows))
-                tiers[tier] = tiers.get(tier, 0) + 1
-        metrics["files_per_tier"] = dict(sorted(tiers.items(), key=lambda item: int(item[0])))
+        tiers = Counter(
+            tier_of(found.rows, fan_in, tier_rows) for files in after.values() for found in files
+        )
+        metrics["files_per_tier"] = {str(tier): tiers[tier] for tier in sorted(tiers)}
         metrics["max_files_in_a_bucket"] = max((len(f) for f in after.values()), default=0)
         done[name] = metrics
     return done
