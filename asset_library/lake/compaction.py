@@ -66,10 +66,10 @@ def compact(
         if table is None or is_outdated_index(name, table):  # rebuilt by the next write
             continue
         buckets = _bucket_files(table, name)
-        plan = {
+        plan: dict[int | None, list[DataFile]] = {
             bucket: chosen
             for bucket, files in buckets.items()
-            if (chosen := files_to_merge(files, fan_in, tier_rows))
+            if bucket is not None and (chosen := files_to_merge(files, fan_in, tier_rows))
         }
         metrics: dict[str, Any] = {
             "files_before": sum(len(files) for files in buckets.values()),
@@ -94,21 +94,24 @@ def compact(
             tier_of(found.rows, fan_in, tier_rows) for files in after.values() for found in files
         )
         metrics["files_per_tier"] = {str(tier): tiers[tier] for tier in sorted(tiers)}
-        metrics["max_files_in_a_bucket"] = max((len(f) for f in after.values()), default=0)
+        metrics["max_files_in_a_bucket"] = max(
+            (len(files) for bucket, files in after.items() if bucket is not None), default=0
+        )
         done[name] = metrics
     return done
 
 
-def _bucket_files(table: DeltaTable, name: str) -> dict[int, list[DataFile]]:
-    """The live files of each bucket (partition), from the log; files of no bucket left out."""
+def _bucket_files(table: DeltaTable, name: str) -> dict[int | None, list[DataFile]]:
+    """The live files of each bucket (partition), from the log; ``None``: files of no bucket
+    (rejects without an md5), which compaction leaves as they are."""
     actions = pa.table(table.get_add_actions(flatten=True))
-    found: dict[int, list[DataFile]] = {}
+    found: dict[int | None, list[DataFile]] = {}
     if not actions.num_rows:
         return found
     listed = ("path", "num_records", "size_bytes", f"partition.{PARTITIONS[name]}")
     for path, rows, size, bucket in zip(*(actions[c].to_pylist() for c in listed), strict=True):
-        if bucket is not None:
-            found.setdefault(int(bucket), []).append(DataFile(path, int(rows or 0), int(size)))
+        key = None if bucket is None else int(bucket)
+        found.setdefault(key, []).append(DataFile(path, int(rows or 0), int(size)))
     return found
 
 
@@ -122,7 +125,7 @@ _REWRITTEN = {
 }
 
 
-def _merge_buckets(table: DeltaTable, name: str, plan: dict[int, list[DataFile]]) -> dict:
+def _merge_buckets(table: DeltaTable, name: str, plan: dict[int | None, list[DataFile]]) -> dict:
     """Merge each bucket's chosen files into one new file, sorted as the table's writer sorts
     it (``image_counts`` summed per md5 too), and commit the new files and the removal of
     exactly the merged ones as one commit against the version read, so Delta's conflict
@@ -133,7 +136,8 @@ def _merge_buckets(table: DeltaTable, name: str, plan: dict[int, list[DataFile]]
     attribute's rows over most row groups' min/max ranges; a plain sort keeps one value in one
     or two row groups of the file. Files merged in one commit are written by pyarrow (delta-rs
     cannot write files without committing them), with the row groups, compression and
-    statistics of the table's writer."""
+    statistics of the table's writer. Files of no bucket (``None``) are left out."""
+    chosen = {bucket: files for bucket, files in plan.items() if bucket is not None}
     column = PARTITIONS[name]
     dataset = table.to_pyarrow_dataset()
     fragments = {fragment.path: fragment for fragment in dataset.get_fragments()}
@@ -143,7 +147,7 @@ def _merge_buckets(table: DeltaTable, name: str, plan: dict[int, list[DataFile]]
     actions: list[AddAction | RemoveAction] = []
     read = written = 0
     with duckdb.connect() as connection:
-        for bucket, files in sorted(plan.items()):  # one at a time: memory for one bucket
+        for bucket, files in sorted(chosen.items()):  # one at a time: one bucket's rows
             missing = [f.path for f in files if f.path not in fragments]
             if missing:
                 raise ValueError(f"{table.table_uri}: file {missing[0]} of the log is not read")
@@ -170,8 +174,8 @@ def _merge_buckets(table: DeltaTable, name: str, plan: dict[int, list[DataFile]]
     )
     table.update_incremental()
     return {
-        "files_added": len(plan),
-        "files_removed": sum(len(files) for files in plan.values()),
+        "files_added": len(chosen),
+        "files_removed": sum(len(files) for files in chosen.values()),
         "bytes_rewritten": read,
         "bytes_written": written,
     }
