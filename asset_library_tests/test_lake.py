@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -46,6 +48,7 @@ from asset_library.lake.scan import lake_dataset
 from asset_library.lake.schemas import SORTED_BY_MD5
 from asset_library.lake.tiers import tier_of
 from asset_library.layout import LibraryLayout
+from asset_library.serving import sync
 from asset_library.similarity import IndexNotReady, SimilarityIndex
 from asset_library_tests.support.synthetic import random_md5s, write_keys
 
@@ -835,11 +838,24 @@ def _rows(lake: Lake) -> dict[str, list[dict]]:
     return found
 
 
+def _store_rows(path: Path) -> dict[str, list[tuple]]:
+    """Every row of a serving store's tables but its bookkeeping (``meta``), in one order."""
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        names = [
+            row[0]
+            for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name <> 'meta'"
+            )
+        ]
+        return {n: sorted(connection.execute(f"SELECT * FROM {n}").fetchall()) for n in names}
+
+
 def test_compaction_merges_tiers_and_leaves_large_files_alone(tmp_path):
     """One bucket, a large shard then small shards, compacted after each (fan-in 3): the small
     files are merged once three are there, their merged files once three of those are, and
     the large file is never rewritten (the whole-bucket rewrite read it every time); rows,
-    order, statistics, lookups and change feeds hold."""
+    order, statistics, lookups and the change feeds' readers (the images merge, the serving
+    store, the similarity index) hold."""
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(31)
     bucket = 5
@@ -852,6 +868,7 @@ def test_compaction_merges_tiers_and_leaves_large_files_alone(tmp_path):
     policy = {"fan_in": 3, "tier_rows": 16}
     assert [tier_of(n, **policy) for n in (20, 60, 180, 500)] == [1, 2, 3, 4]
     merge_images(lake)
+    sync(lake, layout.serving_store_path)  # the serving store follows from here
     assert compact(lake, **policy)["occurrences"]["bytes_rewritten"] == 0
     history: list[set[str]] = [_paths(lake, "occurrences", bucket)]
     for n in range(1, 10):  # small shards 1..9, each compacted after it lands
@@ -886,6 +903,12 @@ def test_compaction_merges_tiers_and_leaves_large_files_alone(tmp_path):
     # the merge reads the shards' commits among the compactions' and counts each image once
     assert merge_images(lake).inserted == 9 * 20
     _counts_are_true(Library(layout.root))
+    # so does the serving store, from the change feeds: as a store built afresh
+    store = sync(lake, layout.serving_store_path)
+    assert not store.rebuilt and store.occurrences_changed == 9 * 20
+    fresh = tmp_path / "fresh.sqlite"
+    assert sync(lake, fresh).rebuilt
+    assert _store_rows(layout.serving_store_path) == _store_rows(fresh)
     SimilarityIndex(layout).sync(lake)
     library = Library(layout.root)
     before = _rows(lake)
@@ -897,6 +920,9 @@ def test_compaction_merges_tiers_and_leaves_large_files_alone(tmp_path):
     files = {name: set(_file_sizes(lake, name)) for name in SORTED_BY_MD5}
     compact(lake, fan_in=1)
     assert _rows(lake) == before
+    store = sync(lake, layout.serving_store_path)  # level again, with nothing to change
+    assert not store.rebuilt
+    assert (store.images_changed, store.occurrences_changed, store.attributes_changed) == (0, 0, 0)
     library = Library(layout.root)
     for name in SORTED_BY_MD5:
         _each_file_sorted(lake, name, set(_file_sizes(lake, name)) - files[name])
@@ -908,7 +934,7 @@ def test_compaction_merges_tiers_and_leaves_large_files_alone(tmp_path):
     synced = SimilarityIndex(layout).sync(lake)
     assert synced.added == [] and synced.removed == [] and synced.images == 500 + 9 * 20
     # the statistics of the files compaction wrote prune a lookup: to the row group of the
-    # md5, to no file for an md5 below the bucket's least
+    # md5, to none for an md5 below the bucket's least
     for name in ("occurrences", "attributes", "images"):
         assert _md5_row_groups(lake, name, some) == (1, 1, 1)
         assert _md5_row_groups(lake, name, "5" + "0" * 31)[2] == 0
