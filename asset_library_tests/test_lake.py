@@ -940,6 +940,14 @@ def test_compaction_merges_tiers_and_leaves_large_files_alone(tmp_path):
         assert _md5_row_groups(lake, name, "5" + "0" * 31)[2] == 0
 
 
+def test_a_compaction_policy_that_cannot_work_is_refused(tmp_path):
+    _, lake = _library(tmp_path / "library")
+    with pytest.raises(ValueError, match="fan_in 0: must be 1 or more"):
+        compact(lake, fan_in=0)
+    with pytest.raises(ValueError, match="tier_rows 0: must be a positive number of rows"):
+        compact(lake, tier_rows=0)
+
+
 def test_rows_read_by_key_equal_the_rows_a_query_finds(tmp_path):
     """The key reader (md5 column first, cached footers) against a plain SQL filter, over
     several shards' files per bucket, a repeated md5 and a missing one."""

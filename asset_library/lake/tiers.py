@@ -3,10 +3,10 @@
 A file's tier is a step of a log scale of its size in rows (the log's exact count: a merge of
 files holds their sum, where bytes shrink or grow with compression and each file's footer):
 tier 0 under ``tier_rows``, tier ``t`` from ``tier_rows * fan_in ** (t - 1)`` up to ``fan_in``
-times that. A shard's commit adds
-small files; once a tier holds ``fan_in`` files they are merged into one, about ``fan_in``
-times as large, so it lands a tier up, where it may complete that tier in turn (planned in
-the same pass: each bucket is rewritten at most once per compaction). Files of higher tiers are
+times that. A shard's commit adds small files; once a tier holds ``fan_in`` files they are
+merged into one, about ``fan_in`` times as large, so it lands a tier up, where it may complete
+that tier in turn (planned in the same pass: each bucket is rewritten at most once per
+compaction). Files of higher tiers are
 left alone until their own tier fills. A row is thus rewritten about once per tier it climbs,
 ``log_fan_in(bucket / shard file)`` times in its life, and a bucket holds at most
 ``fan_in - 1`` files per tier between compactions.
