@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -35,14 +37,18 @@ from asset_library.lake import (
     is_outdated_index,
     merge_images,
     read_changes,
+    row_count,
     value_type_of,
     write_shard,
 )
 from asset_library.lake.catalog import ATTRIBUTE_IMAGE_COLUMNS, LakeReadError
-from asset_library.lake.compaction import _sort_buckets
+from asset_library.lake.compaction import _bucket_files, _merge_buckets
 from asset_library.lake.merge import _merged_to
 from asset_library.lake.scan import lake_dataset
+from asset_library.lake.schemas import SORTED_BY_MD5
+from asset_library.lake.tiers import tier_of
 from asset_library.layout import LibraryLayout
+from asset_library.serving import sync
 from asset_library.similarity import IndexNotReady, SimilarityIndex
 from asset_library_tests.support.synthetic import random_md5s, write_keys
 
@@ -203,7 +209,7 @@ def test_a_replaced_shard_changes_exactly_its_counts_before_any_vacuum(tmp_path)
     # the rewritten images files, holds each image once still
     before = library.query(COUNTS)[0]
     versions = {t: DeltaTable(lake.uri(t)).version() for t in ("occurrences", "images")}
-    compact(lake, min_files=2)
+    compact(lake, fan_in=2)
     assert library.query(COUNTS)[0] == before
     # its sorted rewrite changes no row: the change feed the merge and the index read skips it
     moved = [name for name, version in versions.items()
@@ -289,7 +295,7 @@ def test_repeats_append_counts_and_rewrite_no_images_file(tmp_path):
     assert library.lookup(second[140]) is None
     assert library.lookup(second[110])["occurrences"] == 1
     # compaction sums image_counts per md5 and keeps every count
-    compact(lake, min_files=1)
+    compact(lake, fan_in=1)
     summed = DeltaTable(lake.uri("image_counts")).to_pyarrow_table()
     assert summed.num_rows == len(set(summed["md5"].to_pylist()))
     _counts_are_true(Library(layout.root))
@@ -305,7 +311,7 @@ def test_the_change_feed_skips_rewrites_by_their_true_version(tmp_path):
     _land(layout, lake, "v-s00001", random_md5s(rng, 100), seed=1)
     stale = DeltaTable(lake.uri("occurrences"))
     shard_version = stale.version()
-    compact(lake, min_files=2)  # rewrites occurrences' buckets: the next version
+    compact(lake, fan_in=2)  # rewrites occurrences' buckets: the next version
     assert DeltaTable(lake.uri("occurrences")).version() == shard_version + 1
     inserted = read_changes(lake, stale, shard_version, shard_version, ["md5"])
     assert inserted.num_rows == 100
@@ -478,7 +484,7 @@ def test_lookup_reads_one_bucket_and_a_damaged_bucket_breaks_only_itself(tmp_pat
     md5s = random_md5s(np.random.default_rng(6), 400)
     _land(layout, lake, "d-s00000", md5s)
     _refresh(layout, lake)
-    compact(lake, min_files=2)
+    compact(lake, fan_in=2)
     library = Library(layout.root)
     target = md5s[0]
     damaged_bucket = (bucket_of(target, BUCKETS) + 1) % BUCKETS
@@ -589,8 +595,8 @@ def test_text_filters_reach_pyarrow_and_skip_row_groups(tmp_path):
         files, groups, kept = _md5_row_groups(lake, table, some)
         assert kept <= files < groups, (table, files, groups, kept)
     # compaction sorts each bucket's merged files again (images' in plain string): still
-    # pruned, same answers
-    compact(lake, min_files=2)
+    # pruned, same answers (every bucket merged whole: fan-in 1)
+    compact(lake, fan_in=1)
     for table in ("images", "occurrences", "attributes"):
         files, groups, kept = _md5_row_groups(lake, table, some)
         assert files == 1 and kept == 1 < groups, (table, files, groups, kept)
@@ -744,7 +750,7 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path,
     assert covered == _expected_with_value(library, "label", "cat")
     _outdate_index(lake)
     assert Library(layout.root).query(rows) == covered
-    compact(lake, min_files=1)  # leaves it to the next write to rebuild, and answers the same
+    compact(lake, fan_in=1)  # leaves it to the next write to rebuild, and answers the same
     assert is_outdated_index("attribute_index", lake.open("attribute_index"))
     assert Library(layout.root).query(rows) == covered
     _land(layout, lake, "i-s00002", random_md5s(rng, 100), seed=6)
@@ -767,18 +773,179 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path,
 
 
 def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(tmp_path):
+    """Compaction's commit removes the files it read: one removed meanwhile fails it."""
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(13)
     _land(layout, lake, "q-s00000", random_md5s(rng, 300))
     _land(layout, lake, "q-s00001", random_md5s(rng, 300))
     read = lake.open("attributes")  # what the compaction read
     _land(layout, lake, "q-s00000", random_md5s(rng, 100))  # the shard replaced meanwhile
+    plan = _bucket_files(read, "attributes")
     with pytest.raises(CommitFailedError):  # it removed files the sort would rewrite
-        _sort_buckets(read, list(range(BUCKETS)))
+        _merge_buckets(read, "attributes", plan)
     found = Library(layout.root).query(
         "SELECT shard, count(*) AS n FROM attribute_occurrences GROUP BY shard ORDER BY shard"
     )
     assert found == [{"shard": "q-s00000", "n": 600}, {"shard": "q-s00001", "n": 1800}]
+    # a shard that only adds files meanwhile does not conflict, and its rows stay
+    read = lake.open("attributes")
+    _land(layout, lake, "q-s00002", random_md5s(rng, 50))
+    _merge_buckets(read, "attributes", _bucket_files(read, "attributes"))
+    assert row_count(lake.open("attributes")) == (100 + 300 + 50) * 6
+
+
+def _paths(lake: Lake, table: str, bucket: int) -> set[str]:
+    """The live files of one bucket of a table, by the add actions' paths."""
+    actions = pa.table(lake.open(table).get_add_actions(flatten=True))
+    return {
+        path
+        for path, found in zip(
+            actions["path"].to_pylist(), actions["partition.bucket"].to_pylist(), strict=True
+        )
+        if found == bucket
+    }
+
+
+def _file_sizes(lake: Lake, table: str) -> dict[str, int]:
+    actions = pa.table(lake.open(table).get_add_actions(flatten=True))
+    return dict(zip(actions["path"].to_pylist(), actions["size_bytes"].to_pylist(), strict=True))
+
+
+def _each_file_sorted(lake: Lake, table: str, written: set[str]) -> None:
+    """Every live file of a table holds its rows by md5 (then as its writer sorts them, for the
+    files compaction wrote: ``written``), and the log's md5 bounds of each are its least and
+    greatest md5."""
+    declared = [c.strip() for c in SORTED_BY_MD5[table].split(",") if c.strip() != "bucket"]
+    actions = pa.table(lake.open(table).get_add_actions(flatten=True))
+    for path, low, high in zip(
+        *(actions[c].to_pylist() for c in ("path", "min.md5", "max.md5")), strict=True
+    ):
+        order = declared if path in written else ["md5"]
+        read = pq.read_table(Path(lake.uri(table)) / path, columns=order)
+        assert read.sort_by([(name, "ascending") for name in order]).equals(read), path
+        assert (low, high) == (min(read["md5"].to_pylist()), max(read["md5"].to_pylist()))
+
+
+def _rows(lake: Lake) -> dict[str, list[dict]]:
+    """Every table's rows, in one order (``image_counts``: its sum per md5)."""
+    found = {}
+    for name in SCHEMAS:
+        rows = lake.open(name).to_pyarrow_table().cast(SCHEMAS[name])
+        if name == "image_counts":
+            rows = rows.group_by("md5").aggregate([("occurrences", "sum")])
+            rows = rows.filter(pc.field("occurrences_sum") != 0)
+        found[name] = rows.sort_by([(c, "ascending") for c in rows.column_names]).to_pylist()
+    return found
+
+
+def _store_rows(path: Path) -> dict[str, list[tuple]]:
+    """Every row of a serving store's tables but its bookkeeping (``meta``), in one order."""
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        names = [
+            row[0]
+            for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name <> 'meta'"
+            )
+        ]
+        return {n: sorted(connection.execute(f"SELECT * FROM {n}").fetchall()) for n in names}
+
+
+def test_compaction_merges_tiers_and_leaves_large_files_alone(tmp_path):
+    """One bucket, a large shard then small shards, compacted after each (fan-in 3): the small
+    files are merged once three are there, their merged files once three of those are, and
+    the large file is never rewritten (the whole-bucket rewrite read it every time); rows,
+    order, statistics, lookups and the change feeds' readers (the images merge, the serving
+    store, the similarity index) hold."""
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(31)
+    bucket = 5
+    pool = [m for m in random_md5s(rng, 16 * 800) if bucket_of(m, BUCKETS) == bucket]
+    large_md5s, small_md5s = pool[:500], pool[500:]
+    _land(layout, lake, "g-s00000", large_md5s)
+    (large,) = _paths(lake, "occurrences", bucket)
+    # tiers of 16 rows up: a shard's 20 rows are tier 1, three merged (60) tier 2, nine
+    # (180) tier 3, the large shard's 500 tier 4
+    policy = {"fan_in": 3, "tier_rows": 16}
+    assert [tier_of(n, **policy) for n in (20, 60, 180, 500)] == [1, 2, 3, 4]
+    merge_images(lake)
+    sync(lake, layout.serving_store_path)  # the serving store follows from here
+    assert compact(lake, **policy)["occurrences"]["bytes_rewritten"] == 0
+    history: list[set[str]] = [_paths(lake, "occurrences", bucket)]
+    for n in range(1, 10):  # small shards 1..9, each compacted after it lands
+        _land(layout, lake, f"g-s{n:05d}", small_md5s[20 * (n - 1) : 20 * n], seed=n)
+        landed = _paths(lake, "occurrences", bucket)
+        if n % 3:  # fewer than three small files: nothing merged
+            assert compact(lake, **policy)["occurrences"]["bytes_rewritten"] == 0
+            history.append(_paths(lake, "occurrences", bucket))
+            assert history[-1] == landed and large in landed
+        else:
+            rows = _rows(lake)
+            files = {name: set(_file_sizes(lake, name)) for name in SORTED_BY_MD5}
+            done = compact(lake, **policy)["occurrences"]
+            history.append(_paths(lake, "occurrences", bucket))
+            assert large in history[-1]  # never read: its tier never fills
+            assert _rows(lake) == rows
+            for name in SORTED_BY_MD5:
+                _each_file_sorted(lake, name, set(_file_sizes(lake, name)) - files[name])
+            assert done["files_added"] == 1 and done["bytes_rewritten"] > 0
+            assert done["bytes_rewritten"] < _file_sizes(lake, "occurrences")[large]
+    # shard 3: tier 1 held three small files: merged into one (tier 2) ...
+    first = history[3] - history[2]
+    assert len(first) == 1 and history[3] == {large, *first}
+    # ... shard 6: three small files again, the first merged file untouched
+    assert first < history[6] and len(history[6]) == 3
+    # shard 9: three small ones, whose merged file makes tier 2's third: all merged into one
+    # of tier 3, the large file still untouched
+    assert len(history[9]) == 2 and not (first & history[9]) and large in history[9]
+    rows_of = pa.table(lake.open("occurrences").get_add_actions(flatten=True))
+    assert sorted(rows_of["num_records"].to_pylist()) == [180, 500]
+
+    # the merge reads the shards' commits among the compactions' and counts each image once
+    assert merge_images(lake).inserted == 9 * 20
+    _counts_are_true(Library(layout.root))
+    # so does the serving store, from the change feeds: as a store built afresh
+    store = sync(lake, layout.serving_store_path)
+    assert not store.rebuilt and store.occurrences_changed == 9 * 20
+    fresh = tmp_path / "fresh.sqlite"
+    assert sync(lake, fresh).rebuilt
+    assert _store_rows(layout.serving_store_path) == _store_rows(fresh)
+    SimilarityIndex(layout).sync(lake)
+    library = Library(layout.root)
+    before = _rows(lake)
+    some = small_md5s[5]
+    looked = library.lookup(some)
+    versions = {name: lake.open(name).version() for name in ("occurrences", "images")}
+    # every file of every table stays sorted as its writer sorts it; a merge of every file
+    # (fan-in 1) changes no row, and neither merge nor index sees a change
+    files = {name: set(_file_sizes(lake, name)) for name in SORTED_BY_MD5}
+    compact(lake, fan_in=1)
+    assert _rows(lake) == before
+    store = sync(lake, layout.serving_store_path)  # level again, with nothing to change
+    assert not store.rebuilt
+    assert (store.images_changed, store.occurrences_changed, store.attributes_changed) == (0, 0, 0)
+    library = Library(layout.root)
+    for name in SORTED_BY_MD5:
+        _each_file_sorted(lake, name, set(_file_sizes(lake, name)) - files[name])
+    assert library.lookup(some) == looked and looked["occurrences"] == 1
+    for name, version in versions.items():
+        table = lake.open(name)
+        assert read_changes(lake, table, version + 1, table.version(), ["md5"]).num_rows == 0
+    assert merge_images(lake).md5s == 0
+    synced = SimilarityIndex(layout).sync(lake)
+    assert synced.added == [] and synced.removed == [] and synced.images == 500 + 9 * 20
+    # the statistics of the files compaction wrote prune a lookup: to the row group of the
+    # md5, to none for an md5 below the bucket's least
+    for name in ("occurrences", "attributes", "images"):
+        assert _md5_row_groups(lake, name, some) == (1, 1, 1)
+        assert _md5_row_groups(lake, name, "5" + "0" * 31)[2] == 0
+
+
+def test_a_compaction_policy_that_cannot_work_is_refused(tmp_path):
+    _, lake = _library(tmp_path / "library")
+    with pytest.raises(ValueError, match="fan_in 0: must be 1 or more"):
+        compact(lake, fan_in=0)
+    with pytest.raises(ValueError, match="tier_rows 0: must be a positive number of rows"):
+        compact(lake, tier_rows=0)
 
 
 def test_rows_read_by_key_equal_the_rows_a_query_finds(tmp_path):
@@ -955,16 +1122,23 @@ def test_a_library_of_the_previous_layout_is_migrated(tmp_path, capsys):
 
 
 def test_the_scale_benchmark_runs():
+    """Both compaction policies, side by side: the same shards, each with its figures and its
+    ratios against shard 2."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+    arguments = ["--shards", "2", "--shard-size", "1000", "--buckets", "16"]
     done = subprocess.run(
-        [sys.executable, str(script), "--shards", "2", "--shard-size", "1000", "--buckets", "16"],
+        [sys.executable, str(script), *arguments, "--compaction", "both", "--fan-in", "2"],
         capture_output=True,
         text=True,
         timeout=600,
         check=True,
     )
-    last = json.loads(done.stdout.strip().splitlines()[-1])
-    assert last["first"]["images"] == 1000 and last["last"]["images"] == 1900
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    ends = [line for line in lines if "first" in line]
+    assert [(e["first"]["images"], e["last"]["images"]) for e in ends] == [(1000, 1900)] * 2
+    ratios = [line for line in lines if "compact_mb_rewritten" in line]
+    assert [r["shard"] for r in ratios] == [1, 2, 1, 2]
+    assert [r["compact_bytes_rewritten"] for r in ratios] == [0.0, 1.0] * 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -1058,3 +1232,10 @@ def test_a_batch_ingests_with_the_lake_on_s3(tmp_path, s3_env, s3_bucket, corpus
     rows = library.query("SELECT md5, occurrences FROM images")
     assert len(rows) == summary.ok
     assert rows[0]["md5"] in {r["md5"] for r in library.similar(rows[0]["md5"], max_distance=0)}
+    # compaction writes its merged files through the table's own store (S3 here)
+    lake = Lake.of(LibraryLayout.existing(tmp_path / "library"), env)
+    before, looked = _rows(lake), library.lookup(rows[0]["md5"])
+    done = compact(lake, fan_in=1)
+    assert done["occurrences"]["files_added"] == done["occurrences"]["buckets"] > 0
+    assert _rows(lake) == before
+    assert Library(tmp_path / "library").lookup(rows[0]["md5"]) == looked

@@ -134,7 +134,7 @@ def test_merges_with_the_cache_agree_with_the_table_and_never_trust_a_stale_one(
     _counts_are_true(Library(layout.root))
     # a compaction rewrites rows as they were and its vacuum removes the files it replaced:
     # neither changes a row, so the cache stays level and answers alone
-    compact(lake, min_files=1, retention_hours=0)
+    compact(lake, fan_in=1, retention_hours=0)
     operations = {h["operation"] for h in lake.open("images").history(3)}
     assert operations == {"WRITE", "VACUUM START", "VACUUM END"}
     fourth = third[:20] + random_md5s(rng, 30)
@@ -186,7 +186,7 @@ def test_a_lake_restored_from_a_copy_is_not_trusted(tmp_path):
     cached = _manifest(lake)["version"]
     shutil.rmtree(lake.location)
     shutil.copytree(tmp_path / "backup", lake.location)
-    compact(lake, min_files=1)
+    compact(lake, fan_in=1)
     assert lake.open("images").version() == cached
     _land(layout, lake, "r-s00001", b)
     merged = merge_images(lake)

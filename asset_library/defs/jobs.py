@@ -33,7 +33,7 @@ compact_library_job = dg.define_asset_job(
     "compact_library",
     selection=["lake_compaction"],
     tags=SERIAL_TAGS,
-    description="Compact every table to about one file per bucket and vacuum replaced files.",
+    description="Compact every table's buckets by size tiers and vacuum replaced files.",
 )
 
 audit_library_job = dg.define_asset_job(

@@ -3,9 +3,10 @@
 One module per concern, each importing only those listed before it: :mod:`.keyset` (the
 merge's cache of the md5s ``images`` holds), :mod:`.schemas` (what the tables hold),
 :mod:`.table` (the :class:`Lake` handle), :mod:`.scan` (a table as a pyarrow dataset),
-:mod:`.shard_writes` (a shard's rows), :mod:`.compaction` (maintenance), :mod:`.merge` (the
-``images`` merge), :mod:`.recount` (its audit and repair) and :mod:`.catalog` (the DuckDB views
-and macros). Callers import the public names from here.
+:mod:`.shard_writes` (a shard's rows), :mod:`.tiers` (which files compaction merges),
+:mod:`.compaction` (maintenance), :mod:`.merge` (the ``images`` merge), :mod:`.recount` (its
+audit and repair) and :mod:`.catalog` (the DuckDB views and macros). Callers import the
+public names from here.
 """
 
 from asset_library.lake.catalog import MACROS, NEAR_DUPLICATES_SCHEMA, VIEWS, Catalog

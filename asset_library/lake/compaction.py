@@ -1,22 +1,42 @@
 """Maintenance: compaction and vacuum, and what the tables' files weigh.
 
-A shard's commit adds files to every bucket it touches; :func:`compact` rewrites a crowded
-bucket as one file, sorted as its writer sorts it (its commit marked :data:`REWRITE_MARK`, so the
-merge and the similarity index skip it as a change), then vacuums files replaced long enough ago.
+A shard's commit adds files to every bucket it touches; :func:`compact` merges them by size
+tiers (:mod:`.tiers`): the small files of a bucket once they are ``fan_in``, a tier's files
+once it holds ``fan_in``, never the large files of a tier that is not full. So a shard's
+compaction costs about its own bytes once per tier, not the library. A merged file is sorted as
+its writer sorts it; its commit, marked :data:`REWRITE_MARK`, removes exactly the files it
+merged, so the merge and the similarity index skip it as a change. Then files replaced long
+enough ago are vacuumed.
 """
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable
+from deltalake.transaction import AddAction, RemoveAction
 
 from asset_library.lake.schemas import INDEX_ORDER, PARTITIONS, SCHEMAS, SORTED_BY_MD5
-from asset_library.lake.table import Lake, is_outdated_index, writer_options
+from asset_library.lake.table import Lake, is_outdated_index, parquet_options, parquet_row_group
+from asset_library.lake.tiers import (
+    FAN_IN,
+    TIER_ROWS,
+    DataFile,
+    check_policy,
+    files_to_merge,
+    tier_of,
+)
 
 #: Default vacuum retention: files replaced longer ago than this are deleted by compaction.
 #: Delta's own default (7 days): a reader or a time-travel query older than this may fail.
@@ -30,36 +50,37 @@ def compact(
     *,
     retention_hours: int = VACUUM_RETENTION_HOURS,
     tables: Iterable[str] = tuple(SCHEMAS),
-    min_files: int = 8,
+    fan_in: int = FAN_IN,
+    tier_rows: int = TIER_ROWS,
 ) -> dict[str, dict[str, Any]]:
-    """Compact every bucket with ``min_files`` or more files (default 8: amortised, so a
-    shard does not rewrite the whole library) into one, then vacuum files
-    replaced more than ``retention_hours`` ago. One commit per table for the rewrite (an
-    optimize, or for the tables read by key or value a rewrite of those buckets sorted as
-    their writers sort them), and two for a vacuum that removes files (its start and end)."""
+    """Merge each bucket's files by size tiers (:func:`.tiers.files_to_merge`: ``fan_in``
+    files of a tier into one, tier 0 under ``tier_rows`` rows), then vacuum files replaced more
+    than ``retention_hours`` ago. One commit per table for the merges (each bucket's merged
+    file sorted as its writer sorts it), and two for a vacuum that removes files (its start
+    and end). Metrics per table: files before and after, buckets merged, files added and
+    removed, bytes rewritten (read) and written, and live files per tier after."""
+    check_policy(fan_in, tier_rows)
     done: dict[str, dict[str, Any]] = {}
     for name in tables:
         table = lake.open(name)
         if table is None or is_outdated_index(name, table):  # rebuilt by the next write
             continue
-        files = table.get_add_actions(flatten=True)
-        column = PARTITIONS[name]
-        buckets: dict[str, int] = {}
-        for value in pa.table(files)[f"partition.{column}"].to_pylist():
-            key = "__null__" if value is None else str(value)
-            buckets[key] = buckets.get(key, 0) + 1
-        crowded = sorted(b for b, n in buckets.items() if n >= min_files and b != "__null__")
-        metrics: dict[str, Any] = {"files_before": sum(buckets.values()), "buckets": len(crowded)}
-        if crowded:
-            if name in _REWRITTEN:  # merged and sorted again, so its files stay pruned
-                result = _sort_buckets(table, [int(b) for b in crowded], name)
-            else:
-                result = table.optimize.compact(
-                    partition_filters=[(column, "in", crowded)], target_size=512 << 20
-                )
-            metrics.update(
-                files_added=result.get("numFilesAdded"), files_removed=result.get("numFilesRemoved")
-            )
+        buckets = _bucket_files(table, name)
+        plan: dict[int | None, list[DataFile]] = {
+            bucket: chosen
+            for bucket, files in buckets.items()
+            if bucket is not None and (chosen := files_to_merge(files, fan_in, tier_rows))
+        }
+        metrics: dict[str, Any] = {
+            "files_before": sum(len(files) for files in buckets.values()),
+            "buckets": len(plan),
+            "files_added": 0,
+            "files_removed": 0,
+            "bytes_rewritten": 0,
+            "bytes_written": 0,
+        }
+        if plan:
+            metrics.update(_merge_buckets(table, name, plan))
         vacuumed = table.vacuum(
             retention_hours=retention_hours,
             dry_run=False,
@@ -67,56 +88,172 @@ def compact(
         )
         table.update_incremental()
         metrics["vacuumed_files"] = len(vacuumed)
-        metrics["files_after"] = len(table.file_uris())
+        after = _bucket_files(table, name)
+        metrics["files_after"] = sum(len(files) for files in after.values())
+        tiers = Counter(
+            tier_of(found.rows, fan_in, tier_rows) for files in after.values() for found in files
+        )
+        metrics["files_per_tier"] = {str(tier): tiers[tier] for tier in sorted(tiers)}
+        metrics["max_files_in_a_bucket"] = max(
+            (len(files) for bucket, files in after.items() if bucket is not None), default=0
+        )
         done[name] = metrics
     return done
 
 
-#: How compaction rewrites a crowded bucket of these tables (others: ``optimize.compact``).
+def _bucket_files(table: DeltaTable, name: str) -> dict[int | None, list[DataFile]]:
+    """The live files of each bucket (partition), from the log; ``None``: files of no bucket
+    (rejects without an md5), which compaction leaves as they are."""
+    actions = pa.table(table.get_add_actions(flatten=True))
+    found: dict[int | None, list[DataFile]] = {}
+    if not actions.num_rows:
+        return found
+    listed = ("path", "num_records", "size_bytes", f"partition.{PARTITIONS[name]}")
+    for path, rows, size, bucket in zip(*(actions[c].to_pylist() for c in listed), strict=True):
+        key = None if bucket is None else int(bucket)
+        found.setdefault(key, []).append(DataFile(path, int(rows or 0), int(size)))
+    return found
+
+
+#: How compaction merges a bucket's files of each table: sorted as its writer sorts them.
 _REWRITTEN = {
     **{name: f"SELECT * FROM rows ORDER BY {order}" for name, order in SORTED_BY_MD5.items()},
     "attribute_index": f"SELECT * FROM rows ORDER BY {INDEX_ORDER}",
     "image_counts": "SELECT md5, sum(occurrences)::BIGINT AS occurrences, bucket FROM rows "
     "GROUP BY bucket, md5 HAVING sum(occurrences) <> 0 ORDER BY bucket, md5",
+    "rejects": "SELECT * FROM rows",  # read whole, by shard: kept in the order they came
 }
 
 
-def _sort_buckets(table: DeltaTable, buckets: list[int], name: str = "attributes") -> dict:
-    """Rewrite a table's files of these buckets as one file per bucket, sorted as its writer
-    sorts them (``image_counts`` summed per md5 too): one overwrite commit restricted to those
-    buckets, made against the version read, so Delta's conflict check covers it.
+def _merge_buckets(table: DeltaTable, name: str, plan: dict[int | None, list[DataFile]]) -> dict:
+    """Merge each bucket's chosen files into one new file, sorted as the table's writer sorts
+    it (``image_counts`` summed per md5 too), and commit the new files and the removal of
+    exactly the merged ones as one commit against the version read, so Delta's conflict
+    check fails it if a writer removed one of them meanwhile (a shard replaced).
 
     delta-rs's ``optimize.compact`` would keep each file's rows in file order (one sorted run
     per merged file, each matching a filter somewhere) and ``optimize.z_order`` spreads an
     attribute's rows over most row groups' min/max ranges; a plain sort keeps one value in one
-    or two row groups of the file."""
-    listed = ", ".join(str(b) for b in buckets)
+    or two row groups of the file. Files merged in one commit are written by pyarrow (delta-rs
+    cannot write files without committing them), with the row groups, compression and
+    statistics of the table's writer. Files of no bucket (``None``) are left out."""
+    chosen = {bucket: files for bucket, files in plan.items() if bucket is not None}
     column = PARTITIONS[name]
     dataset = table.to_pyarrow_dataset()
-
-    def sorted_rows(connection: duckdb.DuckDBPyConnection) -> Iterator[pa.RecordBatch]:
-        for bucket in buckets:  # one at a time: memory for one bucket's rows, not all
-            rows = dataset.scanner(filter=pc.field(column) == bucket).to_reader()
-            connection.register("rows", rows)
-            yield from connection.sql(_REWRITTEN[name]).to_arrow_reader(200_000).cast(SCHEMAS[name])
-
+    fragments = {fragment.path: fragment for fragment in dataset.get_fragments()}
+    schema = SCHEMAS[name]
+    stored = pa.schema([field for field in schema if field.name != column])
+    now = int(time.time() * 1000)
+    actions: list[AddAction | RemoveAction] = []
+    read = written = 0
     with duckdb.connect() as connection:
-        write_deltalake(
-            table,
-            pa.RecordBatchReader.from_batches(SCHEMAS[name], sorted_rows(connection)),
-            mode="overwrite",
-            predicate=f"{column} IN ({listed})",
-            partition_by=[column],
-            target_file_size=512 << 20,
-            **writer_options(name),
-            commit_properties=CommitProperties(custom_metadata=REWRITE_MARK),
-        )
+        for bucket, files in sorted(chosen.items()):  # one at a time: one bucket's rows
+            missing = [f.path for f in files if f.path not in fragments]
+            if missing:
+                raise ValueError(f"{table.table_uri}: file {missing[0]} of the log is not read")
+            merged = pds.FileSystemDataset(
+                [fragments[f.path] for f in files], dataset.schema, dataset.format,
+                dataset.filesystem,
+            )  # fmt: skip
+            connection.register("rows", merged.scanner().to_reader())
+            rows = connection.sql(_REWRITTEN[name]).to_arrow_reader(200_000).cast(schema)
+            path = f"{column}={bucket}/part-00000-{uuid.uuid4()}-c000.parquet"
+            stats = _write_file(rows, stored, dataset.filesystem, path, name)
+            info = dataset.filesystem.get_file_info(path)
+            values: dict[str, str | None] = {column: str(bucket)}
+            actions.append(AddAction(path, int(info.size), values, now, False, stats))
+            actions.extend(RemoveAction(f.path, False, now, f.size, values) for f in files)
+            read += sum(f.size for f in files)
+            written += int(info.size)
+    table.create_write_transaction(
+        actions,
+        mode="append",
+        schema=schema,
+        partition_by=[column],
+        commit_properties=CommitProperties(custom_metadata=REWRITE_MARK),
+    )
     table.update_incremental()
-    metrics = table.history(1)[0].get("operationMetrics", {})
     return {
-        "numFilesAdded": metrics.get("num_added_files"),
-        "numFilesRemoved": metrics.get("num_removed_files"),
+        "files_added": len(chosen),
+        "files_removed": sum(len(files) for files in chosen.values()),
+        "bytes_rewritten": read,
+        "bytes_written": written,
     }
+
+
+def _write_file(
+    rows: pa.RecordBatchReader, stored: pa.Schema, filesystem: Any, path: str, name: str
+) -> str:
+    """Write ``rows`` (less the partition column) as one Parquet file at ``path`` of the
+    table's store; its Delta statistics (JSON) as delta-rs would record them."""
+    stats = _Stats(stored)
+    with pq.ParquetWriter(path, stored, filesystem=filesystem, **parquet_options(name)) as out:
+        for batch in _batches(rows, stored):
+            stats.add(batch)
+            out.write_batch(batch, row_group_size=parquet_row_group(name))
+    return stats.json()
+
+
+def _batches(rows: pa.RecordBatchReader, stored: pa.Schema) -> Iterator[pa.RecordBatch]:
+    for batch in rows:
+        if batch.num_rows:
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(field.name) for field in stored], schema=stored
+            )
+
+
+class _Stats:
+    """A file's Delta statistics: rows, and per column its least and greatest value and its
+    nulls. Timestamps to the millisecond as Delta records them (the greatest rounded up, so it
+    bounds the column still); columns of other types get no bounds (never pruned, never wrong)."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.rows = 0
+        self.nulls = {field.name: 0 for field in schema}
+        self.least: dict[str, Any] = {}
+        self.greatest: dict[str, Any] = {}
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.rows += batch.num_rows
+        for field in self.schema:
+            values = batch.column(field.name)
+            self.nulls[field.name] += values.null_count
+            if not _bounded(field.type) or values.null_count == len(values):
+                continue
+            found = pc.min_max(values).as_py()
+            low, high = found["min"], found["max"]
+            if field.name not in self.least or low < self.least[field.name]:
+                self.least[field.name] = low
+            if field.name not in self.greatest or high > self.greatest[field.name]:
+                self.greatest[field.name] = high
+
+    def json(self) -> str:
+        return json.dumps(
+            {
+                "numRecords": self.rows,
+                "minValues": {k: _stat(v, up=False) for k, v in self.least.items()},
+                "maxValues": {k: _stat(v, up=True) for k, v in self.greatest.items()},
+                "nullCount": self.nulls,
+            }
+        )
+
+
+def _bounded(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_integer(kind) or pa.types.is_timestamp(kind)
+
+
+def _stat(value: Any, *, up: bool) -> Any:
+    if not isinstance(value, datetime):
+        return value
+    moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+    micros = (moment - _EPOCH) // timedelta(microseconds=1)
+    millis = -(-micros // 1000) if up else micros // 1000
+    moment = _EPOCH + timedelta(milliseconds=millis)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def lake_files(lake: Lake) -> dict[str, dict[str, int]]:

@@ -175,6 +175,28 @@ def writer_properties(table: str) -> WriterProperties | None:
     return None
 
 
+def parquet_options(table: str) -> dict[str, Any]:
+    """``pyarrow.parquet.ParquetWriter``'s keywords for the files compaction writes: the
+    compression and dictionary columns of :func:`writer_properties` (delta-rs's defaults,
+    snappy with dictionaries, where it sets none)."""
+    if table == "attribute_index":
+        unique = {"md5", "source_uri"}
+        columns = [f.name for f in SCHEMAS[table] if f.name not in unique]
+        return {"compression": "zstd", "use_dictionary": columns}
+    if table in SORTED_BY_MD5:
+        return {"compression": "zstd"}
+    return {"compression": "snappy"}
+
+
+def parquet_row_group(table: str) -> int:
+    """Rows per row group of :func:`writer_properties` (delta-rs's default where it sets none)."""
+    if table == "attribute_index":
+        return ATTRIBUTE_INDEX_ROW_GROUP
+    if table in SORTED_BY_MD5:
+        return BY_MD5_ROW_GROUP
+    return 1 << 20
+
+
 @contextlib.contextmanager
 def small_pages() -> Iterator[None]:
     """numpy's large arrays on ordinary pages while a shard is written or merged.

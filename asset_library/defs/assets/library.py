@@ -154,7 +154,8 @@ def library_audit(library: LibraryResource, object_store: ObjectStoreResource):
     deps=[images],
     group_name=GROUP,
     kinds={"deltalake"},
-    description="Every table compacted to about one file per bucket, then vacuumed (files "
+    description="Every table's buckets compacted by size tiers (a tier's files merged into one "
+    "once it holds 8; large files of a tier not full left alone), then vacuumed (files "
     "replaced more than 7 days ago deleted). Run by the compact_library job.",
 )
 def lake_compaction(library: LibraryResource) -> dg.MaterializeResult:
