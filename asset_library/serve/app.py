@@ -152,7 +152,7 @@ async def _damaged_object(request: Request, error: Exception) -> Response:
     assert isinstance(error, DamagedObjectError)
     settings: ServeSettings = request.app.state.settings
     try:
-        DamageRecord(LibraryLayout(settings.library).damaged_objects_dir).add(error)
+        DamageRecord(LibraryLayout.at(settings.library).damaged_objects_dir).add(error)
     except OSError as failed:  # a library on a read-only mount: the answer still says it
         log.warning("could not record the damaged object of %s: %s", error.md5, failed)
     log.error("%s", error)
