@@ -85,7 +85,12 @@ def _answers(library: Library) -> dict:
 
 
 def test_an_s3_library_lives_at_its_url_and_a_second_machine_answers_the_same(
-    machine, cli, corpus_dir: Path, seaweed: SeaweedS3, s3_bucket: str
+    machine,
+    cli,
+    corpus_dir: Path,
+    seaweed: SeaweedS3,
+    s3_bucket: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     home = f"s3://{s3_bucket}/library"
     first = machine("first")
@@ -145,22 +150,35 @@ def test_an_s3_library_lives_at_its_url_and_a_second_machine_answers_the_same(
     runs = json.loads(_read(client, s3_bucket, "library/image_keys/keys.json"))["runs"]
     assert [run["rows"] for run in runs] == [9, 8]
 
-
-def test_a_damaged_local_copy_of_the_index_is_fetched_again(
-    machine, cli, corpus_dir: Path, s3_bucket: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    machine("first")
-    code, out, err = cli("ingest", str(corpus_dir / SECOND), "--batch", "b1")
-    assert code == 0, out + err
-    layout = LibraryLayout.at(f"s3://{s3_bucket}/library")
+    # A damaged local copy (same size, other bytes: only its check sees it) is fetched again.
+    layout = LibraryLayout.at(home)
     hashes = next((layout.index_dir / "phash").glob("seg-*/hashes.npy"))
-    data = bytearray(hashes.read_bytes())
-    data[-1] ^= 0xFF  # same size, other bytes: only the CRC check sees it
-    hashes.write_bytes(bytes(data))
+    damaged = bytearray(hashes.read_bytes())
+    damaged[-1] ^= 0xFF
+    hashes.write_bytes(bytes(damaged))
+    layout.settings_path.write_text("{" + " " * (layout.settings_path.stat().st_size - 1))
     index = SimilarityIndex(layout)
-    assert index.damage is None and len(index) == 8
+    assert index.damage is None and len(index) == 17
     assert "similarity index damaged here, fetched again" in caplog.text
-    assert hashes.read_bytes() != bytes(data)
+    assert hashes.read_bytes() != bytes(damaged)
+    assert layout.n_buckets == 256
+
+
+def test_a_new_file_is_published_once_whichever_machine_comes_first(
+    machine, s3_bucket: str
+) -> None:
+    home = f"s3://{s3_bucket}/library"
+    machine("first")
+    first = LibraryLayout.open(home)
+    machine("second")
+    second = LibraryLayout.open(home)  # the library the first created: not created again
+    assert first.root != second.root and second.n_buckets == first.n_buckets
+    for layout, text in ((first, "first"), (second, "second")):
+        layout.plan_path("b1").parent.mkdir(parents=True)
+        layout.plan_path("b1").write_text(text)
+    assert first.publish_new(first.plan_path("b1"))
+    assert not second.publish_new(second.plan_path("b1"))  # If-None-Match: * lost
+    assert second.fetch(second.plan_path("b1")) and second.plan_path("b1").read_text() == "first"
 
 
 def _read(client, bucket: str, key: str) -> bytes:

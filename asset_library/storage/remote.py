@@ -4,7 +4,8 @@ before reading one, while the files themselves are read and written in its local
 :class:`asset_library.layout.LibraryLayout` is the one user: it maps a file of its cache folder
 to the key of the same relative path under the library's ``s3://bucket/prefix``. Downloads are
 conditional on the ETag last fetched (kept in ``<cache>/.etags/``, so every process of the
-machine shares it): an unchanged file costs one request answered 304, never its bytes.
+machine shares it): an unchanged file costs one request answered 304, never its bytes, and a
+local copy whose bytes no longer match that ETag (damaged since) is fetched whole again.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class Remote:
 
         key = self.key(path)
         etag = self._etag(path) if path.exists() else None
+        if etag is not None and not _holds(path, etag):
+            etag = None  # the local copy was damaged since it was fetched: fetch it whole
         condition = {"IfNoneMatch": etag} if etag else {}
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=key, **condition)
@@ -173,6 +176,19 @@ class Remote:
             f"S3 {op} of s3://{self.bucket}/{key} failed: {_code(error)}: {error}",
             code=_code(error),
         )
+
+
+def _holds(path: Path, etag: str) -> bool:
+    """Whether the file's bytes are still those its ETag names (when the ETag is an MD5: a
+    single-part upload's; any other ETag is taken at its word)."""
+    claimed = etag.strip('"').lower()
+    if len(claimed) != 32 or any(c not in "0123456789abcdef" for c in claimed):
+        return True
+    digest = hashlib.md5()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest() == claimed
 
 
 def _code(error: Exception) -> str:
