@@ -80,6 +80,8 @@ def resolve_home(home: str | os.PathLike[str] | None = None) -> str:
     if not text.startswith("s3://"):
         scheme = text.split(":", 1)[0]
         reason = "not an S3 URL (s3://...)" if scheme == "s3" else f"unsupported scheme {scheme}:"
+        if "://" not in text:  # perhaps a folder with a colon in its name
+            reason += f" (a folder of that name is ./{text})"
         raise InvalidHomeError(text, reason)
     bucket, _, prefix = text[len("s3://") :].partition("/")
     if not bucket:
