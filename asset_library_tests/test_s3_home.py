@@ -9,9 +9,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from asset_library.cli import main
+from asset_library.lake.keyset import ImageKeys, digests
 from asset_library.layout import LibraryLayout
 from asset_library.library import Library
 from asset_library.similarity import SimilarityIndex
@@ -179,6 +181,30 @@ def test_a_new_file_is_published_once_whichever_machine_comes_first(
     assert first.publish_new(first.plan_path("b1"))
     assert not second.publish_new(second.plan_path("b1"))  # If-None-Match: * lost
     assert second.fetch(second.plan_path("b1")) and second.plan_path("b1").read_text() == "first"
+
+
+def test_the_key_cache_is_kept_at_the_home_and_a_damaged_local_run_fetched_again(
+    machine, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    home = f"s3://{s3_bucket}/library"
+    md5s = pa.array([f"{n:032x}" for n in range(1000)])
+    machine("first")
+    first = LibraryLayout.open(home)
+    ImageKeys(first.image_keys_dir, first).rebuild(digests(md5s), "table", 3, "merge")
+    machine("second")  # nothing of the first's cache
+    second = LibraryLayout.at(home)
+    keys = ImageKeys(second.image_keys_dir, second)
+    cached = keys.level_with("table", 3, lambda version, merge: True, 1000)
+    assert cached is not None and cached.held(md5s).all() and keys.fetched == 1
+    [run] = cached.runs
+    path = second.image_keys_dir / run.file
+    damaged = bytearray(path.read_bytes())
+    damaged[-1] ^= 0xFF  # same size: only the CRC check sees it
+    path.write_bytes(bytes(damaged))
+    again = ImageKeys(second.image_keys_dir, second)
+    assert again.level_with("table", 3, lambda version, merge: True, 1000) is not None
+    assert "images key cache damaged here, fetched again" in caplog.text
+    assert again.fetched == 1 and path.read_bytes() != bytes(damaged)
 
 
 def _read(client, bucket: str, key: str) -> bytes:
