@@ -253,8 +253,12 @@ def build_resources(
         )
     else:
         object_store = LocalObjectStoreResource(path=objects, verify_sample=verify_sample)
-    # An S3 library's lake is on S3 too: its storage options are made here, like a set one's.
-    lake = environ.get("ASSET_LIBRARY_LAKE") or (f"{home}/lake" if is_s3(home) else "")
+    # The lake set, else the one the library records, else an S3 library's own (on S3 too): an
+    # S3 lake's storage options are made here from this environment.
+    layout = LibraryLayout.at(home)
+    recorded = layout.settings().get("lake") if layout.fetch(layout.settings_path) else None
+    lake = environ.get("ASSET_LIBRARY_LAKE") or recorded or ""
+    lake = lake or (layout.lake_location if is_s3(home) else "")
     return {
         "library": LibraryResource(
             root=home,
