@@ -19,11 +19,10 @@ import sys
 from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from asset_library.ids import InvalidIdError, check_batch_id
-from asset_library.layout import LibraryLayout, default_library_path
+from asset_library.layout import HOME_ENV, LibraryLayout, default_library_path, resolve_home
 
 if TYPE_CHECKING:
     from asset_library.library import Library
@@ -42,9 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):  # `asset-library` alone: what it can do
         parser.print_help()
         return 0
-    if args.library:
-        os.environ["ASSET_LIBRARY_HOME"] = str(Path(args.library).expanduser().resolve())
     try:
+        if args.library:  # a home that is neither a folder nor s3://bucket[/prefix]: exit 2
+            args.library = os.environ[HOME_ENV] = resolve_home(args.library)
+        elif os.environ.get(HOME_ENV):
+            os.environ[HOME_ENV] = resolve_home(os.environ[HOME_ENV])
         code = int(args.handler(args) or 0)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
         return code
@@ -89,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--library",
-        help="library folder (default: $ASSET_LIBRARY_HOME or ./library)",
+        help="the library: a folder or s3://bucket/prefix (default: $ASSET_LIBRARY_HOME or "
+        "./library)",
     )
     parser = argparse.ArgumentParser(prog="asset-library", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -225,6 +227,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.set_defaults(handler=_migrate)
 
+    move = commands.add_parser(
+        "move-to",
+        parents=[common],
+        help="copy a folder library to an empty s3://bucket/prefix, its new home",
+    )
+    move.add_argument("target", help="s3://bucket/prefix, empty")
+    move.set_defaults(handler=_move_to)
+
     recount = commands.add_parser(
         "recount",
         parents=[common],
@@ -343,7 +353,7 @@ def _ingest(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     rate = summary.images / summary.seconds if summary.seconds else 0.0
     print()
-    print(f"library   {Path(library).resolve()}")
+    print(f"library   {resolve_home(library)}")
     print(f"batch     {summary.batch} (trigger {summary.trigger})")
     retried = f", {len(summary.retried)} of them after a retry" if summary.retried else ""
     print(
@@ -388,11 +398,11 @@ def _status(args: argparse.Namespace) -> int:
     from asset_library.runs.instance import local_instance, reap_dead_runs
 
     layout = LibraryLayout.existing(args.library or default_library_path())
-    records = read_triggers(layout.triggers_dir)
-    for skipped in still_skipped(layout.skipped_landings_dir, {r.source for r in records}):
+    records = read_triggers(layout)
+    for skipped in still_skipped(layout, {r.source for r in records}):
         print(f"skipped landing {skipped.source} ({skipped.skipped_at}): {skipped.reason}")
     if not records:
-        print(f"no batches ingested yet in {layout.root}")
+        print(f"no batches ingested yet in {layout.location}")
         return EXIT_OK
     instance = local_instance(layout)
     print("\n".join(_library_state(layout, instance)))
@@ -423,7 +433,7 @@ def _library_state(layout: LibraryLayout, instance: Any) -> list[str]:
     from asset_library.lake import Lake, shards_not_merged
     from asset_library.runs.worker import step_failure_message
 
-    lines = [f"library   {layout.root}"]
+    lines = [f"library   {layout.location}"]
     records = instance.get_run_records(dg.RunsFilter(job_name="refresh_library"), limit=1)
     last = records[0] if records else None
     if last is None:
@@ -542,6 +552,21 @@ def _migrate(args: argparse.Namespace) -> int:
         f"{library.path}: {len(done.shards)} shard(s) rewritten as Delta commits, "
         f"{done.images:,} images merged; removed {', '.join(done.removed) or 'nothing'}"
     )
+    return EXIT_OK
+
+
+def _move_to(args: argparse.Namespace) -> int:
+    from asset_library.move import move_to
+
+    layout = LibraryLayout.existing(args.library)
+    moved = move_to(layout, args.target)
+    print(
+        f"{layout.location}: {moved.files:,} files ({moved.bytes:,} bytes) copied to "
+        f"{moved.target}; use it with ASSET_LIBRARY_HOME={moved.target} (the folder is left "
+        "as it was)"
+    )
+    for outside in moved.kept_outside:
+        print(f"asset-library: still outside the library, as recorded: {outside}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -1,8 +1,17 @@
 """Where a library keeps everything, and the one way files are replaced: atomically.
 
-A library is a folder. ``library.json`` records what is fixed when the library is created (its
-bucket count, and from its first ingest its object store); every other path is derived from the
-root here, so no path is spelled twice.
+A library is a URL (its home): a folder (the embedded default) or ``s3://bucket/prefix``
+(:func:`resolve_home` accepts these and refuses anything else). ``library.json`` records what is
+fixed when the library is created (its bucket count, and from its first ingest its object
+store); every other path is derived from the root here, so no path is spelled twice.
+
+Files are read and written in a local folder, :attr:`LibraryLayout.root`: for a folder library
+the library itself, for an S3 library this machine's cache of it
+(``$ASSET_LIBRARY_CACHE/libraries/<bucket>/<prefix>``). A writer of a durable file publishes it
+after writing it (:meth:`LibraryLayout.publish`) and a reader fetches it before reading it
+(:meth:`LibraryLayout.fetch`); both are no-ops for a folder library, so the code is one path.
+What is never published (the CLI's Dagster instance, progress files, the serving store,
+thumbnails) is a cache: deleting it loses no answer.
 Every file a writer replaces goes through :func:`atomic_path` (or, for a file written by a
 writer that holds its own temporary name, :func:`rename_durably`): written beside its target
 under a private name, fsynced, renamed into place on success (the folder fsynced after), removed
@@ -11,14 +20,16 @@ on failure, so a reader never sees half a file and a crash never leaves one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asset_library.ids import (
     DEFAULT_BUCKETS,
@@ -29,6 +40,9 @@ from asset_library.ids import (
 )
 from asset_library.s3 import is_s3
 
+if TYPE_CHECKING:
+    from asset_library.storage.remote import Remote
+
 SETTINGS_FILE = "library.json"
 #: A batch's plan, in its plan folder (:meth:`LibraryLayout.plan_dir`).
 PLAN_FILE = "plan.json"
@@ -36,9 +50,70 @@ PLAN_FILE = "plan.json"
 TEMP_SUFFIX = ".tmp"
 
 
-def default_library_path() -> Path:
-    """``ASSET_LIBRARY_HOME``, else ``./library``: where a command finds its library by default."""
-    return Path(os.environ.get("ASSET_LIBRARY_HOME") or "library").expanduser().resolve()
+#: The variables that name a library's home and this machine's cache folder.
+HOME_ENV = "ASSET_LIBRARY_HOME"
+CACHE_ENV = "ASSET_LIBRARY_CACHE"
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+class InvalidHomeError(ValueError):
+    """A library home that is neither a folder nor an ``s3://bucket[/prefix]`` URL."""
+
+    def __init__(self, home: str, reason: str) -> None:
+        super().__init__(
+            f"library home {home!r}: {reason}; a library is a folder or s3://bucket[/prefix]"
+        )
+        self.home = home
+
+
+def resolve_home(home: str | os.PathLike[str] | None = None) -> str:
+    """A library home in one spelling: an absolute folder path, or ``s3://bucket`` /
+    ``s3://bucket/prefix`` (no trailing slash). ``None`` or empty: ``$ASSET_LIBRARY_HOME``,
+    else ``./library``. Anything with another scheme (``gs://x``, ``http://x``), a malformed
+    S3 URL (``s3:/x``, ``s3://``) or a prefix S3 and a folder would not treat alike raises
+    :class:`InvalidHomeError` naming it: it never becomes a local folder named after it."""
+    text = os.fspath(home) if home is not None else ""
+    text = text or os.environ.get(HOME_ENV) or "library"
+    if not _SCHEME.match(text):
+        return str(Path(text).expanduser().resolve())
+    if not text.startswith("s3://"):
+        scheme = text.split(":", 1)[0]
+        reason = "not an S3 URL (s3://...)" if scheme == "s3" else f"unsupported scheme {scheme}:"
+        if "://" not in text:  # perhaps a folder with a colon in its name
+            reason += f" (a folder of that name is ./{text})"
+        raise InvalidHomeError(text, reason)
+    bucket, _, prefix = text[len("s3://") :].partition("/")
+    if not bucket:
+        raise InvalidHomeError(text, "no bucket named")
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise InvalidHomeError(text, f"{bucket!r} is not a valid bucket name")
+    prefix = prefix.strip("/")
+    for segment in prefix.split("/") if prefix else ():
+        if not segment or segment in (".", "..") or segment.startswith(".") or "\\" in segment:
+            raise InvalidHomeError(text, f"prefix segment {segment!r} is not allowed")
+    return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+
+
+def default_library_path() -> str:
+    """``ASSET_LIBRARY_HOME``, else ``./library``: where a command finds its library by default
+    (:func:`resolve_home`)."""
+    return resolve_home()
+
+
+def cache_home(environ: Mapping[str, str] | None = None) -> Path:
+    """This machine's cache folder: ``$ASSET_LIBRARY_CACHE``, else
+    ``$XDG_CACHE_HOME/asset-library``, else ``~/.cache/asset-library``."""
+    env = os.environ if environ is None else environ
+    if env.get(CACHE_ENV):
+        return Path(env[CACHE_ENV]).expanduser().resolve()
+    base = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return (base / "asset-library").resolve()
+
+
+def library_cache(home: str) -> Path:
+    """The cache folder of the S3 library at ``home``: ``<cache>/libraries/<bucket>/<prefix>``."""
+    return cache_home() / "libraries" / home[len("s3://") :]
 
 
 def temp_path_for(path: Path) -> Path:
@@ -116,36 +191,145 @@ def remove_orphan_temp_files(folder: Path, pattern: str = "*") -> list[Path]:
 class NoLibraryError(FileNotFoundError):
     """A path given as a library that holds none (no ``library.json``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: str | Path) -> None:
         super().__init__(f"no asset library at {root}")
         self.root = root
 
 
 @dataclass(frozen=True)
 class LibraryLayout:
-    """Paths of one library root; the library's bucket count is fixed when it is created."""
+    """Paths of one library; the library's bucket count is fixed when it is created.
+
+    ``root`` is the local folder files are read and written in; ``home`` the library's URL when
+    it is on S3 (empty for a folder library, whose root is the library itself)."""
 
     root: Path
+    home: str = ""
 
     @classmethod
-    def open(cls, root: str | Path, n_buckets: int = DEFAULT_BUCKETS) -> LibraryLayout:
+    def at(cls, home: str | os.PathLike[str] | None = None) -> LibraryLayout:
+        """The layout of the library at ``home`` (:func:`resolve_home`), creating nothing."""
+        resolved = resolve_home(home)
+        if is_s3(resolved):
+            return cls(library_cache(resolved), resolved)
+        return cls(Path(resolved))
+
+    @classmethod
+    def open(
+        cls, root: str | os.PathLike[str] | None, n_buckets: int = DEFAULT_BUCKETS
+    ) -> LibraryLayout:
         """The library at ``root``, created with ``n_buckets`` if it does not exist yet."""
-        layout = cls(Path(root).expanduser().resolve())
+        layout = cls.at(root)
         layout.root.mkdir(parents=True, exist_ok=True)
-        if not layout.settings_path.exists():
-            atomic_write_text(
-                layout.settings_path, json.dumps({"n_buckets": check_buckets(n_buckets)})
-            )
+        if layout.fetch(layout.settings_path):
+            return layout
+        settings = json.dumps({"n_buckets": check_buckets(n_buckets)})
+        if layout.remote is None:
+            if not layout.settings_path.exists():
+                atomic_write_text(layout.settings_path, settings)
+            return layout
+        from asset_library.storage.remote import ConflictError
+
+        atomic_write_text(layout.settings_path, settings)
+        try:
+            layout.remote.publish(layout.settings_path, if_absent=True)
+        except ConflictError:  # another machine created it first: its settings hold
+            layout.fetch(layout.settings_path)
         return layout
 
     @classmethod
-    def existing(cls, root: str | os.PathLike[str]) -> LibraryLayout:
+    def existing(cls, root: str | os.PathLike[str] | None) -> LibraryLayout:
         """The library at ``root``, which must exist: readers open it without creating anything,
         so a mistyped path is an error (:class:`NoLibraryError`), not a new empty library."""
-        layout = cls(Path(root).expanduser().resolve())
-        if not layout.settings_path.is_file():
-            raise NoLibraryError(layout.root)
+        layout = cls.at(root)
+        if not layout.fetch(layout.settings_path) or not layout.settings_path.is_file():
+            raise NoLibraryError(layout.location)
         return layout
+
+    # -- where the library is, and its durable files
+
+    @property
+    def location(self) -> str:
+        """The library's home: ``s3://bucket/prefix`` or its folder."""
+        return self.home or str(self.root)
+
+    @property
+    def remote(self) -> Remote | None:
+        """The S3 side of an S3 library (``None`` for a folder library)."""
+        if not self.home:
+            return None
+        return _remote(self.home, self.root)
+
+    def _inside(self, path: Path) -> Path:
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"{path} is not a file of the library at {self.location}")
+        return path
+
+    def publish(self, path: Path) -> Path:
+        """Make a file just written (atomically) in :attr:`root` durable at the home: uploaded
+        for an S3 library, nothing more for a folder library."""
+        if self.remote is not None:
+            self.remote.publish(self._inside(path))
+        return path
+
+    def publish_new(self, path: Path) -> bool:
+        """:meth:`publish` only if the home has no such file yet (a conditional put for an S3
+        library): False when another writer got there first."""
+        if self.remote is None:
+            return True
+        from asset_library.storage.remote import ConflictError
+
+        try:
+            self.remote.publish(self._inside(path), if_absent=True)
+        except ConflictError:
+            return False
+        return True
+
+    def fetch(self, path: Path, *, immutable: bool = False) -> bool:
+        """Make the local copy of a file level with the home before it is read (an S3
+        library: downloaded if it changed, or only if missing when ``immutable``; removed if
+        the home has none). Whether the file exists."""
+        if self.remote is not None:
+            return self.remote.fetch(self._inside(path), immutable=immutable)
+        return path.exists()
+
+    def pull(self, folder: Path, *, mutable: Callable[[Path], bool] = lambda _: True) -> Path:
+        """Fetch every file the home holds under ``folder`` (those ``mutable`` says are: each
+        re-read if it changed; the others: only if missing here or of another size). Local
+        files the home lacks are left alone (a writer here may not have published them yet).
+        ``folder`` is returned."""
+        if self.remote is None:
+            return folder
+        for path, size in self.remote.listing(self._inside(folder)).items():
+            if path.exists() and path.stat().st_size != size:
+                path.unlink()
+            self.remote.fetch(path, immutable=not mutable(path))
+        return folder
+
+    def push(self, folder: Path, *, order: Callable[[Path], int] = lambda _: 0) -> None:
+        """Publish the files under ``folder``: first those of order 0 the home lacks or holds
+        at another size (written once, under names of their own), then every file of order 1,
+        2... in turn (manifests that name the others, the one naming them all last); then
+        remove at the home the files no longer here."""
+        if self.remote is None:
+            return
+        listed = self.remote.listing(self._inside(folder))
+        from asset_library.storage.remote import walk
+
+        for path in sorted(walk(folder), key=order):
+            if order(path) or listed.get(path) != path.stat().st_size:
+                self.remote.publish(path)
+        gone = [p for p in listed if not p.exists()]
+        if gone:
+            self.remote.delete(gone)
+
+    def remove(self, path: Path) -> None:
+        """Delete a file here and at the home."""
+        path.unlink(missing_ok=True)
+        if self.remote is not None:
+            self.remote.delete([self._inside(path)])
+
+    # -- settings
 
     @property
     def settings_path(self) -> Path:
@@ -154,15 +338,31 @@ class LibraryLayout:
     def settings(self) -> dict[str, Any]:
         """What the library recorded about itself when it was created."""
         try:
+            self.fetch(self.settings_path)
             return json.loads(self.settings_path.read_text())
         except (OSError, ValueError) as error:
             raise ValueError(
-                f"{self.settings_path}: unreadable library settings: {error}"
+                f"{self.location}/{SETTINGS_FILE}: unreadable library settings: {error}"
             ) from None
 
     def update_settings(self, **values: Any) -> None:
-        """Record more settings (e.g. the object store), keeping what is there."""
-        atomic_write_text(self.settings_path, json.dumps({**self.settings(), **values}, indent=2))
+        """Record more settings (e.g. the object store), keeping what is there. On S3 the
+        write is conditional on the version read, and retried if another writer came first."""
+        for _ in range(10):
+            current = self.settings()
+            atomic_write_text(self.settings_path, json.dumps({**current, **values}, indent=2))
+            if self.remote is None:
+                return
+            from asset_library.storage.remote import ConflictError
+
+            try:
+                self.remote.publish(
+                    self.settings_path, if_match=self.remote.etag(self.settings_path) or "*"
+                )
+                return
+            except ConflictError:
+                self.settings_path.unlink(missing_ok=True)
+        raise RuntimeError(f"{self.location}/{SETTINGS_FILE}: kept changing under other writers")
 
     @property
     def n_buckets(self) -> int:
@@ -171,21 +371,44 @@ class LibraryLayout:
     def recorded_objects(self) -> str | None:
         """The object store the library records: ``s3://...`` or an absolute folder path;
         None for a library that has not stored an image yet (or has no ``library.json``)."""
-        if not self.settings_path.exists():
+        if not self.fetch(self.settings_path):
             return None
         recorded = self.settings().get("objects")
         if recorded is None or is_s3(str(recorded)):
             return recorded
+        if self.home:
+            return f"{self.home}/{recorded}"
         return str((self.root / recorded).resolve())
 
     def record_objects(self, location: str) -> None:
-        """Record the library's object store. A folder inside the library is recorded relative
-        to its root, so a copied or moved library still finds its bytes."""
-        if not is_s3(location):
+        """Record the library's object store. A store inside the library is recorded relative
+        to its home, so a copied or moved library still finds its bytes."""
+        if self.home and location.startswith(self.home + "/"):
+            location = location[len(self.home) + 1 :].strip("/")
+        elif not is_s3(location):
             path = Path(location).expanduser().resolve()
-            inside = path.is_relative_to(self.root)
+            inside = path.is_relative_to(self.root) and not self.home
             location = path.relative_to(self.root).as_posix() if inside else str(path)
         self.update_settings(objects=location)
+
+    def _at_home(self, name: str) -> str:
+        """Where a store named ``name`` inside the library is: a URL or a folder path."""
+        return f"{self.home}/{name}" if self.home else str(self.root / name)
+
+    @property
+    def objects_location(self) -> str:
+        """The default object store: ``<home>/objects``."""
+        return self._at_home("objects")
+
+    @property
+    def lake_location(self) -> str:
+        """The default lake: ``<home>/lake``."""
+        return self._at_home("lake")
+
+    @property
+    def landing_location(self) -> str:
+        """The default landing zone: ``<home>/landing``."""
+        return self._at_home("landing")
 
     @property
     def objects_dir(self) -> Path:
@@ -215,7 +438,8 @@ class LibraryLayout:
 
     @property
     def dagster_home(self) -> Path:
-        """The library's own Dagster instance (runs started from a terminal)."""
+        """The library's own Dagster instance (runs started from a terminal): inside a folder
+        library, in this machine's cache of an S3 library."""
         return self.root / ".dagster"
 
     @property
@@ -225,7 +449,7 @@ class LibraryLayout:
 
     @property
     def image_keys_dir(self) -> Path:
-        """The local cache of the md5s the lake's ``images`` holds (rebuilt when stale)."""
+        """The cache of the md5s the lake's ``images`` holds (rebuilt when stale)."""
         return self.root / "image_keys"
 
     @property
@@ -267,3 +491,11 @@ class LibraryLayout:
     def table_dir(self, table: str) -> Path:
         """A Delta table's folder when the lake is local (``<root>/lake/<table>``)."""
         return self.lake_dir / table
+
+
+@functools.cache
+def _remote(home: str, cache: Path) -> Remote:
+    """One S3 side (and one client) per library and process."""
+    from asset_library.storage.remote import Remote
+
+    return Remote(home, cache)

@@ -23,7 +23,7 @@ from asset_library.ingest.fingerprint import fingerprint, hamming
 from asset_library.lake import IMAGES_SCHEMA, ORIGINS, Catalog, Lake
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
 from asset_library.lake.sql_guard import check_read_only_query
-from asset_library.layout import LibraryLayout, default_library_path
+from asset_library.layout import LibraryLayout
 from asset_library.search.codec import hex_to_int
 from asset_library.search.quality import CONFIRMING_HASH, informative
 from asset_library.search.thresholds import (
@@ -63,7 +63,7 @@ class Library:
     """An image library on disk: lookups by md5, SQL over the catalog, similarity search."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        self.layout = LibraryLayout.existing(path if path is not None else default_library_path())
+        self.layout = LibraryLayout.existing(path)
         self.lake = Lake.of(self.layout)
         self._index: SimilarityIndex | None = None
         self._catalog: Catalog | None = None
@@ -72,13 +72,14 @@ class Library:
         self._fallback: str | None = None
 
     @property
-    def path(self) -> Path:
-        return self.layout.root
+    def path(self) -> str:
+        """The library's home: its folder, or ``s3://bucket/prefix``."""
+        return self.layout.location
 
     def object_store(self) -> ObjectStore:
         """Where this library's image bytes are: the store it records (``<root>/objects``
         before its first ingest); S3 through ``s3_client_from_env()``."""
-        return open_store(self.layout.recorded_objects() or self.layout.objects_dir)
+        return open_store(self.layout.recorded_objects() or self.layout.objects_location)
 
     def connect(self) -> Catalog:
         """The catalog, level with the lake's latest commits: views ``images``,
@@ -446,6 +447,7 @@ class Library:
         """The similarity index as the ``similarity_index`` asset last saved it (memory-mapped),
         reloaded when that asset saved a newer one. Readers never write it."""
         manifest = self.layout.segments_manifest_path
+        self.layout.fetch(manifest)  # an S3 library's: re-read if it changed
         stamp = manifest.stat().st_mtime_ns if manifest.exists() else None
         if self._index is None or stamp != self._index_stamp:
             self._index = loaded_index(self.layout, self.lake)

@@ -6,6 +6,11 @@ and dHash alike, with a file of the segment's md5 keys); md5s that left ``images
 removed and skipped by queries. Nothing is rebuilt from scratch. An id in the index is
 ``segment_number << 32 | row``; the key files map it back to an md5.
 
+For a library at an ``s3://`` home the files are written in the machine's cache folder and
+published there after each save (new segments first, the manifests last), and a machine that
+lacks them (or whose copy is damaged) fetches them before it reads or syncs the index: a
+fresh machine never rebuilds the index from the whole lake.
+
 Layout under ``<library>/index/``::
 
     segments.json                  segments, images version and lake version reached, removed md5s
@@ -76,22 +81,34 @@ class SimilarityIndex:
         #: rebuilt from ``images`` (:meth:`rebuild`).
         self.damage: str | None = None
         manifest = layout.segments_manifest_path
+        pull_index(layout)
         self.exists = manifest.exists() or any(
             (self.directory / kind).exists() for kind in HASH_KINDS
         )
         if self.exists:
-            try:
-                self._load(manifest, mmap)
-            except (OSError, ValueError, KeyError, TypeError, EOFError, StopIteration) as error:
-                self.damage = (
-                    str(error)
-                    if str(self.directory) in str(error)
-                    else (f"{manifest}: {type(error).__name__}: {error}")
-                )
+            self.damage = self._try_load(manifest, mmap)
+            if self.damage is not None and layout.remote is not None:
+                # This machine's copy is damaged; the home's may be whole.
+                logger.warning("similarity index damaged here, fetched again: %s", self.damage)
+                self._forget()
+                shutil.rmtree(self.directory, ignore_errors=True)
+                pull_index(layout)
+                self.damage = self._try_load(manifest, mmap)
+            if self.damage is not None:
                 logger.warning(
                     "similarity index damaged, rebuilt from the images table: %s", self.damage
                 )
                 self._forget()
+
+    def _try_load(self, manifest: Path, mmap: bool) -> str | None:
+        """Load the saved index; why it cannot be trusted, or ``None``."""
+        try:
+            self._load(manifest, mmap)
+        except (OSError, ValueError, KeyError, TypeError, EOFError, StopIteration) as error:
+            if str(self.directory) in str(error):
+                return str(error)
+            return f"{manifest}: {type(error).__name__}: {error}"
+        return None
 
     def _load(self, manifest: Path, mmap: bool) -> None:
         """Read the saved index and check that its files agree with one another."""
@@ -337,6 +354,7 @@ class SimilarityIndex:
         }
         text = json.dumps(saved, indent=1, sort_keys=True)
         atomic_write_text(self.manifest_path, text)
+        self.layout.push(self.directory, order=_publish_order)
 
     def _clear_files(self) -> None:
         """Remove the damaged files, so the rebuilt index is saved from nothing."""
@@ -349,6 +367,24 @@ class SimilarityIndex:
 
     def _keys_path(self, shard: str) -> Path:
         return self.directory / "keys" / f"{shard}.npy"
+
+
+#: Files of the index that are replaced in place (the others are written once, under names of
+#: their own): re-read when they change, published after the files they name.
+_MANIFESTS = {"manifest.json": 1, "segments.json": 2}
+
+
+def _publish_order(path: Path) -> int:
+    return _MANIFESTS.get(path.name, 0)
+
+
+def pull_index(layout: LibraryLayout) -> None:
+    """Bring this machine's copy of an S3 library's index level with its home (nothing for a
+    folder library): every file it lacks, and the manifests and groups if they changed."""
+    if layout.remote is None or not layout.fetch(layout.segments_manifest_path):
+        return
+    names = {*_MANIFESTS, GROUPS_FILE}
+    layout.pull(layout.index_dir, mutable=lambda path: path.name in names)
 
 
 def loaded_index(layout: LibraryLayout, lake: Lake) -> SimilarityIndex:
@@ -407,12 +443,15 @@ class NearDuplicates:
         """Replace the groups file atomically, each page checksummed so that damage is seen."""
         with atomic_path(self.path) as tmp:
             pq.write_table(groups_table(groups), tmp, write_page_checksum=True)
+        self.layout.publish(self.path)
 
     def stamp(self) -> tuple[int | None, int | None]:
         """Changes when the groups file or the index it follows is replaced."""
+        for path in (self.path, self.layout.segments_manifest_path):
+            self.layout.fetch(path)
         return tuple(  # type: ignore[return-value]
             path.stat().st_mtime_ns if path.exists() else None
-            for path in (self.path, self.layout.index_dir / "segments.json")
+            for path in (self.path, self.layout.segments_manifest_path)
         )
 
     def read(self) -> pa.Table:
@@ -435,7 +474,7 @@ class NearDuplicates:
     def table(self) -> pa.Table:
         """What readers answer: the file if it reads whole, else the groups computed now (the
         file is left as it is: readers write nothing)."""
-        if self.path.exists():
+        if self.layout.fetch(self.path):
             try:
                 return self.read()
             except ValueError as error:

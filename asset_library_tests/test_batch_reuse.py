@@ -13,6 +13,7 @@ from asset_library.defs.assets.ingestion import BatchPlanConfig
 from asset_library.ids import InvalidIdError, batch_id_for
 from asset_library.ingest.plan import BatchExistsError, load_plan, plan_batch
 from asset_library.ingest.sources import SourceItem
+from asset_library.layout import LibraryLayout
 from asset_library.library import Library
 from asset_library.runs.orchestrate import ingest_batch
 
@@ -72,11 +73,12 @@ def test_default_batch_ids_made_in_the_same_second_differ():
 
 
 def test_planning_refuses_an_existing_plan(tmp_path):
-    plan_dir = tmp_path / "plans" / "b1"
+    layout = LibraryLayout.open(tmp_path)
+    plan_dir = layout.plan_dir("b1")
     items = [SourceItem("s3://bucket/a.jpg"), SourceItem("s3://bucket/b.jpg")]
-    first = plan_batch(items, batch="b1", source="s3://bucket", plan_dir=plan_dir)
+    first = plan_batch(items, batch="b1", source="s3://bucket", layout=layout)
     with pytest.raises(BatchExistsError, match="batch 'b1' already exists"):
-        plan_batch(items[:1], batch="b1", source="s3://bucket/x", plan_dir=plan_dir)
+        plan_batch(items[:1], batch="b1", source="s3://bucket/x", layout=layout)
     assert load_plan(plan_dir) == first
     # no staging folder is left behind by the refused planning
     assert sorted(p.name for p in plan_dir.parent.iterdir()) == ["b1"]

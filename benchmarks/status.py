@@ -49,7 +49,7 @@ def build(root: Path, shards: int, batches: int) -> tuple[dg.DagsterInstance, li
     for number, batch in enumerate(keys):
         instance.add_dynamic_partitions(shards_partitions.name, batch)
         write_trigger(
-            layout.triggers_dir,
+            layout,
             TriggerRecord(
                 trigger=f"bench-{number}",
                 kind="bench",

@@ -4,7 +4,15 @@ Every setting comes from the environment, so the same code location serves the e
 (a local folder, no server) and S3:
 
 ======================== ==================================================================
-ASSET_LIBRARY_HOME       the library root folder (default ``./library``)
+ASSET_LIBRARY_HOME       the library: a folder (the embedded default, ``./library``) or
+                         ``s3://bucket/prefix``, where everything durable then lives (settings,
+                         plans, trigger records, keys files, lake, objects, index); anything
+                         else is refused
+ASSET_LIBRARY_CACHE      this machine's cache folder (default ``$XDG_CACHE_HOME/asset-library``,
+                         else ``~/.cache/asset-library``): an S3 library's working copies under
+                         ``libraries/<bucket>/<prefix>``, with the CLI's Dagster instance and
+                         progress files (unless ``DAGSTER_HOME`` is set); deleting it loses
+                         nothing
 ASSET_LIBRARY_OBJECTS    where image bytes go: ``s3://bucket/prefix`` or a folder (default:
                          the store the library records, else ``<home>/objects``); a library
                          refuses a store other than the one it recorded at its first ingest
@@ -48,7 +56,7 @@ from asset_library.ingest.access import (
 from asset_library.ingest.plan import DEFAULT_MAX_IMAGES_PER_SHARD
 from asset_library.ingest.sources import read_uri
 from asset_library.lake import Lake
-from asset_library.layout import LibraryLayout
+from asset_library.layout import HOME_ENV, LibraryLayout, resolve_home
 from asset_library.s3 import SECRET_VARIABLES, delta_storage_options, is_s3, s3_settings
 from asset_library.storage import (
     LocalObjectStore,
@@ -84,14 +92,17 @@ class LibraryResource(dg.ConfigurableResource):
     def lake(self) -> Lake:
         layout = self.layout()
         if is_s3(self.lake_location):
-            if layout.settings().get("lake") != self.lake_location:
+            recorded = layout.settings().get("lake")
+            if self.lake_location not in (recorded, layout.lake_location):
                 # Readers of this library find its lake here (a URI, never a local path).
                 layout.update_settings(lake=self.lake_location)
             secrets = {name: value for name, value in s3_settings().secrets.items() if value}
             options = {**secrets, **self.lake_storage_options}
-            return Lake(self.lake_location, layout.n_buckets, options, layout.image_keys_dir)
+            return Lake(
+                self.lake_location, layout.n_buckets, options, layout.image_keys_dir, layout
+            )
         if self.lake_location:
-            return Lake(self.lake_location, layout.n_buckets, {}, layout.image_keys_dir)
+            return Lake(self.lake_location, layout.n_buckets, {}, layout.image_keys_dir, layout)
         return Lake.of(layout, {})
 
 
@@ -182,15 +193,16 @@ def s3_resource_from_env(environ: Mapping[str, str]) -> S3Resource:
 
 
 def _home(environ: Mapping[str, str], root: str | None) -> str:
-    return str(Path(root or environ.get("ASSET_LIBRARY_HOME") or "library").expanduser().resolve())
+    """The library's home, a folder or an ``s3://`` URL (:func:`resolve_home`)."""
+    return resolve_home(root or environ.get(HOME_ENV) or "library")
 
 
 def _objects_location(environ: Mapping[str, str], home: str) -> str:
     """Where image bytes go: the setting, else the store the library recorded, else its
     ``objects`` folder (read only: loading definitions creates no library)."""
-    layout = LibraryLayout(Path(home))
+    layout = LibraryLayout.at(home)
     return (
-        environ.get("ASSET_LIBRARY_OBJECTS") or layout.recorded_objects() or str(layout.objects_dir)
+        environ.get("ASSET_LIBRARY_OBJECTS") or layout.recorded_objects() or layout.objects_location
     )
 
 
@@ -201,8 +213,8 @@ def store_kinds(
     read as ``build_resources`` reads it: ``s3`` or ``filesystem``."""
     environ = os.environ if environ is None else environ
     home = _home(environ, root)
-    layout = LibraryLayout(Path(home))
-    recorded = layout.settings() if layout.settings_path.exists() else {}
+    layout = LibraryLayout.at(home)
+    recorded = layout.settings() if layout.fetch(layout.settings_path) else {}
     locations = {
         "objects": _objects_location(environ, home),
         "lake": environ.get("ASSET_LIBRARY_LAKE") or recorded.get("lake") or "",
@@ -241,7 +253,12 @@ def build_resources(
         )
     else:
         object_store = LocalObjectStoreResource(path=objects, verify_sample=verify_sample)
-    lake = environ.get("ASSET_LIBRARY_LAKE") or ""
+    # The lake set, else the one the library records, else an S3 library's own (on S3 too): an
+    # S3 lake's storage options are made here from this environment.
+    layout = LibraryLayout.at(home)
+    recorded = layout.settings().get("lake") if layout.fetch(layout.settings_path) else None
+    lake = environ.get("ASSET_LIBRARY_LAKE") or recorded or ""
+    lake = lake or (layout.lake_location if is_s3(home) else "")
     return {
         "library": LibraryResource(
             root=home,
@@ -259,7 +276,7 @@ def build_resources(
             max_image_bytes=max_image_bytes_from(environ),
         ),
         "landing": LandingZoneResource(
-            location=environ.get("ASSET_LIBRARY_LANDING") or str(Path(home) / "landing")
+            location=environ.get("ASSET_LIBRARY_LANDING") or LibraryLayout.at(home).landing_location
         ),
         "s3": s3,
         "duckdb": IN_MEMORY_DUCKDB,

@@ -32,7 +32,7 @@ from asset_library.ingest.landing import (
     find_ready_batches,
     record_skipped,
 )
-from asset_library.ingest.plan import load_plan
+from asset_library.ingest.plan import has_plan, read_plan
 from asset_library.ingest.sources import normalize_source
 from asset_library.ingest.triggers import new_trigger_id
 from asset_library.layout import LibraryLayout
@@ -112,8 +112,8 @@ def _plan_request(source: str, batch: str, trigger: str) -> dg.RunRequest:
 def _holder_of(instance: dg.DagsterInstance, layout: LibraryLayout, batch: str) -> str | None:
     """What already holds ``batch``, if anything: a plan (from the CLI or an earlier landing)
     or a partition the sensor requested before."""
-    if layout.plan_path(batch).exists():
-        return f"taken by the batch planned from {load_plan(layout.plan_dir(batch)).source}"
+    if has_plan(layout, batch):
+        return f"taken by the batch planned from {read_plan(layout, batch).source}"
     if instance.has_dynamic_partition(BATCHES, batch):
         return "taken by an existing batch (its plan run has not written a plan yet)"
     return None
@@ -133,7 +133,7 @@ def _skip(
         f"`asset-library ingest {source} --batch <new id>`"
     )
     record_skipped(
-        layout.skipped_landings_dir,
+        layout,
         SkippedLanding(
             landed.name, source, batch, reason, datetime.now(UTC).isoformat(timespec="seconds")
         ),
@@ -163,9 +163,9 @@ def _ready_to_request(
 def _swallowed(layout: LibraryLayout, landed: LandedBatch) -> bool:
     """Whether an earlier version saw ``landed`` and gave it the id of another source's plan."""
     batch = legacy_batch_id(landed.name)
-    return layout.plan_path(batch).exists() and load_plan(
-        layout.plan_dir(batch)
-    ).source != normalize_source(landed.source)
+    return has_plan(layout, batch) and read_plan(layout, batch).source != normalize_source(
+        landed.source
+    )
 
 
 @dg.sensor(
@@ -190,7 +190,7 @@ def shard_sensor(context: dg.SensorEvaluationContext, library: LibraryResource) 
         except InvalidIdError as error:
             context.log.warning(f"skipping a batch_plan materialization: {error}")
             continue
-        plan = load_plan(layout.plan_dir(batch))
+        plan = read_plan(layout, batch)
         done = _materialized_since(context.instance, plan.shard_keys, record.storage_id)
         for shard in plan.shard_keys:
             keys.append(shard)

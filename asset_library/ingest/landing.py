@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from asset_library.ingest.sources import READY_MARKER, is_manifest
-from asset_library.layout import atomic_write_text
+from asset_library.layout import LibraryLayout, atomic_write_text
 from asset_library.s3 import is_s3
 from asset_library.storage import parse_s3_uri
 
@@ -87,17 +87,19 @@ class SkippedLanding:
     skipped_at: str
 
 
-def record_skipped(directory: Path, skipped: SkippedLanding) -> Path:
-    """Write ``skipped``'s record, named by a digest of its source (names may hold anything)."""
+def record_skipped(layout: LibraryLayout, skipped: SkippedLanding) -> Path:
+    """Write ``skipped``'s record in the library, named by a digest of its source (names may
+    hold anything)."""
     digest = hashlib.sha256(skipped.source.encode()).hexdigest()[:16]
-    path = directory / f"{digest}.json"
+    path = layout.skipped_landings_dir / f"{digest}.json"
     atomic_write_text(path, json.dumps(asdict(skipped), indent=2))
-    return path
+    return layout.publish(path)
 
 
-def still_skipped(directory: Path, ingested: Iterable[str]) -> list[SkippedLanding]:
-    """The skipped landings recorded under ``directory`` whose source is not among the
-    ``ingested`` sources since (a person ingests one under another id), oldest first."""
+def still_skipped(layout: LibraryLayout, ingested: Iterable[str]) -> list[SkippedLanding]:
+    """The skipped landings the library records whose source is not among the ``ingested``
+    sources since (a person ingests one under another id), oldest first."""
+    directory = layout.pull(layout.skipped_landings_dir)
     done = set(ingested)
     records = [SkippedLanding(**json.loads(p.read_text())) for p in directory.glob("*.json")]
     return sorted((r for r in records if r.source not in done), key=lambda r: r.skipped_at)

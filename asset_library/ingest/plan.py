@@ -5,10 +5,17 @@ and a ``plan.json``, written in a private folder renamed into place last, so a p
 whole or not at all. Shard runs read only their own file, so a shard re-run sees exactly the
 images it saw the first time. A batch id is planned once: planning into an existing plan is
 refused unless the caller asks to replace it.
+
+For a library at an ``s3://`` home the plan is written in the machine's cache folder, then
+published: the shard files first, ``plan.json`` last and, for a new batch, only if no other
+planner published one first (a conditional put), so the claim on a batch id holds across
+machines. A shard run reads its files through the library (:func:`read_plan`,
+:func:`shard_file`), whichever machine planned it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +34,7 @@ from asset_library.ingest.sources import SourceItem
 from asset_library.layout import (
     PLAN_FILE,
     TEMP_SUFFIX,
+    LibraryLayout,
     atomic_write_text,
     rename_durably,
     temp_path_for,
@@ -43,6 +51,9 @@ class ShardPlan:
     number: int
     images: int
     path: str
+    #: The MD5 of the shard's file as planned: a copy fetched from an S3 home is checked
+    #: against it (``None`` in plans made before it was recorded).
+    md5: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,9 +86,11 @@ class BatchExistsError(ValueError):
     """A batch id that already has a plan: ids are not reused by accident."""
 
 
-def check_new_batch(plan_dir: Path, batch: str, *, replace: bool = False) -> BatchPlan | None:
+def check_new_batch(
+    layout: LibraryLayout, batch: str, *, replace: bool = False
+) -> BatchPlan | None:
     """The batch's current plan, if any; :class:`BatchExistsError` unless ``replace``."""
-    existing = load_plan(plan_dir) if (plan_dir / PLAN_FILE).exists() else None
+    existing = read_plan(layout, batch) if has_plan(layout, batch) else None
     if existing is not None and not replace:
         raise BatchExistsError(
             f"batch {batch!r} already exists ({existing.images:,} images in "
@@ -93,7 +106,7 @@ def plan_batch(
     *,
     batch: str,
     source: str,
-    plan_dir: Path,
+    layout: LibraryLayout,
     max_images_per_shard: int = DEFAULT_MAX_IMAGES_PER_SHARD,
     trigger: str | None = None,
     roots: Iterable[str] = (),
@@ -105,17 +118,33 @@ def plan_batch(
     rows would outlive it."""
     if max_images_per_shard < 1:
         raise ValueError(f"max_images_per_shard must be at least 1, not {max_images_per_shard}")
-    check_new_batch(plan_dir, batch, replace=replace)
+    check_new_batch(layout, batch, replace=replace)
+    plan_dir = layout.plan_dir(batch)
     staging = plan_dir.with_name(f".{plan_dir.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
     staging.mkdir(parents=True)
     try:
         plan = _write_plan(
             items, batch, source, plan_dir, staging, max_images_per_shard, trigger, list(roots)
         )
-        _move_into_place(staging, plan_dir, plan, replace=replace)
+        _move_into_place(layout, staging, plan, replace=replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _publish(layout, plan, replace=replace)
     return plan
+
+
+def _publish(layout: LibraryLayout, plan: BatchPlan, *, replace: bool) -> None:
+    """Publish a plan written in place: its shard files, then ``plan.json`` (a new batch's
+    only if no other planner's is there: else the batch is theirs)."""
+    plan_dir = layout.plan_dir(plan.batch)
+    for shard in plan.shards:
+        layout.publish(plan_dir / f"{shard.key}.parquet")
+    if replace:
+        layout.publish(plan_dir / PLAN_FILE)
+    elif not layout.publish_new(plan_dir / PLAN_FILE):
+        shutil.rmtree(plan_dir, ignore_errors=True)
+        check_new_batch(layout, plan.batch)
+        raise BatchExistsError(f"batch {plan.batch!r} was planned elsewhere meanwhile")
 
 
 def _write_plan(
@@ -157,10 +186,13 @@ def _write_plan(
     return plan
 
 
-def _move_into_place(staging: Path, plan_dir: Path, plan: BatchPlan, *, replace: bool) -> None:
-    """Rename the finished plan over ``plan_dir``. Without ``replace`` the rename itself is the
-    claim on the batch id: it fails if another planner got there first."""
-    old = check_new_batch(plan_dir, plan.batch, replace=replace)
+def _move_into_place(
+    layout: LibraryLayout, staging: Path, plan: BatchPlan, *, replace: bool
+) -> None:
+    """Rename the finished plan over its plan folder. Without ``replace`` the rename itself is
+    the claim on the batch id (on this machine): it fails if another planner got there first."""
+    plan_dir = layout.plan_dir(plan.batch)
+    old = check_new_batch(layout, plan.batch, replace=replace)
     if old is not None and len(plan.shards) < len(old.shards):
         raise BatchExistsError(
             f"batch {plan.batch!r}: the replacement has {len(plan.shards)} shard(s), fewer than "
@@ -173,7 +205,7 @@ def _move_into_place(staging: Path, plan_dir: Path, plan: BatchPlan, *, replace:
         try:
             rename_durably(staging, plan_dir, os.rename)
         except OSError:
-            check_new_batch(plan_dir, plan.batch)
+            check_new_batch(layout, plan.batch)
             raise
         return
     retired = plan_dir.with_name(f".{plan_dir.name}.{uuid.uuid4().hex[:8]}.old{TEMP_SUFFIX}")
@@ -183,7 +215,43 @@ def _move_into_place(staging: Path, plan_dir: Path, plan: BatchPlan, *, replace:
 
 
 def load_plan(plan_dir: Path) -> BatchPlan:
+    """The plan in a local plan folder (:func:`read_plan` reads a library's)."""
     return BatchPlan.from_json((plan_dir / PLAN_FILE).read_text())
+
+
+def has_plan(layout: LibraryLayout, batch: str) -> bool:
+    """Whether the library holds a plan of ``batch``."""
+    return layout.fetch(layout.plan_path(batch))
+
+
+def read_plan(layout: LibraryLayout, batch: str) -> BatchPlan:
+    """The library's plan of ``batch`` as it is now (``FileNotFoundError`` if none)."""
+    if not has_plan(layout, batch):
+        raise FileNotFoundError(f"no plan of batch {batch!r} in {layout.location}")
+    return load_plan(layout.plan_dir(batch))
+
+
+def shard_file(layout: LibraryLayout, batch: str, shard: ShardPlan) -> Path:
+    """The local copy of a shard's plan file (its URIs), level with the library's and, for
+    an S3 library, checked to be the file its plan recorded."""
+    path = layout.plan_dir(batch) / f"{shard.key}.parquet"
+    if not layout.fetch(path):
+        raise FileNotFoundError(f"no plan file of shard {shard.key} in {layout.location}")
+    if layout.remote is not None and shard.md5 is not None and _file_md5(path) != shard.md5:
+        raise ValueError(
+            f"{layout.location}: the plan file of shard {shard.key} is not the one its plan "
+            "recorded (another planner of the same batch id overwrote it); re-plan the batch "
+            "with --replace"
+        )
+    return path
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_shard_items(path: str | Path) -> Iterable[tuple[int, SourceItem]]:
@@ -224,4 +292,6 @@ class _ShardWriter:
         self._flush()
         self.writer.close()
         rename_durably(self.tmp, self.path)
-        return ShardPlan(self.key, self.number, self.count, str(self.final_path))
+        return ShardPlan(
+            self.key, self.number, self.count, str(self.final_path), _file_md5(self.path)
+        )

@@ -2,7 +2,8 @@
 
 A trigger is what started a batch: the landing sensor seeing a marker or manifest, a schedule, or
 a person (the CLI, the UI). Its record is a small JSON file per batch, written when the batch is
-planned, so ``asset-library status`` and a reader of the library can trace shards to triggers.
+planned (and published to the library's home), so ``asset-library status`` and a reader of the
+library can trace shards to triggers from any machine.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from asset_library.ids import check_batch_id
-from asset_library.layout import atomic_write_text
+from asset_library.layout import LibraryLayout, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -33,16 +34,19 @@ def new_trigger_id(kind: str) -> str:
     return f"{kind}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def write_trigger(directory: Path, record: TriggerRecord) -> Path:
-    path = directory / f"{check_batch_id(record.batch)}.json"
+def write_trigger(layout: LibraryLayout, record: TriggerRecord) -> Path:
+    path = layout.triggers_dir / f"{check_batch_id(record.batch)}.json"
     atomic_write_text(path, json.dumps(asdict(record), indent=2))
-    return path
+    return layout.publish(path)
 
 
 def read_trigger(path: Path) -> TriggerRecord:
     return TriggerRecord(**json.loads(path.read_text()))
 
 
-def read_triggers(directory: Path) -> list[TriggerRecord]:
+def read_triggers(layout: LibraryLayout) -> list[TriggerRecord]:
+    """Every batch's trigger record, oldest first."""
+    directory = layout.triggers_dir
+    layout.pull(directory)
     records = [read_trigger(p) for p in directory.glob("*.json")]
     return sorted(records, key=lambda r: r.triggered_at)

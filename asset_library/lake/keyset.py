@@ -3,12 +3,14 @@
 every bucket (the one cost of a merge that grew with the library: about 0.2 s per million
 images, 200 s a merge at a billion).
 
-A cache of the table, never a second truth. It records the table it describes (its Delta
-table id), the version it is level with and the merge that made that version; a merge trusts
-it only while that commit is there as that merge made it and every ``images`` commit since
-changed no row (compaction's rewrite, a vacuum). Otherwise the merge reads the md5 column of
-every bucket, batch by batch, and rebuilds it from what it read. A merge that deletes md5s (a
-shard replaced or emptied) clears it.
+A cache of the table, never a second truth. For a library at an ``s3://`` home the cache is kept
+beside the lake there too (published after each merge, fetched by a machine that lacks it or
+whose copy is damaged), so a merge on a fresh machine does not read every bucket first. It
+records the table it describes (its Delta table id), the version it is level with and the merge
+that made that version; a merge trusts it only while that commit is there as that merge made it
+and every ``images`` commit since changed no row (compaction's rewrite, a vacuum). Otherwise the
+merge reads the md5 column of every bucket, batch by batch, and rebuilds it from what it read. A
+merge that deletes md5s (a shard replaced or emptied) clears it.
 
 On disk: ``keys.json`` (table, version, the total of md5s, runs) and one ``.npy`` per run, a
 ``(2, n)`` uint64 array of the md5s' high and low halves sorted by the high half. Each run is
@@ -35,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from asset_library.ids import is_md5
-from asset_library.layout import atomic_path, atomic_write_text
+from asset_library.layout import LibraryLayout, atomic_path, atomic_write_text
 
 MANIFEST = "keys.json"
 _CHUNK = 1 << 26
@@ -211,10 +213,38 @@ class CachedKeys:
 
 
 class ImageKeys:
-    """The local key cache of one lake's ``images`` table (see the module's docstring)."""
+    """The key cache of one lake's ``images`` table (see the module's docstring), in
+    ``directory``; with a ``layout`` whose home is S3, published there too."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, layout: LibraryLayout | None = None) -> None:
         self.directory = directory
+        self.layout = layout if layout is not None and layout.remote is not None else None
+        #: Files fetched from the home by this handle (a test or a log reads it).
+        self.fetched = 0
+
+    def _fetch(self, *, again: bool = False) -> None:
+        """Bring the local copy level with the home: its manifest, then the runs it lists
+        that are missing here (``again``: every run, the local copies being damaged)."""
+        if self.layout is None:
+            return
+        if again:
+            (self.directory / MANIFEST).unlink(missing_ok=True)
+        if not self.layout.fetch(self.directory / MANIFEST):
+            return
+        for run in self._runs():
+            path = self.directory / run.file
+            if "/" in run.file:
+                continue
+            if again:
+                path.unlink(missing_ok=True)
+            if not path.exists():
+                self.fetched += int(self.layout.fetch(path, immutable=True))
+
+    def _publish(self) -> None:
+        """Publish the runs the manifest names, then the manifest; remove at the home the
+        runs it no longer names."""
+        if self.layout is not None:
+            self.layout.push(self.directory, order=lambda path: int(path.name == MANIFEST))
 
     def _manifest(self) -> dict | None:
         try:
@@ -230,6 +260,7 @@ class ImageKeys:
         version is still the one that merge made and every commit since changed no row. A
         damaged cache is logged, naming the file, and cleared."""
         path = self.directory / MANIFEST
+        self._fetch()
         if not path.exists():
             return None
         manifest = self._manifest()
@@ -244,6 +275,11 @@ class ImageKeys:
         if not 0 <= cached <= version or not check(cached, str(manifest.get("merge"))):
             return None
         why = _damage(self.directory, manifest)
+        if why is not None and self.layout is not None:  # the home's copy may be whole
+            logger.warning("images key cache damaged here, fetched again: %s", why)
+            self._fetch(again=True)
+            manifest = self._manifest() or {}
+            why = _damage(self.directory, manifest)
         if why is None and int(manifest["total"]) != rows:
             why = f"{path}: lists {manifest['total']} md5s, the table holds {rows}"
         if why is not None:
@@ -267,6 +303,7 @@ class ImageKeys:
         """Replace the cache with these digests, level with ``version`` (made by ``merge``)."""
         self._save(table_id, version, merge, [self._write(_sorted(keys))])
         self._remove_unnamed()
+        self._publish()
 
     def add(self, keys: np.ndarray, table_id: str, version: int, merge: str) -> None:
         """Record md5s a merge appended (none of them cached yet), now level with ``version``
@@ -285,11 +322,15 @@ class ImageKeys:
         for name in made:
             if name not in kept:
                 (self.directory / name).unlink(missing_ok=True)
+        self._publish()
 
     def clear(self) -> None:
         """Forget everything: the next merge reads the table and rebuilds the cache."""
+        if self.layout is not None:
+            self.layout.remove(self.directory / MANIFEST)
         (self.directory / MANIFEST).unlink(missing_ok=True)
         self._remove_unnamed()
+        self._publish()
 
     def _remove_unnamed(self) -> None:
         """Delete run files (and half-written files) the manifest does not name: what a merge

@@ -205,7 +205,7 @@ def _merge_images(lake: Lake) -> MergeResult:
             f"{lake.uri('image_counts')} records occurrences version {counted}, beyond the "
             f"latest of {lake.uri('occurrences')} ({now}): these tables are not one lake's"
         )
-    keys = ImageKeys(lake.image_keys) if lake.image_keys is not None else None
+    keys = ImageKeys(lake.image_keys, lake.layout) if lake.image_keys is not None else None
     done: list[MergeResult] = []
     if counted > last:  # a merge of last+1..counted committed image_counts, then stopped:
         # its images commit is made from the same range, its counts are not written twice

@@ -50,6 +50,9 @@ class Lake:
     #: A local folder for the cache of the md5s ``images`` holds (:mod:`.keyset`); ``None``:
     #: every merge reads the md5 column of the buckets it touches.
     image_keys: Path | None = None
+    #: The library whose home keeps the key cache durable beside the lake (``None``: the
+    #: cache stays in ``image_keys`` alone).
+    layout: LibraryLayout | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, layout: LibraryLayout, environ: Mapping[str, str] | None = None) -> Lake:
@@ -59,10 +62,10 @@ class Lake:
         location = (
             environ.get("ASSET_LIBRARY_LAKE")
             or layout.settings().get("lake")
-            or str(layout.lake_dir)
+            or layout.lake_location
         )
         options = delta_storage_options(environ) if is_s3(location) else {}
-        return cls(location.rstrip("/"), layout.n_buckets, options, layout.image_keys_dir)
+        return cls(location.rstrip("/"), layout.n_buckets, options, layout.image_keys_dir, layout)
 
     @property
     def is_s3(self) -> bool:

@@ -39,12 +39,12 @@ from asset_library.defs.tags import (
     TRIGGER_TAG,
 )
 from asset_library.ids import batch_id_for, check_batch_id
-from asset_library.ingest.plan import BatchPlan, check_new_batch, load_plan
+from asset_library.ingest.plan import BatchPlan, check_new_batch, read_plan
 from asset_library.ingest.pool import default_workers
 from asset_library.ingest.progress import ShardProgress, read_progress
 from asset_library.ingest.sources import check_source
 from asset_library.ingest.triggers import new_trigger_id
-from asset_library.layout import LibraryLayout
+from asset_library.layout import CACHE_ENV, LibraryLayout, cache_home
 from asset_library.runs.instance import NOT_ENDED, local_instance, reap_dead_runs
 from asset_library.runs.processes import stop_signals_deferred
 from asset_library.runs.worker import INSTANCE_ENV, RunWorkers
@@ -175,7 +175,7 @@ def ingest_batch(
     parallel = parallel or default_parallel()
     retries = default_retries(instance) if retries is None else retries
     batch = batch or batch_id_for(source, datetime.now(UTC))
-    check_new_batch(layout.plan_dir(batch), batch, replace=replace)
+    check_new_batch(layout, batch, replace=replace)
     trigger = new_trigger_id("cli")
     summary = IngestSummary(batch=batch, trigger=trigger, parallel=parallel)
     # This process retries its shards itself; a daemon on the same instance must not as well.
@@ -207,7 +207,7 @@ def ingest_batch(
             planned = _run_one(pool, instance, "plan_batch", plan_tags, config)
             if not planned["success"]:
                 raise PlanningFailed(planned["failure"] or f"planning {source} failed")
-            plan = load_plan(layout.plan_dir(batch))
+            plan = read_plan(layout, batch)
             summary.shards = len(plan.shards)
             progress(
                 f"batch {batch}: {plan.images:,} images in {len(plan.shards)} shard(s), "
@@ -389,7 +389,9 @@ def _worker_env(
     per shard (``workers``, else ``ASSET_LIBRARY_WORKERS``, else the cores' share)."""
     worker_env = {k: v for k, v in os.environ.items() if not k.startswith(_SETTING_PREFIXES)}
     worker_env.update(env)
-    worker_env["ASSET_LIBRARY_HOME"] = str(layout.root)
+    worker_env["ASSET_LIBRARY_HOME"] = layout.location
+    # The same cache folder: an S3 library's working copies and the progress files read here.
+    worker_env[CACHE_ENV] = env.get(CACHE_ENV) or str(cache_home())
     if workers is not None or not env.get("ASSET_LIBRARY_WORKERS"):
         worker_env["ASSET_LIBRARY_WORKERS"] = str(
             workers if workers is not None else workers_per_shard(parallel)

@@ -85,7 +85,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.libraries = reads.LibraryPool(settings.library, settings.readers)
     app.state.loop_library = Library(settings.library)  # the event loop's own: store reads only
     app.state.thumbs = ThumbnailCache(settings.cache_dir / "thumbs", settings.thumb_size)
-    app.state.shard_states = ShardStates(LibraryLayout(settings.library))
+    app.state.shard_states = ShardStates(LibraryLayout.at(settings.library))
     app.include_router(router)
     app.include_router(gallery_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -154,7 +154,7 @@ async def _damaged_object(request: Request, error: Exception) -> Response:
     assert isinstance(error, DamagedObjectError)
     settings: ServeSettings = request.app.state.settings
     try:
-        DamageRecord(LibraryLayout(settings.library).damaged_objects_dir).add(error)
+        DamageRecord(LibraryLayout.at(settings.library).damaged_objects_dir).add(error)
     except OSError as failed:  # a library on a read-only mount: the answer still says it
         log.warning("could not record the damaged object of %s: %s", error.md5, failed)
     log.error("%s", error)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asset_library.ingest.plan import BatchPlan, load_plan
+from asset_library.ingest.plan import BatchPlan, has_plan, load_plan
 from asset_library.ingest.triggers import TriggerRecord, read_trigger
 from asset_library.layout import LibraryLayout
 
@@ -27,7 +27,17 @@ class BatchList:
 def recent_batches(layout: LibraryLayout, limit: int, offset: int) -> BatchList:
     """The batches by their trigger record, newest first. Only the page's records are read: the
     order is the records' write time (each is written once, when its batch is planned), so a
-    deep page costs what the first does."""
+    deep page costs what the first does. An S3 library's records are fetched into the cache
+    first; their local write times are then the fetch's, so they are ordered by the time each
+    records instead (every record read)."""
+    layout.pull(layout.triggers_dir)
+    if layout.remote is not None:
+        records = sorted(
+            (read_trigger(p) for p in layout.triggers_dir.glob("*.json")),
+            key=lambda r: (r.triggered_at, r.batch),
+            reverse=True,
+        )
+        return BatchList(len(records), records[offset : offset + limit])
     found = []
     for path in layout.triggers_dir.glob("*.json"):
         try:
@@ -40,7 +50,7 @@ def recent_batches(layout: LibraryLayout, limit: int, offset: int) -> BatchList:
 
 def batch_plan(layout: LibraryLayout, batch: str) -> BatchPlan | None:
     """The batch's plan (its shards and their planned images), ``None`` if it has none."""
-    if not layout.plan_path(batch).exists():
+    if not has_plan(layout, batch):  # fetched first for an S3 library
         return None
     return load_plan(layout.plan_dir(batch))
 

@@ -47,7 +47,7 @@ class LibraryPool:
     """A few ``Library`` handles shared by the request threads, one thread each at a time
     (a DuckDB connection serves one thread at a time)."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: str | Path, size: int) -> None:
         self.path = path
         self._free: queue.LifoQueue[Library] = queue.LifoQueue()
         self._free.put(Library(path))  # fails now, not on the first request, if it's no library
@@ -70,7 +70,7 @@ class LibraryPool:
 
     def object_store(self, library: Library) -> ObjectStore:
         """The library's recorded store, opened once (an S3 client is costly to make)."""
-        location = str(library.layout.recorded_objects() or library.layout.objects_dir)
+        location = str(library.layout.recorded_objects() or library.layout.objects_location)
         with self._lock:
             if self._store is None or self._store[0] != location:
                 self._store = (location, open_store(location))

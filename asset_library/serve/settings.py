@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from asset_library.layout import SETTINGS_FILE, LibraryLayout, default_library_path
+from asset_library.layout import SETTINGS_FILE, LibraryLayout, cache_home
 from asset_library.serve.uploads import DEFAULT_PIXEL_BUDGET
 
 #: The bearer token every request must carry; required to listen beyond loopback.
@@ -33,11 +33,12 @@ def is_loopback(host: str) -> bool:
         return False  # a name: it may resolve to any interface
 
 
-def default_cache_dir(library: Path, environ: Mapping[str, str] = os.environ) -> Path:
-    """A per-user cache folder of one library: ``$XDG_CACHE_HOME/asset-library/<name>-<hash>``."""
-    base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+def default_cache_dir(library: str | Path, environ: Mapping[str, str] = os.environ) -> Path:
+    """A per-user cache folder of one library (a folder or an ``s3://`` home): in this
+    machine's cache folder (:func:`cache_home`), ``<name>-<hash>``."""
     digest = hashlib.sha256(str(library).encode()).hexdigest()[:12]
-    return base / "asset-library" / f"{library.name}-{digest}"
+    name = str(library).rstrip("/").rsplit("/", 1)[-1]
+    return cache_home(environ) / f"{name}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class ServeSettings:
     """One service's settings. The cache (thumbnails) never lives inside the library, which
     the service only reads."""
 
-    library: Path
+    #: The library's home: its folder, or ``s3://bucket/prefix``.
+    library: str
     cache_dir: Path
     token: str | None = None
     max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 2**20)
@@ -72,16 +74,21 @@ class ServeSettings:
     ) -> ServeSettings:
         """Settings from the command line and the environment; :class:`ServeRefused` when the
         host is not loopback and no token is set, or the cache would sit inside the library."""
-        root = Path(library).expanduser().resolve() if library else default_library_path()
-        if not LibraryLayout(root).settings_path.exists():
-            raise ServeRefused(f"no asset library at {root} (no {SETTINGS_FILE})")
+        layout = LibraryLayout.at(library)
+        if not layout.fetch(layout.settings_path):
+            raise ServeRefused(f"no asset library at {layout.location} (no {SETTINGS_FILE})")
+        root = layout.root
         token = environ.get(TOKEN_ENV) or None
         if not is_loopback(host) and token is None:
             raise ServeRefused(
                 f"refusing to listen on {host}: beyond loopback every request must carry a "
                 f"token; set {TOKEN_ENV} (clients send 'Authorization: Bearer <token>')"
             )
-        cache = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir(root)
+        cache = (
+            Path(cache_dir).expanduser().resolve()
+            if cache_dir
+            else default_cache_dir(layout.location, environ)
+        )
         if cache.is_relative_to(root):
             raise ServeRefused(f"the cache folder {cache} is inside the library {root}")
         if max_upload_mb is None:
@@ -97,7 +104,7 @@ class ServeSettings:
         if not decode_wait_s > 0:
             raise ServeRefused(f"the decode wait must be positive, not {decode_wait_s} s")
         return cls(
-            library=root,
+            library=layout.location,
             cache_dir=cache,
             token=token,
             max_upload_bytes=int(max_upload_mb * 2**20),

@@ -17,7 +17,8 @@ One module per concern, each importing only those listed before it: :mod:`.error
 stores raise), :mod:`.base` (the interface and the key rules), :mod:`.local` and
 :mod:`.s3_store` (the back ends), :mod:`.verify` (stored images checked against their keys) and
 :mod:`.location` (the store a library records and the store a location opens). Callers import
-the public names from here.
+the public names from here; :mod:`.remote` (a library's own files at an ``s3://`` home) is used
+by the library layout alone.
 
 This package deliberately imports no Dagster, so workers and scripts can use it on their own.
 """

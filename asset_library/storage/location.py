@@ -44,11 +44,11 @@ def bind_store(layout: LibraryLayout, location: str | os.PathLike[str], *, recor
     recorded = store_location(recorded)
     if recorded != wanted:
         raise StoreMismatchError(
-            f"library {layout.root} keeps its images in {recorded}, but this run is configured "
+            f"library {layout.location} keeps its images in {recorded}, but this run is configured "
             f"for {wanted} (ASSET_LIBRARY_OBJECTS); nothing was stored. Unset "
             "ASSET_LIBRARY_OBJECTS to use the library's store, or, to move the library on "
             f'purpose, copy its objects to the new store and set "objects" in '
-            f"{layout.settings_path} to it.",
+            f"{layout.location}/library.json to it.",
             code="StoreMismatch",
         )
     return wanted

@@ -33,7 +33,7 @@ from asset_library.defs.resources import (
 from asset_library.defs.tags import BATCH_TAG, TRIGGER_TAG, tag_run
 from asset_library.ids import batch_of, check_batch_id
 from asset_library.ingest.access import ReadPolicy, batch_roots
-from asset_library.ingest.plan import load_plan, plan_batch, read_shard_items
+from asset_library.ingest.plan import plan_batch, read_plan, read_shard_items, shard_file
 from asset_library.ingest.pool import FingerprintPool
 from asset_library.ingest.progress import write_progress
 from asset_library.ingest.shard import ShardStats, ingest_shard
@@ -82,7 +82,7 @@ def batch_plan(
         _noting_outside(iter_batch(source, client), ReadPolicy(tuple(roots)), outside),
         batch=batch,
         source=source,
-        plan_dir=layout.plan_dir(batch),
+        layout=layout,
         max_images_per_shard=config.max_images_per_shard or library.max_images_per_shard,
         trigger=config.trigger,
         roots=roots,
@@ -95,7 +95,7 @@ def batch_plan(
         )
     context.instance.add_dynamic_partitions(SHARDS, plan.shard_keys)
     write_trigger(
-        layout.triggers_dir,
+        layout,
         TriggerRecord(
             trigger=config.trigger,
             kind=config.trigger_kind,
@@ -118,7 +118,11 @@ def batch_plan(
             "shard_keys": dg.MetadataValue.md(
                 "\n".join(f"- `{s.key}`: {s.images:,} images" for s in plan.shards[:50])
             ),
-            "plan": dg.MetadataValue.path(str(layout.plan_path(batch))),
+            "plan": dg.MetadataValue.path(
+                f"{layout.home}/plans/{batch}/plan.json"
+                if layout.home
+                else str(layout.plan_path(batch))
+            ),
         }
     )
 
@@ -232,7 +236,7 @@ def _ingest(
     keys_path = layout.keys_path(shard)
     for orphan in layout.remove_orphan_shard_files(shard):
         context.log.info(f"removed {orphan}, left by a run of {shard} that was killed")
-    plan = load_plan(layout.plan_dir(batch))
+    plan = read_plan(layout, batch)
     shard_plan = next((s for s in plan.shards if s.key == shard), None)
     if shard_plan is None:
         raise dg.Failure(f"shard {shard} is not in the plan of batch {batch}")
@@ -253,7 +257,7 @@ def _ingest(
 
     with FingerprintPool(library.workers) as pool:
         stats = ingest_shard(
-            read_shard_items(shard_plan.path),
+            read_shard_items(shard_file(layout, batch, shard_plan)),
             keys_path=keys_path,
             store=store,
             read=sources.reader(plan.roots),
@@ -279,6 +283,7 @@ def _ingest(
         ),
     ]
     yield from _failing(key_checks, shard, "its keys fail a check; no lake row written")
+    layout.publish(keys_path)  # the shard's fingerprints, durable beside its plan
 
     lake = library.lake()
     # One commit per table: Ctrl-C waits for the last commit rather than leaving a part.

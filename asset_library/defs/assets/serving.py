@@ -61,7 +61,7 @@ def serving_store(library: LibraryResource, config: ServingStoreConfig):
             "bytes": path.stat().st_size,
         }
     )
-    checked = check_store(Library(library.layout().root), config.check_sample)
+    checked = check_store(Library(library.layout().location), config.check_sample)
     yield dg.AssetCheckResult(
         check_name="serving_store_level",
         passed=checked.passed,
