@@ -11,6 +11,7 @@ enough ago are vacuumed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -85,6 +86,9 @@ def compact(
             retention_hours=retention_hours,
             dry_run=False,
             enforce_retention_duration=retention_hours >= VACUUM_RETENTION_HOURS,
+            # files no commit lists (a crashed merge's or shard's) too, not only removed ones;
+            # a shorter retention could take a writer's files before its commit: not then
+            full=retention_hours >= VACUUM_RETENTION_HOURS,
         )
         table.update_incremental()
         metrics["vacuumed_files"] = len(vacuumed)
@@ -165,13 +169,22 @@ def _merge_buckets(table: DeltaTable, name: str, plan: dict[int | None, list[Dat
             actions.extend(RemoveAction(f.path, False, now, f.size, values) for f in files)
             read += sum(f.size for f in files)
             written += int(info.size)
-    table.create_write_transaction(
-        actions,
-        mode="append",
-        schema=schema,
-        partition_by=[column],
-        commit_properties=CommitProperties(custom_metadata=REWRITE_MARK),
-    )
+    try:
+        table.create_write_transaction(
+            actions,
+            mode="append",
+            schema=schema,
+            partition_by=[column],
+            commit_properties=CommitProperties(custom_metadata=REWRITE_MARK),
+        )
+    except Exception:
+        # refused (a file it merged was removed meanwhile): its files are no one's. A crash
+        # leaves them too; the full vacuum (:func:`compact`) removes those once old enough.
+        for action in actions:
+            if isinstance(action, AddAction):
+                with contextlib.suppress(OSError):
+                    dataset.filesystem.delete_file(action.path)
+        raise
     table.update_incremental()
     return {
         "files_added": len(chosen),
