@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
+from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import AddAction, RemoveAction
 
 from asset_library.lake.schemas import INDEX_ORDER, PARTITIONS, SCHEMAS, SORTED_BY_MD5
@@ -177,11 +178,14 @@ def _merge_buckets(table: DeltaTable, name: str, plan: dict[int | None, list[Dat
             partition_by=[column],
             commit_properties=CommitProperties(custom_metadata=REWRITE_MARK),
         )
-    except Exception:
-        # refused (a file it merged was removed meanwhile): its files are no one's. A crash
-        # leaves them too; the full vacuum (:func:`compact`) removes those once old enough.
+    except CommitFailedError:
+        # refused (a file it merged was removed meanwhile): its files are no one's, unless the
+        # log lists them after all (a commit that landed but was answered as lost). Any other
+        # failure, or a crash, leaves them to the full vacuum (:func:`compact`).
+        table.update_incremental()
+        live = set(pa.table(table.get_add_actions(flatten=True))["path"].to_pylist())
         for action in actions:
-            if isinstance(action, AddAction):
+            if isinstance(action, AddAction) and action.path not in live:
                 with contextlib.suppress(OSError):
                     dataset.filesystem.delete_file(action.path)
         raise
