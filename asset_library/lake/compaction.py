@@ -6,7 +6,7 @@ once it holds ``fan_in``, never the large files of a tier that is not full. So a
 compaction costs about its own bytes once per tier, not the library. A merged file is sorted as
 its writer sorts it; its commit, marked :data:`REWRITE_MARK`, removes exactly the files it
 merged, so the merge and the similarity index skip it as a change. Then files replaced long
-enough ago are vacuumed.
+enough ago are vacuumed, and files no commit lists (a killed merge's) as old.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def compact(
 ) -> dict[str, dict[str, Any]]:
     """Merge each bucket's files by size tiers (:func:`.tiers.files_to_merge`: ``fan_in``
     files of a tier into one, tier 0 under ``tier_rows`` rows), then vacuum files replaced more
-    than ``retention_hours`` ago. One commit per table for the merges (each bucket's merged
+    than ``retention_hours`` ago (and, at the default retention or more, files no commit lists
+    written as long ago). One commit per table for the merges (each bucket's merged
     file sorted as its writer sorts it), and two for a vacuum that removes files (its start
     and end). Metrics per table: files before and after, buckets merged, files added and
     removed, bytes rewritten (read) and written, and live files per tier after."""
