@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -792,6 +793,38 @@ def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(
     _land(layout, lake, "q-s00002", random_md5s(rng, 50))
     _merge_buckets(read, "attributes", _bucket_files(read, "attributes"))
     assert row_count(lake.open("attributes")) == (100 + 300 + 50) * 6
+
+
+def _unreferenced(lake: Lake, table: str) -> set[str]:
+    """Data files in the table's folder that its log does not list as live."""
+    root = Path(lake.uri(table))
+    live = set(pa.table(lake.open(table).get_add_actions(flatten=True))["path"].to_pylist())
+    return {p.relative_to(root).as_posix() for p in root.rglob("*.parquet")} - live
+
+
+def test_a_merge_that_cannot_commit_or_never_did_leaves_no_file_behind(tmp_path):
+    """A merge refused by a concurrent replace deletes the files it wrote; a file a crashed
+    merge wrote and never committed (listed by no commit) is vacuumed once old enough."""
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(17)
+    _land(layout, lake, "o-s00000", random_md5s(rng, 200))
+    _land(layout, lake, "o-s00001", random_md5s(rng, 200))
+    read = lake.open("occurrences")
+    _land(layout, lake, "o-s00000", random_md5s(rng, 100))  # replaced meanwhile
+    replaced = _unreferenced(lake, "occurrences")  # the replaced shard's files, tombstoned
+    with pytest.raises(CommitFailedError):
+        _merge_buckets(read, "occurrences", _bucket_files(read, "occurrences"))
+    assert _unreferenced(lake, "occurrences") == replaced
+    # a crashed merge's file, a month old: listed by no commit, not even as removed
+    root = Path(lake.uri("occurrences"))
+    (live, *_) = sorted(_paths(lake, "occurrences", 3))
+    crashed = root / "bucket=3" / "part-00000-0c2a5e0e-0000-4000-8000-000000000000-c000.parquet"
+    shutil.copyfile(root / live, crashed)
+    month_ago = (datetime.now(UTC) - timedelta(days=30)).timestamp()
+    os.utime(crashed, (month_ago, month_ago))
+    compact(lake)
+    assert not crashed.exists()
+    assert _unreferenced(lake, "occurrences") == replaced  # removed too recently: kept
 
 
 def _paths(lake: Lake, table: str, bucket: int) -> set[str]:

@@ -6,11 +6,12 @@ once it holds ``fan_in``, never the large files of a tier that is not full. So a
 compaction costs about its own bytes once per tier, not the library. A merged file is sorted as
 its writer sorts it; its commit, marked :data:`REWRITE_MARK`, removes exactly the files it
 merged, so the merge and the similarity index skip it as a change. Then files replaced long
-enough ago are vacuumed.
+enough ago are vacuumed, and files no commit lists (a killed merge's) as old.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -25,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
+from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import AddAction, RemoveAction
 
 from asset_library.lake.schemas import INDEX_ORDER, PARTITIONS, SCHEMAS, SORTED_BY_MD5
@@ -55,7 +57,8 @@ def compact(
 ) -> dict[str, dict[str, Any]]:
     """Merge each bucket's files by size tiers (:func:`.tiers.files_to_merge`: ``fan_in``
     files of a tier into one, tier 0 under ``tier_rows`` rows), then vacuum files replaced more
-    than ``retention_hours`` ago. One commit per table for the merges (each bucket's merged
+    than ``retention_hours`` ago (and, at the default retention or more, files no commit lists
+    written as long ago). One commit per table for the merges (each bucket's merged
     file sorted as its writer sorts it), and two for a vacuum that removes files (its start
     and end). Metrics per table: files before and after, buckets merged, files added and
     removed, bytes rewritten (read) and written, and live files per tier after."""
@@ -85,6 +88,9 @@ def compact(
             retention_hours=retention_hours,
             dry_run=False,
             enforce_retention_duration=retention_hours >= VACUUM_RETENTION_HOURS,
+            # files no commit lists (a crashed merge's or shard's) too, not only removed ones;
+            # a shorter retention could take a writer's files before its commit: not then
+            full=retention_hours >= VACUUM_RETENTION_HOURS,
         )
         table.update_incremental()
         metrics["vacuumed_files"] = len(vacuumed)
@@ -165,13 +171,25 @@ def _merge_buckets(table: DeltaTable, name: str, plan: dict[int | None, list[Dat
             actions.extend(RemoveAction(f.path, False, now, f.size, values) for f in files)
             read += sum(f.size for f in files)
             written += int(info.size)
-    table.create_write_transaction(
-        actions,
-        mode="append",
-        schema=schema,
-        partition_by=[column],
-        commit_properties=CommitProperties(custom_metadata=REWRITE_MARK),
-    )
+    try:
+        table.create_write_transaction(
+            actions,
+            mode="append",
+            schema=schema,
+            partition_by=[column],
+            commit_properties=CommitProperties(custom_metadata=REWRITE_MARK),
+        )
+    except CommitFailedError:
+        # refused (a file it merged was removed meanwhile): its files are no one's, unless the
+        # log lists them after all (a commit that landed but was answered as lost). Any other
+        # failure, or a crash, leaves them to the full vacuum (:func:`compact`).
+        table.update_incremental()
+        live = set(pa.table(table.get_add_actions(flatten=True))["path"].to_pylist())
+        for action in actions:
+            if isinstance(action, AddAction) and action.path not in live:
+                with contextlib.suppress(OSError):
+                    dataset.filesystem.delete_file(action.path)
+        raise
     table.update_incremental()
     return {
         "files_added": len(chosen),

@@ -156,7 +156,8 @@ def library_audit(library: LibraryResource, object_store: ObjectStoreResource):
     kinds={"deltalake"},
     description="Every table's buckets compacted by size tiers (a tier's files merged into one "
     "once it holds 8; large files of a tier not full left alone), then vacuumed (files "
-    "replaced more than 7 days ago deleted). Run by the compact_library job.",
+    "replaced, or listed by no commit, more than 7 days ago deleted). Run by the compact_library "
+    "job.",
 )
 def lake_compaction(library: LibraryResource) -> dg.MaterializeResult:
     lake = library.lake()
