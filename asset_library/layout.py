@@ -260,6 +260,13 @@ class LibraryLayout:
             return None
         return _remote(self.home, self.root)
 
+    def home_of(self, path: Path) -> str:
+        """Where a file of the library lives: its path in a folder library, its URL in an S3
+        library's home (what a message names, rather than the cache's copy)."""
+        if not self.home:
+            return str(path)
+        return f"{self.home}/{self._inside(path).relative_to(self.root).as_posix()}"
+
     def _inside(self, path: Path) -> Path:
         if not path.is_relative_to(self.root):
             raise ValueError(f"{path} is not a file of the library at {self.location}")

@@ -236,7 +236,9 @@ def shard_file(layout: LibraryLayout, batch: str, shard: ShardPlan) -> Path:
     an S3 library, checked to be the file its plan recorded."""
     path = layout.plan_dir(batch) / f"{shard.key}.parquet"
     if not layout.fetch(path):
-        raise FileNotFoundError(f"no plan file of shard {shard.key} in {layout.location}")
+        raise FileNotFoundError(
+            f"No such file: {layout.home_of(path)} (the plan file of shard {shard.key})"
+        )
     if layout.remote is not None and shard.md5 is not None and _file_md5(path) != shard.md5:
         raise ValueError(
             f"{layout.location}: the plan file of shard {shard.key} is not the one its plan "
