@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,21 +58,6 @@ mutation Launch($params: LaunchBackfillParams!) {
   }
 }
 """
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    """One PostgreSQL 15 for the module. Fails (never skips) if it can't start."""
-    server = PostgresServer()
-    try:
-        server.start()
-    except Exception as exc:
-        server.stop()
-        pytest.fail(f"could not start PostgreSQL: {exc}", pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _machine_home(tmp_path: Path) -> Path:
