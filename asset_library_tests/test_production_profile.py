@@ -20,14 +20,18 @@ from typing import Any
 import dagster as dg
 import pytest
 import yaml
+from pydantic_core import to_jsonable_python
 
 from asset_library import Library
 from asset_library.ids import shard_key
 from asset_library.layout import LibraryLayout
+from asset_library.serving import STORE_SETTING
+from asset_library.serving.backend import PASSWORD_SETTING
 from asset_library.storage import object_key
 from asset_library_tests.support.corpus import corpus_jpegs
 from asset_library_tests.support.dagster_processes import Webserver, script, start_daemon
 from asset_library_tests.support.postgres import PostgresServer
+from asset_library_tests.support.serve_process import ServeReplica
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -223,7 +227,13 @@ def test_a_landed_batch_runs_on_the_production_profile(
         ASSET_LIBRARY_WORKERS="1",
         ASSET_LIBRARY_SENSOR_INTERVAL="3",
     )
-    for name, value in postgres.env().items():
+    # The serving store in the same server, a database of its own (its password apart).
+    store = {
+        STORE_SETTING: postgres.new_database("serving_store"),
+        PASSWORD_SETTING: postgres.password,
+    }
+    env.update(store)
+    for name, value in {**postgres.env(), **store}.items():
         monkeypatch.setenv(name, value)
 
     # The batch lands without its marker; two shards' object folders are blocked by files.
@@ -361,11 +371,35 @@ def _run(instance, daemon, webserver, env, clone, landed, shards, blocked, image
         r.tags["asset_library/trigger"] == "sensor" and r.tags["asset_library/batch"] == BATCH
         for r in refreshes
     )
+    # The refresh wrote the serving store to PostgreSQL (no SQLite file beside the lake); two
+    # serve replicas, each on a machine of its own, answer every lookup from it.
+    md5s = sorted({md5 for _, md5 in images})
+    complete = time.monotonic()
+    _wait("the serving store", lambda: Library(root).lookup(md5s[0])["answered_by"] == "store",
+          120, daemon)  # fmt: skip
+    assert not (root / "serving" / "store.sqlite").exists()
+    reference = Library(root)
+    store = {k: env[k] for k in (STORE_SETTING, PASSWORD_SETTING)}
+    replicas = [ServeReplica(str(root), clone / f"machine-{n}", store) for n in (1, 2)]
+    try:
+        for replica in replicas:
+            replica.start()
+        for md5 in md5s:
+            expected = to_jsonable_python(reference.lookup(md5))
+            assert expected["answered_by"] == "store"
+            for replica in replicas:
+                status, body = replica.get(f"/images/{md5}")
+                assert status == 200 and body == expected, (md5, body, replica.tail())
+    finally:
+        for replica in replicas:
+            replica.stop()
+    served = time.monotonic() - complete
     print(
         f"\nproduction profile: landing -> {len(shards)} shard runs finished "
         f"{landed_to_runs:.0f} s (at most {overlap} at once); unblock -> backfilled "
-        f"and complete {time.monotonic() - repaired:.0f} s; landing -> complete "
-        f"{time.monotonic() - started:.0f} s"
+        f"and complete {complete - repaired:.0f} s; landing -> complete "
+        f"{complete - started:.0f} s; then the store level and two replicas answering "
+        f"from it {served:.0f} s"
     )
 
 

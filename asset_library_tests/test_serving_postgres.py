@@ -165,3 +165,38 @@ def test_postgres_store_of_another_layout_is_rebuilt_and_its_password_never_show
     assert postgres.password not in backend_of(with_password, None).describe()
     with pytest.raises(ValueError, match=f"{STORE_SETTING}=.*not a postgresql:// URL"):
         backend_of("mysql://user@host/db", None)
+
+
+def test_a_lake_on_s3_is_served_from_postgres(
+    store, s3_env, s3_bucket, tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    """A library whose lake is on S3 has no SQLite store; with PostgreSQL it has one, level
+    with the lake by one ``HEAD`` of the next commit's log per lookup."""
+    monkeypatch.setenv("ASSET_LIBRARY_LAKE", f"s3://{s3_bucket}/lake")
+    layout = LibraryLayout.open(tmp_path / "library", BUCKETS)
+    lake = Lake.of(layout)
+    assert lake.is_s3
+    lake.ensure()
+    rng = np.random.default_rng(23)
+    md5s = random_md5s(rng, 20)
+    _land(layout, lake, "a-s00000", md5s)
+    merge_images(lake)
+    with pytest.raises(ValueError, match="needs a PostgreSQL serving store"):
+        sync(lake, layout.serving_store_path)
+    assert sync(lake, store).rebuilt
+    library = Library(layout.root)
+    for md5 in md5s:
+        found = library.lookup(md5)
+        assert found["answered_by"] == "store"
+        assert {**found, "answered_by": "lake"} == {
+            **library.lake_record(md5),
+            "answered_by": "lake",
+        }
+    assert check_store(library, sample=5, seed=2).passed
+    more = random_md5s(rng, 3)
+    _land(layout, lake, "b-s00000", more)
+    merge_images(lake)
+    assert Library(layout.root).lookup(more[0])["answered_by"] == "lake"  # behind: the lake
+    assert not sync(lake, store).rebuilt
+    assert Library(layout.root).lookup(more[0])["answered_by"] == "store"
+    assert not layout.serving_store_path.exists()

@@ -99,6 +99,7 @@ class StoreReader:
     lake: Lake
     _connection: Any = field(default=None, repr=False)
     _next_logs: dict[str, str] = field(default_factory=dict, repr=False)
+    _s3: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.store, Path):
@@ -169,16 +170,32 @@ class StoreReader:
         one the store records)."""
         if version is None:
             raise StoreUnavailable(f"serving store {self._name()} records no {table} version")
-        if self.lake.is_s3:
-            raise StoreUnavailable("the store's level with a lake on S3 is not checked yet")
         if table not in self._next_logs:
             self._next_logs[table] = os.path.join(
                 self.lake.uri(table), "_delta_log", "{:020d}.json"
             )
-        if os.path.exists(self._next_logs[table].format(int(version) + 1)):
+        if self._exists(self._next_logs[table].format(int(version) + 1)):
             raise StoreUnavailable(
                 f"serving store {self._name()} is behind the lake (at {table} version {version})"
             )
+
+    def _exists(self, log: str) -> bool:
+        """Whether a commit's log file exists: a ``stat``, or one ``HEAD`` on S3."""
+        if not self.lake.is_s3:
+            return os.path.exists(log)
+        if self._s3 is None:
+            from asset_library.storage.s3_store import s3_client_from_env
+
+            self._s3 = s3_client_from_env(max_attempts=2, read_timeout=10.0)
+        bucket, _, key = log.removeprefix("s3://").partition("/")
+        try:
+            self._s3.head_object(Bucket=bucket, Key=key)
+        except Exception as error:  # botocore's ClientError: a 404 says there is none
+            status = getattr(error, "response", {}).get("ResponseMetadata", {})
+            if status.get("HTTPStatusCode") == 404:
+                return False
+            raise StoreUnavailable(f"the lake's {log} unreadable: {error}") from None
+        return True
 
     def with_attribute(
         self, attribute: str, value: str, origin: str | None, after: str, limit: int, images: bool
