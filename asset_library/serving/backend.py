@@ -26,6 +26,8 @@ from asset_library.serving.schema import SCHEMA, network_filesystem, remove_stor
 STORE_SETTING = "ASSET_LIBRARY_SERVING_STORE"
 #: The store's password, when the setting's URL carries none (libpq's ``PGPASSWORD`` works too).
 PASSWORD_SETTING = "ASSET_LIBRARY_SERVING_STORE_PASSWORD"
+#: Seconds a connection to a PostgreSQL store may take before the store counts as unavailable.
+CONNECT_TIMEOUT_S = 5
 #: Rows per multi-row ``INSERT`` in PostgreSQL: one round trip carries this many.
 PG_PAGE = 5_000
 
@@ -224,7 +226,10 @@ class PostgresBackend(Backend):
     def _connect(self) -> Any:
         password = os.environ.get(PASSWORD_SETTING)
         extra = {"password": password} if password and not urlsplit(self.url).password else {}
-        return _psycopg2().connect(self.url, application_name="asset-library", **extra)
+        # A store that does not answer within seconds is unavailable: lookups read the lake.
+        return _psycopg2().connect(
+            self.url, application_name="asset-library", connect_timeout=CONNECT_TIMEOUT_S, **extra
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[StoreWriter]:
