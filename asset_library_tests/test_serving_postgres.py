@@ -200,3 +200,18 @@ def test_a_lake_on_s3_is_served_from_postgres(
     assert not sync(lake, store).rebuilt
     assert Library(layout.root).lookup(more[0])["answered_by"] == "store"
     assert not layout.serving_store_path.exists()
+
+
+def test_rows_with_reserved_characters_travel_intact(store):
+    """Rows reach PostgreSQL by COPY's text format: its reserved characters survive."""
+    awkward = ["tab\there", "new\nline", "back\\slash \\N", "\\N", "", "caf\u00e9 \r end"]
+    rows = [(f"{n:032x}", "2026-01-01", "a-s00000", n, uri) for n, uri in enumerate(awkward)]
+    with store.transaction() as writer:
+        writer.write("INSERT INTO sources VALUES (?, ?, ?, ?, ?)", rows)
+        writer.write(
+            "INSERT INTO sources VALUES (?, ?, ?, ?, ?) ON CONFLICT (md5, ingested_at, shard, "
+            "ordinal) DO UPDATE SET source_uri = excluded.source_uri",
+            [(rows[0][0], "2026-01-01", "a-s00000", 0, "tab\tagain")],
+        )
+        found = writer.execute("SELECT * FROM sources ORDER BY ordinal")
+    assert found == [rows[0][:4] + ("tab\tagain",), *rows[1:]]

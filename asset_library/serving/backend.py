@@ -5,11 +5,13 @@ replicas on several machines read and which an ``s3://`` library needs.
 The sync and the reader write their statements once, with ``?`` parameters and SQL both
 databases take (``ON CONFLICT`` upserts); what differs per database lives here: the tables'
 DDL, how a connection is opened, how a batch of rows is written (``executemany`` in SQLite,
-multi-row ``VALUES`` in PostgreSQL), the errors that mean "cannot answer".
+``COPY`` into a staging table, then one ``INSERT … SELECT`` in PostgreSQL), the errors that
+mean "cannot answer".
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import sqlite3
@@ -28,8 +30,8 @@ STORE_SETTING = "ASSET_LIBRARY_SERVING_STORE"
 PASSWORD_SETTING = "ASSET_LIBRARY_SERVING_STORE_PASSWORD"
 #: Seconds a connection to a PostgreSQL store may take before the store counts as unavailable.
 CONNECT_TIMEOUT_S = 5
-#: Rows per multi-row ``INSERT`` in PostgreSQL: one round trip carries this many.
-PG_PAGE = 5_000
+#: Rows per ``COPY`` into PostgreSQL's staging tables: what one buffer holds at most.
+PG_PAGE = 50_000
 
 #: The tables in PostgreSQL: the SQLite layout, with text compared byte-wise (``"C"``) so md5s,
 #: ingest times and shard names order as in SQLite and DuckDB whatever the database's locale.
@@ -45,7 +47,10 @@ CREATE TABLE IF NOT EXISTS attributes (
   value TEXT COLLATE "C", value_type TEXT COLLATE "C", n BIGINT NOT NULL,
   PRIMARY KEY (md5, origin, attribute, value, value_type));
 """
-_VALUES = re.compile(r"VALUES \((\?(?:, \?)*)\)")
+#: A statement inserting rows one by one: its table and what follows its VALUES.
+_INSERT = re.compile(r"INSERT INTO (\w+) VALUES \(\?(?:, \?)*\)(.*)", re.S)
+#: What COPY's text format escapes in a value.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 class StoreWriter:
@@ -186,20 +191,39 @@ class _PgWriter(StoreWriter):
         return self.cursor.fetchall() if self.cursor.description is not None else []
 
     def write(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        from psycopg2.extras import execute_batch, execute_values
+        from psycopg2.extras import execute_batch
 
-        if _VALUES.search(sql):  # an INSERT: many rows per statement
-            statement = _VALUES.sub("VALUES %s", sql, count=1).replace("?", "%s")
-            batch: list[Sequence[Any]] = []
-            for row in rows:
-                batch.append(row)
-                if len(batch) == PG_PAGE:
-                    execute_values(self.cursor, statement, batch, page_size=PG_PAGE)
-                    batch = []
-            if batch:
-                execute_values(self.cursor, statement, batch, page_size=PG_PAGE)
-        else:  # a DELETE per key (rare: removed images and sources)
+        insert = _INSERT.match(sql)
+        if insert is None:  # a DELETE per key (rare: removed images and sources)
             execute_batch(self.cursor, sql.replace("?", "%s"), list(rows), page_size=1000)
+            return
+        # An INSERT: the rows copied into a staging table (COPY: no statement to parse per
+        # row), then moved by one INSERT … SELECT with the statement's ON CONFLICT clause.
+        table, rest = insert.group(1), insert.group(2)
+        stage = f"stage_{table}"
+        self.cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table})")
+        batch: list[Sequence[Any]] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) == PG_PAGE:
+                self._copy(stage, batch)
+                batch = []
+        if batch:
+            self._copy(stage, batch)
+        self.cursor.execute(f"INSERT INTO {table} SELECT * FROM {stage}{rest}")
+        self.cursor.execute(f"TRUNCATE {stage}")
+
+    def _copy(self, stage: str, rows: list[Sequence[Any]]) -> None:
+        """Rows into ``stage`` by ``COPY`` (text format: ``\\N`` for NULL, escapes for the
+        characters it reserves)."""
+        text = io.StringIO()
+        for row in rows:
+            text.write(
+                "\t".join("\\N" if v is None else str(v).translate(_COPY_ESCAPES) for v in row)
+            )
+            text.write("\n")
+        text.seek(0)
+        self.cursor.copy_expert(f"COPY {stage} FROM STDIN", text)
 
 
 def _psycopg2() -> Any:
