@@ -35,9 +35,11 @@ from asset_library.serving import (
     MAX_ATTRIBUTE_PAGE,
     MAX_SOURCES_PAGE,
     RECORD_SOURCES,
+    Backend,
     StoreReader,
     StoreUnavailable,
     attributes_by_origin,
+    configured_backend,
 )
 from asset_library.similarity import HASH_KINDS, NearDuplicates, SimilarityIndex, loaded_index
 from asset_library.storage import ObjectStore, open_store, read_image
@@ -70,6 +72,9 @@ class Library:
         self._index_stamp: int | None = None
         self._reader: StoreReader | None = None
         self._fallback: str | None = None
+        #: Where the serving store lives: ``ASSET_LIBRARY_SERVING_STORE`` (PostgreSQL) or the
+        #: SQLite file in the library.
+        self.serving_backend: Backend | None = configured_backend(self.layout.serving_store_path)
 
     @property
     def path(self) -> str:
@@ -154,7 +159,7 @@ class Library:
         """The image's record from the serving store; :class:`StoreUnavailable` if it cannot
         answer (absent, damaged, behind the lake)."""
         if self._reader is None:
-            self._reader = StoreReader(self.layout.serving_store_path, self.lake)
+            self._reader = StoreReader(self.serving_backend, self.lake)
         return self._reader.record(md5)
 
     def _fell_back(self, why: str) -> None:
@@ -267,7 +272,7 @@ class Library:
         :meth:`md5s_with_attribute` after the md5 ``after`` (``""``: from the first), from the
         serving store; :class:`StoreUnavailable` if it cannot answer."""
         if self._reader is None:
-            self._reader = StoreReader(self.layout.serving_store_path, self.lake)
+            self._reader = StoreReader(self.serving_backend, self.lake)
         return self._reader.with_attribute(attribute, value, origin, after, limit, images)
 
     def lake_attribute_page(
@@ -325,7 +330,7 @@ class Library:
             raise ValueError(f"offset must be 0 or more, not {offset}")
         try:
             if self._reader is None:
-                self._reader = StoreReader(self.layout.serving_store_path, self.lake)
+                self._reader = StoreReader(self.serving_backend, self.lake)
             found = self._reader.sources(md5, limit, offset)
             answered_by = "store"
         except StoreUnavailable:  # past the kept sources: the lake has them all

@@ -13,6 +13,7 @@ import dagster as dg
 import pytest
 
 from asset_library.runs.orchestrate import IngestSummary, ingest_batch
+from asset_library_tests.support.postgres import PostgresServer
 from asset_library_tests.support.seaweedfs import SeaweedS3
 
 # A suite started in the background by a shell without job control (``make test &``) inherits
@@ -94,6 +95,22 @@ def seaweed() -> Iterator[SeaweedS3]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL 15 for the session (a database per use). Fails (never skips) if it
+    can't start."""
+    server = PostgresServer()
+    try:
+        server.start()
+    except Exception as exc:
+        server.stop()
+        pytest.fail(f"could not start PostgreSQL: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

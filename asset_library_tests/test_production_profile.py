@@ -12,16 +12,18 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import yaml
+from pydantic_core import to_jsonable_python
 
 from asset_library import Library
 from asset_library.ids import shard_key
 from asset_library.layout import LibraryLayout
+from asset_library.serving import STORE_SETTING
+from asset_library.serving.backend import PASSWORD_SETTING
 from asset_library.storage import object_key
 from asset_library_tests.support.corpus import corpus_jpegs
 from asset_library_tests.support.dagster_processes import Webserver, start_daemon
@@ -33,6 +35,7 @@ from asset_library_tests.support.deployment import (
     wait_for,
 )
 from asset_library_tests.support.postgres import PostgresServer
+from asset_library_tests.support.serve_process import ServeReplica
 
 DEPLOY = REPO / "deploy"
 SHARDS = 3
@@ -62,21 +65,6 @@ mutation Launch($params: LaunchBackfillParams!) {
   }
 }
 """
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    """One PostgreSQL 15 for the module. Fails (never skips) if it can't start."""
-    server = PostgresServer()
-    try:
-        server.start()
-    except Exception as exc:
-        server.stop()
-        pytest.fail(f"could not start PostgreSQL: {exc}", pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _machine_home(tmp_path: Path) -> Path:
@@ -207,8 +195,13 @@ def test_a_landed_batch_runs_on_the_production_profile(
     config = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
     config["run_retries"] = {"enabled": False}  # the backfill, not a retry, repairs the shards
     (clone.home / "dagster.yaml").write_text(yaml.safe_dump(config))
-    env = deployed_env(clone, postgres.env(), shard_size=IMAGES_PER_SHARD)
-    for name, value in postgres.env().items():
+    # The serving store in the same server, a database of its own (its password apart).
+    store = {
+        STORE_SETTING: postgres.new_database("serving_store"),
+        PASSWORD_SETTING: postgres.password,
+    }
+    env = deployed_env(clone, {**postgres.env(), **store}, shard_size=IMAGES_PER_SHARD)
+    for name, value in {**postgres.env(), **store}.items():
         monkeypatch.setenv(name, value)
 
     # The batch lands without its marker; two shards' object folders are blocked by files.
@@ -342,11 +335,35 @@ def _run(instance, daemon, webserver, env, clone, landed, shards, blocked, image
         r.tags["asset_library/trigger"] == "sensor" and r.tags["asset_library/batch"] == BATCH
         for r in refreshes
     )
+    # The refresh wrote the serving store to PostgreSQL (no SQLite file beside the lake); two
+    # serve replicas, each on a machine of its own, answer every lookup from it.
+    md5s = sorted({md5 for _, md5 in images})
+    complete = time.monotonic()
+    wait_for("the serving store", lambda: Library(root).lookup(md5s[0])["answered_by"] == "store",
+          120, daemon)  # fmt: skip
+    assert not (root / "serving" / "store.sqlite").exists()
+    reference = Library(root)
+    store = {k: env[k] for k in (STORE_SETTING, PASSWORD_SETTING)}
+    replicas = [ServeReplica(str(root), clone / f"machine-{n}", store) for n in (1, 2)]
+    try:
+        for replica in replicas:
+            replica.start()
+        for md5 in md5s:
+            expected = to_jsonable_python(reference.lookup(md5))
+            assert expected["answered_by"] == "store"
+            for replica in replicas:
+                status, body = replica.get(f"/images/{md5}")
+                assert status == 200 and body == expected, (md5, body, replica.tail())
+    finally:
+        for replica in replicas:
+            replica.stop()
+    served = time.monotonic() - complete
     print(
         f"\nproduction profile: landing -> {len(shards)} shard runs finished "
         f"{landed_to_runs:.0f} s (at most {overlap} at once); unblock -> backfilled "
-        f"and complete {time.monotonic() - repaired:.0f} s; landing -> complete "
-        f"{time.monotonic() - started:.0f} s"
+        f"and complete {complete - repaired:.0f} s; landing -> complete "
+        f"{complete - started:.0f} s; then the store level and two replicas answering "
+        f"from it {served:.0f} s"
     )
 
 

@@ -30,6 +30,11 @@ ASSET_LIBRARY_ALLOWED_ROOTS  folders (os.pathsep-separated) a batch may read loc
                          an S3 manifest. Recorded in each plan when it is made (default: none)
 ASSET_LIBRARY_MAX_IMAGE_BYTES  the largest source file a shard reads; larger ones are rejects
                          (``too_large``) (default 536870912, 512 MiB)
+ASSET_LIBRARY_SERVING_STORE  the serving store in PostgreSQL: ``postgresql://user@host:port/db``
+                         (default: ``<home>/serving/store.sqlite`` in a folder library; none
+                         for a lake on S3). Its password from
+                         ``ASSET_LIBRARY_SERVING_STORE_PASSWORD`` (or libpq's ``PGPASSWORD``),
+                         never logged
 S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION   for S3 (the keys are
                          ``dg.EnvVar``: read when a run starts, never shown in the UI)
 ======================== ==================================================================

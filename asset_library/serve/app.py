@@ -36,7 +36,12 @@ from asset_library.serve.batch_states import ShardStates
 from asset_library.serve.settings import ServeSettings
 from asset_library.serve.thumbs import ThumbnailCache, ThumbnailError
 from asset_library.serve.uploads import BodyLimit, DecodePool, PoolBusy, header_pixels
-from asset_library.serving import MAX_ATTRIBUTE_PAGE, MAX_SOURCES_PAGE, StoreUnavailable
+from asset_library.serving import (
+    MAX_ATTRIBUTE_PAGE,
+    MAX_SOURCES_PAGE,
+    SqliteBackend,
+    StoreUnavailable,
+)
 from asset_library.similarity import IndexNotReady
 from asset_library.storage import (
     DamagedObjectError,
@@ -217,11 +222,15 @@ _RECORD = TypeAdapter(dict[str, Any])
     responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}},
 )
 async def image(request: Request, md5: str) -> Response:
-    # On the event loop from the serving store (one primary-key statement: cheaper than a
-    # hand-off to a worker thread); from the lake, in a worker thread, when it cannot answer.
+    # On the event loop from a SQLite store (one primary-key statement in a local file:
+    # cheaper than a hand-off to a worker thread); in a worker thread, on its own connection,
+    # from a PostgreSQL store (a network round trip) or from the lake when the store cannot.
     key = check_md5(md5)
+    loop_library = request.app.state.loop_library
     try:
-        found = request.app.state.loop_library.lookup(key, fallback=False)
+        if not isinstance(loop_library.serving_backend, SqliteBackend):
+            raise StoreUnavailable("not a local file")
+        found = loop_library.lookup(key, fallback=False)
     except StoreUnavailable:
         found = await run_in_threadpool(with_library, request, lambda library: library.lookup(key))
     if found is None:

@@ -4,7 +4,6 @@ check."""
 from __future__ import annotations
 
 import random
-import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -31,22 +30,25 @@ def check_store(library: Any, sample: int = 100, seed: int | None = None) -> Sto
     store (the first md5 at or after a random one: a cost that does not grow with the
     library; an md5 the store lacks shows in the row count)."""
     lake_rows = row_count(library.lake.open("images"))
-    path = library.layout.serving_store_path
+    backend = library.serving_backend
+    if backend is None:
+        return StoreCheck(False, 0, lake_rows, 0, [], "the library has no serving store")
     draw = random.Random(seed)
+    sql = backend.reader_sql("SELECT md5 FROM images WHERE md5 >= :start ORDER BY md5 LIMIT 1")
     try:
-        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as connection:
-            store_rows = connection.execute("SELECT count(*) FROM images").fetchone()[0]
+        with closing(backend.connect_reader()) as connection:
+            cursor = connection.cursor()
+            cursor.execute("SELECT count(*) FROM images")
+            store_rows = cursor.fetchone()[0]
             chosen = set()
             for _ in range(sample if store_rows else 0):
-                start = f"{draw.getrandbits(128):032x}"
-                found = (
-                    connection.execute(
-                        "SELECT md5 FROM images WHERE md5 >= ? ORDER BY md5 LIMIT 1", (start,)
-                    ).fetchone()
-                    or connection.execute("SELECT min(md5) FROM images").fetchone()
-                )
+                cursor.execute(sql, {"start": f"{draw.getrandbits(128):032x}"})
+                found = cursor.fetchone()
+                if found is None:
+                    cursor.execute("SELECT min(md5) FROM images")
+                    found = cursor.fetchone()
                 chosen.add(found[0])
-    except sqlite3.Error as error:
+    except (*backend.errors, FileNotFoundError) as error:
         return StoreCheck(False, 0, lake_rows, 0, [], f"store unreadable: {error}")
     differing = []
     for md5 in sorted(chosen):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +17,7 @@ from typing import Any
 
 from asset_library.ids import bucket_of
 from asset_library.lake import ORIGINS, Lake
+from asset_library.serving.backend import Backend, SqliteBackend
 from asset_library.serving.schema import RECORD_COLUMNS, RECORD_SOURCES
 
 #: A record's parts in one statement: the version the store is level with, the image's row,
@@ -25,11 +25,23 @@ from asset_library.serving.schema import RECORD_COLUMNS, RECORD_SOURCES
 _RECORD_SQL = f"""
 SELECT (SELECT value FROM meta WHERE key = 'images_version'), i.record, c.n,
   (SELECT json_group_array(json_array(origin, attribute, value, value_type))
-   FROM attributes WHERE md5 = ?1),
+   FROM attributes WHERE md5 = :md5),
   (SELECT json_group_array(source_uri) FROM (
-     SELECT source_uri FROM sources WHERE md5 = ?1
+     SELECT source_uri FROM sources WHERE md5 = :md5
      ORDER BY ingested_at, shard, ordinal LIMIT {RECORD_SOURCES}))
-FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = ?1
+FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = :md5
+"""
+#: The same in PostgreSQL (``json_agg``; the arrays as text, decoded as SQLite's are).
+_PG_RECORD_SQL = f"""
+SELECT (SELECT value FROM meta WHERE key = 'images_version'), i.record, c.n,
+  (SELECT CAST(coalesce(json_agg(json_build_array(origin, attribute, value, value_type)),
+                        '[]') AS text)
+   FROM attributes WHERE md5 = :md5),
+  (SELECT CAST(coalesce(json_agg(source_uri ORDER BY ingested_at, shard, ordinal), '[]')
+               AS text) FROM (
+     SELECT source_uri, ingested_at, shard, ordinal FROM sources WHERE md5 = :md5
+     ORDER BY ingested_at, shard, ordinal LIMIT {RECORD_SOURCES}) first)
+FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = :md5
 """
 
 
@@ -38,8 +50,8 @@ FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = ?1
 #: under several origins or types comes once per such row, next to each other.
 _WITH_VALUE = (
     "FROM attributes a INDEXED BY attributes_by_value "
-    "WHERE a.attribute = ?1 AND a.value = ?2 AND a.md5 > ?3 AND (?4 IS NULL OR a.origin = ?4) "
-    "ORDER BY a.md5"
+    "WHERE a.attribute = :attribute AND a.value = :value AND a.md5 > :after "
+    "AND (:origin IS NULL OR a.origin = :origin) ORDER BY a.md5"
 )
 #: Those with an ``images`` row (an md5 whose shard is written but not merged has none), with
 #: the row and the count.
@@ -49,6 +61,25 @@ _IMAGES_WITH_VALUE = (
                           "LEFT JOIN counts c ON c.md5 = a.md5 WHERE")
 )  # fmt: skip
 _MD5S_WITH_VALUE = f"SELECT a.md5 {_WITH_VALUE}"
+#: The same in PostgreSQL, which sends a result whole: one row per md5, ``limit`` of them.
+_PG_WITH_VALUE = (
+    "FROM attributes a WHERE a.attribute = :attribute AND a.value = :value AND a.md5 > :after "
+    "AND (CAST(:origin AS text) IS NULL OR a.origin = :origin) ORDER BY a.md5 LIMIT :limit"
+)
+_PG_IMAGES_WITH_VALUE = (
+    "SELECT DISTINCT ON (a.md5) a.md5, i.record, c.n "
+    + _PG_WITH_VALUE.replace("WHERE", "JOIN images i ON i.md5 = a.md5 "
+                             "LEFT JOIN counts c ON c.md5 = a.md5 WHERE")
+)  # fmt: skip
+_PG_MD5S_WITH_VALUE = f"SELECT DISTINCT a.md5 {_PG_WITH_VALUE}"
+_SQL = {
+    "sqlite": {"record": _RECORD_SQL, True: _IMAGES_WITH_VALUE, False: _MD5S_WITH_VALUE},
+    "postgresql": {
+        "record": _PG_RECORD_SQL,
+        True: _PG_IMAGES_WITH_VALUE,
+        False: _PG_MD5S_WITH_VALUE,
+    },
+}
 
 
 #: How much of the store a reader maps into memory (SQLite caps it at its build's maximum).
@@ -61,60 +92,110 @@ class StoreUnavailable(Exception):
 
 @dataclass
 class StoreReader:
-    """A read-only connection to the store (``mode=ro``), for one thread at a time."""
+    """A read-only connection to the store (``None``: the library has none), for one thread
+    at a time: each thread (each ``Library``) has its own."""
 
-    path: Path
+    store: Backend | Path | None
     lake: Lake
-    _connection: sqlite3.Connection | None = field(default=None, repr=False)
+    _connection: Any = field(default=None, repr=False)
     _next_logs: dict[str, str] = field(default_factory=dict, repr=False)
+    _s3: Any = field(default=None, repr=False)
 
-    def _open(self) -> sqlite3.Connection:
+    def __post_init__(self) -> None:
+        if isinstance(self.store, Path):
+            self.store = SqliteBackend(self.store)
+
+    @property
+    def _backend(self) -> Backend:
+        if self.store is None:
+            raise StoreUnavailable("the library has no serving store")
+        assert isinstance(self.store, Backend)
+        return self.store
+
+    def _name(self) -> str:
+        return "" if self.store is None else self._backend.describe()
+
+    def _open(self) -> Any:
         if self._connection is None:
-            if not self.path.is_file():
-                raise StoreUnavailable(f"no serving store at {self.path}")
-            if self.lake.is_s3:
-                raise StoreUnavailable("the serving store serves a folder library's lake only")
-            connection = sqlite3.connect(
-                f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False
-            )
-            # Pages read from the OS's cache in place (up to SQLite's cap, 2 GB): a page of
-            # images is a row here, a row there; 1.6x quicker than a read call for each.
-            connection.execute(f"PRAGMA mmap_size = {MMAP_BYTES}").fetchall()
+            backend = self._backend
+            if self.lake.is_s3 and isinstance(backend, SqliteBackend):
+                raise StoreUnavailable("a SQLite serving store serves a folder library's lake")
+            try:
+                connection = backend.connect_reader()
+            except FileNotFoundError as missing:
+                raise StoreUnavailable(str(missing)) from None
+            except backend.errors as error:
+                raise StoreUnavailable(f"serving store {self._name()}: {error}") from None
+            if isinstance(backend, SqliteBackend):
+                # Pages read from the OS's cache in place (up to SQLite's cap, 2 GB): a page of
+                # images is a row here, a row there; 1.6x quicker than a read call for each.
+                connection.execute(f"PRAGMA mmap_size = {MMAP_BYTES}").fetchall()
             self._connection = connection
         return self._connection
+
+    def _query(self, sql: str, params: dict[str, Any]) -> Any:
+        """A cursor over ``sql`` (``:name`` parameters) on the open connection."""
+        cursor = self._open().cursor()
+        cursor.execute(self._backend.reader_sql(sql), params)
+        return cursor
+
+    def _end(self) -> None:
+        """The end of a read: PostgreSQL's snapshot let go (the next read sees new commits)."""
+        if self._connection is not None and not isinstance(self.store, SqliteBackend):
+            self._connection.rollback()
 
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
 
-    def level(self, *tables: str) -> sqlite3.Connection:
+    def _errors(self) -> tuple[type[Exception], ...]:
+        return (ValueError, KeyError) if self.store is None else self._backend.errors
+
+    def level(self, *tables: str) -> Any:
         """The connection, if the store is level with the lake's latest commit of ``images``
         (and of these other tables): a read of ``meta`` (a few rows) and one ``stat`` of the
         next commit's log file per table."""
         try:
-            connection = self._open()
-            found = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.Error as error:
+            found = dict(self._query("SELECT key, value FROM meta", {}).fetchall())
+        except self._errors() as error:
             self.close()
-            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
+            raise StoreUnavailable(f"serving store {self._name()} unreadable: {error}") from None
         for table in ("images", *tables):
             self._check_level(found.get(f"{table}_version"), table)
-        return connection
+        return self._connection
 
     def _check_level(self, version: str | None, table: str = "images") -> None:
         """:class:`StoreUnavailable` unless ``table`` has no commit after ``version`` (the
         one the store records)."""
         if version is None:
-            raise StoreUnavailable(f"serving store {self.path} records no {table} version")
+            raise StoreUnavailable(f"serving store {self._name()} records no {table} version")
         if table not in self._next_logs:
             self._next_logs[table] = os.path.join(
                 self.lake.uri(table), "_delta_log", "{:020d}.json"
             )
-        if os.path.exists(self._next_logs[table].format(int(version) + 1)):
+        if self._exists(self._next_logs[table].format(int(version) + 1)):
             raise StoreUnavailable(
-                f"serving store {self.path} is behind the lake (at {table} version {version})"
+                f"serving store {self._name()} is behind the lake (at {table} version {version})"
             )
+
+    def _exists(self, log: str) -> bool:
+        """Whether a commit's log file exists: a ``stat``, or one ``HEAD`` on S3."""
+        if not self.lake.is_s3:
+            return os.path.exists(log)
+        if self._s3 is None:
+            from asset_library.storage.s3_store import s3_client_from_env
+
+            self._s3 = s3_client_from_env(max_attempts=2, read_timeout=10.0)
+        bucket, _, key = log.removeprefix("s3://").partition("/")
+        try:
+            self._s3.head_object(Bucket=bucket, Key=key)
+        except Exception as error:  # botocore's ClientError: a 404 says there is none
+            status = getattr(error, "response", {}).get("ResponseMetadata", {})
+            if status.get("HTTPStatusCode") == 404:
+                return False
+            raise StoreUnavailable(f"the lake's {log} unreadable: {error}") from None
+        return True
 
     def with_attribute(
         self, attribute: str, value: str, origin: str | None, after: str, limit: int, images: bool
@@ -123,13 +204,22 @@ class StoreReader:
         after ``after``, in md5 order: each image's row as the ``images`` view gives it
         (``images``), or its md5 and bucket. Read in one snapshot of the store, level with
         ``images`` and ``attributes``; :class:`StoreUnavailable` if it is not."""
+        errors: tuple[type[Exception], ...] = (*self._errors(), ValueError, KeyError)
         try:
             connection = self._open()
-            connection.execute("BEGIN")  # the level seen and the rows read: one snapshot
+            sqlite = isinstance(self.store, SqliteBackend)
+            if sqlite:
+                connection.execute("BEGIN")  # the level seen and the rows read: one snapshot
             try:
                 self.level("attributes")
-                sql = _IMAGES_WITH_VALUE if images else _MD5S_WITH_VALUE
-                cursor = connection.execute(sql, (attribute, value, after, origin))
+                params = {
+                    "attribute": attribute,
+                    "value": value,
+                    "after": after,
+                    "origin": origin,
+                    "limit": limit,
+                }
+                cursor = self._query(_SQL[self._backend.kind][images], params)
                 found: list[tuple[str, str, int | None]] = []
                 last = after
                 for row in cursor:  # stepped lazily: a page reads its own rows only
@@ -142,14 +232,17 @@ class StoreReader:
                 cursor.close()
             finally:
                 if self._connection is not None:  # (closed if it could not be read)
-                    connection.execute("ROLLBACK")
+                    if sqlite:
+                        connection.execute("ROLLBACK")
+                    else:
+                        self._end()
             if not images:
                 n_buckets = self.lake.n_buckets
                 return [{"md5": md5, "bucket": bucket_of(md5, n_buckets)} for md5, *_ in found]
             rows = _records_of([text for _, text, _ in found])
-        except (sqlite3.Error, ValueError, KeyError) as error:
+        except errors as error:
             self.close()
-            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
+            raise StoreUnavailable(f"serving store {self._name()} unreadable: {error}") from None
         for row, (_, _, count) in zip(rows, found, strict=True):
             row["occurrences"] = int(count or 0)
         return rows
@@ -158,11 +251,15 @@ class StoreReader:
         """The image's record as ``Library.lookup`` gives it, ``None`` if it has none;
         :class:`StoreUnavailable` if the store cannot say. One statement: one snapshot of
         the store, even while a sync commits."""
+        errors: tuple[type[Exception], ...] = (*self._errors(), ValueError, KeyError)
         try:
-            row = self._open().execute(_RECORD_SQL, (md5,)).fetchone()
-            if row is None:
-                self.level()
-                return None
+            try:
+                row = self._query(_SQL[self._backend.kind]["record"], {"md5": md5}).fetchone()
+                if row is None:
+                    self.level()
+                    return None
+            finally:
+                self._end()
             version, text, count, attributes, sources = row
             self._check_level(version)
             record = _record_of(text)
@@ -171,39 +268,37 @@ class StoreReader:
                 (name, value, kind, origin) for origin, name, value, kind in json.loads(attributes)
             )
             record["sources"] = json.loads(sources)
-        except (sqlite3.Error, ValueError, KeyError) as error:
+        except errors as error:
             self.close()
-            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
+            raise StoreUnavailable(f"serving store {self._name()} unreadable: {error}") from None
         record["sources_count"] = record["occurrences"]
         return record
 
     def sources(self, md5: str, limit: int, offset: int) -> tuple[list[str], int] | None:
         """A page of the image's sources and their count (``None``: no such image), when the
         store keeps that page; :class:`StoreUnavailable` if it does not."""
-        connection = self.level()
         try:
-            found = connection.execute(
-                "SELECT c.n FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = ?",
-                (md5,),
+            self.level()
+            found = self._query(
+                "SELECT c.n FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = :md5",
+                {"md5": md5},
             ).fetchone()
             if found is None:
                 return None
             count = int(found[0] or 0)
             if offset + limit > RECORD_SOURCES and count > RECORD_SOURCES:
                 raise StoreUnavailable(f"the store keeps the first {RECORD_SOURCES} sources only")
-            return self._sources(connection, md5, limit, offset), count
-        except sqlite3.Error as error:
+            rows = self._query(
+                "SELECT source_uri FROM sources WHERE md5 = :md5 "
+                "ORDER BY ingested_at, shard, ordinal LIMIT :limit OFFSET :offset",
+                {"md5": md5, "limit": limit, "offset": offset},
+            ).fetchall()
+            return [uri for (uri,) in rows], count
+        except self._errors() as error:
             self.close()
-            raise StoreUnavailable(f"serving store {self.path} unreadable: {error}") from None
-
-    @staticmethod
-    def _sources(connection: sqlite3.Connection, md5: str, limit: int, offset: int) -> list[str]:
-        rows = connection.execute(
-            "SELECT source_uri FROM sources WHERE md5 = ? "
-            "ORDER BY ingested_at, shard, ordinal LIMIT ? OFFSET ?",
-            (md5, limit, offset),
-        ).fetchall()
-        return [uri for (uri,) in rows]
+            raise StoreUnavailable(f"serving store {self._name()} unreadable: {error}") from None
+        finally:
+            self._end()
 
 
 def _record_of(text: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The store's SQLite file: its tables, the ``meta`` it records, and where it may live.
+"""The store's tables, the ``meta`` it records, and where a SQLite store may live.
 
 Per md5 it holds the image's row (the ``images`` view's columns), how many sources it has, its
 first :data:`RECORD_SOURCES` sources (by ingested_at, shard, ordinal) and its attributes by
@@ -12,9 +12,6 @@ SQLite on a network filesystem corrupts under concurrent use: such a library has
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
@@ -78,30 +75,7 @@ def network_filesystem(path: Path) -> str | None:
     return kind if kind in NETWORK_FILESYSTEMS else None
 
 
-@contextmanager
-def writer(path: Path) -> Iterator[sqlite3.Connection]:
-    """A connection that writes the store (WAL: readers keep their snapshot meanwhile), its
-    tables created if absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(path, isolation_level=None)
-    try:
-        connection.execute("PRAGMA journal_mode = WAL").fetchall()
-        connection.execute("PRAGMA synchronous = NORMAL")
-        # A shard's rows land all over the B-trees: a cache that holds their pages (a cap,
-        # allocated as used) spares reading each page back once per row.
-        connection.execute("PRAGMA cache_size = -262144")
-        connection.executescript(SCHEMA)
-        yield connection
-    finally:
-        connection.close()
-
-
 def remove_store(path: Path) -> None:
     """The store's file and its WAL files gone: a damaged store is rebuilt from nothing."""
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-
-
-def read_meta(connection: sqlite3.Connection) -> dict[str, str]:
-    """What the store records: its layout, its lake and the versions it is level with."""
-    return dict(connection.execute("SELECT key, value FROM meta").fetchall())

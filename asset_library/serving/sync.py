@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from deltalake import DeltaTable
 
 from asset_library.lake import IMAGES_APP, Lake, read_changes
 from asset_library.lake.scan import plain_schema
+from asset_library.serving.backend import Backend, SqliteBackend, StoreWriter
 from asset_library.serving.schema import (
     ATTRIBUTE_INDEX,
     ATTRIBUTE_INDEX_SQL,
@@ -34,10 +34,6 @@ from asset_library.serving.schema import (
     RECORD_SOURCES,
     STORE_FORMAT,
     TABLES,
-    network_filesystem,
-    read_meta,
-    remove_store,
-    writer,
 )
 
 log = logging.getLogger(__name__)
@@ -61,16 +57,17 @@ class SyncResult:
     seconds: float = 0.0
 
 
-def sync(lake: Lake, path: Path, *, rebuild: bool = False) -> SyncResult:
-    """Bring the store at ``path`` level with the lake: from the changes since the versions it
-    records, or (``rebuild``, or a store that is new, damaged, of another layout or another
-    lake's) from the lake's current rows. One write transaction either way."""
+def sync(lake: Lake, store: Path | Backend, *, rebuild: bool = False) -> SyncResult:
+    """Bring the store (a SQLite file's path, or a :class:`Backend`) level with the lake: from
+    the changes since the versions it records, or (``rebuild``, or a store that is new,
+    damaged, of another layout or another lake's) from the lake's current rows. One write
+    transaction either way."""
     started = time.perf_counter()
-    if lake.is_s3:
-        raise ValueError(f"{lake.location}: the serving store serves a folder library's lake")
-    kind = network_filesystem(path.parent)
-    if kind is not None:
-        raise ValueError(f"{path}: SQLite on a network filesystem ({kind}) is not safe")
+    backend = SqliteBackend(store) if isinstance(store, Path) else store
+    if lake.is_s3 and isinstance(backend, SqliteBackend):
+        raise ValueError(
+            f"{lake.location}: a lake on S3 needs a PostgreSQL serving store, not a SQLite file"
+        )
     images, occurrences, attributes = (
         lake.table(t) for t in ("images", "occurrences", "attributes")
     )
@@ -81,11 +78,13 @@ def sync(lake: Lake, path: Path, *, rebuild: bool = False) -> SyncResult:
         lake_id=str(images.metadata().id),  # a UUID text, though delta-rs annotates an int
     )
     try:
-        result = _sync(lake, path, images, occurrences, attributes, target, rebuild)
-    except sqlite3.DatabaseError as error:  # a damaged file: the lake has every answer
-        log.warning("serving store %s damaged (%s): rebuilt from the lake", path, error)
-        remove_store(path)
-        result = _sync(lake, path, images, occurrences, attributes, target, True)
+        result = _sync(lake, backend, images, occurrences, attributes, target, rebuild)
+    except backend.damaged as error:  # a damaged file: the lake has every answer
+        log.warning(
+            "serving store %s damaged (%s): rebuilt from the lake", backend.describe(), error
+        )
+        backend.remove()
+        result = _sync(lake, backend, images, occurrences, attributes, target, True)
         result.reason = f"damaged: {error}"
     result.seconds = time.perf_counter() - started
     return result
@@ -107,39 +106,32 @@ class _Target:
 
 def _sync(
     lake: Lake,
-    path: Path,
+    backend: Backend,
     images: DeltaTable,
     occurrences: DeltaTable,
     attributes: DeltaTable,
     target: _Target,
     rebuild: bool,
 ) -> SyncResult:
-    with writer(path) as connection:
-        meta = read_meta(connection)
+    with backend.transaction() as connection:
+        meta = dict(connection.execute("SELECT key, value FROM meta"))
         reason = _rebuild_reason(meta, target) if not rebuild else "asked"
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            if reason is not None:
-                result = _rebuild(lake, connection, target)
-                result.reason = reason
-            else:
-                tables = (images, occurrences, attributes)
-                result = _apply_changes(lake, connection, tables, meta, target)
-            connection.executemany(
-                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                [
-                    ("format", STORE_FORMAT),
-                    ("lake_id", target.lake_id),
-                    ("images_version", str(target.images)),
-                    ("occurrences_version", str(target.occurrences)),
-                    ("attributes_version", str(target.attributes)),
-                ],
-            )
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        if reason is not None:
+            result = _rebuild(lake, connection, target)
+            result.reason = reason
+        else:
+            tables = (images, occurrences, attributes)
+            result = _apply_changes(lake, connection, tables, meta, target)
+        connection.write(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [
+                ("format", STORE_FORMAT),
+                ("lake_id", target.lake_id),
+                ("images_version", str(target.images)),
+                ("occurrences_version", str(target.occurrences)),
+                ("attributes_version", str(target.attributes)),
+            ],
+        )
     return result
 
 
@@ -168,7 +160,7 @@ def _read_changes(
 
 def _apply_changes(
     lake: Lake,
-    connection: sqlite3.Connection,
+    connection: StoreWriter,
     tables: tuple[DeltaTable, DeltaTable, DeltaTable],
     meta: dict[str, str],
     target: _Target,
@@ -260,17 +252,17 @@ def _netting(**tables: pa.Table) -> Iterator[duckdb.DuckDBPyConnection]:
 
 
 @contextmanager
-def _keyed(connection: sqlite3.Connection, md5s: Iterable[str]) -> Iterator[str]:
+def _keyed(connection: StoreWriter, md5s: Iterable[str]) -> Iterator[str]:
     """A temporary table of these md5s (its name), for one set-based statement over them."""
-    connection.execute("CREATE TEMP TABLE IF NOT EXISTS keyed (md5 TEXT PRIMARY KEY) WITHOUT ROWID")
-    connection.executemany("INSERT OR IGNORE INTO keyed VALUES (?)", ((m,) for m in md5s))
+    connection.execute(f"CREATE TEMP TABLE IF NOT EXISTS keyed (md5 {connection.key} PRIMARY KEY)")
+    connection.write("INSERT INTO keyed VALUES (?) ON CONFLICT DO NOTHING", ((m,) for m in md5s))
     try:
         yield "keyed"
     finally:
         connection.execute("DELETE FROM keyed")
 
 
-def _apply_images(connection: sqlite3.Connection, changes: pa.Table) -> int:
+def _apply_images(connection: StoreWriter, changes: pa.Table) -> int:
     """The last change of each md5: its row written, or removed."""
     rows = changes.append_column("_row", pa.array(range(changes.num_rows), pa.int64()))
     with _netting(changes=rows.select(["md5", "_change_type", "_commit_version", "_row"])) as db:
@@ -283,14 +275,15 @@ def _apply_images(connection: sqlite3.Connection, changes: pa.Table) -> int:
     kept = changes.take(pa.array(last, pa.int64()))
     deleted = pc.equal(kept.column("_change_type"), "delete")
     gone = kept.filter(deleted).column("md5").to_pylist()
-    connection.executemany("DELETE FROM images WHERE md5 = ?", [(m,) for m in gone])
-    connection.executemany(
-        "INSERT OR REPLACE INTO images VALUES (?, ?)", _record_rows(kept.filter(pc.invert(deleted)))
+    connection.write("DELETE FROM images WHERE md5 = ?", [(m,) for m in gone])
+    connection.write(
+        "INSERT INTO images VALUES (?, ?) ON CONFLICT (md5) DO UPDATE SET record = excluded.record",
+        _record_rows(kept.filter(pc.invert(deleted))),
     )
     return kept.num_rows
 
 
-def _apply_occurrences(connection: sqlite3.Connection, changes: pa.Table) -> tuple[int, list]:
+def _apply_occurrences(connection: StoreWriter, changes: pa.Table) -> tuple[int, list]:
     """Counts moved by the net change of each occurrence; new ones among the first sources
     kept, removed ones dropped. Returns the md5s touched and those that lost one (with their
     bucket): their first sources may need refilling from the lake."""
@@ -315,16 +308,21 @@ def _apply_occurrences(connection: sqlite3.Connection, changes: pa.Table) -> tup
                 "ORDER BY md5, stamp, shard, ordinal"
             )
         )
-    connection.executemany(
-        "INSERT INTO counts VALUES (?, ?) ON CONFLICT (md5) DO UPDATE SET n = n + excluded.n",
+    connection.write(
+        "INSERT INTO counts VALUES (?, ?) "
+        "ON CONFLICT (md5) DO UPDATE SET n = counts.n + excluded.n",
         counts,
     )
-    connection.executemany("DELETE FROM counts WHERE md5 = ? AND n <= 0", [(m,) for m, _ in lost])
-    connection.executemany(
+    connection.write("DELETE FROM counts WHERE md5 = ? AND n <= 0", [(m,) for m, _ in lost])
+    connection.write(
         "DELETE FROM sources WHERE md5 = ? AND ingested_at = ? AND shard = ? AND ordinal = ?",
         removed,
     )
-    connection.executemany("INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?, ?)", added)
+    connection.write(
+        "INSERT INTO sources VALUES (?, ?, ?, ?, ?) ON CONFLICT (md5, ingested_at, shard, "
+        "ordinal) DO UPDATE SET source_uri = excluded.source_uri",
+        added,
+    )
     with _keyed(connection, (row[0] for row in added)) as keyed:
         connection.execute(
             "DELETE FROM sources WHERE (md5, ingested_at, shard, ordinal) IN ("
@@ -332,14 +330,12 @@ def _apply_occurrences(connection: sqlite3.Connection, changes: pa.Table) -> tup
             "SELECT s.md5, s.ingested_at, s.shard, s.ordinal, row_number() OVER ("
             "PARTITION BY s.md5 ORDER BY s.ingested_at, s.shard, s.ordinal) AS r "
             f"FROM {keyed} k JOIN counts c ON c.md5 = k.md5 AND c.n > {RECORD_SOURCES} "
-            f"JOIN sources s ON s.md5 = k.md5) WHERE r > {RECORD_SOURCES})"
+            f"JOIN sources s ON s.md5 = k.md5) ranked WHERE r > {RECORD_SOURCES})"
         )
     return len(counts), lost
 
 
-def _refill(
-    lake: Lake, connection: sqlite3.Connection, lost: list[tuple[str, int]], version: int
-) -> int:
+def _refill(lake: Lake, connection: StoreWriter, lost: list[tuple[str, int]], version: int) -> int:
     """The first sources of md5s that lost some, read again from their buckets of
     ``occurrences`` as of ``version`` (a shard replaced or emptied: rare)."""
     buckets = dict(lost)
@@ -349,8 +345,9 @@ def _refill(
             for (md5,) in connection.execute(
                 f"SELECT k.md5 FROM {keyed} k WHERE "
                 "(SELECT count(*) FROM sources s WHERE s.md5 = k.md5) < "
-                f"min({RECORD_SOURCES}, coalesce((SELECT n FROM counts c WHERE c.md5 = k.md5), 0))"
-            ).fetchall()
+                f"{connection.least}({RECORD_SOURCES}, "
+                "coalesce((SELECT n FROM counts c WHERE c.md5 = k.md5), 0))"
+            )
         ]
     if not short:
         return 0
@@ -364,8 +361,8 @@ def _refill(
         filter=wanted, columns=["md5", *_SOURCE_KEY, "source_uri"]
     )
     rows = rows.append_column("stamp", _stamps(rows.column("ingested_at")))
-    connection.executemany("DELETE FROM sources WHERE md5 = ?", [(m,) for m in short])
-    connection.executemany("INSERT INTO sources VALUES (?, ?, ?, ?, ?)", _first_sources(rows))
+    connection.write("DELETE FROM sources WHERE md5 = ?", [(m,) for m in short])
+    connection.write("INSERT INTO sources VALUES (?, ?, ?, ?, ?)", _first_sources(rows))
     return len(short)
 
 
@@ -382,7 +379,7 @@ def _first_sources(rows: pa.Table) -> list[tuple]:
         )
 
 
-def _apply_attributes(connection: sqlite3.Connection, changes: pa.Table) -> int:
+def _apply_attributes(connection: StoreWriter, changes: pa.Table) -> int:
     """Each attribute value's count of carrying occurrences moved by the rows added and
     removed; a value no occurrence carries any more is dropped."""
     with _netting(changes=changes) as db:
@@ -394,12 +391,13 @@ def _apply_attributes(connection: sqlite3.Connection, changes: pa.Table) -> int:
                 "ORDER BY md5, origin, attribute, value, value_type"
             )
         )
-    connection.executemany(
+    connection.write(
         "INSERT INTO attributes VALUES (?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT DO UPDATE SET n = n + excluded.n",
+        "ON CONFLICT (md5, origin, attribute, value, value_type) "
+        "DO UPDATE SET n = attributes.n + excluded.n",
         moved,
     )
-    connection.executemany(
+    connection.write(
         "DELETE FROM attributes WHERE md5 = ? AND origin = ? AND attribute = ? AND value = ? "
         "AND value_type = ? AND n <= 0",
         [key[:5] for key in moved if key[5] < 0],
@@ -407,7 +405,7 @@ def _apply_attributes(connection: sqlite3.Connection, changes: pa.Table) -> int:
     return len(moved)
 
 
-def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> SyncResult:
+def _rebuild(lake: Lake, connection: StoreWriter, target: _Target) -> SyncResult:
     """Every row again from the lake's tables at the target versions, streamed."""
     connection.execute(f"DROP INDEX IF EXISTS {ATTRIBUTE_INDEX}")  # made after the rows: a sort
     for table in TABLES[1:]:
@@ -427,9 +425,9 @@ def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> Syn
         for batch in db.sql(
             f"SELECT {', '.join(IMAGE_VIEW_COLUMNS_STORED)} FROM _images ORDER BY md5"
         ).to_arrow_reader(_ROWS):
-            connection.executemany("INSERT INTO images VALUES (?, ?)", _record_rows(batch))
+            connection.write("INSERT INTO images VALUES (?, ?)", _record_rows(batch))
         if "occurrences" in tables:
-            connection.executemany(
+            connection.write(
                 "INSERT INTO counts VALUES (?, ?)",
                 _streamed(
                     db.sql(
@@ -446,7 +444,7 @@ def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> Syn
             ).to_arrow_reader(_ROWS)
             for batch in first:
                 stamps = _stamps(batch.column("ingested_at")).to_pylist()
-                connection.executemany(
+                connection.write(
                     "INSERT INTO sources VALUES (?, ?, ?, ?, ?)",
                     zip(
                         batch.column("md5").to_pylist(),
@@ -457,7 +455,7 @@ def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> Syn
                         strict=True,
                     ),
                 )
-        connection.executemany(
+        connection.write(
             "INSERT INTO attributes VALUES (?, ?, ?, ?, ?, ?)",
             _streamed(
                 db.sql(
@@ -467,7 +465,7 @@ def _rebuild(lake: Lake, connection: sqlite3.Connection, target: _Target) -> Syn
             ),
         )
     connection.execute(ATTRIBUTE_INDEX_SQL)
-    images_rows = connection.execute("SELECT count(*) FROM images").fetchone()[0]
+    images_rows = connection.execute("SELECT count(*) FROM images")[0][0]
     return SyncResult(
         True, "", target.images, target.occurrences, target.attributes, images_changed=images_rows
     )

@@ -65,6 +65,16 @@ class PostgresServer:
             "DAGSTER_PG_DB": DATABASE,
         }
 
+    def new_database(self, name: str) -> str:
+        """A fresh database (dropped first if present); its URL, without the password (the
+        store's setting takes it from ``ASSET_LIBRARY_SERVING_STORE_PASSWORD``)."""
+        with contextlib.closing(self.connect("postgres")) as connection:
+            connection.autocommit = True
+            cursor = connection.cursor()
+            cursor.execute(f"DROP DATABASE IF EXISTS {name}")
+            cursor.execute(f"CREATE DATABASE {name}")
+        return f"postgresql://{USER}@127.0.0.1:{self.port}/{name}"
+
     def connect(self, database: str = DATABASE) -> Any:
         import psycopg2
 

@@ -1,12 +1,13 @@
-"""The serving store: the lake's answers per md5 in SQLite, kept level with ``images`` by the
-``refresh_library`` job, checked against the lake, rebuilt on demand (``rebuild: true``)."""
+"""The serving store: the lake's answers per md5 in SQLite or PostgreSQL, kept level with
+``images`` by the ``refresh_library`` job, checked against the lake, rebuilt on demand
+(``rebuild: true``)."""
 
 import dagster as dg
 
 from asset_library.defs.assets.library import GROUP
 from asset_library.defs.resources import LibraryResource
 from asset_library.library import Library
-from asset_library.serving import check_store, sync
+from asset_library.serving import SqliteBackend, check_store, configured_backend, sync
 
 
 class ServingStoreConfig(dg.Config):
@@ -20,7 +21,7 @@ class ServingStoreConfig(dg.Config):
 @dg.asset(
     deps=["images"],
     group_name=GROUP,
-    kinds={"sqlite"},
+    kinds={"sqlite", "postgres"},
     check_specs=[
         dg.AssetCheckSpec(
             "serving_store_level",
@@ -29,25 +30,27 @@ class ServingStoreConfig(dg.Config):
         )
     ],
     description="Per md5 the image's record, attributes by origin, first sources and their "
-    "count, in one SQLite file in the library: what lookups read. Brought level from the "
+    "count, in one SQLite file in the library or in PostgreSQL (ASSET_LIBRARY_SERVING_STORE): "
+    "what lookups read. Brought level from the "
     "images, occurrences and attributes commits since its last sync (a cost per shard).",
 )
 def serving_store(library: LibraryResource, config: ServingStoreConfig):
     lake = library.lake()
-    if lake.is_s3:
+    backend = configured_backend(library.layout().serving_store_path)
+    if backend is None or (lake.is_s3 and isinstance(backend, SqliteBackend)):
         yield dg.MaterializeResult(metadata={"skipped": "a lake on S3: lookups read the lake"})
         yield dg.AssetCheckResult(  # no store, so none can answer out of level with the lake
             check_name="serving_store_level",
             passed=True,
-            description="no serving store is kept for a lake on S3: lookups read the lake",
+            description="no serving store is kept for a lake on S3 without "
+            "ASSET_LIBRARY_SERVING_STORE: lookups read the lake",
             metadata={"kept": False},
         )
         return
-    path = library.layout().serving_store_path
-    synced = sync(lake, path, rebuild=config.rebuild)
+    synced = sync(lake, backend, rebuild=config.rebuild)
     yield dg.MaterializeResult(
         metadata={
-            "path": str(path),
+            "store": backend.describe(),
             "rebuilt": synced.rebuilt,
             "reason": synced.reason,
             "images_version": synced.images_version,
@@ -58,7 +61,7 @@ def serving_store(library: LibraryResource, config: ServingStoreConfig):
             "attributes_changed": synced.attributes_changed,
             "sources_refilled": synced.refilled,
             "seconds": round(synced.seconds, 3),
-            "bytes": path.stat().st_size,
+            "bytes": backend.size_bytes(),
         }
     )
     checked = check_store(Library(library.layout().location), config.check_sample)
