@@ -4,6 +4,7 @@ the library answer as :class:`Library` does and see a later batch without a rest
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from asset_library_tests.support.serve_process import ServeReplica
 #: Each batch: one corpus folder of its own (near-duplicates inside it) and the common images.
 FOLDERS = {"ba": "github_recurser_exif-orientation-examples", "bb": "github_jenssegers_imagehash"}
 COMMON = 2
-SHARD_SIZE = "4"
+SHARD_SIZE = "6"
 #: How long a replica may take to answer for a later batch's images (a bound, not a target).
 SEEN_WITHIN_S = 60.0
 
@@ -222,6 +223,4 @@ def test_two_machines_ingest_into_one_s3_library_at_once_and_replicas_serve_it(
 
 
 def _md5(path: Path) -> str:
-    import hashlib
-
     return hashlib.md5(path.read_bytes()).hexdigest()
