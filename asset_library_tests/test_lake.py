@@ -1272,3 +1272,24 @@ def test_a_batch_ingests_with_the_lake_on_s3(tmp_path, s3_env, s3_bucket, corpus
     assert done["occurrences"]["files_added"] == done["occurrences"]["buckets"] > 0
     assert _rows(lake) == before
     assert Library(tmp_path / "library").lookup(rows[0]["md5"]) == looked
+
+
+def test_two_merges_at_once_both_finish_and_count_each_occurrence_once(tmp_path):
+    # two machines refreshing one library: the merge that loses the commit race merges again
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(5)
+    first = random_md5s(rng, 200)
+    second = first[:50] + random_md5s(rng, 200)
+    _land(layout, lake, "a-s00000", first)
+    _land(layout, lake, "b-s00000", second)
+    start = threading.Barrier(2)
+
+    def run(_):
+        start.wait()
+        return merge_images(lake).inserted
+
+    with ThreadPoolExecutor(2) as pool:
+        assert sorted(pool.map(run, range(2))) == [0, 400]
+    counts = Library(layout.root).query(COUNTS)[0]
+    assert counts["images"] == counts["distinct_md5s"] == 400
+    assert counts["counted"] == counts["occurrences"] == 450

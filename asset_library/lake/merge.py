@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import time
 import uuid
@@ -24,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError
 
 from asset_library.lake.compaction import REWRITE_MARK
 from asset_library.lake.keyset import CachedKeys, ImageKeys, KeyCacheError, digests
@@ -38,6 +40,8 @@ from asset_library.lake.table import Lake, row_count, small_pages, writer_option
 
 logger = logging.getLogger(__name__)
 
+#: How many times a merge that lost a commit race to another merge reads the tables again.
+MERGE_ATTEMPTS = 8
 #: The Delta app id under which ``images`` records the occurrences version it has merged.
 IMAGES_APP = "asset_library.images"
 
@@ -186,10 +190,20 @@ def merge_images(lake: Lake) -> MergeResult:
     A merge cut between them left ``image_counts`` ahead of ``images``: the next merge first
     makes that range's ``images`` commit (from the occurrences as of the version counted, and
     without counting it again), then merges what landed since, so every occurrence counts
-    once whatever landed in between. Two merges at once make one fail with a commit conflict.
-    Then md5 uniqueness is checked in the touched buckets."""
-    with small_pages():
-        return _merge_images(lake)
+    once whatever landed in between. Two merges at once (two machines refreshing one library)
+    make one's commit fail with a conflict: that one reads the tables again and merges what is
+    left, up to :data:`MERGE_ATTEMPTS` times. Then md5 uniqueness is checked in the touched
+    buckets."""
+    for attempt in range(1, MERGE_ATTEMPTS + 1):
+        try:
+            with small_pages():
+                return _merge_images(lake)
+        except CommitFailedError as error:
+            if attempt == MERGE_ATTEMPTS:
+                raise
+            logger.info("images merge met another merge's commit (%s): merging again", error)
+            time.sleep(random.uniform(0.1, 0.5) * attempt)
+    raise AssertionError("unreachable")
 
 
 def _merge_images(lake: Lake) -> MergeResult:
