@@ -75,6 +75,8 @@ PREFIX = "library"
 HOME = f"s3://{BUCKET}/{PREFIX}"
 #: The batch in the library's own landing zone (``<home>/landing``), which the sensor watches.
 LANDING = f"{PREFIX}/landing/{BATCH}"
+#: Where the profile's S3 compute log manager keeps each run's step logs.
+LOGS = "compute-logs/storage"
 
 
 @dataclass
@@ -271,6 +273,7 @@ def test_shards_run_on_a_ray_cluster_side_by_side_and_survive_a_lost_node(
                 {**postgres.env(), **seaweed.env()},
                 shard_size=IMAGES_PER_SHARD,
                 ASSET_LIBRARY_HOME=HOME,
+                DAGSTER_COMPUTE_LOGS_BUCKET=BUCKET,
             )
             # The checks (in child processes, see call_in_child) are a machine of their own too.
             for name, value in {**postgres.env(), **seaweed.env(), **checker.env()}.items():
@@ -301,14 +304,20 @@ def test_shards_run_on_a_ray_cluster_side_by_side_and_survive_a_lost_node(
                 landed_at = time.time()
                 mark("batch landed in s3")
                 cluster = Cluster(instance, ray, head, worker, daemon)
-                _run(cluster, shards, expected, mark, landed_at)
+                done = _run(cluster, shards, expected, mark, landed_at)
                 # the same answers, image by image, read by a machine of its own
                 found = call_in_child(lookups, HOME, md5s, f"s3://{BUCKET}/{LANDING}")
                 assert found == expected.lookups
                 mark("every lookup equal to the one-machine library's")
-                # Each node worked from its own cache of the library.
+                # Each node worked from its own cache of the library, and no run left a file
+                # on the machine that launched it: its step logs are in S3, for the UI.
                 for side in (head_side, worker_side):
                     assert (side.cache / "libraries" / BUCKET / PREFIX).is_dir(), side.files()
+                run_ids = [run.id for run in cluster.runs()]
+                assert not [f for f in daemon_side.files() if any(r in f for r in run_ids)]
+                for d in done.values():
+                    logs = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{LOGS}/{d.run.id}/")
+                    assert logs.get("KeyCount", 0) > 0, d.run.id
         finally:
             if daemon is not None:
                 daemon.stop()
@@ -331,9 +340,10 @@ def _run(
     expected: Expected,
     mark: Callable[[str], None],
     landed_at: float,
-) -> None:
+) -> dict[str, Done]:
     """The worker node writes a shard, then is lost during its next; the shard is re-run on the
-    head; every shard ends written once, both nodes having ingested side by side."""
+    head; every shard ends written once, both nodes having ingested side by side. Returns each
+    shard's writing."""
 
     # The worker node has written a shard (by the lake).
     def worker_wrote() -> dict[str, Done] | None:
@@ -417,6 +427,7 @@ def _run(
         f"node lost -> its run failed {failed_at - lost_at:.1f} s -> its shard written on "
         f"the head {repaired.last_commit - lost_at:.1f} s after the loss"
     )
+    return done
 
 
 def _failure(instance: dg.DagsterInstance, run_id: str) -> str:
