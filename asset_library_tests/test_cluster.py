@@ -3,7 +3,11 @@ library ends complete and exact.
 
 Everything runs in a network namespace with only loopback (Ray binds every interface): the S3
 server, Postgres, a Ray head and a worker node of one CPU each, and Dagster's daemon on the
-deploy/ray profile. A batch of small shards lands; its shard runs are Ray jobs on both nodes.
+deploy/ray profile. The library is ``s3://cluster/library``; the daemon, each node and the
+checks are machines of their own (an empty HOME, working folder and cache folder each, no folder
+shared), so a run that needed a file another machine wrote fails, and any run failing but the
+one the lost node ends fails the test at once with its error. A batch of small shards lands in
+the library's S3 landing zone; its shard runs are Ray jobs on both nodes.
 Once the worker node has written a shard, its whole process tree is killed during its next
 one: that run fails, the daemon re-runs the shard, and it completes on the head.
 
@@ -17,6 +21,7 @@ same moment. The test prints a timeline of every shard run; it asserts no timing
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ from asset_library.ids import shard_key
 from asset_library.runs.orchestrate import ingest_batch
 from asset_library_tests.support.cluster import (
     SHARD_TABLES,
+    Machine,
     RayCluster,
     RayNode,
     call_in_child,
@@ -46,8 +52,8 @@ from asset_library_tests.support.corpus import corpus_jpegs
 from asset_library_tests.support.dagster_processes import DagsterProcess, start_daemon
 from asset_library_tests.support.deployment import (
     REPO,
+    Clone,
     deployed_env,
-    make_clone,
     shard_runs,
     step_started_at,
     wait_for,
@@ -64,6 +70,13 @@ SHARDS = 5
 IMAGES_PER_SHARD = 6
 BATCH = "photos_001"
 BUCKET = "cluster"
+PREFIX = "library"
+#: The library: everything durable is here, a machine keeps only caches.
+HOME = f"s3://{BUCKET}/{PREFIX}"
+#: The batch in the library's own landing zone (``<home>/landing``), which the sensor watches.
+LANDING = f"{PREFIX}/landing/{BATCH}"
+#: Where the profile's S3 compute log manager keeps each run's step logs.
+LOGS = "compute-logs/storage"
 
 
 @dataclass
@@ -127,17 +140,39 @@ class Cluster:
     head: RayNode
     worker: RayNode
     daemon: DagsterProcess
-    root: Path
     names: dict[str, str] = field(default_factory=dict)
     #: When the worker node was killed: nothing on it ran after.
     lost_at: float | None = None
+    #: The run the node loss is meant to fail; any other run failing fails the test at once.
+    doomed: str | None = None
 
     def __post_init__(self) -> None:
         self.names = {self.head.node_id or "": "head", self.worker.node_id or "": "worker"}
 
     @property
     def alive(self) -> tuple[Any, ...]:
-        return (self.daemon, self.head)
+        return (self.daemon, self.head, self)
+
+    # A watched process of wait_for: the deployment itself, which must fail no run but the one
+    # the lost node ends (a run needing a file only another machine wrote fails here, named).
+    @property
+    def log_path(self) -> Path:
+        return self.daemon.log_path
+
+    def check_alive(self) -> None:
+        failed = self.instance.get_run_records(
+            dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE])
+        )
+        for record in failed:
+            run = record.dagster_run
+            if run.run_id != self.doomed:
+                raise AssertionError(
+                    f"run {run.run_id} of {run.job_name} {run.tags.get('dagster/partition', '')} "
+                    f"failed:\n{_failure(self.instance, run.run_id)}"
+                )
+
+    def tail(self) -> str:
+        return ""
 
     def runs(self) -> list[Run]:
         """Every shard run with what Ray and the event log say of it."""
@@ -159,7 +194,7 @@ class Cluster:
     def done(self) -> dict[str, Done]:
         """The shards the lake shows written, each given to the one run ingesting when all
         its commits were made."""
-        commits = call_in_child(shard_commits, self.root)
+        commits = call_in_child(shard_commits, HOME)
         runs = self.runs()
         found = {}
         for shard, tables in commits.items():
@@ -184,8 +219,10 @@ def test_shards_run_on_a_ray_cluster_side_by_side_and_survive_a_lost_node(
     for name in ("ASSET_LIBRARY_OBJECTS", "ASSET_LIBRARY_LAKE", "ASSET_LIBRARY_HOME"):
         monkeypatch.delenv(name, raising=False)
     images = corpus_jpegs(corpus_dir, SHARDS * IMAGES_PER_SHARD)
-    clone = make_clone(tmp_path)
-    landed = clone.land(BATCH, images)
+    landed = tmp_path / "landing" / BATCH
+    landed.mkdir(parents=True)
+    for name, (path, _) in _landing_names(images).items():
+        shutil.copyfile(path, landed / name)
     shards = [shard_key(BATCH, n) for n in range(SHARDS)]
 
     # The same batch built on one machine first: the cluster's library must answer as it does.
@@ -207,10 +244,18 @@ def test_shards_run_on_a_ray_cluster_side_by_side_and_survive_a_lost_node(
     expected = Expected(
         rows=rows_by_shard(reference),
         images=images_by_shard(reference),
-        lookups=lookups(reference, md5s),
+        lookups=lookups(reference, md5s, str(landed)),
     )
     assert sorted({shard for _, shard in expected.rows}) == shards
     mark("the same batch built on one machine")
+
+    # Each machine has its own empty HOME, working folder and cache; they share no folder.
+    daemon_side, head_side, worker_side, checker = (
+        Machine(tmp_path / "machines" / name) for name in ("daemon", "head", "worker", "checks")
+    )
+    shutil.copyfile(REPO / "workspace.yaml", daemon_side.work / "workspace.yaml")
+    dagster_home = daemon_side.root / "dagster"
+    dagster_home.mkdir()
 
     with loopback_namespace():
         assert interfaces() == ["lo"]
@@ -224,40 +269,55 @@ def test_shards_run_on_a_ray_cluster_side_by_side_and_survive_a_lost_node(
             seaweed.make_bucket(BUCKET)
             mark("postgres and s3 up")
             env = deployed_env(
-                clone,
+                Clone(daemon_side.work, daemon_side.work, dagster_home),
                 {**postgres.env(), **seaweed.env()},
                 shard_size=IMAGES_PER_SHARD,
-                ASSET_LIBRARY_OBJECTS=f"s3://{BUCKET}/objects",
-                ASSET_LIBRARY_LAKE=f"s3://{BUCKET}/lake",
+                ASSET_LIBRARY_HOME=HOME,
+                DAGSTER_COMPUTE_LOGS_BUCKET=BUCKET,
             )
-            # The checks (in child processes, see call_in_child) read the lake the runs write:
-            # library.json names it only once a shard has recorded it.
-            lake_env = {"ASSET_LIBRARY_LAKE": env["ASSET_LIBRARY_LAKE"]}
-            for name, value in {**postgres.env(), **seaweed.env(), **lake_env}.items():
+            # The checks (in child processes, see call_in_child) are a machine of their own too.
+            for name, value in {**postgres.env(), **seaweed.env(), **checker.env()}.items():
                 monkeypatch.setenv(name, value)
 
-            ray = RayCluster(env, tmp_path)
-            head = ray.start_head()
+            # The nodes have no Dagster home: each run's instance travels with it.
+            ray = RayCluster({k: v for k, v in env.items() if k != "DAGSTER_HOME"}, tmp_path)
+            head = ray.start_head(head_side)
             mark("ray head up")
-            worker = ray.start_worker()
+            worker = ray.start_worker(worker_side)
             mark("ray worker node up")
             assert len(ray.alive_nodes()) == 2
 
             config = yaml.safe_load(PROFILE.read_text())
             config["run_launcher"]["config"]["ray"]["address"] = ray.address
             config["run_monitoring"]["poll_interval_seconds"] = 3
-            (clone.home / "dagster.yaml").write_text(yaml.safe_dump(config))
-            with dg.DagsterInstance.from_config(str(clone.home)) as instance:
+            (dagster_home / "dagster.yaml").write_text(yaml.safe_dump(config))
+            with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
                 assert type(instance.run_launcher).__name__ == "RayRunLauncher"
-                daemon = start_daemon(env, tmp_path, tmp_path / "daemon.log")
-                (landed / "_READY").touch()
+                daemon = start_daemon(
+                    {**env, **daemon_side.env()}, daemon_side.work, tmp_path / "daemon.log"
+                )
+                # The batch lands in the library's S3 landing zone, its _READY marker last.
+                s3 = seaweed.client()
+                for name, (path, _) in _landing_names(images).items():
+                    s3.upload_file(str(path), BUCKET, f"{LANDING}/{name}")
+                s3.put_object(Bucket=BUCKET, Key=f"{LANDING}/_READY", Body=b"")
                 landed_at = time.time()
-                mark("batch landed")
-                cluster = Cluster(instance, ray, head, worker, daemon, clone.root)
-                _run(cluster, shards, expected, mark, landed_at)
-                # the same answers, image by image
-                assert call_in_child(lookups, clone.root, md5s) == expected.lookups
+                mark("batch landed in s3")
+                cluster = Cluster(instance, ray, head, worker, daemon)
+                done = _run(cluster, shards, expected, mark, landed_at)
+                # the same answers, image by image, read by a machine of its own
+                found = call_in_child(lookups, HOME, md5s, f"s3://{BUCKET}/{LANDING}")
+                assert found == expected.lookups
                 mark("every lookup equal to the one-machine library's")
+                # Each node worked from its own cache of the library, and no run left a file
+                # on the machine that launched it: its step logs are in S3, for the UI.
+                for side in (head_side, worker_side):
+                    assert (side.cache / "libraries" / BUCKET / PREFIX).is_dir(), side.files()
+                run_ids = [run.id for run in cluster.runs()]
+                assert not [f for f in daemon_side.files() if any(r in f for r in run_ids)]
+                for d in done.values():
+                    logs = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{LOGS}/{d.run.id}/")
+                    assert logs.get("KeyCount", 0) > 0, d.run.id
         finally:
             if daemon is not None:
                 daemon.stop()
@@ -269,15 +329,21 @@ def test_shards_run_on_a_ray_cluster_side_by_side_and_survive_a_lost_node(
     print("\n" + "\n".join(f"{t:6.1f} s  {what}" for t, what in timeline))
 
 
+def _landing_names(images: list[tuple[Path, str]]) -> dict[str, tuple[Path, str]]:
+    """The batch's files, numbered so the plan keeps their order (folder and S3 alike)."""
+    return {f"{number:02d}_{path.name}": (path, md5) for number, (path, md5) in enumerate(images)}
+
+
 def _run(
     cluster: Cluster,
     shards: list[str],
     expected: Expected,
     mark: Callable[[str], None],
     landed_at: float,
-) -> None:
+) -> dict[str, Done]:
     """The worker node writes a shard, then is lost during its next; the shard is re-run on the
-    head; every shard ends written once, both nodes having ingested side by side."""
+    head; every shard ends written once, both nodes having ingested side by side. Returns each
+    shard's writing."""
 
     # The worker node has written a shard (by the lake).
     def worker_wrote() -> dict[str, Done] | None:
@@ -297,10 +363,11 @@ def _run(
         return None
 
     doomed = wait_for("the next shard on the worker", victim, 300, *cluster.alive, every=0.2)
+    cluster.doomed = doomed.id
     killed = cluster.worker.kill()
     lost_at = cluster.lost_at = time.time()
     mark(f"worker node killed ({len(killed)} processes) mid-shard {doomed.shard}")
-    assert doomed.shard not in call_in_child(shard_commits, cluster.root), (
+    assert doomed.shard not in call_in_child(shard_commits, HOME), (
         f"{doomed.shard} was already written before the kill"
     )
 
@@ -314,17 +381,17 @@ def _run(
 
     # Done means written: every shard's rows are in the lake, each by one commit a table.
     def complete() -> bool:
-        return call_in_child(rows_by_shard, cluster.root) == expected.rows
+        return call_in_child(rows_by_shard, HOME) == expected.rows
 
     wait_for("every shard in the lake", complete, 300, *cluster.alive, every=2)
-    commits = call_in_child(shard_commits, cluster.root)
+    commits = call_in_child(shard_commits, HOME)
     assert sorted(commits) == shards
     once = {s: sorted(t for t, marks in commits[s].items() if len(marks) == 1) for s in shards}
     assert once == {s: sorted(SHARD_TABLES) for s in shards}, commits
     mark("every shard written")
 
     def refreshed() -> bool:
-        return call_in_child(images_by_shard, cluster.root) == expected.images
+        return call_in_child(images_by_shard, HOME) == expected.images
 
     wait_for("the library refreshed", refreshed, 300, *cluster.alive, every=2)
     mark("library refreshed")
@@ -360,6 +427,18 @@ def _run(
         f"node lost -> its run failed {failed_at - lost_at:.1f} s -> its shard written on "
         f"the head {repaired.last_commit - lost_at:.1f} s after the loss"
     )
+    return done
+
+
+def _failure(instance: dg.DagsterInstance, run_id: str) -> str:
+    """Why a run failed: its steps' errors, else the run's failure message."""
+    errors = []
+    for kind in (dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE):
+        for record in instance.get_records_for_run(run_id, of_type=kind).records:
+            event = record.event_log_entry.dagster_event
+            error = getattr(event.event_specific_data, "error", None) if event else None
+            errors.append(error.to_string() if error else record.event_log_entry.message)
+    return "\n".join(errors)
 
 
 def _timeline(runs: list[Run], done: dict[str, Done], landed_at: float) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import pickle
 import signal
@@ -30,7 +31,7 @@ from typing import Any
 
 from asset_library import Library
 from asset_library.lake import SHARD_MARK, Lake
-from asset_library.layout import LibraryLayout
+from asset_library.layout import LibraryLayout, NoLibraryError
 from asset_library_tests.support.seaweedfs import free_ports
 
 CLONE_NEWNET = 0x40000000
@@ -110,6 +111,28 @@ def ray_script() -> str:
     return str(path)
 
 
+class Machine:
+    """What one machine has of its own: an empty HOME, working folder and cache folder
+    (``ASSET_LIBRARY_CACHE``), under ``root``. Nothing else on disk is shared with another."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home, self.work, self.cache = (root / n for n in ("home", "work", "cache"))
+        for folder in (self.home, self.work, self.cache):
+            folder.mkdir(parents=True)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "HOME": str(self.home),
+            "ASSET_LIBRARY_CACHE": str(self.cache),
+            "PWD": str(self.work),
+        }
+
+    def files(self) -> list[str]:
+        """What this machine holds now, relative to its root."""
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*"))
+
+
 class NodeExited(RuntimeError):
     """A node's ``ray start`` ended."""
 
@@ -117,12 +140,13 @@ class NodeExited(RuntimeError):
 class RayNode:
     """One ``ray start --block`` process (the node's raylet and workers are its children)."""
 
-    def __init__(self, args: list[str], env: Mapping[str, str], log: Path) -> None:
+    def __init__(self, args: list[str], env: Mapping[str, str], cwd: Path, log: Path) -> None:
         self.log_path = log
         with log.open("wb") as handle:
             self.process = subprocess.Popen(
                 [ray_script(), "start", "--block", *args],
                 env=dict(env),
+                cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=handle,
                 stderr=subprocess.STDOUT,
@@ -164,7 +188,9 @@ class RayNode:
 
 
 class RayCluster:
-    """A head node and ``workers`` more, ``cpus`` each, on loopback ports of this namespace."""
+    """A head node and worker nodes, ``cpus`` each, on loopback ports of this namespace. Each
+    node starts in its own working folder with its own variables on top of ``env`` (a machine
+    of its own: its HOME, its cache folder)."""
 
     def __init__(self, env: Mapping[str, str], log_dir: Path, *, cpus: int = 1) -> None:
         self.env = {
@@ -204,7 +230,7 @@ class RayCluster:
             "--disable-usage-stats",
         ]
 
-    def start_head(self) -> RayNode:
+    def start_head(self, machine: Machine) -> RayNode:
         args = [
             "--head",
             f"--port={self.gcs_port}",
@@ -215,19 +241,21 @@ class RayCluster:
             f"--temp-dir={self.temp_dir}",
             *self._common(),
         ]
-        return self._add(args, "head")
+        return self._add(args, "head", machine)
 
-    def start_worker(self) -> RayNode:
+    def start_worker(self, machine: Machine) -> RayNode:
         args = [f"--address=127.0.0.1:{self.gcs_port}", *self._common()]
-        return self._add(args, f"worker-{len(self.nodes)}")
+        return self._add(args, f"worker-{len(self.nodes)}", machine)
 
-    def _add(self, args: list[str], name: str) -> RayNode:
+    def _add(self, args: list[str], name: str, machine: Machine) -> RayNode:
         """Start a node and wait until the head lists it alive. A raylet gives its agents a
         fixed 15 s to start, which a busy machine can overrun: the node then exits, and is
         started again (up to START_ATTEMPTS times)."""
         known = {n.node_id for n in self.nodes if n.node_id}
         for attempt in range(1, START_ATTEMPTS + 1):
-            node = RayNode(args, self.env, self.log_dir / f"ray-{name}-{attempt}.log")
+            env = {**self.env, **machine.env()}
+            log = self.log_dir / f"ray-{name}-{attempt}.log"
+            node = RayNode(args, env, machine.work, log)
             self.nodes.append(node)
             try:
                 node.node_id = self._wait_new_node(node, known)
@@ -300,19 +328,29 @@ def call_in_child(function: Callable[..., Any], *args: Any) -> Any:
     return pickle.loads(done.stdout)
 
 
-# What the checks read from a library (run through call_in_child inside the namespace).
+# What the checks read from a library (run through call_in_child inside the namespace), by its
+# home: a folder or an s3:// URL. Read only: before the first run creates the library, it is empty.
+
+
+def _lake(home: str | Path) -> Lake | None:
+    try:
+        return Lake.of(LibraryLayout.existing(home))
+    except NoLibraryError:
+        return None
 
 
 #: The tables a shard run writes, one commit each (``write_shard``), the index last.
 SHARD_TABLES = ("occurrences", "rejects", "attributes", "attribute_index")
 
 
-def shard_commits(root: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+def shard_commits(home: str | Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Each shard's commits by table, from the commits' shard mark: (Delta version, commit
     time in seconds since the epoch, from the commit's own ``timestamp``)."""
-    lake = Lake.of(LibraryLayout.open(root))
-    assert lake.is_s3, lake  # the lake the runs wrote, on S3
+    lake = _lake(home)
     commits: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    if lake is None:
+        return commits
+    assert lake.is_s3, lake  # the lake the runs wrote, on S3
     for name in SHARD_TABLES:
         table = lake.open(name)
         for entry in table.history() if table is not None else []:
@@ -322,10 +360,12 @@ def shard_commits(root: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     return commits
 
 
-def rows_by_shard(root: Path) -> dict[tuple[str, str], int]:
+def rows_by_shard(home: str | Path) -> dict[tuple[str, str], int]:
     """Rows per (table, shard) of the tables a shard run writes its images to."""
-    lake = Lake.of(LibraryLayout.open(root))
+    lake = _lake(home)
     counts: dict[tuple[str, str], int] = {}
+    if lake is None:
+        return counts
     for name in ("occurrences", "rejects"):
         table = lake.open(name)
         rows = [] if table is None else table.to_pyarrow_table(columns=["shard"])["shard"]
@@ -334,23 +374,25 @@ def rows_by_shard(root: Path) -> dict[tuple[str, str], int]:
     return counts
 
 
-def images_by_shard(root: Path) -> dict[str, int]:
+def images_by_shard(home: str | Path) -> dict[str, int]:
     try:
-        counted = Library(root).query("SELECT shard, count(*) AS n FROM images GROUP BY shard")
+        counted = Library(home).query("SELECT shard, count(*) AS n FROM images GROUP BY shard")
     except Exception:  # no catalog yet
         return {}
     return {row["shard"]: row["n"] for row in counted}
 
 
-def lookups(root: Path, md5s: list[str]) -> dict[str, dict[str, Any]]:
+def lookups(home: str | Path, md5s: list[str], landing: str) -> dict[str, dict[str, Any]]:
     """Each image's lookup, less when it was ingested (two builds differ in it) and which store
-    answered (an S3 lake is read directly; a folder library's serving store answers)."""
-    library = Library(root)
+    answered (an S3 lake is read directly; a folder library's serving store answers), with the
+    batch's landing place (a folder or an S3 prefix) spelled ``<landing>``."""
+    library = Library(home)
     found = {}
     for md5 in md5s:
         image = library.lookup(md5)
-        assert image is not None, f"{md5} missing from {root}"
+        assert image is not None, f"{md5} missing from {home}"
         image.pop("ingested_at")
         image.pop("answered_by")
-        found[md5] = image
+        text = json.dumps(image, default=str).replace(landing.rstrip("/"), "<landing>")
+        found[md5] = json.loads(text)
     return found
