@@ -51,7 +51,7 @@ from asset_library.lake.tiers import tier_of
 from asset_library.layout import LibraryLayout
 from asset_library.serving import sync
 from asset_library.similarity import IndexNotReady, SimilarityIndex
-from asset_library_tests.support.synthetic import random_md5s, write_keys
+from asset_library_tests.support.synthetic import land_shard, random_md5s, write_keys
 
 BUCKETS = 16
 COUNTS = (
@@ -67,14 +67,6 @@ COUNTS = (
 def _library(root: Path) -> tuple[LibraryLayout, Lake]:
     layout = LibraryLayout.open(root, BUCKETS)
     return layout, Lake.of(layout, {})
-
-
-def _land(layout: LibraryLayout, lake: Lake, shard: str, md5s: list[str], **kw) -> dict:
-    batch = shard.rsplit("-s", 1)[0]
-    keys = write_keys(
-        layout.keys_path(shard), batch=batch, shard=shard, n_buckets=BUCKETS, md5s=md5s, **kw
-    )
-    return write_shard(lake, shard, keys)
 
 
 def _refresh(layout: LibraryLayout, lake: Lake) -> None:
@@ -94,7 +86,7 @@ def test_two_shards_land_at_once_and_merge_into_one_row_per_md5(tmp_path):
     def land(args):
         shard, md5s, seed = args
         start.wait()
-        return _land(layout, lake, shard, md5s, seed=seed, rejects=2)
+        return land_shard(layout, lake, shard, md5s, seed=seed, rejects=2)
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(land, [("a-s00000", a, 1), ("b-s00000", b, 2)]))
@@ -150,8 +142,8 @@ def test_a_replaced_shard_changes_exactly_its_counts_before_any_vacuum(tmp_path)
     rng = np.random.default_rng(3)
     first = random_md5s(rng, 400)
     second = first[:100] + random_md5s(rng, 200)
-    _land(layout, lake, "b-s00000", first, rejects=3)
-    _land(layout, lake, "b-s00001", second, rejects=1)
+    land_shard(layout, lake, "b-s00000", first, rejects=3)
+    land_shard(layout, lake, "b-s00001", second, rejects=1)
     _refresh(layout, lake)
     library = Library(layout.root)
     phash = library.query("SELECT phash FROM images WHERE md5 = ?", [second[150]])[0]["phash"]
@@ -166,7 +158,7 @@ def test_a_replaced_shard_changes_exactly_its_counts_before_any_vacuum(tmp_path)
     # the second shard again, other content: 20 of the first shard's md5s and 30 new ones,
     # ingested earlier than the first shard (so it becomes their first occurrence)
     replaced = first[380:] + random_md5s(rng, 30)
-    _land(
+    land_shard(
         layout,
         lake,
         "b-s00001",
@@ -226,7 +218,7 @@ def test_a_replaced_shard_changes_exactly_its_counts_before_any_vacuum(tmp_path)
     assert synced.added == [] and synced.removed == [] and synced.images == 430
     # an md5 that left and comes back keeps its one entry (its hashes are its bytes'; the
     # synthetic rows draw other ones, so the entry is found by the hash it had)
-    _land(layout, lake, "b-s00002", [second[150]])
+    land_shard(layout, lake, "b-s00002", [second[150]])
     _refresh(layout, lake)
     index = SimilarityIndex(layout)
     assert len(index) == 431 and second[150] not in index.removed
@@ -249,13 +241,13 @@ def test_repeats_append_counts_and_rewrite_no_images_file(tmp_path):
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(14)
     first = random_md5s(rng, 300)
-    _land(layout, lake, "r-s00000", first)
+    land_shard(layout, lake, "r-s00000", first)
     _refresh(layout, lake)
     files = set(DeltaTable(lake.uri("images")).file_uris())
     second = first[:60] + random_md5s(rng, 140)
-    _land(layout, lake, "r-s00001", second)
+    land_shard(layout, lake, "r-s00001", second)
     third = first[:30] + second[100:130] + random_md5s(rng, 40)
-    _land(layout, lake, "r-s00002", third)
+    land_shard(layout, lake, "r-s00002", third)
     merged = merge_images(lake)
     assert (merged.inserted, merged.updated, merged.deleted) == (180, 60, 0)
     after = set(DeltaTable(lake.uri("images")).file_uris())
@@ -270,7 +262,7 @@ def test_repeats_append_counts_and_rewrite_no_images_file(tmp_path):
     assert library.query("SELECT occurrences FROM image(?)", [first[0]]) == [{"occurrences": 3}]
     assert library.lookup(second[100])["occurrences"] == 2
     # a merge cut after its image_counts commit finishes without counting twice
-    _land(layout, lake, "r-s00003", first[:10])
+    land_shard(layout, lake, "r-s00003", first[:10])
 
     cut = lake.open("occurrences").version()
     rows = pa.table(
@@ -287,7 +279,7 @@ def test_repeats_append_counts_and_rewrite_no_images_file(tmp_path):
     merge_images(lake)
     _counts_are_true(Library(layout.root))
     # a shard replaced (before any vacuum): its md5s are recomputed, the others untouched
-    _land(layout, lake, "r-s00001", second[:30] + random_md5s(rng, 5))
+    land_shard(layout, lake, "r-s00001", second[:30] + random_md5s(rng, 5))
     merged = merge_images(lake)
     assert merged.deleted == 140 - 30  # second[100:130] stay: they are in r-s00002 too
     library = Library(layout.root)
@@ -308,8 +300,8 @@ def test_the_change_feed_skips_rewrites_by_their_true_version(tmp_path):
     before it (delta-rs numbers a stale handle's history from its own version)."""
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(24)
-    _land(layout, lake, "v-s00000", random_md5s(rng, 100))
-    _land(layout, lake, "v-s00001", random_md5s(rng, 100), seed=1)
+    land_shard(layout, lake, "v-s00000", random_md5s(rng, 100))
+    land_shard(layout, lake, "v-s00001", random_md5s(rng, 100), seed=1)
     stale = DeltaTable(lake.uri("occurrences"))
     shard_version = stale.version()
     compact(lake, fan_in=2)  # rewrites occurrences' buckets: the next version
@@ -323,13 +315,13 @@ def test_the_change_feed_skips_rewrites_by_their_true_version(tmp_path):
 def test_a_merge_reports_an_md5_its_buckets_hold_twice(tmp_path):
     layout, lake = _library(tmp_path / "library")
     md5s = random_md5s(np.random.default_rng(21), 200)
-    _land(layout, lake, "u-s00000", md5s)
+    land_shard(layout, lake, "u-s00000", md5s)
     assert merge_images(lake).duplicated_md5s == 0
     # an images row written twice (what a broken writer would leave)
     twice = DeltaTable(lake.uri("images")).to_pyarrow_table(filters=[("md5", "=", md5s[7])])
     write_deltalake(lake.table("images"), twice, mode="append")
     # the next merge touches that md5 (another occurrence of it) and an unrelated new one
-    _land(layout, lake, "u-s00001", [md5s[7], *random_md5s(np.random.default_rng(22), 5)])
+    land_shard(layout, lake, "u-s00001", [md5s[7], *random_md5s(np.random.default_rng(22), 5)])
     merged = merge_images(lake)
     assert merged.duplicated_md5s == 1 and merged.inserted == 5
 
@@ -340,13 +332,13 @@ def test_a_lake_without_image_counts_reads_and_merges(tmp_path):
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(15)
     first = random_md5s(rng, 100)
-    _land(layout, lake, "o-s00000", first + first[:20])
+    land_shard(layout, lake, "o-s00000", first + first[:20])
     _refresh(layout, lake)
     shutil.rmtree(lake.uri("image_counts"))
     library = Library(layout.root)
     _counts_are_true(library)
     assert library.lookup(first[0])["occurrences"] == 2
-    _land(layout, lake, "o-s00001", first[:50])
+    land_shard(layout, lake, "o-s00001", first[:50])
     _refresh(layout, lake)
     _counts_are_true(Library(layout.root))
     assert Library(layout.root).lookup(first[0])["occurrences"] == 3
@@ -483,7 +475,7 @@ def test_the_cube_holds_each_images_rows_sorted_by_md5_in_every_file(tmp_path):
 def test_lookup_reads_one_bucket_and_a_damaged_bucket_breaks_only_itself(tmp_path):
     layout, lake = _library(tmp_path / "library")
     md5s = random_md5s(np.random.default_rng(6), 400)
-    _land(layout, lake, "d-s00000", md5s)
+    land_shard(layout, lake, "d-s00000", md5s)
     _refresh(layout, lake)
     compact(lake, fan_in=2)
     library = Library(layout.root)
@@ -639,7 +631,7 @@ def test_an_attribute_query_reads_the_index_alone_and_agrees_with_the_occurrence
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(21)
     first = random_md5s(rng, 300)
-    _land(layout, lake, "w-s00000", first, seed=1)
+    land_shard(layout, lake, "w-s00000", first, seed=1)
     # later: 100 of them again (their label drawn again), and one source listed twice
     keys = write_keys(
         layout.keys_path("w-s00001"),
@@ -722,7 +714,7 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path,
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(16)
     for number in range(2):
-        _land(layout, lake, f"i-s0000{number}", random_md5s(rng, 200), seed=number)
+        land_shard(layout, lake, f"i-s0000{number}", random_md5s(rng, 200), seed=number)
     _refresh(layout, lake)
     truth = (
         "SELECT (SELECT list(DISTINCT md5 ORDER BY md5) FROM attribute_occurrences "
@@ -736,8 +728,8 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path,
     found = Library(layout.root).query(truth)[0]
     assert found["found"] == found["indexed"] == found["truth"]
     # the next shard's write starts the index from the cube, then replaces its own rows
-    _land(layout, lake, "i-s00001", random_md5s(rng, 100), seed=5)
-    _land(layout, lake, "i-s00002", random_md5s(rng, 100), seed=6)
+    land_shard(layout, lake, "i-s00001", random_md5s(rng, 100), seed=5)
+    land_shard(layout, lake, "i-s00002", random_md5s(rng, 100), seed=6)
     _refresh(layout, lake)
     index = DeltaTable(lake.uri("attribute_index")).to_pyarrow_table(columns=["shard"])
     assert index.num_rows == 400 * 6  # i-s00001 replaced: 200 + 100 + 100 images
@@ -754,7 +746,7 @@ def test_a_lake_without_the_attribute_index_answers_and_gains_it_whole(tmp_path,
     compact(lake, fan_in=1)  # leaves it to the next write to rebuild, and answers the same
     assert is_outdated_index("attribute_index", lake.open("attribute_index"))
     assert Library(layout.root).query(rows) == covered
-    _land(layout, lake, "i-s00002", random_md5s(rng, 100), seed=6)
+    land_shard(layout, lake, "i-s00002", random_md5s(rng, 100), seed=6)
     rebuilt = DeltaTable(lake.uri("attribute_index"))
     assert "size_bytes" in {f.name for f in rebuilt.schema().fields}
     library = Library(layout.root)
@@ -777,10 +769,10 @@ def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(
     """Compaction's commit removes the files it read: one removed meanwhile fails it."""
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(13)
-    _land(layout, lake, "q-s00000", random_md5s(rng, 300))
-    _land(layout, lake, "q-s00001", random_md5s(rng, 300))
+    land_shard(layout, lake, "q-s00000", random_md5s(rng, 300))
+    land_shard(layout, lake, "q-s00001", random_md5s(rng, 300))
     read = lake.open("attributes")  # what the compaction read
-    _land(layout, lake, "q-s00000", random_md5s(rng, 100))  # the shard replaced meanwhile
+    land_shard(layout, lake, "q-s00000", random_md5s(rng, 100))  # the shard replaced meanwhile
     plan = _bucket_files(read, "attributes")
     with pytest.raises(CommitFailedError):  # it removed files the sort would rewrite
         _merge_buckets(read, "attributes", plan)
@@ -790,7 +782,7 @@ def test_sorting_the_cube_from_an_older_version_never_brings_back_replaced_rows(
     assert found == [{"shard": "q-s00000", "n": 600}, {"shard": "q-s00001", "n": 1800}]
     # a shard that only adds files meanwhile does not conflict, and its rows stay
     read = lake.open("attributes")
-    _land(layout, lake, "q-s00002", random_md5s(rng, 50))
+    land_shard(layout, lake, "q-s00002", random_md5s(rng, 50))
     _merge_buckets(read, "attributes", _bucket_files(read, "attributes"))
     assert row_count(lake.open("attributes")) == (100 + 300 + 50) * 6
 
@@ -807,10 +799,10 @@ def test_a_merge_that_cannot_commit_or_never_did_leaves_no_file_behind(tmp_path)
     merge wrote and never committed (listed by no commit) is vacuumed once old enough."""
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(17)
-    _land(layout, lake, "o-s00000", random_md5s(rng, 200))
-    _land(layout, lake, "o-s00001", random_md5s(rng, 200))
+    land_shard(layout, lake, "o-s00000", random_md5s(rng, 200))
+    land_shard(layout, lake, "o-s00001", random_md5s(rng, 200))
     read = lake.open("occurrences")
-    _land(layout, lake, "o-s00000", random_md5s(rng, 100))  # replaced meanwhile
+    land_shard(layout, lake, "o-s00000", random_md5s(rng, 100))  # replaced meanwhile
     replaced = _unreferenced(lake, "occurrences")  # the replaced shard's files, tombstoned
     with pytest.raises(CommitFailedError):
         _merge_buckets(read, "occurrences", _bucket_files(read, "occurrences"))
@@ -894,7 +886,7 @@ def test_compaction_merges_tiers_and_leaves_large_files_alone(tmp_path):
     bucket = 5
     pool = [m for m in random_md5s(rng, 16 * 800) if bucket_of(m, BUCKETS) == bucket]
     large_md5s, small_md5s = pool[:500], pool[500:]
-    _land(layout, lake, "g-s00000", large_md5s)
+    land_shard(layout, lake, "g-s00000", large_md5s)
     (large,) = _paths(lake, "occurrences", bucket)
     # tiers of 16 rows up: a shard's 20 rows are tier 1, three merged (60) tier 2, nine
     # (180) tier 3, the large shard's 500 tier 4
@@ -905,7 +897,7 @@ def test_compaction_merges_tiers_and_leaves_large_files_alone(tmp_path):
     assert compact(lake, **policy)["occurrences"]["bytes_rewritten"] == 0
     history: list[set[str]] = [_paths(lake, "occurrences", bucket)]
     for n in range(1, 10):  # small shards 1..9, each compacted after it lands
-        _land(layout, lake, f"g-s{n:05d}", small_md5s[20 * (n - 1) : 20 * n], seed=n)
+        land_shard(layout, lake, f"g-s{n:05d}", small_md5s[20 * (n - 1) : 20 * n], seed=n)
         landed = _paths(lake, "occurrences", bucket)
         if n % 3:  # fewer than three small files: nothing merged
             assert compact(lake, **policy)["occurrences"]["bytes_rewritten"] == 0
@@ -987,8 +979,8 @@ def test_rows_read_by_key_equal_the_rows_a_query_finds(tmp_path):
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(23)
     first = random_md5s(rng, 300)
-    _land(layout, lake, "k-s00000", first)
-    _land(layout, lake, "k-s00001", first[:40] + random_md5s(rng, 200), seed=1)
+    land_shard(layout, lake, "k-s00000", first)
+    land_shard(layout, lake, "k-s00001", first[:40] + random_md5s(rng, 200), seed=1)
     _refresh(layout, lake)
     library = Library(layout.root)
     catalog = library.connect()
@@ -1010,7 +1002,7 @@ def test_rows_read_by_key_equal_the_rows_a_query_finds(tmp_path):
 def test_a_copied_library_answers_from_its_own_data(tmp_path):
     layout, lake = _library(tmp_path / "original")
     md5s = random_md5s(np.random.default_rng(7), 200)
-    _land(layout, lake, "m-s00000", md5s)
+    land_shard(layout, lake, "m-s00000", md5s)
     _refresh(layout, lake)
     copy = tmp_path / "moved" / "library"
     shutil.copytree(layout.root, copy)
@@ -1088,7 +1080,7 @@ def test_similar_says_when_the_index_is_missing_or_behind(tmp_path, capsys, capl
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(9)
     first = random_md5s(rng, 100)
-    _land(layout, lake, "s-s00000", first)
+    land_shard(layout, lake, "s-s00000", first)
     _refresh(layout, lake)
     library = Library(layout.root)
     assert library.similar(first[0], max_distance=0)[0]["md5"] == first[0]
@@ -1098,7 +1090,7 @@ def test_similar_says_when_the_index_is_missing_or_behind(tmp_path, capsys, capl
     assert main(["similar", first[0], "--library", str(layout.root)]) != 0
     assert "the similarity index is missing" in capsys.readouterr().err
     SimilarityIndex(layout).sync(lake)
-    _land(layout, lake, "s-s00001", random_md5s(rng, 40))
+    land_shard(layout, lake, "s-s00001", random_md5s(rng, 40))
     merge_images(lake)  # images moved on, the index did not
     with pytest.raises(IndexNotReady, match="behind the lake: 40 images not indexed"):
         Library(layout.root).similar(first[0])
@@ -1196,7 +1188,7 @@ def test_on_s3_two_shards_commit_at_once_and_a_reader_reads_through_a_replace(
     def land(args):
         shard, md5s = args
         start.wait()
-        return _land(layout, lake, shard, md5s)
+        return land_shard(layout, lake, shard, md5s)
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(land, [("a-s00000", a), ("b-s00000", b)]))
@@ -1217,7 +1209,7 @@ def test_on_s3_two_shards_commit_at_once_and_a_reader_reads_through_a_replace(
     thread = threading.Thread(target=read)
     thread.start()
     try:
-        _land(layout, lake, "b-s00000", random_md5s(rng, 50))
+        land_shard(layout, lake, "b-s00000", random_md5s(rng, 50))
         merge_images(lake)
     finally:
         stop.set()
@@ -1228,7 +1220,7 @@ def test_on_s3_two_shards_commit_at_once_and_a_reader_reads_through_a_replace(
     files = set(
         DeltaTable(lake.uri("images"), storage_options=dict(lake.storage_options)).file_uris()
     )
-    _land(layout, lake, "c-s00000", a[:40] + random_md5s(rng, 10))
+    land_shard(layout, lake, "c-s00000", a[:40] + random_md5s(rng, 10))
     assert merge_images(lake).updated == 40
     assert files <= set(lake.open("images").file_uris())
     _counts_are_true(library)
@@ -1280,8 +1272,8 @@ def test_two_merges_at_once_both_finish_and_count_each_occurrence_once(tmp_path)
     rng = np.random.default_rng(5)
     first = random_md5s(rng, 200)
     second = first[:50] + random_md5s(rng, 200)
-    _land(layout, lake, "a-s00000", first)
-    _land(layout, lake, "b-s00000", second)
+    land_shard(layout, lake, "a-s00000", first)
+    land_shard(layout, lake, "b-s00000", second)
     start = threading.Barrier(2)
 
     def run(_):

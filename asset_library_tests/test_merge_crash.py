@@ -23,12 +23,11 @@ from asset_library.lake import (
     counted_version,
     merge_images,
     merged_version,
-    write_shard,
 )
 from asset_library.lake.recount import check_counts, recount
 from asset_library.layout import LibraryLayout
 from asset_library.similarity import SimilarityIndex
-from asset_library_tests.support.synthetic import random_md5s, write_keys
+from asset_library_tests.support.synthetic import land_shard, random_md5s
 
 BUCKETS = 8
 #: A refresh's merge in a process of its own, as the run worker makes it.
@@ -42,18 +41,6 @@ MERGE = (
 def _library(root: Path) -> tuple[LibraryLayout, Lake]:
     layout = LibraryLayout.open(root, BUCKETS)
     return layout, Lake.of(layout, {})
-
-
-def _land(layout: LibraryLayout, lake: Lake, shard: str, md5s: list[str], seed: int = 0) -> None:
-    keys = write_keys(
-        layout.keys_path(shard),
-        batch=shard.rsplit("-s", 1)[0],
-        shard=shard,
-        n_buckets=BUCKETS,
-        md5s=md5s,
-        seed=seed,
-    )
-    write_shard(lake, shard, keys)
 
 
 def _killed_merge(layout: LibraryLayout, point: str) -> None:
@@ -97,13 +84,13 @@ def test_a_merge_killed_at_a_commit_boundary_then_another_batch_counts_once(tmp_
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(7)
     first = random_md5s(rng, 300)
-    _land(layout, lake, "a-s00000", first)
+    land_shard(layout, lake, "a-s00000", first)
     merge_images(lake)
-    _land(layout, lake, "b-s00000", first[:100] + random_md5s(rng, 50), seed=1)
+    land_shard(layout, lake, "b-s00000", first[:100] + random_md5s(rng, 50), seed=1)
     _killed_merge(layout, point)
     if point == "images":  # image_counts landed, images did not
         assert counted_version(lake) > merged_version(lake)
-    _land(layout, lake, "c-s00000", first[50:150] + random_md5s(rng, 20), seed=2)
+    land_shard(layout, lake, "c-s00000", first[50:150] + random_md5s(rng, 20), seed=2)
     merged = merge_images(lake)
     assert merged.duplicated_md5s == 0
     assert sorted(merged.shards) == (
@@ -124,7 +111,7 @@ def test_merges_killed_at_every_boundary_in_turn_count_every_occurrence_once(tmp
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(8)
     first = random_md5s(rng, 200)
-    _land(layout, lake, "a-s00000", first)
+    land_shard(layout, lake, "a-s00000", first)
     merge_images(lake)
     steps = [
         ("b-s00000", first[:80] + random_md5s(rng, 30), "images"),
@@ -135,9 +122,9 @@ def test_merges_killed_at_every_boundary_in_turn_count_every_occurrence_once(tmp
         ("f-s00000", first[20:60] + random_md5s(rng, 30), "image_counts"),
     ]
     for seed, (shard, md5s, point) in enumerate(steps, 1):
-        _land(layout, lake, shard, md5s, seed=seed)
+        land_shard(layout, lake, shard, md5s, seed=seed)
         _killed_merge(layout, point)
-    _land(layout, lake, "g-s00000", first[:200:3] + random_md5s(rng, 5), seed=9)
+    land_shard(layout, lake, "g-s00000", first[:200:3] + random_md5s(rng, 5), seed=9)
     assert merge_images(lake).duplicated_md5s == 0
     _counted_once(layout, lake)
     assert merge_images(lake).changed is False
@@ -177,8 +164,8 @@ def test_an_over_counted_library_is_found_by_the_audit_and_recounted(tmp_path, c
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(9)
     first = random_md5s(rng, 300)
-    _land(layout, lake, "a-s00000", first)
-    _land(layout, lake, "b-s00000", first[:100] + random_md5s(rng, 50), seed=1)
+    land_shard(layout, lake, "a-s00000", first)
+    land_shard(layout, lake, "b-s00000", first[:100] + random_md5s(rng, 50), seed=1)
     merge_images(lake)
     _counted_twice(layout, lake, first[:100])
     library = Library(layout.root)
@@ -191,7 +178,7 @@ def test_an_over_counted_library_is_found_by_the_audit_and_recounted(tmp_path, c
     assert not audited["passed"]
     assert (audited["counted"], audited["occurrences"], audited["wrong_md5s"]) == (550, 450, 100)
     # shards landed since the last merge are not counted yet: no false alarm for them
-    _land(layout, lake, "c-s00000", first[200:260], seed=2)
+    land_shard(layout, lake, "c-s00000", first[200:260], seed=2)
     assert check_counts(lake).occurrences == 450
     assert main(["recount", "--library", str(layout.root)]) == 0
     out = capsys.readouterr().out

@@ -19,14 +19,14 @@ from pydantic import TypeAdapter
 
 from asset_library import Library
 from asset_library.ids import InvalidIdError
-from asset_library.lake import Lake, merge_images, write_shard
+from asset_library.lake import Lake, merge_images
 from asset_library.layout import LibraryLayout
 from asset_library.runs.orchestrate import ingest_batch
 from asset_library.serve.app import create_app
 from asset_library.serve.settings import ServeSettings
 from asset_library.serving import MAX_ATTRIBUTE_PAGE, check_store, sync
 from asset_library_tests.support.http_server import LiveServer
-from asset_library_tests.support.synthetic import random_md5s, write_keys
+from asset_library_tests.support.synthetic import land_shard, random_md5s
 
 FOLDERS = ("github_recurser_exif-orientation-examples", "github_jenssegers_imagehash")
 #: Each over the fast budget: a library ingested through Dagster, or Delta shards synced.
@@ -213,14 +213,6 @@ def lake(tmp_path: Path) -> Iterator[tuple[LibraryLayout, Lake]]:
     yield layout, lake
 
 
-def _land(layout: LibraryLayout, lake: Lake, shard: str, md5s: list[str], **kw: Any) -> None:
-    batch = shard.rsplit("-s", 1)[0]
-    keys = write_keys(
-        layout.keys_path(shard), batch=batch, shard=shard, n_buckets=BUCKETS, md5s=md5s, **kw
-    )
-    write_shard(lake, shard, keys)
-
-
 def _same_both_ways(library: Library, attribute: str, value: str) -> list[str]:
     """Every image having the value, paged from the store, equals the lake's; their md5s."""
     rows, after = [], ""
@@ -242,7 +234,7 @@ def test_the_index_follows_each_sync_and_a_store_behind_is_not_read(lake, caplog
     layout, lake_ = lake
     rng = np.random.default_rng(11)
     first = random_md5s(rng, 80)
-    _land(layout, lake_, "a-s00000", first)
+    land_shard(layout, lake_, "a-s00000", first)
     merge_images(lake_)
     assert sync(lake_, layout.serving_store_path).rebuilt
     library = Library(layout.root)
@@ -250,7 +242,7 @@ def test_the_index_follows_each_sync_and_a_store_behind_is_not_read(lake, caplog
     assert library.images_with_attribute("label", "cat")["answered_by"] == "store"
     # a shard written, not merged: the cube moved on, the store did not
     second = first[:20] + random_md5s(rng, 30)
-    _land(layout, lake_, "b-s00000", second, seed=5)
+    land_shard(layout, lake_, "b-s00000", second, seed=5)
     page = library.md5s_with_attribute("label", "cat", limit=1000)
     assert page["answered_by"] == "lake"
     assert "behind the lake (at attributes version" in caplog.text
@@ -265,7 +257,7 @@ def test_the_index_follows_each_sync_and_a_store_behind_is_not_read(lake, caplog
     assert len(more) > len(cats)
     # the second shard again, other images and values: index entries leave with their rows
     earlier = datetime.now(UTC) - timedelta(days=1)
-    _land(layout, lake_, "b-s00000", first[40:60], seed=9, ingested_at=earlier)
+    land_shard(layout, lake_, "b-s00000", first[40:60], seed=9, ingested_at=earlier)
     merge_images(lake_)
     assert not sync(lake_, layout.serving_store_path).rebuilt
     for value in ("cat", "dog", "bird"):
@@ -275,7 +267,7 @@ def test_the_index_follows_each_sync_and_a_store_behind_is_not_read(lake, caplog
 
 def test_a_store_of_the_layout_before_the_index_is_rebuilt(lake):
     layout, lake_ = lake
-    _land(layout, lake_, "a-s00000", random_md5s(np.random.default_rng(12), 30))
+    land_shard(layout, lake_, "a-s00000", random_md5s(np.random.default_rng(12), 30))
     merge_images(lake_)
     path = layout.serving_store_path
     sync(lake_, path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from asset_library import Library
-from asset_library.lake import Lake, merge_images, write_shard
+from asset_library.lake import Lake, merge_images
 from asset_library.layout import LibraryLayout
 from asset_library.serving import (
     STORE_SETTING,
@@ -24,7 +24,7 @@ from asset_library.serving import (
 )
 from asset_library.serving.backend import PASSWORD_SETTING
 from asset_library_tests.support.postgres import PostgresServer
-from asset_library_tests.support.synthetic import random_md5s, write_keys
+from asset_library_tests.support.synthetic import land_shard, random_md5s
 
 BUCKETS = 16
 #: Attribute values the synthetic shards carry (``label``: manifest; ``image.format``: derived).
@@ -54,14 +54,6 @@ def lake(tmp_path: Path) -> Iterator[tuple[LibraryLayout, Lake]]:
     lake = Lake.of(layout, {})
     lake.ensure()
     yield layout, lake
-
-
-def _land(layout: LibraryLayout, lake: Lake, shard: str, md5s: list[str], **kw) -> None:
-    batch = shard.rsplit("-s", 1)[0]
-    keys = write_keys(
-        layout.keys_path(shard), batch=batch, shard=shard, n_buckets=BUCKETS, md5s=md5s, **kw
-    )
-    write_shard(lake, shard, keys)
 
 
 def _pages(library: Library, case: tuple[str, str, str | None], images: bool) -> list[dict]:
@@ -115,13 +107,13 @@ def test_postgres_store_follows_batches_and_a_replaced_shard_as_sqlite_does(lake
     layout, lake_ = lake
     rng = np.random.default_rng(21)
     first = random_md5s(rng, 60)
-    _land(layout, lake_, "a-s00000", first)
+    land_shard(layout, lake_, "a-s00000", first)
     merge_images(lake_)
     assert sync(lake_, store).rebuilt
     _same_everywhere(layout, lake_, store)
     # a second batch: new images, and some seen again with other manifest values
     second = first[:15] + random_md5s(rng, 20)
-    _land(layout, lake_, "b-s00000", second, seed=5)
+    land_shard(layout, lake_, "b-s00000", second, seed=5)
     merge_images(lake_)
     synced = sync(lake_, store)
     assert not synced.rebuilt and synced.images_changed == 20 and synced.attributes_changed
@@ -130,7 +122,7 @@ def test_postgres_store_follows_batches_and_a_replaced_shard_as_sqlite_does(lake
     # the second batch's shard again, other content, ingested earlier: images leave, counts
     # fall, first sources change (refilled from the lake)
     earlier = datetime.now(UTC) - timedelta(days=1)
-    _land(layout, lake_, "b-s00000", first[10:25] + random_md5s(rng, 5), seed=9,
+    land_shard(layout, lake_, "b-s00000", first[10:25] + random_md5s(rng, 5), seed=9,
           ingested_at=earlier)  # fmt: skip
     merge_images(lake_)
     assert not sync(lake_, store).rebuilt
@@ -139,7 +131,7 @@ def test_postgres_store_follows_batches_and_a_replaced_shard_as_sqlite_does(lake
     assert library.lookup(first[12])["sources"][0].startswith("s3://landing/b/")
     _same_everywhere(layout, lake_, store)
     # behind the lake: the lake answers until the next sync
-    _land(layout, lake_, "c-s00000", random_md5s(rng, 5))
+    land_shard(layout, lake_, "c-s00000", random_md5s(rng, 5))
     merge_images(lake_)
     assert Library(layout.root).lookup(first[0])["answered_by"] == "lake"
     sync(lake_, store)
@@ -150,7 +142,7 @@ def test_postgres_store_of_another_layout_is_rebuilt_and_its_password_never_show
     lake, store, postgres
 ):
     layout, lake_ = lake
-    _land(layout, lake_, "a-s00000", random_md5s(np.random.default_rng(22), 30))
+    land_shard(layout, lake_, "a-s00000", random_md5s(np.random.default_rng(22), 30))
     merge_images(lake_)
     sync(lake_, store)
     database = store.url.rsplit("/", 1)[1]
@@ -179,7 +171,7 @@ def test_a_lake_on_s3_is_served_from_postgres(
     lake.ensure()
     rng = np.random.default_rng(23)
     md5s = random_md5s(rng, 20)
-    _land(layout, lake, "a-s00000", md5s)
+    land_shard(layout, lake, "a-s00000", md5s)
     merge_images(lake)
     with pytest.raises(ValueError, match="needs a PostgreSQL serving store"):
         sync(lake, layout.serving_store_path)
@@ -194,7 +186,7 @@ def test_a_lake_on_s3_is_served_from_postgres(
         }
     assert check_store(library, sample=5, seed=2).passed
     more = random_md5s(rng, 3)
-    _land(layout, lake, "b-s00000", more)
+    land_shard(layout, lake, "b-s00000", more)
     merge_images(lake)
     assert Library(layout.root).lookup(more[0])["answered_by"] == "lake"  # behind: the lake
     assert not sync(lake, store).rebuilt

@@ -25,7 +25,7 @@ from asset_library.serve.app import create_app
 from asset_library.serve.settings import ServeSettings
 from asset_library.serving import RECORD_SOURCES, StoreUnavailable, check_store, sync
 from asset_library_tests.support.http_server import LiveServer
-from asset_library_tests.support.synthetic import random_md5s, write_keys
+from asset_library_tests.support.synthetic import land_shard, random_md5s, write_keys
 
 BUCKETS = 16
 
@@ -140,14 +140,6 @@ def _lake(root: Path) -> tuple[LibraryLayout, Lake]:
     return layout, lake
 
 
-def _land(layout: LibraryLayout, lake: Lake, shard: str, md5s: list[str], **kw) -> None:
-    batch = shard.rsplit("-s", 1)[0]
-    keys = write_keys(
-        layout.keys_path(shard), batch=batch, shard=shard, n_buckets=BUCKETS, md5s=md5s, **kw
-    )
-    write_shard(lake, shard, keys)
-
-
 def _refresh(layout: LibraryLayout, lake: Lake):
     merge_images(lake)
     return sync(lake, layout.serving_store_path)
@@ -157,13 +149,13 @@ def test_sync_follows_new_images_counts_attributes_and_replaced_shards(tmp_path)
     layout, lake = _lake(tmp_path / "library")
     rng = np.random.default_rng(3)
     first = random_md5s(rng, 120)
-    _land(layout, lake, "a-s00000", first)
+    land_shard(layout, lake, "a-s00000", first)
     assert _refresh(layout, lake).rebuilt
     library = Library(layout.root)
     _assert_store_is_the_lake(library)
     # a second batch: 40 new images, 30 seen again with other manifest values
     second = first[:30] + random_md5s(rng, 40)
-    _land(layout, lake, "b-s00000", second, seed=5)
+    land_shard(layout, lake, "b-s00000", second, seed=5)
     synced = _refresh(layout, lake)
     assert not synced.rebuilt and synced.images_changed == 40
     library = Library(layout.root)
@@ -175,7 +167,7 @@ def test_sync_follows_new_images_counts_attributes_and_replaced_shards(tmp_path)
     # md5s lose an occurrence, some leave the library, the first sources change
     replaced = first[20:50] + random_md5s(rng, 10)
     earlier = datetime.now(UTC) - timedelta(days=1)
-    _land(layout, lake, "b-s00000", replaced, seed=9, ingested_at=earlier)
+    land_shard(layout, lake, "b-s00000", replaced, seed=9, ingested_at=earlier)
     synced = _refresh(layout, lake)
     assert not synced.rebuilt
     library = Library(layout.root)
@@ -188,10 +180,10 @@ def test_a_store_behind_the_lake_answers_from_the_lake_until_synced(tmp_path, ca
     layout, lake = _lake(tmp_path / "library")
     rng = np.random.default_rng(4)
     md5s = random_md5s(rng, 50)
-    _land(layout, lake, "a-s00000", md5s)
+    land_shard(layout, lake, "a-s00000", md5s)
     _refresh(layout, lake)
     more = random_md5s(rng, 5)
-    _land(layout, lake, "b-s00000", more)
+    land_shard(layout, lake, "b-s00000", more)
     merge_images(lake)  # images moved on, the store did not
     library = Library(layout.root)
     with caplog.at_level(logging.WARNING, logger="asset_library.library"):
@@ -208,7 +200,7 @@ def test_the_service_answers_from_the_store_or_the_lake_as_library_lookup_does(t
     layout, lake = _lake(tmp_path / "library")
     rng = np.random.default_rng(6)
     md5s = random_md5s(rng, 40)
-    _land(layout, lake, "a-s00000", md5s)
+    land_shard(layout, lake, "a-s00000", md5s)
     _refresh(layout, lake)
     library = Library(layout.root)
     as_json = TypeAdapter(dict[str, Any]).dump_json
@@ -220,7 +212,7 @@ def test_the_service_answers_from_the_store_or_the_lake_as_library_lookup_does(t
         assert reply.json()["answered_by"] == "store"
         assert client.get(f"/images/{'0' * 32}").status == 404
         more = random_md5s(rng, 3)
-        _land(layout, lake, "b-s00000", more)
+        land_shard(layout, lake, "b-s00000", more)
         merge_images(lake)  # images moved on, the store did not
         with pytest.raises(StoreUnavailable, match="behind the lake"):
             Library(layout.root).lookup(more[0], fallback=False)
@@ -282,7 +274,7 @@ def test_an_image_with_many_sources_has_a_bounded_record_and_pages_them(tmp_path
     assert Library(layout.root).lookup(md5)["sources"] == [
         f"s3://landing/early/{n}.jpg" for n in range(RECORD_SOURCES)
     ]
-    _land(layout, lake, "early-s00000", random_md5s(np.random.default_rng(6), 3))
+    land_shard(layout, lake, "early-s00000", random_md5s(np.random.default_rng(6), 3))
     synced = _refresh(layout, lake)
     assert synced.refilled == 1 and not synced.rebuilt
     library = Library(layout.root)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from asset_library.ids import batch_of
 from asset_library.ingest.shard import KEYS_SCHEMA
+from asset_library.lake import Lake, write_shard
+from asset_library.layout import LibraryLayout
 
 _FORMATS = np.array(["jpeg", "png", "webp", "gif"])
 _LABELS = np.array(["cat", "dog", "bird", "car", "tree"])
@@ -99,3 +103,15 @@ def write_keys(
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, row_group_size=100_000)
     return path
+
+
+def land_shard(
+    layout: LibraryLayout, lake: Lake, shard: str, md5s: list[str], **keys: Any
+) -> dict[str, Any]:
+    """A synthetic shard as its run leaves it: its keys file (:func:`write_keys`, with
+    ``keys``' options) and its rows written to the lake; what ``write_shard`` returns."""
+    path = layout.keys_path(shard)
+    write_keys(
+        path, batch=batch_of(shard), shard=shard, n_buckets=lake.n_buckets, md5s=md5s, **keys
+    )
+    return write_shard(lake, shard, path)
