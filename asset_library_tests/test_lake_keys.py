@@ -13,8 +13,8 @@ import pytest
 from asset_library import Library
 from asset_library.lake import compact, merge_images
 from asset_library.lake.keyset import MANIFEST, ImageKeys, digests, md5_text
-from asset_library_tests.support.synthetic import random_md5s
-from asset_library_tests.test_lake import _counts_are_true, _land, _library
+from asset_library_tests.support.synthetic import land_shard, random_md5s
+from asset_library_tests.test_lake import _counts_are_true, _library
 
 
 def test_digests_order_as_the_text_and_name_a_bad_key():
@@ -117,16 +117,16 @@ def test_merges_with_the_cache_agree_with_the_table_and_never_trust_a_stale_one(
     uncached = dataclasses.replace(lake, image_keys=None)
     rng = np.random.default_rng(6)
     first = random_md5s(rng, 300)
-    _land(layout, lake, "k-s00000", first)
+    land_shard(layout, lake, "k-s00000", first)
     assert merge_images(lake).inserted == 300
     assert _manifest(lake)["version"] == lake.open("images").version()
     # a merge that does not keep the cache moves images past it
     second = first[:40] + random_md5s(rng, 200)
-    _land(layout, lake, "k-s00001", second)
+    land_shard(layout, lake, "k-s00001", second)
     assert merge_images(uncached).inserted == 200
     # so the next merge reads the table: second's new md5s are known, not appended again
     third = second[50:90] + first[100:110] + random_md5s(rng, 60)
-    _land(layout, lake, "k-s00002", third)
+    land_shard(layout, lake, "k-s00002", third)
     merged = merge_images(lake)
     assert (merged.inserted, merged.updated, merged.duplicated_md5s) == (60, 50, 0)
     (rebuilt,) = _manifest(lake)["runs"]
@@ -138,7 +138,7 @@ def test_merges_with_the_cache_agree_with_the_table_and_never_trust_a_stale_one(
     operations = {h["operation"] for h in lake.open("images").history(3)}
     assert operations == {"WRITE", "VACUUM START", "VACUUM END"}
     fourth = third[:20] + random_md5s(rng, 30)
-    _land(layout, lake, "k-s00003", fourth)
+    land_shard(layout, lake, "k-s00003", fourth)
     merged = merge_images(lake)
     assert (merged.inserted, merged.updated, merged.duplicated_md5s) == (30, 20, 0)
     assert [run["rows"] for run in _manifest(lake)["runs"]] == [560, 30]
@@ -147,10 +147,10 @@ def test_merges_with_the_cache_agree_with_the_table_and_never_trust_a_stale_one(
     _counts_are_true(library)
     assert library.query("SELECT count(*) AS n FROM images")[0]["n"] == 590
     # md5s that leave images (a shard replaced) clear it; the merge after rebuilds it
-    _land(layout, lake, "k-s00003", fourth[:20])
+    land_shard(layout, lake, "k-s00003", fourth[:20])
     assert merge_images(lake).deleted == 30
     assert not (lake.image_keys / MANIFEST).exists()
-    _land(layout, lake, "k-s00004", fourth[20:25] + first[:5] + random_md5s(rng, 7))
+    land_shard(layout, lake, "k-s00004", fourth[20:25] + first[:5] + random_md5s(rng, 7))
     merged = merge_images(lake)
     assert (merged.inserted, merged.updated) == (5 + 7, 5)
     assert [run["rows"] for run in _manifest(lake)["runs"]] == [560 + 12]
@@ -163,11 +163,11 @@ def test_a_cache_of_another_lake_is_not_trusted(tmp_path):
     other_layout, other = _library(tmp_path / "two")
     rng = np.random.default_rng(7)
     shared = random_md5s(rng, 50)
-    _land(layout, lake, "t-s00000", shared + random_md5s(rng, 50))
+    land_shard(layout, lake, "t-s00000", shared + random_md5s(rng, 50))
     merge_images(lake)
-    _land(other_layout, other, "t-s00000", random_md5s(rng, 100))
+    land_shard(other_layout, other, "t-s00000", random_md5s(rng, 100))
     merge_images(dataclasses.replace(other, image_keys=lake.image_keys))  # a wrong folder
-    _land(layout, lake, "t-s00001", shared)
+    land_shard(layout, lake, "t-s00001", shared)
     merged = merge_images(lake)
     assert (merged.inserted, merged.updated, merged.duplicated_md5s) == (0, 50, 0)
 
@@ -178,17 +178,17 @@ def test_a_lake_restored_from_a_copy_is_not_trusted(tmp_path):
     layout, lake = _library(tmp_path / "library")
     rng = np.random.default_rng(10)
     a, b = random_md5s(rng, 100), random_md5s(rng, 100)
-    _land(layout, lake, "r-s00000", a)
+    land_shard(layout, lake, "r-s00000", a)
     merge_images(lake)
     shutil.copytree(lake.location, tmp_path / "backup")
-    _land(layout, lake, "r-s00001", b)
+    land_shard(layout, lake, "r-s00001", b)
     merge_images(lake)
     cached = _manifest(lake)["version"]
     shutil.rmtree(lake.location)
     shutil.copytree(tmp_path / "backup", lake.location)
     compact(lake, fan_in=1)
     assert lake.open("images").version() == cached
-    _land(layout, lake, "r-s00001", b)
+    land_shard(layout, lake, "r-s00001", b)
     merged = merge_images(lake)
     assert (merged.inserted, merged.updated) == (100, 0)
     assert Library(layout.root).query("SELECT count(*) AS n FROM images")[0]["n"] == 200
