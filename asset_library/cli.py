@@ -391,82 +391,11 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from asset_library.defs.shard_status import shard_states
-    from asset_library.defs.tags import PARTITION_TAG
-    from asset_library.ingest.landing import still_skipped
-    from asset_library.ingest.triggers import read_triggers
-    from asset_library.runs.instance import local_instance, reap_dead_runs
+    from asset_library.runs.status_report import status_lines
 
     layout = LibraryLayout.existing(args.library or default_library_path())
-    records = read_triggers(layout)
-    for skipped in still_skipped(layout, {r.source for r in records}):
-        print(f"skipped landing {skipped.source} ({skipped.skipped_at}): {skipped.reason}")
-    if not records:
-        print(f"no batches ingested yet in {layout.location}")
-        return EXIT_OK
-    instance = local_instance(layout)
-    print("\n".join(_library_state(layout, instance)))
-    for run in reap_dead_runs(instance):
-        partition = run.tags.get(PARTITION_TAG, "")
-        print(
-            f"run {run.run_id} ({run.job_name} {partition}) was in progress but its process "
-            "is gone (killed?): marked failed"
-        )
-    states = shard_states(instance, [shard for record in records for shard in record.shards])
-    lines = []
-    for record in records:
-        lines.append(
-            f"{record.batch}  {record.images:,} images  trigger {record.trigger} "
-            f"({record.kind}, {record.triggered_at})  source {record.source}"
-        )
-        lines += [f"  {shard}  {states[shard]}" for shard in record.shards]
-    print("\n".join(lines))
+    print("\n".join(status_lines(layout)))
     return EXIT_OK
-
-
-def _library_state(layout: LibraryLayout, instance: Any) -> list[str]:
-    """The library's own state, as ``status`` prints it above the batches: its last refresh
-    (and why it failed), and the shards whose rows ``images`` does not hold yet."""
-    import dagster as dg
-    from deltalake.exceptions import DeltaError
-
-    from asset_library.lake import Lake, shards_not_merged
-    from asset_library.runs.worker import step_failure_message
-
-    lines = [f"library   {layout.location}"]
-    records = instance.get_run_records(dg.RunsFilter(job_name="refresh_library"), limit=1)
-    last = records[0] if records else None
-    if last is None:
-        lines.append("refresh   never run")
-    else:
-        run = last.dagster_run
-        when = last.end_time or last.start_time or last.create_timestamp.timestamp()
-        at = datetime.fromtimestamp(when).astimezone().isoformat(timespec="seconds")
-        state = "FAILED" if run.status == dg.DagsterRunStatus.FAILURE else run.status.value.lower()
-        why = ""
-        if run.status == dg.DagsterRunStatus.FAILURE:
-            failures = instance.get_records_for_run(
-                run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE, limit=1
-            ).records
-            why = ": " + step_failure_message(r.event_log_entry.dagster_event for r in failures)
-        lines.append(f"refresh   last {at}: {state} (run {run.run_id}){why}")
-    try:
-        pending = shards_not_merged(Lake.of(layout))
-    except (DeltaError, OSError) as error:
-        pending, unreadable = None, str(error).splitlines()[0]
-    else:
-        unreadable = "the occurrences table's history cannot be read"
-    if pending is None:
-        lines.append(f"pending   unknown: {unreadable}")
-    elif pending:
-        more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
-        shown = ", ".join(pending[:5]) + more
-        lines.append(
-            f"pending   {len(pending):,} shard(s) whose rows images does not hold yet: {shown}"
-        )
-    else:
-        lines.append("pending   none: images holds every shard's rows")
-    return lines + [""]
 
 
 def _lookup(args: argparse.Namespace) -> int:
