@@ -15,7 +15,6 @@ machines. A shard run reads its files through the library (:func:`read_plan`,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from asset_library.layout import (
     rename_durably,
     temp_path_for,
 )
+from asset_library.storage.base import file_md5
 
 DEFAULT_MAX_IMAGES_PER_SHARD = 10_000_000
 _PLAN_SCHEMA = pa.schema([("ordinal", pa.int64()), ("uri", pa.string()), ("extras", pa.string())])
@@ -239,21 +239,13 @@ def shard_file(layout: LibraryLayout, batch: str, shard: ShardPlan) -> Path:
         raise FileNotFoundError(
             f"No such file: {layout.home_of(path)} (the plan file of shard {shard.key})"
         )
-    if layout.remote is not None and shard.md5 is not None and _file_md5(path) != shard.md5:
+    if layout.remote is not None and shard.md5 is not None and file_md5(path) != shard.md5:
         raise ValueError(
             f"{layout.location}: the plan file of shard {shard.key} is not the one its plan "
             "recorded (another planner of the same batch id overwrote it); re-plan the batch "
             "with --replace"
         )
     return path
-
-
-def _file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_shard_items(path: str | Path) -> Iterable[tuple[int, SourceItem]]:
@@ -295,5 +287,5 @@ class _ShardWriter:
         self.writer.close()
         rename_durably(self.tmp, self.path)
         return ShardPlan(
-            self.key, self.number, self.count, str(self.final_path), _file_md5(self.path)
+            self.key, self.number, self.count, str(self.final_path), file_md5(self.path)
         )

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import abc
 import enum
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from asset_library.ids import is_md5_key
 
@@ -57,6 +59,12 @@ def object_key(md5: str) -> str:
     if not isinstance(md5, str) or not is_md5_key(md5):
         raise ValueError(f"not an MD5 (32 lower-case hex characters): {md5!r}")
     return f"images/{md5[0:2]}/{md5[2:4]}/{md5}"
+
+
+def file_md5(path: Path) -> str:
+    """The MD5 (hex) of a file's bytes, read in chunks."""
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, "md5").hexdigest()
 
 
 def check_key(key: str) -> str:

@@ -18,8 +18,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from asset_library.storage.base import file_md5
 from asset_library.storage.errors import ObjectStoreError
-from asset_library.storage.s3_store import parse_s3_uri, s3_client_from_env
+from asset_library.storage.s3_store import error_code, parse_s3_uri, s3_client_from_env
 
 #: Where the ETag of each fetched file is kept, beside the files, in the cache folder.
 ETAGS = ".etags"
@@ -89,7 +90,7 @@ class Remote:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=key, **condition)
         except ClientError as error:
-            code = _code(error)
+            code = error_code(error)
             if code in {"304", "NotModified"}:
                 return True
             if code in {"404", "NoSuchKey", "NotFound"}:
@@ -121,7 +122,7 @@ class Remote:
         try:
             response = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
         except ClientError as error:
-            if _code(error) in {"412", "PreconditionFailed", "ConditionalRequestConflict"}:
+            if error_code(error) in {"412", "PreconditionFailed", "ConditionalRequestConflict"}:
                 raise ConflictError(
                     f"s3://{self.bucket}/{key} was written by another writer meanwhile",
                     code="PreconditionFailed",
@@ -173,8 +174,8 @@ class Remote:
 
     def _failed(self, op: str, key: str, error: Exception) -> ObjectStoreError:
         return ObjectStoreError(
-            f"S3 {op} of s3://{self.bucket}/{key} failed: {_code(error)}: {error}",
-            code=_code(error),
+            f"S3 {op} of s3://{self.bucket}/{key} failed: {error_code(error)}: {error}",
+            code=error_code(error),
         )
 
 
@@ -184,20 +185,7 @@ def _holds(path: Path, etag: str) -> bool:
     claimed = etag.strip('"').lower()
     if len(claimed) != 32 or any(c not in "0123456789abcdef" for c in claimed):
         return True
-    digest = hashlib.md5()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest() == claimed
-
-
-def _code(error: Exception) -> str:
-    response = getattr(error, "response", None) or {}
-    code = (response.get("Error") or {}).get("Code")
-    if code:
-        return str(code)
-    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-    return str(status) if status else type(error).__name__
+    return file_md5(path) == claimed
 
 
 def walk(folder: Path) -> Iterator[Path]:

@@ -25,7 +25,8 @@ from asset_library.storage.errors import (
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
-def _error_code(exc: Exception) -> str:
+def error_code(exc: Exception) -> str:
+    """An S3 error's code (``NoSuchKey``, ``412``...), else its HTTP status, else its type."""
     response = getattr(exc, "response", None) or {}
     error = response.get("Error") or {}
     code = error.get("Code")
@@ -64,7 +65,7 @@ class S3ObjectStore(ObjectStore):
         return self.prefix + check_key(key)
 
     def _fail(self, op: str, full_key: str, exc: Exception) -> ObjectStoreError:
-        code = _error_code(exc)
+        code = error_code(exc)
         return ObjectStoreError(
             f"S3 {op} of s3://{self.bucket}/{full_key} failed: {code}: {exc}", code=code
         )
@@ -114,7 +115,7 @@ class S3ObjectStore(ObjectStore):
                 **condition,
             )
         except ClientError as exc:
-            code = _error_code(exc)
+            code = error_code(exc)
             if code == "PreconditionFailed" or _status(exc) == 412:
                 return False
             if code in {"BadDigest", "InvalidDigest"}:
@@ -149,7 +150,7 @@ class S3ObjectStore(ObjectStore):
         try:
             return self.client.head_object(Bucket=self.bucket, Key=full)
         except ClientError as exc:
-            if _error_code(exc) in _NOT_FOUND:
+            if error_code(exc) in _NOT_FOUND:
                 return None
             raise self._fail("head", full, exc) from exc
         except BotoCoreError as exc:
@@ -168,7 +169,7 @@ class S3ObjectStore(ObjectStore):
             with response["Body"] as body:
                 return body.read()
         except ClientError as exc:
-            if _error_code(exc) in _NOT_FOUND:
+            if error_code(exc) in _NOT_FOUND:
                 raise ObjectNotFoundError(
                     f"no object s3://{self.bucket}/{full}", code="NoSuchKey"
                 ) from None
@@ -183,7 +184,7 @@ class S3ObjectStore(ObjectStore):
         try:
             self.client.delete_object(Bucket=self.bucket, Key=full)
         except (ClientError, BotoCoreError) as exc:
-            if _error_code(exc) in _NOT_FOUND:
+            if error_code(exc) in _NOT_FOUND:
                 return
             raise self._fail("delete", full, exc) from exc
 
