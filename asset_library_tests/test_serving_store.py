@@ -19,7 +19,7 @@ from pydantic import TypeAdapter
 
 from asset_library import Library
 from asset_library.ingest.shard import KEYS_SCHEMA
-from asset_library.lake import Lake, merge_images, write_shard
+from asset_library.lake import Lake, compact, merge_images, write_shard
 from asset_library.layout import LibraryLayout
 from asset_library.serve.app import create_app
 from asset_library.serve.settings import ServeSettings
@@ -192,6 +192,34 @@ def test_a_store_behind_the_lake_answers_from_the_lake_until_synced(tmp_path, ca
     assert "behind the lake" in caplog.text
     sync(lake, layout.serving_store_path)
     assert library.lookup(more[0])["answered_by"] == "store"
+
+
+def test_a_compaction_leaves_the_store_level_and_a_new_shard_does_not(tmp_path):
+    """A compaction's rewrite and a vacuum change no row: the store answers across them
+    without a sync (a merge of rows after them still puts it behind)."""
+    layout, lake = _lake(tmp_path / "library")
+    rng = np.random.default_rng(5)
+    md5s = random_md5s(rng, 40)
+    for number in range(3):
+        land_shard(layout, lake, f"{'abc'[number]}-s00000", md5s[number * 10 : number * 10 + 10])
+        _refresh(layout, lake)
+    images, attributes = lake.open("images").version(), lake.open("attributes").version()
+    done = compact(lake, fan_in=2, retention_hours=0)
+    assert done["images"]["files_added"] and done["attributes"]["files_added"]
+    assert lake.open("images").version() > images
+    assert lake.open("attributes").version() > attributes
+    library = Library(layout.root)
+    for md5 in md5s[:30]:
+        found = library.lookup(md5, fallback=False)
+        assert found == {**library.lake_record(md5), "answered_by": "store"}, md5
+    page = library.images_with_attribute("label", "cat", limit=1000)
+    assert page["answered_by"] == "store"
+    land_shard(layout, lake, "d-s00000", md5s[30:])
+    merge_images(lake)
+    with pytest.raises(StoreUnavailable, match="behind the lake"):
+        library.lookup(md5s[35], fallback=False)
+    sync(lake, layout.serving_store_path)
+    assert library.lookup(md5s[35], fallback=False)["answered_by"] == "store"
 
 
 def test_the_service_answers_from_the_store_or_the_lake_as_library_lookup_does(tmp_path):

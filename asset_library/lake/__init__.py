@@ -4,13 +4,14 @@ One module per concern, each importing only those listed before it: :mod:`.keyse
 merge's cache of the md5s ``images`` holds), :mod:`.schemas` (what the tables hold),
 :mod:`.table` (the :class:`Lake` handle), :mod:`.scan` (a table as a pyarrow dataset),
 :mod:`.shard_writes` (a shard's rows), :mod:`.tiers` (which files compaction merges),
-:mod:`.compaction` (maintenance), :mod:`.merge` (the ``images`` merge), :mod:`.recount` (its
-audit and repair) and :mod:`.catalog` (the DuckDB views and macros). Callers import the
-public names from here.
+:mod:`.compaction` (maintenance), :mod:`.history` (which commits changed rows),
+:mod:`.merge` (the ``images`` merge), :mod:`.recount` (its audit and repair) and
+:mod:`.catalog` (the DuckDB views and macros). Callers import the public names from here.
 """
 
 from asset_library.lake.catalog import MACROS, NEAR_DUPLICATES_SCHEMA, VIEWS, Catalog
 from asset_library.lake.compaction import VACUUM_RETENTION_HOURS, compact, lake_files
+from asset_library.lake.history import rows_unchanged_since
 from asset_library.lake.merge import (
     CRASH_AT,
     IMAGES_APP,
@@ -41,6 +42,7 @@ from asset_library.lake.shard_writes import value_type_of, write_shard
 from asset_library.lake.table import Lake, is_outdated_index, row_count
 
 __all__ = [
+    "rows_unchanged_since",
     "CRASH_AT",
     "DERIVED",
     "DERIVED_ATTRIBUTES",

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
-from asset_library.lake.compaction import REWRITE_MARK
+from asset_library.lake.history import changes_no_row, commit_history, rewrites
 from asset_library.lake.keyset import CachedKeys, ImageKeys, KeyCacheError, digests
 from asset_library.lake.scan import lake_dataset, plain_schema
 from asset_library.lake.schemas import (
@@ -83,7 +83,7 @@ def read_changes(
     Delta records as every row of its buckets deleted and inserted again: reading them cost a
     merge after a compaction the whole table twice, to net them out)."""
     wanted = [*columns, "_change_type", "_commit_version", "_commit_timestamp"]
-    skipped = _rewrites(lake, table, start, end)
+    skipped = rewrites(lake, table, start, end)
     parts = []
     first = start
     for version in [*sorted(skipped), end + 1]:
@@ -104,8 +104,6 @@ def read_changes(
     return pa.concat_tables(parts)
 
 
-#: Commits that change no row: a vacuum's two (it deletes files no live version reads).
-_VACUUM_OPERATIONS = {"VACUUM START", "VACUUM END"}
 #: The custom metadata key naming the merge that made an ``images`` commit (a new id each).
 MERGE_MARK = "asset_library.merge"
 
@@ -117,44 +115,10 @@ def shards_not_merged(lake: Lake) -> list[str] | None:
     occurrences = lake.open("occurrences")
     if occurrences is None:
         return []
-    entries = _history(lake, occurrences, merged_version(lake) + 1, occurrences.version())
+    entries = commit_history(lake, occurrences, merged_version(lake) + 1, occurrences.version())
     if entries is None:
         return None
     return sorted({entry[SHARD_MARK] for entry in entries.values() if entry.get(SHARD_MARK)})
-
-
-def _history(lake: Lake, table: DeltaTable, start: int, end: int) -> dict[int, dict] | None:
-    """The commit entries of versions ``start..end`` by version (``None`` if unreadable).
-
-    Read from a handle at the latest version: delta-rs's ``history()`` lists the newest
-    commits in storage but numbers them down from the handle's loaded version, so a commit
-    landing meanwhile would shift every label. If the table moved while its history was read,
-    read it again; after three tries give up (callers then assume the least)."""
-    if end < start:
-        return {}
-    name = table.table_uri.rstrip("/").rsplit("/", 1)[-1]
-    for _ in range(3):
-        probe = lake.open(name)
-        if probe is None:
-            return None
-        latest = probe.version()
-        entries = probe.history(max(1, latest - start + 1))
-        probe.update_incremental()
-        if probe.version() == latest:
-            return {
-                int(entry["version"]): entry
-                for entry in entries
-                if start <= int(entry["version"]) <= end
-            }
-    return None
-
-
-def _rewrites(lake: Lake, table: DeltaTable, start: int, end: int) -> set[int]:
-    """Versions in ``start..end`` that rewrote rows unchanged (marked :data:`REWRITE_MARK`):
-    none if the history cannot be read (slower, never wrong)."""
-    ((key, value),) = REWRITE_MARK.items()
-    entries = _history(lake, table, start, end) or {}
-    return {version for version, entry in entries.items() if entry.get(key) == value}
 
 
 def _level_check(lake: Lake, images: DeltaTable, version: int) -> Callable[[int, str], bool]:
@@ -162,18 +126,14 @@ def _level_check(lake: Lake, images: DeltaTable, version: int) -> Callable[[int,
     ``version``: that commit is still there as that merge made it (not a lake restored from a
     copy, or another lake's), and every commit since changed no row (compaction's rewrite, a
     vacuum)."""
-    ((key, value),) = REWRITE_MARK.items()
 
     def check(cached: int, merge: str) -> bool:
-        entries = _history(lake, images, cached, version)
+        entries = commit_history(lake, images, cached, version)
         if entries is None or set(entries) != set(range(cached, version + 1)):
             return False
         if entries[cached].get(MERGE_MARK) != merge:
             return False
-        return all(
-            entries[v].get(key) == value or entries[v].get("operation") in _VACUUM_OPERATIONS
-            for v in range(cached + 1, version + 1)
-        )
+        return all(changes_no_row(entries[v]) for v in range(cached + 1, version + 1))
 
     return check
 

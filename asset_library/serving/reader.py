@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from asset_library.ids import bucket_of
-from asset_library.lake import ORIGINS, Lake
+from asset_library.lake import ORIGINS, Lake, rows_unchanged_since
 from asset_library.serving.backend import Backend, SqliteBackend
 from asset_library.serving.schema import RECORD_COLUMNS, RECORD_SOURCES
 
@@ -99,6 +99,9 @@ class StoreReader:
     lake: Lake
     _connection: Any = field(default=None, repr=False)
     _next_logs: dict[str, str] = field(default_factory=dict, repr=False)
+    #: Per table, the version the store records and the latest version known to have
+    #: changed no row since it.
+    _level_at: dict[str, tuple[str, int]] = field(default_factory=dict, repr=False)
     _s3: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -174,10 +177,20 @@ class StoreReader:
             self._next_logs[table] = os.path.join(
                 self.lake.uri(table), "_delta_log", "{:020d}.json"
             )
-        if self._exists(self._next_logs[table].format(int(version) + 1)):
-            raise StoreUnavailable(
-                f"serving store {self._name()} is behind the lake (at {table} version {version})"
-            )
+        recorded, level_at = self._level_at.get(table, (version, int(version)))
+        if recorded != version:  # the store moved on: what was learnt of the old one is moot
+            level_at = int(version)
+        if self._exists(self._next_logs[table].format(level_at + 1)):
+            # Commits that changed no row (a compaction's rewrite, a vacuum) leave the store
+            # level: learnt once per new commit, then one stat a read again.
+            later = rows_unchanged_since(self.lake, table, level_at)
+            if later is None:
+                raise StoreUnavailable(
+                    f"serving store {self._name()} is behind the lake "
+                    f"(at {table} version {version})"
+                )
+            level_at = later
+        self._level_at[table] = (version, level_at)
 
     def _exists(self, log: str) -> bool:
         """Whether a commit's log file exists: a ``stat``, or one ``HEAD`` on S3."""
