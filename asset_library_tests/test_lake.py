@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,8 @@ from deltalake.exceptions import CommitFailedError
 
 from asset_library import Library
 from asset_library.cli import main
+from asset_library.defs.assets.library import lake_compaction
+from asset_library.defs.resources import LibraryResource
 from asset_library.ids import bucket_of
 from asset_library.ingest.shard import KEYS_SCHEMA
 from asset_library.lake import (
@@ -47,7 +50,7 @@ from asset_library.lake.compaction import _bucket_files, _merge_buckets
 from asset_library.lake.merge import _merged_to
 from asset_library.lake.scan import lake_dataset
 from asset_library.lake.schemas import SORTED_BY_MD5
-from asset_library.lake.tiers import tier_of
+from asset_library.lake.tiers import DataFile, tier_of, within_budget
 from asset_library.layout import LibraryLayout
 from asset_library.serving import sync
 from asset_library.similarity import IndexNotReady, SimilarityIndex
@@ -963,6 +966,61 @@ def test_compaction_merges_tiers_and_leaves_large_files_alone(tmp_path):
     for name in ("occurrences", "attributes", "images"):
         assert _md5_row_groups(lake, name, some) == (1, 1, 1)
         assert _md5_row_groups(lake, name, "5" + "0" * 31)[2] == 0
+
+
+def test_a_budget_spreads_a_carry_over_runs_the_most_crowded_buckets_first():
+    """Which buckets one run merges under a byte cap: the most files first, then the lowest
+    number; a merge over what is left is skipped for a smaller one; at least one bucket."""
+    files = {
+        b: [DataFile(f"{b}/{i}", 10, size) for i in range(n)]
+        for b, n, size in ((0, 3, 100), (1, 5, 100), (2, 4, 100), (3, 3, 10))
+    }
+    plan = {b: found[:3] for b, found in files.items()}  # 300, 300, 300 and 30 bytes
+    assert within_budget(plan, files, None) == plan
+    assert list(within_budget(plan, files, 630)) == [1, 2, 3]  # 600, then 0's 300 won't fit
+    assert list(within_budget(plan, files, 10)) == [1]  # one bucket, whatever its size
+    with pytest.raises(ValueError, match="max_bytes 0: must be a positive number of bytes"):
+        within_budget(plan, files, 0)
+
+
+def test_a_capped_compaction_leaves_the_rest_for_the_next_run(tmp_path):
+    """A carry in every bucket under a cap of about one bucket's merge: each run merges what
+    fits, the others wait (counted), and the runs after finish the carry; rows and lookups hold
+    throughout."""
+    layout, lake = _library(tmp_path / "library")
+    rng = np.random.default_rng(37)
+    md5s = random_md5s(rng, 240)
+    for n in range(2):
+        land_shard(layout, lake, f"h-s{n:05d}", md5s[120 * n : 120 * n + 120], seed=n)
+    merge_images(lake)
+    rows = _rows(lake)
+    per_bucket = max(sum(_file_sizes(lake, "occurrences").values()) // BUCKETS, 1)
+    runs, waiting = 0, []
+    while True:
+        done = compact(lake, fan_in=2, tables=("occurrences",), max_bytes=per_bucket * 3)
+        runs += 1
+        waiting.append(done["occurrences"]["buckets_waiting"])
+        assert _rows(lake) == rows
+        if not done["occurrences"]["buckets"]:
+            break
+        assert done["occurrences"]["bytes_rewritten"] <= per_bucket * 6  # a bucket may be large
+    assert waiting[0] > 0 and waiting[-1] == 0 and runs > 2
+    assert done["occurrences"]["max_files_in_a_bucket"] == 1
+    library = Library(layout.root)
+    assert library.lookup(md5s[3])["occurrences"] == 1
+    # the compact_library job takes the cap as run config (in MB): the other tables, at the
+    # default fan-in, have nothing due; a cap of 1 MB leaves none waiting
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [lake_compaction],
+            resources={"library": LibraryResource(root=str(layout.root))},
+            instance=instance,
+            run_config={"ops": {"lake_compaction": {"config": {"max_megabytes_per_table": 1}}}},
+        )
+    assert result.success
+    metrics = result.asset_materializations_for_node("lake_compaction")[0].metadata
+    assert metrics["occurrences"].value["buckets_waiting"] == 0
+    assert _rows(lake) == rows
 
 
 def test_a_compaction_policy_that_cannot_work_is_refused(tmp_path):

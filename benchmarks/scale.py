@@ -13,7 +13,9 @@ and per compaction policy the compaction and read figures of each shard as ratio
 
 ``--compaction``: ``tiered`` (the library's, ``--fan-in`` and ``--tier-rows`` as given),
 ``whole`` (the policy before tiers: every file of a bucket in one tier, so a bucket of
-``--fan-in`` files is rewritten whole), or ``both`` (two libraries built alike, one per policy).
+``--fan-in`` files is rewritten whole), ``capped`` (tiered, each run reading at most
+``--max-megabytes`` per table: a carry spread over the runs after it), ``both`` (two libraries
+built alike, tiered and whole) or ``all`` (three, one per policy).
 ``--no-store``: no serving store, so lookups read the lake's files (what compaction shapes).
 """
 
@@ -60,7 +62,7 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
 
 
 #: The compaction policies compared: ``whole`` puts every file in tier 0.
-POLICIES = ("tiered", "whole")
+POLICIES = ("tiered", "whole", "capped")
 #: Figures reported per shard as ratios against shard 2's.
 RATIOS = (
     "compact_s",
@@ -80,7 +82,7 @@ def _shard(
     number: int,
     md5s: list[str],
     keys: int,
-    policy: dict[str, int],
+    policy: dict[str, int | None],
     store: bool = True,
 ) -> dict:
     batch = f"scale{number:03d}"
@@ -98,7 +100,7 @@ def _shard(
     merged, merge_s = _timed(lambda: merge_images(lake))
     synced, index_s = _timed(lambda: SimilarityIndex(layout).sync(lake))
     compacted, compact_s = _timed(
-        lambda: compact(lake, fan_in=policy["fan_in"], tier_rows=policy["tier_rows"])
+        lambda: compact(lake, **policy)  # type: ignore[arg-type]
     )
     stored, store_s = (
         _timed(lambda: sync(lake, layout.serving_store_path)) if store else (None, 0.0)
@@ -159,6 +161,7 @@ def _shard(
         "index_s": round(index_s, 2),
         "compact_s": round(compact_s, 2),
         "compact_bytes_rewritten": sum(m["bytes_rewritten"] for m in compacted.values()),
+        "compact_buckets_waiting": sum(m["buckets_waiting"] for m in compacted.values()),
         "compact_bytes_written": sum(m["bytes_written"] for m in compacted.values()),
         "compact_files_rewritten": sum(m["files_removed"] for m in compacted.values()),
         "max_files_in_a_bucket": max(m["max_files_in_a_bucket"] for m in compacted.values()),
@@ -191,11 +194,11 @@ def run(
     buckets: int,
     root: Path,
     keys: int = 100,
-    policy: dict[str, int] | None = None,
+    policy: dict[str, int | None] | None = None,
     store: bool = True,
 ) -> list[dict]:
     """Each shard: 90% new md5s, 10% repeats of earlier shards' (the first shard: all new)."""
-    policy = policy or _policy("tiered", FAN_IN, TIER_ROWS)
+    policy = policy or _policy("tiered", FAN_IN, TIER_ROWS, None)
     layout = LibraryLayout.open(root, buckets)
     lake = Lake.of(layout, {})
     rng = np.random.default_rng(7)
@@ -214,9 +217,15 @@ def run(
     return figures
 
 
-def _policy(name: str, fan_in: int, tier_rows: int) -> dict[str, int]:
+def _policy(
+    name: str, fan_in: int, tier_rows: int, max_megabytes: int | None
+) -> dict[str, int | None]:
     """``compact``'s keywords for a policy of :data:`POLICIES`."""
-    return {"fan_in": fan_in, "tier_rows": tier_rows if name == "tiered" else 1 << 62}
+    return {
+        "fan_in": fan_in,
+        "tier_rows": 1 << 62 if name == "whole" else tier_rows,
+        "max_bytes": max_megabytes * 1_000_000 if name == "capped" and max_megabytes else None,
+    }
 
 
 def _figure(found: dict, name: str) -> float:
@@ -238,6 +247,7 @@ def ratios(figures: list[dict]) -> list[dict]:
         row["compact_mb_rewritten"] = round(found["compact_bytes_rewritten"] / 1e6, 2)
         row["compact_mb_rewritten_so_far"] = round(total / 1e6, 2)
         row["max_files_in_a_bucket"] = found["max_files_in_a_bucket"]
+        row["buckets_waiting"] = found["compact_buckets_waiting"]
         for name in RATIOS:
             baseline = _figure(base, name)
             row[name] = round(_figure(found, name) / baseline, 2) if baseline else None
@@ -251,12 +261,13 @@ def main() -> int:
     parser.add_argument("--shard-size", type=int, default=100_000)
     parser.add_argument("--buckets", type=int, default=256)
     parser.add_argument("--keep", help="build the library here and keep it")
-    parser.add_argument("--compaction", choices=[*POLICIES, "both"], default="tiered")
+    parser.add_argument("--compaction", choices=[*POLICIES, "both", "all"], default="tiered")
+    parser.add_argument("--max-megabytes", type=int, default=100, help="the capped policy's")
     parser.add_argument("--fan-in", type=int, default=FAN_IN)
     parser.add_argument("--tier-rows", type=int, default=TIER_ROWS)
     parser.add_argument("--no-store", action="store_true", help="lookups read the lake")
     args = parser.parse_args()
-    names = POLICIES if args.compaction == "both" else (args.compaction,)
+    names = {"both": POLICIES[:2], "all": POLICIES}.get(args.compaction, (args.compaction,))
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="scale-"))
     summary = {}
     try:
@@ -268,7 +279,7 @@ def main() -> int:
                 args.shard_size,
                 args.buckets,
                 root,
-                policy=_policy(name, args.fan_in, args.tier_rows),
+                policy=_policy(name, args.fan_in, args.tier_rows, args.max_megabytes),
                 store=not args.no_store,
             )
             store_sync = {f["shard"]: f["store_sync_s"] for f in figures}  # flat from shard 2 on

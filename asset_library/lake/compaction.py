@@ -38,6 +38,7 @@ from asset_library.lake.tiers import (
     check_policy,
     files_to_merge,
     tier_of,
+    within_budget,
 )
 
 #: Default vacuum retention: files replaced longer ago than this are deleted by compaction.
@@ -54,9 +55,12 @@ def compact(
     tables: Iterable[str] = tuple(SCHEMAS),
     fan_in: int = FAN_IN,
     tier_rows: int = TIER_ROWS,
+    max_bytes: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Merge each bucket's files by size tiers (:func:`.tiers.files_to_merge`: ``fan_in``
-    files of a tier into one, tier 0 under ``tier_rows`` rows), then vacuum files replaced more
+    files of a tier into one, tier 0 under ``tier_rows`` rows; with ``max_bytes``, up to that
+    many bytes read per table, the rest left to the next run: :func:`.tiers.within_budget`),
+    then vacuum files replaced more
     than ``retention_hours`` ago (and, at the default retention or more, files no commit lists
     written as long ago). One commit per table for the merges (each bucket's merged
     file sorted as its writer sorts it), and two for a vacuum that removes files (its start
@@ -69,14 +73,17 @@ def compact(
         if table is None or is_outdated_index(name, table):  # rebuilt by the next write
             continue
         buckets = _bucket_files(table, name)
-        plan: dict[int | None, list[DataFile]] = {
+        due: dict[int, list[DataFile]] = {
             bucket: chosen
             for bucket, files in buckets.items()
             if bucket is not None and (chosen := files_to_merge(files, fan_in, tier_rows))
         }
+        in_buckets = {b: files for b, files in buckets.items() if b is not None}
+        plan = within_budget(due, in_buckets, max_bytes)
         metrics: dict[str, Any] = {
             "files_before": sum(len(files) for files in buckets.values()),
             "buckets": len(plan),
+            "buckets_waiting": len(due) - len(plan),
             "files_added": 0,
             "files_removed": 0,
             "bytes_rewritten": 0,
@@ -131,7 +138,7 @@ _REWRITTEN = {
 }
 
 
-def _merge_buckets(table: DeltaTable, name: str, plan: dict[int | None, list[DataFile]]) -> dict:
+def _merge_buckets(table: DeltaTable, name: str, plan: dict[int, list[DataFile]]) -> dict:
     """Merge each bucket's chosen files into one new file, sorted as the table's writer sorts
     it (``image_counts`` summed per md5 too), and commit the new files and the removal of
     exactly the merged ones as one commit against the version read, so Delta's conflict
@@ -142,8 +149,7 @@ def _merge_buckets(table: DeltaTable, name: str, plan: dict[int | None, list[Dat
     attribute's rows over most row groups' min/max ranges; a plain sort keeps one value in one
     or two row groups of the file. Files merged in one commit are written by pyarrow (delta-rs
     cannot write files without committing them), with the row groups, compression and
-    statistics of the table's writer. Files of no bucket (``None``) are left out."""
-    chosen = {bucket: files for bucket, files in plan.items() if bucket is not None}
+    statistics of the table's writer."""
     column = PARTITIONS[name]
     dataset = table.to_pyarrow_dataset()
     fragments = {fragment.path: fragment for fragment in dataset.get_fragments()}
@@ -153,7 +159,7 @@ def _merge_buckets(table: DeltaTable, name: str, plan: dict[int | None, list[Dat
     actions: list[AddAction | RemoveAction] = []
     read = written = 0
     with duckdb.connect() as connection:
-        for bucket, files in sorted(chosen.items()):  # one at a time: one bucket's rows
+        for bucket, files in sorted(plan.items()):  # one at a time: one bucket's rows
             missing = [f.path for f in files if f.path not in fragments]
             if missing:
                 raise ValueError(f"{table.table_uri}: file {missing[0]} of the log is not read")
@@ -192,8 +198,8 @@ def _merge_buckets(table: DeltaTable, name: str, plan: dict[int | None, list[Dat
         raise
     table.update_incremental()
     return {
-        "files_added": len(chosen),
-        "files_removed": sum(len(files) for files in chosen.values()),
+        "files_added": len(plan),
+        "files_removed": sum(len(files) for files in plan.values()),
         "bytes_rewritten": read,
         "bytes_written": written,
     }

@@ -11,6 +11,11 @@ left alone until their own tier fills. A row is thus rewritten about once per ti
 ``log_fan_in(bucket / shard file)`` times in its life, and a bucket holds at most
 ``fan_in - 1`` files per tier between compactions.
 
+Every bucket of a table receives a shard's rows at once, so the buckets carry at once too: the
+shard that fills a high tier would rewrite that much of the library in one run.
+:func:`within_budget` caps a run's bytes, the most crowded buckets first; the rest wait for the
+next run, so each run costs about the same.
+
 With ``tier_rows`` above every file (everything in tier 0), this is the whole-bucket rewrite:
 a bucket of ``fan_in`` files or more merged into one; ``fan_in`` 1 rewrites every bucket whole.
 """
@@ -83,4 +88,26 @@ def files_to_merge(
             chosen.extend(by_tier[tier])
         elif chosen:
             break
+    return chosen
+
+
+def within_budget(
+    plan: dict[int, list[DataFile]], files: dict[int, list[DataFile]], max_bytes: int | None
+) -> dict[int, list[DataFile]]:
+    """The buckets of ``plan`` (each one's files to merge) that one run merges: all of them if
+    ``max_bytes`` is ``None``, else those whose merges read at most ``max_bytes`` in all (at
+    least one), the buckets holding the most files first (the slowest to read; a bucket left
+    waiting gains files, so it comes first next time), then the lowest numbers."""
+    if max_bytes is None:
+        return plan
+    if max_bytes < 1:
+        raise ValueError(f"compaction max_bytes {max_bytes}: must be a positive number of bytes")
+    chosen: dict[int, list[DataFile]] = {}
+    spent = 0
+    for bucket in sorted(plan, key=lambda b: (-len(files.get(b, ())), b)):
+        cost = sum(f.size for f in plan[bucket])
+        if chosen and spent + cost > max_bytes:
+            continue  # a smaller merge further down may still fit
+        chosen[bucket] = plan[bucket]
+        spent += cost
     return chosen

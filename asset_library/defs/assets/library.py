@@ -4,6 +4,7 @@ follows it, the near-duplicate groups, and the full audit (only when asked for).
 ``refresh_sensor`` runs the first three as the ``refresh_library`` job when shards land."""
 
 import dagster as dg
+from pydantic import Field
 
 from asset_library.defs.checks import audit, images_md5_unique
 from asset_library.defs.resources import LibraryResource, ObjectStoreResource, with_store_kinds
@@ -150,6 +151,18 @@ def library_audit(library: LibraryResource, object_store: ObjectStoreResource):
     yield from results
 
 
+class CompactionConfig(dg.Config):
+    """How much one compaction run may rewrite: the buckets of a table carry at once (the
+    shard that fills a high tier), so a cap spreads that carry over the next runs."""
+
+    max_megabytes_per_table: int | None = Field(
+        default=None,
+        gt=0,
+        description="Read at most this many MB of files per table in one run, the most "
+        "crowded buckets first; the rest wait for the next run. None: every bucket due.",
+    )
+
+
 @dg.asset(
     deps=[images],
     group_name=GROUP,
@@ -159,10 +172,11 @@ def library_audit(library: LibraryResource, object_store: ObjectStoreResource):
     "replaced, or listed by no commit, more than 7 days ago deleted). Run by the compact_library "
     "job.",
 )
-def lake_compaction(library: LibraryResource) -> dg.MaterializeResult:
+def lake_compaction(library: LibraryResource, config: CompactionConfig) -> dg.MaterializeResult:
     lake = library.lake()
     merge_images(lake)  # merged first: the change feed it reads must not be vacuumed away
-    done = compact(lake)
+    budget = config.max_megabytes_per_table
+    done = compact(lake, max_bytes=None if budget is None else budget * 1_000_000)
     return dg.MaterializeResult(
         metadata={name: dg.MetadataValue.json(m) for name, m in done.items()}
     )
