@@ -176,6 +176,24 @@ def test_sync_follows_new_images_counts_attributes_and_replaced_shards(tmp_path)
     _assert_store_is_the_lake(library)
 
 
+def test_a_sync_leaves_no_wal_behind(tmp_path):
+    """The pages a sync changed are copied into the file and the WAL cut to nothing: a sync
+    of a large store dirties most of its pages, and a WAL as large as the store doubled its
+    disk (measured at 9.1M images: a 13.7 GB WAL beside a 14.6 GB file)."""
+    layout, lake = _lake(tmp_path / "library")
+    rng = np.random.default_rng(8)
+    land_shard(layout, lake, "a-s00000", random_md5s(rng, 300))
+    _refresh(layout, lake)
+    reader = Library(layout.root)  # a service's reader keeps its connection (and the WAL) open
+    first = _every_md5(reader)[0]
+    assert reader.lookup(first)["answered_by"] == "store"
+    land_shard(layout, lake, "b-s00000", random_md5s(rng, 300), seed=1)
+    _refresh(layout, lake)
+    wal = Path(f"{layout.serving_store_path}-wal")
+    assert wal.exists() and wal.stat().st_size == 0
+    assert reader.lookup(first)["answered_by"] == "store"
+
+
 def test_a_store_behind_the_lake_answers_from_the_lake_until_synced(tmp_path, caplog):
     layout, lake = _lake(tmp_path / "library")
     rng = np.random.default_rng(4)

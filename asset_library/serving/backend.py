@@ -30,6 +30,8 @@ STORE_SETTING = "ASSET_LIBRARY_SERVING_STORE"
 PASSWORD_SETTING = "ASSET_LIBRARY_SERVING_STORE_PASSWORD"
 #: Seconds a connection to a PostgreSQL store may take before the store counts as unavailable.
 CONNECT_TIMEOUT_S = 5
+#: What a SQLite store's WAL is cut to once checkpointed (bytes).
+WAL_LIMIT_BYTES = 64 << 20
 #: Rows per ``COPY`` into PostgreSQL's staging tables: what one buffer holds at most.
 PG_PAGE = 50_000
 
@@ -144,6 +146,7 @@ class SqliteBackend(Backend):
         try:
             connection.execute("PRAGMA journal_mode = WAL").fetchall()
             connection.execute("PRAGMA synchronous = NORMAL")
+            connection.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}").fetchall()
             # A shard's rows land all over the B-trees: a cache that holds their pages (a cap,
             # allocated as used) spares reading each page back once per row.
             connection.execute("PRAGMA cache_size = -262144")
@@ -155,7 +158,12 @@ class SqliteBackend(Backend):
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
-            connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            # Every page a sync changed is in the WAL: copied into the file, the WAL is cut to
+            # nothing (a shard's sync can dirty most pages of a large store: a WAL as large as
+            # the store, kept, doubled its disk and slowed each read through its index). A
+            # reader on an older snapshot makes this a passive checkpoint; the limit then cuts
+            # the WAL when the next writer starts it over.
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         finally:
             connection.close()
 
