@@ -237,6 +237,12 @@ def _segment(library: Path, kind: str = "phash") -> Path:
     return next(p for p in (library / "index" / kind).iterdir() if p.is_dir())
 
 
+def _kind_manifest(library: Path, kind: str) -> Path:
+    """The manifest ``segments.json`` names for a hash kind."""
+    saved = json.loads((library / "index" / "segments.json").read_text())
+    return library / "index" / saved["manifests"][kind]
+
+
 def _keys_file(library: Path) -> Path:
     return next((library / "index" / "keys").iterdir())
 
@@ -249,7 +255,7 @@ INDEX_DAMAGE: dict[str, Callable[[Path], Path]] = {
     ),
     "segments.json deleted": lambda lib: _delete(lib / "index" / "segments.json"),
     "index manifest wrong dir": lambda lib: _edit_json(
-        lib / "index" / "dhash" / "manifest.json",
+        _kind_manifest(lib, "dhash"),
         lambda m: m["segments"][0].update(dir="seg-elsewhere"),
     ),
     "segment array truncated": lambda lib: _truncate(_segment(lib) / "hashes.npy", 100),
