@@ -189,8 +189,13 @@ def test_two_machines_that_loaded_one_index_both_publish_their_segments(
     b.land("s-s00001", second)
     index_b.sync(b.lake)  # ... B syncs and publishes ...
     a.land("s-s00002", third)
+    client = seaweed.client()  # a third machine's segment, uploaded, not yet named
+    in_flight = "library/index/phash/seg-v0000000009-of-a-third-machine/hashes.npy"
+    client.put_object(Bucket=s3_bucket, Key=in_flight, Body=b"on its way")
     synced = index_a.sync(a.lake)  # ... then A: its first publish loses, its second holds
     assert len(synced.added) == 1 and synced.images == 3 * SHARD
+    assert client.get_object(Bucket=s3_bucket, Key=in_flight)["Body"].read() == b"on its way"
+    client.delete_object(Bucket=s3_bucket, Key=in_flight)
     saved = _assert_whole(seaweed, s3_bucket)
     assert sorted(meta["number"] for meta in saved["segments"].values()) == [0, 1, 2]
     _assert_fresh_machine_finds(machines("fresh"), [first, second, third], monkeypatch)
