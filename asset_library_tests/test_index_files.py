@@ -19,6 +19,7 @@ from asset_library.index_files import (
     keys_name,
     manifest_names,
     named_files,
+    read_saved,
     relative_name,
 )
 from asset_library.lake import Lake, merge_images
@@ -72,6 +73,17 @@ def test_named_files_are_what_segments_json_and_its_manifests_name(tmp_path: Pat
     (tmp_path / "phash" / "manifest-x.json").write_text("{")
     assert named_files(tmp_path, saved, ("phash",)) == {"keys/v1-y.npy", "phash/manifest-x.json"}
     assert named_files(tmp_path, {}, ("phash",)) == set()
+
+
+def test_read_saved_is_empty_for_a_missing_or_unreadable_segments_json(tmp_path: Path):
+    path = tmp_path / "segments.json"
+    assert read_saved(path) == {}
+    path.write_text('{"segments": ')
+    assert read_saved(path) == {}
+    path.write_text("[1, 2]")
+    assert read_saved(path) == {}
+    path.write_text('{"segments": {}}')
+    assert read_saved(path) == {"segments": {}}
 
 
 def test_is_named_covers_the_files_inside_a_named_folder():
