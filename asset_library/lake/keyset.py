@@ -332,7 +332,10 @@ class ImageKeys:
 
     def clear(self) -> None:
         """Forget everything: the next merge reads the table and rebuilds the cache."""
-        replaced = [r.file for r in self._runs()]
+        try:  # the runs to delete at the home: as many as a damaged manifest still names
+            replaced = [r.file for r in self._runs()]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            replaced = []
         if self.layout is not None:
             self.layout.remove(self.directory / MANIFEST)
         (self.directory / MANIFEST).unlink(missing_ok=True)
