@@ -463,12 +463,9 @@ class SimilarityIndex:
             raise ValueError(f"segment {name} has {count:,} images, over 2**32 per segment")
         ids = (np.int64(number) << _ROW_BITS) | np.arange(count, dtype=np.int64)
         digests = np.frombuffer(bytes.fromhex("".join(rows["md5"].tolist())), dtype=np.uint8)
+        # In memory until :meth:`_write` saves it: a reader's rebuild writes nothing.
+        self._keys[number] = digests.reshape(count, 16)
         keys = f"keys/{name}-{uuid.uuid4().hex[:12]}.npy"
-        keys_path = self.directory / keys
-        keys_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(keys_path) as tmp, tmp.open("wb") as out:
-            np.save(out, digests.reshape(count, 16))
-        self._keys.pop(number, None)
         for kind in HASH_KINDS:
             hashes = np.frombuffer(bytes.fromhex("".join(rows[kind].tolist())), dtype=">u8").astype(
                 np.uint64
@@ -481,6 +478,15 @@ class SimilarityIndex:
         saved yet and a manifest per kind, unless no segment changed); ``segments.json`` is
         :meth:`publish`'s."""
         self._changed = True
+        for meta in self.segments.values():
+            path = self.directory / meta["keys"]
+            if not path.exists():
+                digests = self._keys.pop(int(meta["number"]), None)
+                if digests is None:
+                    raise FileNotFoundError(f"{path}: a segment's keys file went missing here")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp, tmp.open("wb") as out:
+                    np.save(out, digests)
         if not segments and set(self.manifests) == set(HASH_KINDS):
             return
         self.directory.mkdir(parents=True, exist_ok=True)

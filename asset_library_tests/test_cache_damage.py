@@ -296,10 +296,12 @@ def test_a_damaged_similarity_index_is_rebuilt_and_answers_as_before(
     before = _answers(library)
     assert before[0] and any(len(found) > 1 for found in before[0].values())
     named = INDEX_DAMAGE[damage](library)
+    files = sorted((library / "index").rglob("*"))
     found = Library(library)
     similar = {md5: [(r["md5"], r["distance"]) for r in found.similar(md5, max_distance=20)]
                for md5 in before[0]}  # fmt: skip
     assert similar == before[0]  # a reader answers from an index rebuilt in memory
+    assert sorted((library / "index").rglob("*")) == files  # and writes nothing
     assert "similarity index damaged, rebuilt from the images table" in caplog.text
     assert str(named) in caplog.text or str(named.parent) in caplog.text  # the file, or the
     # segment directory its manifest wrongly names
