@@ -18,13 +18,14 @@ from asset_library import Library
 from asset_library.defs.assets.library import near_duplicate_groups, similarity_index
 from asset_library.defs.checks import images_md5_unique
 from asset_library.defs.resources import LibraryResource
+from asset_library.index_files import GROUPS_FILE
 from asset_library.lake import Lake, merge_images
 from asset_library.lake.keyset import MANIFEST, ImageKeys, digests
 from asset_library.layout import LibraryLayout
 from asset_library.runs.orchestrate import ingest_batch
 from asset_library.serve import ServeSettings, create_app
 from asset_library.serve.reads import duplicate_groups
-from asset_library.similarity import GROUPS_FILE, SimilarityIndex
+from asset_library.similarity import SimilarityIndex
 from asset_library_tests.support.http_server import LiveServer
 
 #: Images of the first batch, and of the second (new ones and some of the first again).
