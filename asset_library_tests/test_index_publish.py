@@ -14,11 +14,12 @@ import pytest
 from deltalake import DeltaTable
 
 from asset_library import similarity
+from asset_library.index_files import is_named
 from asset_library.lake import Lake, merge_images
 from asset_library.layout import LibraryLayout
 from asset_library.library import Library
 from asset_library.similarity import IndexPublishError, SimilarityIndex
-from asset_library.storage.remote import ConflictError
+from asset_library.storage.remote import ConflictError, walk
 from asset_library_tests.support.seaweedfs import SeaweedS3
 from asset_library_tests.support.synthetic import land_shard, random_md5s
 
@@ -149,7 +150,10 @@ def test_a_machine_whose_publish_loses_syncs_again_from_the_winners_index(
     with pytest.raises(ConflictError):
         index_a.publish()  # A's index would drop B's shard: the home refuses it
     assert _assert_whole(seaweed, s3_bucket) == winner  # A's uploads were deleted there
-    assert len(index_a) == 2 * SHARD  # A now holds B's index
+    assert len(index_a) == 2 * SHARD  # A now holds B's index, and none of its own files
+    _, _, named = _index_at_home(seaweed, s3_bucket)
+    here = {p.relative_to(a.layout.index_dir).as_posix() for p in walk(a.layout.index_dir)}
+    assert {f for f in here if not is_named(f, named)} == {"segments.json"}
 
     synced = index_a.sync(a.lake)  # ... and syncs the third shard onto it
     assert len(synced.added) == 1 and synced.images == 3 * SHARD
