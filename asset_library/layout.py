@@ -25,7 +25,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,24 +300,29 @@ class LibraryLayout:
             return self.remote.fetch(self._inside(path), immutable=immutable)
         return path.exists()
 
-    def pull(self, folder: Path, *, mutable: Callable[[Path], bool] = lambda _: True) -> Path:
-        """Fetch every file the home holds under ``folder`` (those ``mutable`` says are: each
-        re-read if it changed; the others: only if missing here or of another size). Local
-        files the home lacks are left alone (a writer here may not have published them yet).
-        ``folder`` is returned."""
+    def pull(self, folder: Path) -> Path:
+        """Fetch every file the home holds under ``folder`` (each re-read if it changed).
+        Local files the home lacks are left alone (a writer here may not have published them
+        yet). ``folder`` is returned."""
         if self.remote is None:
             return folder
-        for path, size in self.remote.listing(self._inside(folder)).items():
-            if path.exists() and path.stat().st_size != size:
-                path.unlink()
-            self.remote.fetch(path, immutable=not mutable(path))
+        for path in self.remote.listing(self._inside(folder)):
+            self.remote.fetch(path)
         return folder
 
-    def push(self, folder: Path, *, order: Callable[[Path], int] = lambda _: 0) -> None:
+    def push(
+        self,
+        folder: Path,
+        *,
+        order: Callable[[Path], int] = lambda _: 0,
+        gone: Iterable[Path] = (),
+    ) -> None:
         """Publish the files under ``folder``: first those of order 0 the home lacks or holds
         at another size (written once, under names of their own), then every file of order 1,
         2... in turn (manifests that name the others, the one naming them all last); then
-        remove at the home the files no longer here."""
+        remove at the home the files in ``gone`` (the replaced manifest named them, the new one
+        does not). A file at the home that is not here stays: another machine may be
+        publishing it."""
         if self.remote is None:
             return
         listed = self.remote.listing(self._inside(folder))
@@ -326,9 +331,26 @@ class LibraryLayout:
         for path in sorted(walk(folder), key=order):
             if order(path) or listed.get(path) != path.stat().st_size:
                 self.remote.publish(path)
-        gone = [p for p in listed if not p.exists()]
-        if gone:
-            self.remote.delete(gone)
+        removed = [self._inside(path) for path in gone]
+        if removed:
+            self.remote.delete(removed)
+
+    def read_version(self, path: Path) -> str | None:
+        """The version (ETag) of the home's copy of ``path`` that this machine fetched or
+        published last (``None``: none known, or a folder library): what
+        :meth:`publish_replacing` is conditional on. Read it before reading the file: a copy
+        fetched in between then fails the condition rather than passing it."""
+        return self.remote.etag(self._inside(path)) if self.remote is not None else None
+
+    def publish_replacing(self, path: Path, text: str, *, read: str | None) -> None:
+        """Write ``path`` atomically and make it the home's copy only if the home still holds
+        the version ``read`` (an ETag from :meth:`read_version`; ``None``: the home had none):
+        else :class:`~asset_library.storage.remote.ConflictError`, and the local file is left
+        as it was. For a folder library: an atomic write."""
+        with atomic_path(self._inside(path)) as tmp:
+            tmp.write_text(text)
+            if self.remote is not None:
+                self.remote.publish(path, source=tmp, if_absent=read is None, if_match=read)
 
     def remove(self, path: Path) -> None:
         """Delete a file here and at the home."""

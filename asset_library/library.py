@@ -24,6 +24,7 @@ from asset_library.lake import IMAGES_SCHEMA, ORIGINS, Catalog, Lake
 from asset_library.lake.catalog import IMAGE_VIEW_COLUMNS
 from asset_library.lake.sql_guard import check_read_only_query
 from asset_library.layout import LibraryLayout
+from asset_library.near_duplicates import NearDuplicates
 from asset_library.search.codec import hex_to_int
 from asset_library.search.quality import CONFIRMING_HASH, informative
 from asset_library.search.thresholds import (
@@ -41,7 +42,7 @@ from asset_library.serving import (
     attributes_by_origin,
     configured_backend,
 )
-from asset_library.similarity import HASH_KINDS, NearDuplicates, SimilarityIndex, loaded_index
+from asset_library.similarity import HASH_KINDS, SimilarityIndex, loaded_index
 from asset_library.storage import ObjectStore, open_store, read_image
 
 if TYPE_CHECKING:  # pandas is imported by ``frame`` alone: the CLI starts without it

@@ -6,17 +6,31 @@ and dHash alike, with a file of the segment's md5 keys); md5s that left ``images
 removed and skipped by queries. Nothing is rebuilt from scratch. An id in the index is
 ``segment_number << 32 | row``; the key files map it back to an md5.
 
-For a library at an ``s3://`` home the files are written in the machine's cache folder and
-published there after each save (new segments first, the manifests last), and a machine that
-lacks them (or whose copy is damaged) fetches them before it reads or syncs the index: a
-fresh machine never rebuilds the index from the whole lake.
+``segments.json`` is the one commit point: every other file is written once, under a name of its
+own, and ``segments.json`` names them all (directly, or through the manifests it names). A sync
+writes its new files, then replaces ``segments.json``; the files the replaced one named and the
+new one does not are deleted after. For a library at an ``s3://`` home the files are written in
+the machine's cache folder and uploaded there; ``segments.json`` is put only if the home still
+holds the version this machine loaded (``If-Match``, or ``If-None-Match: *`` for the first), so
+two machines that sync at once cannot overwrite each other: the one that loses deletes what it
+uploaded, loads the winner's index and syncs again from it (:data:`PUBLISH_ATTEMPTS` times at
+most, waiting longer each time). A file at the home that no ``segments.json`` names (another
+machine's upload in flight) is never deleted. A machine that lacks the named files (or whose copy
+is damaged) fetches them before it reads or syncs the index: a fresh machine never rebuilds the
+index from the whole lake.
 
 Layout under ``<library>/index/``::
 
-    segments.json                  segments, images version and lake version reached, removed md5s
-    keys/<segment>.npy             (rows, 16) uint8: the md5 digests, in row order
-    phash/ ahash/ dhash/           HammingIndex.save() directories
-    near_duplicates.parquet        the near-duplicate groups (:class:`NearDuplicates`)
+    segments.json                  segments (number, rows, keys file), each kind's manifest,
+                                   images version and lake version reached, removed md5s
+    keys/<segment>-<id>.npy        (rows, 16) uint8: the md5 digests, in row order
+    phash/ ahash/ dhash/           HammingIndex.save() directories: ``seg-*`` segment folders and
+                                   ``manifest-<id>.json`` manifests
+    near_duplicates.parquet        the near-duplicate groups (:mod:`asset_library.near_duplicates`)
+
+An index saved before names were unique (``segments.json`` without ``manifests``: each kind's
+``manifest.json``, replaced in place, and ``keys/<segment>.npy``) is read as it is; its next sync
+writes the new layout, keeps its segment folders and key files, and deletes the old manifests.
 """
 
 from __future__ import annotations
@@ -24,36 +38,50 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterable
+import time
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
-from asset_library.lake import IMAGES_APP, NEAR_DUPLICATES_SCHEMA, Lake, read_changes, row_count
-from asset_library.lake.scan import lake_dataset
-from asset_library.layout import LibraryLayout, atomic_path, atomic_write_text
-from asset_library.search import HammingIndex, connected_groups
-from asset_library.search.quality import CONFIRMING_HASH, confirmed
-from asset_library.search.thresholds import (
-    DEFAULT_CONFIRM_DISTANCE,
-    DEFAULT_MIN_QUALITY,
-    DEFAULT_PHASH_THRESHOLD,
+from asset_library.index_files import (
+    backoff,
+    delete_at_home,
+    drop_local,
+    files_under,
+    keys_name,
+    manifest_names,
+    named_files,
+    pull_index,
+    read_saved,
 )
+from asset_library.lake import IMAGES_APP, Lake, read_changes, row_count
+from asset_library.lake.scan import lake_dataset
+from asset_library.layout import LibraryLayout, atomic_path
+from asset_library.search import HammingIndex, connected_groups
+from asset_library.search.index import new_manifest_name
+from asset_library.search.quality import CONFIRMING_HASH, confirmed
+from asset_library.storage.remote import ConflictError
 
 HASH_KINDS = ("phash", "ahash", "dhash")
 
 logger = logging.getLogger(__name__)
 _ROW_BITS = 32
+#: How many times a sync publishes before it leaves the index to the machines that keep
+#: replacing it (each lost attempt deletes what it uploaded and syncs again from theirs).
+PUBLISH_ATTEMPTS = 6
 
 
 class IndexNotReady(RuntimeError):
     """The similarity index is missing, or behind the lake's ``images``."""
+
+
+class IndexPublishError(RuntimeError):
+    """A sync lost every attempt to publish the index: other machines kept replacing it."""
 
 
 @dataclass(frozen=True)
@@ -71,62 +99,92 @@ class SimilarityIndex:
         self.layout = layout
         self.directory = layout.index_dir
         self.manifest_path = layout.segments_manifest_path
+        self.mmap = mmap
         self.segments: dict[str, dict] = {}
         self.images_version = -1
         self.lake_version = -1
         self.removed: set[str] = set()
         self.indexes: dict[str, HammingIndex] = {kind: HammingIndex() for kind in HASH_KINDS}
+        #: Each hash kind's manifest, as ``segments.json`` names it.
+        self.manifests: dict[str, str] = {}
         self._keys: dict[int, np.ndarray] = {}
         #: Why the saved files cannot be trusted (``None``: they can): the index is then
         #: rebuilt from ``images`` (:meth:`rebuild`).
         self.damage: str | None = None
-        manifest = layout.segments_manifest_path
-        pull_index(layout)
-        self.exists = manifest.exists() or any(
+        self.exists = False
+        #: The version of ``segments.json`` loaded (its ETag at an S3 home; ``None``: the home
+        #: had none, or none is known), and the files it names: what :meth:`publish` replaces.
+        self._loaded_version: str | None = None
+        self._named: set[str] = set()
+        #: Whether :meth:`update` changed the index since it was loaded or published.
+        self._changed = False
+        self._open()
+
+    def _open(self) -> None:
+        """Load the index as the home holds it now (this machine's copy fetched first, and
+        fetched whole again if it is damaged here)."""
+        self._forget()
+        self.damage = None
+        self._changed = False
+        pull_index(self.layout, HASH_KINDS)
+        self._remember_loaded()
+        self.exists = self.manifest_path.exists() or any(
             (self.directory / kind).exists() for kind in HASH_KINDS
         )
         if self.exists:
-            self.damage = self._try_load(manifest, mmap)
-            if self.damage is not None and layout.remote is not None:
+            self.damage = self._try_load()
+            if self.damage is not None and self.layout.remote is not None:
                 # This machine's copy is damaged; the home's may be whole.
                 logger.warning("similarity index damaged here, fetched again: %s", self.damage)
                 self._forget()
                 shutil.rmtree(self.directory, ignore_errors=True)
-                pull_index(layout)
-                self.damage = self._try_load(manifest, mmap)
+                pull_index(self.layout, HASH_KINDS)
+                self._remember_loaded()
+                self.damage = self._try_load()
             if self.damage is not None:
                 logger.warning(
                     "similarity index damaged, rebuilt from the images table: %s", self.damage
                 )
                 self._forget()
 
-    def _try_load(self, manifest: Path, mmap: bool) -> str | None:
+    def _remember_loaded(self) -> None:
+        """Record the version of ``segments.json`` about to be read (read before the file, so
+        a copy fetched in between fails the publish's condition rather than passing it) and the
+        files it names."""
+        self._loaded_version = self.layout.read_version(self.manifest_path)
+        self._named = named_files(self.directory, read_saved(self.manifest_path), HASH_KINDS)
+
+    def _try_load(self) -> str | None:
         """Load the saved index; why it cannot be trusted, or ``None``."""
+        manifest = self.manifest_path
         try:
-            self._load(manifest, mmap)
+            self._load()
         except (OSError, ValueError, KeyError, TypeError, EOFError, StopIteration) as error:
             if str(self.directory) in str(error):
                 return str(error)
             return f"{manifest}: {type(error).__name__}: {error}"
         return None
 
-    def _load(self, manifest: Path, mmap: bool) -> None:
+    def _load(self) -> None:
         """Read the saved index and check that its files agree with one another."""
+        manifest = self.manifest_path
         saved = json.loads(manifest.read_text())
         self.segments = {str(k): dict(v) for k, v in saved["segments"].items()}
         self.images_version = int(saved["images_version"])
         self.lake_version = int(saved["lake_version"])
         self.removed = {str(m) for m in saved["removed"]}
+        self.manifests = manifest_names(saved, HASH_KINDS)
         listed = {name: int(meta["rows"]) for name, meta in self.segments.items()}
         for kind in HASH_KINDS:
-            index = HammingIndex.load(self.directory / kind, mmap=mmap)
+            path = self.directory / self.manifests[kind]
+            index = HammingIndex.load(path.parent, mmap=self.mmap, manifest=path.name)
             if index.segments() != listed:
                 raise ValueError(
-                    f"{self.directory / kind}: segments {index.segments()} differ from "
-                    f"{manifest}'s {listed}"
+                    f"{path}: segments {index.segments()} differ from {manifest}'s {listed}"
                 )
             self.indexes[kind] = index
         for name, meta in self.segments.items():
+            meta["keys"] = keys_name(name, meta)
             path = self._keys_path(name)
             try:
                 shape = np.load(path, mmap_mode="r").shape
@@ -137,7 +195,7 @@ class SimilarityIndex:
 
     def _forget(self) -> None:
         """Back to an empty index, behind every version of ``images``."""
-        self.segments, self.removed, self._keys = {}, set(), {}
+        self.segments, self.removed, self._keys, self.manifests = {}, set(), {}, {}
         self.images_version = self.lake_version = -1
         self.indexes = {kind: HammingIndex() for kind in HASH_KINDS}
 
@@ -163,6 +221,7 @@ class SimilarityIndex:
         self.images_version = version
         self.lake_version = -1 if merged is None else int(merged)
         self.exists = True
+        self._changed = True
 
     def __len__(self) -> int:
         """Images the index answers for: its entries less the removed ones (each entry's md5
@@ -170,12 +229,37 @@ class SimilarityIndex:
         return sum(int(s["rows"]) for s in self.segments.values()) - len(self.removed)
 
     def sync(self, lake: Lake) -> SyncResult:
-        """Bring the index level with ``images``: one new segment for the md5s that appeared
-        since the version it reached; md5s that left are recorded as removed."""
+        """Bring the index level with ``images`` and publish it (:meth:`update`, then
+        :meth:`publish`). When another machine published first, sync again from the index it
+        published, after a jittered wait that doubles each time; :class:`IndexPublishError`
+        after :data:`PUBLISH_ATTEMPTS` lost attempts."""
+        lost: ConflictError | None = None
+        for attempt in range(PUBLISH_ATTEMPTS):
+            synced = self.update(lake)
+            try:
+                self.publish()
+            except ConflictError as error:
+                logger.info("similarity index: %s; syncing again from it", error)
+                lost = error
+                if attempt + 1 < PUBLISH_ATTEMPTS:
+                    time.sleep(backoff(attempt))
+                continue
+            return synced
+        raise IndexPublishError(
+            f"{self.layout.home_of(self.manifest_path)}: another machine published the "
+            f"similarity index first {PUBLISH_ATTEMPTS} times in a row ({lost}); this sync "
+            "published nothing: run refresh_library again"
+        ) from lost
+
+    def update(self, lake: Lake) -> SyncResult:
+        """Bring the index level with ``images`` in memory and in this machine's files (one
+        new segment for the md5s that appeared since the version it reached; md5s that left
+        are recorded as removed), publishing nothing (:meth:`publish` does). A table older
+        than the index (a view read before the index's version) changes nothing."""
         if self.damage is not None:
             self._clear_files()
             self.rebuild(lake)
-            self._save()
+            self._write()
             self.damage = None
             return SyncResult(list(self.segments), [], 0, len(self))
         images = lake.open("images")
@@ -186,6 +270,10 @@ class SimilarityIndex:
         lake_version = -1 if merged is None else int(merged)
         added: list[str] = []
         gone: list[str] = []
+        if version < self.images_version or (
+            version == self.images_version and lake_version == self.lake_version and self.exists
+        ):
+            return SyncResult([], [], len(self.segments), len(self))
         if version > self.images_version:
             changes = read_changes(
                 lake, images, self.images_version + 1, version, ["md5", "phash", "ahash", "dhash"]
@@ -224,9 +312,45 @@ class SimilarityIndex:
             self.removed.update(gone)
         self.images_version = version
         self.lake_version = lake_version
-        self._save()
+        self._write(segments=bool(added))
         self.exists = True
         return SyncResult(added, gone, len(self.segments) - len(added), len(self))
+
+    def publish(self) -> None:
+        """Make what :meth:`update` wrote the library's index: the new files first (each under
+        a name of its own), then ``segments.json``, which names them all (the one commit), then
+        delete the files the replaced ``segments.json`` named and this one does not.
+
+        At an ``s3://`` home ``segments.json`` is put only if the home still holds the version
+        this index was loaded from. If another machine published since, what this attempt
+        uploaded is deleted there and here, the index is loaded again as the home holds it
+        now, and :class:`ConflictError` is raised (:meth:`sync` then updates again)."""
+        if not self._changed:
+            return
+        saved = self._saved()
+        named = named_files(self.directory, saved, HASH_KINDS)
+        new = named - self._named
+        remote = self.layout.remote
+        uploaded: list[Path] = []
+        try:
+            for path in files_under(self.directory, new) if remote is not None else ():
+                remote.publish(path)  # type: ignore[union-attr]
+                uploaded.append(path)
+            text = json.dumps(saved, indent=1, sort_keys=True)
+            self.layout.publish_replacing(self.manifest_path, text, read=self._loaded_version)
+        except BaseException as error:
+            if remote is not None and uploaded:
+                remote.delete(uploaded)
+            if isinstance(error, ConflictError):
+                drop_local(self.directory, new)
+                self._open()
+            raise
+        replaced = self._named - named
+        delete_at_home(self.layout, replaced)
+        drop_local(self.directory, replaced)
+        self._loaded_version = self.layout.read_version(self.manifest_path)
+        self._named = named
+        self._changed = False
 
     def check_level(self, lake: Lake, images: DeltaTable | None = None) -> None:
         """Raise :class:`IndexNotReady` if the index is missing or behind ``images`` (the table
@@ -330,31 +454,49 @@ class SimilarityIndex:
             raise ValueError(f"segment {name} has {count:,} images, over 2**32 per segment")
         ids = (np.int64(number) << _ROW_BITS) | np.arange(count, dtype=np.int64)
         digests = np.frombuffer(bytes.fromhex("".join(rows["md5"].tolist())), dtype=np.uint8)
-        keys_path = self._keys_path(name)
-        keys_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(keys_path) as tmp, tmp.open("wb") as out:
-            np.save(out, digests.reshape(count, 16))
-        self._keys.pop(number, None)
+        # In memory until :meth:`_write` saves it: a reader's rebuild writes nothing.
+        self._keys[number] = digests.reshape(count, 16)
+        keys = f"keys/{name}-{uuid.uuid4().hex[:12]}.npy"
         for kind in HASH_KINDS:
             hashes = np.frombuffer(bytes.fromhex("".join(rows[kind].tolist())), dtype=">u8").astype(
                 np.uint64
             )
             self.indexes[kind].add_segment(name, ids, hashes)
-        self.segments[name] = {"number": number, "rows": count}
+        self.segments[name] = {"number": number, "rows": count, "keys": keys}
 
-    def _save(self) -> None:
+    def _write(self, *, segments: bool = True) -> None:
+        """Save the index's new files here, each under a name of its own (the segments not
+        saved yet and a manifest per kind, unless no segment changed); ``segments.json`` is
+        :meth:`publish`'s."""
+        self._changed = True
+        for meta in self.segments.values():
+            path = self.directory / meta["keys"]
+            if not path.exists():
+                digests = self._keys.pop(int(meta["number"]), None)
+                if digests is None:
+                    raise FileNotFoundError(f"{path}: a segment's keys file went missing here")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp, tmp.open("wb") as out:
+                    np.save(out, digests)
+        if not segments and set(self.manifests) == set(HASH_KINDS):
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
+        unpublished = {m for m in self.manifests.values() if m not in self._named}
         for kind, index in self.indexes.items():
-            index.save(self.directory / kind)
-        saved = {
+            name = new_manifest_name()
+            index.save(self.directory / kind, manifest=name)
+            self.manifests[kind] = f"{kind}/{name}"
+        drop_local(self.directory, unpublished)  # an earlier update's, never published
+
+    def _saved(self) -> dict:
+        """What ``segments.json`` records."""
+        return {
             "segments": self.segments,
+            "manifests": self.manifests,
             "images_version": self.images_version,
             "lake_version": self.lake_version,
             "removed": sorted(self.removed),
         }
-        text = json.dumps(saved, indent=1, sort_keys=True)
-        atomic_write_text(self.manifest_path, text)
-        self.layout.push(self.directory, order=_publish_order)
 
     def _clear_files(self) -> None:
         """Remove the damaged files, so the rebuilt index is saved from nothing."""
@@ -366,25 +508,7 @@ class SimilarityIndex:
         return max((int(s["number"]) for s in self.segments.values()), default=-1) + 1
 
     def _keys_path(self, shard: str) -> Path:
-        return self.directory / "keys" / f"{shard}.npy"
-
-
-#: Files of the index that are replaced in place (the others are written once, under names of
-#: their own): re-read when they change, published after the files they name.
-_MANIFESTS = {"manifest.json": 1, "segments.json": 2}
-
-
-def _publish_order(path: Path) -> int:
-    return _MANIFESTS.get(path.name, 0)
-
-
-def pull_index(layout: LibraryLayout) -> None:
-    """Bring this machine's copy of an S3 library's index level with its home (nothing for a
-    folder library): every file it lacks, and the manifests and groups if they changed."""
-    if layout.remote is None or not layout.fetch(layout.segments_manifest_path):
-        return
-    names = {*_MANIFESTS, GROUPS_FILE}
-    layout.pull(layout.index_dir, mutable=lambda path: path.name in names)
+        return self.directory / keys_name(shard, self.segments[shard])
 
 
 def loaded_index(layout: LibraryLayout, lake: Lake) -> SimilarityIndex:
@@ -394,104 +518,6 @@ def loaded_index(layout: LibraryLayout, lake: Lake) -> SimilarityIndex:
     if index.damage is not None:
         index.rebuild(lake)
     return index
-
-
-#: The groups file, beside the index it is computed from.
-GROUPS_FILE = "near_duplicates.parquet"
-
-
-class NearDuplicates:
-    """The near-duplicate groups: connected groups of images within pHash distance
-    :data:`DEFAULT_PHASH_THRESHOLD` (and dHash :data:`DEFAULT_CONFIRM_DISTANCE`, as a search
-    confirms a match) of a neighbour, low-information images left out. Computed from the index
-    and kept in :data:`GROUPS_FILE`, a cache: a reader that cannot read it computes the groups
-    itself (and writes nothing); the next refresh writes it again."""
-
-    def __init__(
-        self,
-        layout: LibraryLayout,
-        lake: Lake,
-        index: Callable[[], SimilarityIndex] | None = None,
-    ) -> None:
-        self.layout = layout
-        self.lake = lake
-        self.path = layout.index_dir / GROUPS_FILE
-        self._index = index or (lambda: loaded_index(layout, lake))
-
-    def compute(self) -> list[list[str]]:
-        """The groups as the index and ``images`` have them now, largest first."""
-        index = self._index()
-        if not index.exists:
-            return []
-        return index.groups(
-            DEFAULT_PHASH_THRESHOLD,
-            exclude=self.low_information(),
-            confirm=DEFAULT_CONFIRM_DISTANCE,
-        )
-
-    def low_information(self) -> list[str]:
-        """md5s under the default information cut: their hashes are rounding noise and would
-        join unrelated images."""
-        images = self.lake.open("images")
-        if images is None:
-            return []
-        dataset = lake_dataset(images, self.lake)
-        rows = dataset.to_table(columns=["md5"], filter=pc.field("quality") < DEFAULT_MIN_QUALITY)
-        return rows["md5"].to_pylist()
-
-    def write(self, groups: list[list[str]]) -> None:
-        """Replace the groups file atomically, each page checksummed so that damage is seen."""
-        with atomic_path(self.path) as tmp:
-            pq.write_table(groups_table(groups), tmp, write_page_checksum=True)
-        self.layout.publish(self.path)
-
-    def stamp(self) -> tuple[int | None, int | None]:
-        """Changes when the groups file or the index it follows is replaced."""
-        for path in (self.path, self.layout.segments_manifest_path):
-            self.layout.fetch(path)
-        return tuple(  # type: ignore[return-value]
-            path.stat().st_mtime_ns if path.exists() else None
-            for path in (self.path, self.layout.segments_manifest_path)
-        )
-
-    def read(self) -> pa.Table:
-        """The groups file, every page's checksum and the whole footer checked (raises on any
-        damage, naming the file)."""
-        try:
-            with pq.ParquetFile(self.path, page_checksum_verification=True) as file:
-                metadata = file.metadata
-                for group in range(metadata.num_row_groups):
-                    metadata.row_group(group).to_dict()
-                if not file.schema_arrow.equals(NEAR_DUPLICATES_SCHEMA):
-                    raise ValueError(f"columns {file.schema_arrow}, not {NEAR_DUPLICATES_SCHEMA}")
-                table = file.read()
-            if table.num_rows != metadata.num_rows:
-                raise ValueError(f"{table.num_rows} rows read, {metadata.num_rows} recorded")
-            return table
-        except (OSError, ValueError, KeyError, pa.ArrowException) as error:
-            raise ValueError(f"{self.path}: {type(error).__name__}: {error}") from None
-
-    def table(self) -> pa.Table:
-        """What readers answer: the file if it reads whole, else the groups computed now (the
-        file is left as it is: readers write nothing)."""
-        if self.layout.fetch(self.path):
-            try:
-                return self.read()
-            except ValueError as error:
-                logger.warning("near-duplicate groups file damaged, computed again: %s", error)
-        elif self.layout.index_dir.exists():
-            logger.warning("near-duplicate groups file missing, computed again: %s", self.path)
-        return groups_table(self.compute())
-
-
-def groups_table(groups: list[list[str]]) -> pa.Table:
-    """Rows of :data:`NEAR_DUPLICATES_SCHEMA`: each group numbered in the order given."""
-    rows = {
-        "group_id": [n for n, group in enumerate(groups) for _ in group],
-        "group_size": [len(group) for group in groups for _ in group],
-        "md5": [md5 for group in groups for md5 in group],
-    }
-    return pa.table(rows, schema=NEAR_DUPLICATES_SCHEMA)
 
 
 def _kind(kind: str) -> str:

@@ -18,13 +18,14 @@ from asset_library import Library
 from asset_library.defs.assets.library import near_duplicate_groups, similarity_index
 from asset_library.defs.checks import images_md5_unique
 from asset_library.defs.resources import LibraryResource
+from asset_library.index_files import GROUPS_FILE
 from asset_library.lake import Lake, merge_images
 from asset_library.lake.keyset import MANIFEST, ImageKeys, digests
 from asset_library.layout import LibraryLayout
 from asset_library.runs.orchestrate import ingest_batch
 from asset_library.serve import ServeSettings, create_app
 from asset_library.serve.reads import duplicate_groups
-from asset_library.similarity import GROUPS_FILE, SimilarityIndex
+from asset_library.similarity import SimilarityIndex
 from asset_library_tests.support.http_server import LiveServer
 
 #: Images of the first batch, and of the second (new ones and some of the first again).
@@ -237,6 +238,12 @@ def _segment(library: Path, kind: str = "phash") -> Path:
     return next(p for p in (library / "index" / kind).iterdir() if p.is_dir())
 
 
+def _kind_manifest(library: Path, kind: str) -> Path:
+    """The manifest ``segments.json`` names for a hash kind."""
+    saved = json.loads((library / "index" / "segments.json").read_text())
+    return library / "index" / saved["manifests"][kind]
+
+
 def _keys_file(library: Path) -> Path:
     return next((library / "index" / "keys").iterdir())
 
@@ -249,7 +256,7 @@ INDEX_DAMAGE: dict[str, Callable[[Path], Path]] = {
     ),
     "segments.json deleted": lambda lib: _delete(lib / "index" / "segments.json"),
     "index manifest wrong dir": lambda lib: _edit_json(
-        lib / "index" / "dhash" / "manifest.json",
+        _kind_manifest(lib, "dhash"),
         lambda m: m["segments"][0].update(dir="seg-elsewhere"),
     ),
     "segment array truncated": lambda lib: _truncate(_segment(lib) / "hashes.npy", 100),
@@ -290,10 +297,12 @@ def test_a_damaged_similarity_index_is_rebuilt_and_answers_as_before(
     before = _answers(library)
     assert before[0] and any(len(found) > 1 for found in before[0].values())
     named = INDEX_DAMAGE[damage](library)
+    files = sorted((library / "index").rglob("*"))
     found = Library(library)
     similar = {md5: [(r["md5"], r["distance"]) for r in found.similar(md5, max_distance=20)]
                for md5 in before[0]}  # fmt: skip
     assert similar == before[0]  # a reader answers from an index rebuilt in memory
+    assert sorted((library / "index").rglob("*")) == files  # and writes nothing
     assert "similarity index damaged, rebuilt from the images table" in caplog.text
     assert str(named) in caplog.text or str(named.parent) in caplog.text  # the file, or the
     # segment directory its manifest wrongly names

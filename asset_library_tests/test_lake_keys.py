@@ -99,6 +99,15 @@ def test_a_rebuild_or_a_clear_leaves_no_file_the_cache_does_not_name(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("manifest", ["[1, 2]", '{"runs": [{"file": 1}]}', '{"runs": 5}'])
+def test_a_clear_of_a_damaged_manifest_leaves_nothing(tmp_path, manifest: str):
+    keys = ImageKeys(tmp_path)
+    keys.rebuild(digests(pa.array(random_md5s(np.random.default_rng(9), 5))), "t", 1, "m")
+    (tmp_path / MANIFEST).write_text(manifest)
+    keys.clear()
+    assert not list(tmp_path.iterdir())
+
+
 def test_keys_are_read_chunk_by_chunk_past_two_gigabytes_of_text():
     """65 chunks of 1M md5s: 2.08 GB of text, which one Arrow string array cannot hold."""
     chunk = pa.array(random_md5s(np.random.default_rng(9), 1 << 20))

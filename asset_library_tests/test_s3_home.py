@@ -207,6 +207,29 @@ def test_the_key_cache_is_kept_at_the_home_and_a_damaged_local_run_fetched_again
     assert again.fetched == 1 and path.read_bytes() != bytes(damaged)
 
 
+def test_a_key_cache_publish_deletes_only_the_runs_its_manifest_stopped_naming(
+    machine, seaweed: SeaweedS3, s3_bucket: str
+) -> None:
+    home = f"s3://{s3_bucket}/library"
+    level = lambda version, merge: True  # noqa: E731
+    machine("first")
+    first = LibraryLayout.open(home)
+    ImageKeys(first.image_keys_dir, first).rebuild(digests(pa.array(["0" * 32])), "t", 1, "m")
+    machine("second")
+    second = LibraryLayout.at(home)
+    keys = ImageKeys(second.image_keys_dir, second)
+    assert keys.level_with("t", 1, level, 1) is not None
+    client = seaweed.client()
+    in_flight = "library/image_keys/run-of-a-third-machine.npy"
+    client.put_object(Bucket=s3_bucket, Key=in_flight, Body=b"on its way")
+    keys.add(digests(pa.array(["1" * 32])), "t", 2, "m2")  # merges its two runs into one
+    listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="library/image_keys/")["Contents"]
+    at_home = {o["Key"].removeprefix("library/image_keys/") for o in listed}
+    manifest = json.loads(_read(client, s3_bucket, "library/image_keys/keys.json"))
+    runs = {run["file"] for run in manifest["runs"]}
+    assert len(runs) == 1 and at_home == {"keys.json", *runs, "run-of-a-third-machine.npy"}
+
+
 def _read(client, bucket: str, key: str) -> bytes:
     return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 

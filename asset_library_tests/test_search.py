@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from asset_library.search import HammingIndex, connected_groups
+from asset_library.search.index import new_manifest_name, saved_dirs
 
 N = 200_000
 N_QUERIES = 12
@@ -232,6 +233,44 @@ def test_segments_add_replace_remove_save_load_compact(random_data, tmp_path: Pa
     reloaded.compact()
     assert list(reloaded.segments()) == ["main"] and len(reloaded) == N
     assert_exact(reloaded, ids, new_hashes, queries, distances)
+
+
+def test_an_index_saved_under_manifests_of_their_own_writes_each_file_once(tmp_path: Path):
+    rng = np.random.default_rng(8)
+    hashes = rng.integers(0, 2**64, 300, dtype=np.uint64)
+    index = HammingIndex()
+    index.add_segment("a", np.arange(200, dtype=np.int64), hashes[:200])
+    first = new_manifest_name()
+    assert first.startswith("manifest-") and first.endswith(".json")
+    assert first != new_manifest_name()
+    index.save(tmp_path, manifest=first)
+    (only,) = saved_dirs(tmp_path, first)
+    written = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+
+    # The next save writes the new segment and a new manifest; nothing written is touched.
+    index.add_segment("b", np.arange(200, 300, dtype=np.int64), hashes[200:])
+    second = new_manifest_name()
+    index.save(tmp_path, manifest=second)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name in written} == (
+        written
+    )
+    dirs = saved_dirs(tmp_path, second)
+    assert only in dirs and len(dirs) == 2 and saved_dirs(tmp_path, first) == [only]
+    loaded = HammingIndex.load(tmp_path, manifest=second)
+    assert loaded.segments() == {"a": 200, "b": 100}
+    assert HammingIndex.load(tmp_path, manifest=first).segments() == {"a": 200}
+    assert saved_dirs(tmp_path, "manifest-none.json") == []
+
+    # A manifest names folders of its own directory only.
+    saved = json.loads((tmp_path / second).read_text())
+    saved["segments"][0]["dir"] = "../elsewhere"
+    (tmp_path / second).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="'../elsewhere' is not a file name"):
+        saved_dirs(tmp_path, second)
+    with pytest.raises(ValueError, match="'../elsewhere' is not a file name"):
+        HammingIndex.load(tmp_path, manifest=second)
+    with pytest.raises(ValueError, match="is not a file name"):
+        index.save(tmp_path, manifest="../manifest.json")
 
 
 def planted_pairs(seed: int, n: int, structured: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -143,12 +143,13 @@ def test_the_index_grows_by_segments_not_rebuilds(tmp_path, corpus_dir, instance
             progress=lambda _: None,
         ).success
         if name == "first":
-            (first,) = SimilarityIndex(Library(root).layout).segments
-            first_keys = (root / "index" / "keys" / f"{first}.npy").stat().st_mtime_ns
+            ((first, meta),) = SimilarityIndex(Library(root).layout).segments.items()
+            first_keys = (root / "index" / meta["keys"]).stat().st_mtime_ns
     library = Library(root)
     index = SimilarityIndex(library.layout)
     assert len(index.segments) == 2 and first in index.segments
-    assert (root / "index" / "keys" / f"{first}.npy").stat().st_mtime_ns == first_keys
+    assert index.segments[first]["keys"] == meta["keys"]  # written once, kept
+    assert (root / "index" / meta["keys"]).stat().st_mtime_ns == first_keys
     assert len(index) == library.query("SELECT count(*) AS n FROM images")[0]["n"]
     assert index.sync(library.lake).added == []  # already level with the lake
 

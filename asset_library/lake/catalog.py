@@ -188,7 +188,7 @@ _GROUP_READERS = re.compile(
 
 class GroupsSource(Protocol):
     """Where the ``near_duplicates`` view's rows come from
-    (:class:`asset_library.similarity.NearDuplicates`)."""
+    (:class:`asset_library.near_duplicates.NearDuplicates`)."""
 
     def stamp(self) -> Hashable:
         """Changes whenever :meth:`table` would answer otherwise."""

@@ -29,7 +29,7 @@ import json
 import logging
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,11 +240,16 @@ class ImageKeys:
             if not path.exists():
                 self.fetched += int(self.layout.fetch(path, immutable=True))
 
-    def _publish(self) -> None:
+    def _publish(self, gone: Iterable[str]) -> None:
         """Publish the runs the manifest names, then the manifest; remove at the home the
-        runs it no longer names."""
+        runs in ``gone`` (the replaced manifest named them, this one does not: a run nothing
+        names yet may be another machine's, on its way)."""
         if self.layout is not None:
-            self.layout.push(self.directory, order=lambda path: int(path.name == MANIFEST))
+            self.layout.push(
+                self.directory,
+                order=lambda path: int(path.name == MANIFEST),
+                gone=[self.directory / name for name in gone],
+            )
 
     def _manifest(self) -> dict | None:
         try:
@@ -301,9 +306,10 @@ class ImageKeys:
 
     def rebuild(self, keys: np.ndarray, table_id: str, version: int, merge: str) -> None:
         """Replace the cache with these digests, level with ``version`` (made by ``merge``)."""
+        replaced = [r.file for r in self._runs()]
         self._save(table_id, version, merge, [self._write(_sorted(keys))])
         self._remove_unnamed()
-        self._publish()
+        self._publish(replaced)
 
     def add(self, keys: np.ndarray, table_id: str, version: int, merge: str) -> None:
         """Record md5s a merge appended (none of them cached yet), now level with ``version``
@@ -319,18 +325,22 @@ class ImageKeys:
             made.append(runs[-1].file)
         self._save(table_id, version, merge, runs)
         kept = {r.file for r in runs}
-        for name in made:
-            if name not in kept:
-                (self.directory / name).unlink(missing_ok=True)
-        self._publish()
+        dropped = [name for name in made if name not in kept]
+        for name in dropped:
+            (self.directory / name).unlink(missing_ok=True)
+        self._publish(dropped)
 
     def clear(self) -> None:
         """Forget everything: the next merge reads the table and rebuilds the cache."""
+        try:  # the runs to delete at the home: as many as a damaged manifest still names
+            replaced = [r.file for r in self._runs()]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            replaced = []
         if self.layout is not None:
             self.layout.remove(self.directory / MANIFEST)
         (self.directory / MANIFEST).unlink(missing_ok=True)
         self._remove_unnamed()
-        self._publish()
+        self._publish(replaced)
 
     def _remove_unnamed(self) -> None:
         """Delete run files (and half-written files) the manifest does not name: what a merge

@@ -10,8 +10,11 @@ An index is a set of named immutable segments (one per ingested shard): adding, 
 removing a shard touches only its segment, and a query searches every segment.
 
 Files (``save``/``load``): one directory per segment, written under a temporary name and
-renamed into place, plus ``manifest.json`` replaced atomically last. Saving again writes only
-new segments; ``load`` memory-maps the arrays, so a loaded index lives in the page cache.
+renamed into place, plus a manifest naming them, written atomically last: ``manifest.json``
+replaced in place, or a name of the caller's (:func:`new_manifest_name`) so that every file of a
+saved index is written once and an outer manifest that names it is the one commit. Saving again
+writes only new segments; ``load`` memory-maps the arrays, so a loaded index lives in the page
+cache.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from asset_library.search.ranges import no_matches
 from asset_library.search.segment import Segment, constant_bits
 from asset_library.search.selfjoin import self_pairs
 
-_MANIFEST = "manifest.json"
+#: The manifest saved in place (the default name; see :func:`new_manifest_name`).
+MANIFEST = "manifest.json"
 _FORMAT = "asset-library/hamming-index/1"
 
 
@@ -228,17 +232,19 @@ class HammingIndex:
 
     # -- persistence
 
-    def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write new segments and the manifest; segments already in ``directory`` are kept.
+    def save(self, directory: str | os.PathLike[str], manifest: str = MANIFEST) -> None:
+        """Write new segments and the manifest (named ``manifest``); segments already in
+        ``directory`` are kept.
 
-        Each segment is written to a temporary directory and renamed; the manifest is replaced
-        last, so a reader sees the old index or the new one. Directories of segments no longer
-        in the index are removed after the manifest is replaced.
+        Each segment is written to a temporary directory and renamed; the manifest is written
+        last, so a reader sees the old index or the new one. Directories of segments that a
+        manifest of the same name named and the index no longer holds are removed after it is
+        replaced (under a new name there is nothing to remove: the caller knows what is gone).
         """
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
         key = str(root.resolve())
-        old = _read_manifest(root)
+        old = _read_manifest(root, _own_name(manifest))
         entries = []
         for name, seg in self._segments.items():
             sub = seg.stored.get(key)
@@ -249,38 +255,41 @@ class HammingIndex:
                 rename_durably(tmp, root / sub)
                 seg.stored[key] = sub
             entries.append({"name": name, "dir": sub, "rows": seg.n})
-        manifest = {
+        saved = {
             "format": _FORMAT,
             "bands": self.bands,
             "design_radius": self.design_radius,
             "table_bytes_per_row": self.table_bytes_per_row,
             "segments": entries,
         }
-        with atomic_path(root / _MANIFEST) as tmp, open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
+        with atomic_path(root / manifest) as tmp, open(tmp, "w") as f:
+            json.dump(saved, f, indent=1)
         keep = {e["dir"] for e in entries}
         for entry in old.get("segments", []):
             if entry["dir"] not in keep:
                 shutil.rmtree(root / entry["dir"], ignore_errors=True)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], mmap: bool = True) -> HammingIndex:
-        """Open a saved index; arrays are memory-mapped read-only unless ``mmap=False``."""
+    def load(
+        cls, directory: str | os.PathLike[str], mmap: bool = True, manifest: str = MANIFEST
+    ) -> HammingIndex:
+        """Open an index saved under that manifest name; arrays are memory-mapped read-only
+        unless ``mmap=False``."""
         root = Path(directory)
-        manifest = _read_manifest(root)
-        if manifest.get("format") != _FORMAT:
+        saved = _read_manifest(root, _own_name(manifest))
+        if saved.get("format") != _FORMAT:
             raise ValueError(
-                f"{root}: not a Hamming index (manifest format {manifest.get('format')!r})"
+                f"{root / manifest}: not a Hamming index (manifest format {saved.get('format')!r})"
             )
         index = cls(
-            bands=manifest["bands"],
-            design_radius=manifest["design_radius"],
-            table_bytes_per_row=manifest["table_bytes_per_row"],
+            bands=saved["bands"],
+            design_radius=saved["design_radius"],
+            table_bytes_per_row=saved["table_bytes_per_row"],
         )
         key = str(root.resolve())
-        for entry in manifest["segments"]:
+        for entry in saved["segments"]:
             try:
-                seg = Segment.read(root / entry["dir"], mmap)
+                seg = Segment.read(root / _own_name(str(entry["dir"])), mmap)
             except (OSError, ValueError, KeyError, EOFError) as error:
                 raise ValueError(f"{root / entry['dir']}: unreadable segment ({error})") from None
             seg.stored[key] = entry["dir"]
@@ -288,9 +297,32 @@ class HammingIndex:
         return index
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
+def new_manifest_name() -> str:
+    """A manifest name of its own (``manifest-<random>.json``), never written twice."""
+    return f"manifest-{uuid.uuid4().hex}.json"
+
+
+def saved_dirs(directory: str | os.PathLike[str], manifest: str = MANIFEST) -> list[str]:
+    """The segment directories a saved manifest names (none where it was not saved);
+    ``ValueError`` naming a manifest that cannot be read."""
+    saved = _read_manifest(Path(directory), _own_name(manifest))
+    try:
+        return [_own_name(str(entry["dir"])) for entry in saved.get("segments", [])]
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{Path(directory) / manifest}: malformed ({error!r})") from None
+
+
+def _own_name(name: str) -> str:
+    """A name of a file or folder directly in the index's directory (no path, nothing hidden):
+    a manifest never names anything outside it."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"{name!r} is not a file name of a Hamming index's directory")
+    return name
+
+
+def _read_manifest(root: Path, name: str = MANIFEST) -> dict[str, Any]:
     """The manifest of a saved index, or ``{}`` where none was saved yet."""
-    path = root / _MANIFEST
+    path = root / name
     if not path.exists():
         return {}
     try:

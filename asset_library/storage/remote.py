@@ -106,23 +106,34 @@ class Remote:
         self._remember(path, response.get("ETag"))
         return True
 
-    def publish(self, path: Path, *, if_absent: bool = False, if_match: str | None = None) -> None:
+    def publish(
+        self,
+        path: Path,
+        *,
+        if_absent: bool = False,
+        if_match: str | None = None,
+        source: Path | None = None,
+    ) -> None:
         """Upload ``path`` to its key (whole: S3 replaces a key atomically). ``if_absent``:
         only if no object is there; ``if_match``: only if the object is still that version
-        (an ETag); :class:`ConflictError` if the condition fails."""
+        (an ETag; a key deleted since fails too); :class:`ConflictError` if the condition
+        fails. ``source``: the bytes to upload, when they are not yet at ``path`` (a file the
+        caller moves there once the home took it)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         key = self.key(path)
         condition: dict[str, str] = {}
+        lost = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
         if if_absent:
             condition["IfNoneMatch"] = "*"
         elif if_match is not None:
             condition["IfMatch"] = if_match
-        data = path.read_bytes()
+            lost |= {"404", "NoSuchKey", "NotFound"}
+        data = (source or path).read_bytes()
         try:
             response = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
         except ClientError as error:
-            if error_code(error) in {"412", "PreconditionFailed", "ConditionalRequestConflict"}:
+            if error_code(error) in lost:
                 raise ConflictError(
                     f"s3://{self.bucket}/{key} was written by another writer meanwhile",
                     code="PreconditionFailed",

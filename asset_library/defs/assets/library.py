@@ -11,12 +11,13 @@ from asset_library.defs.resources import LibraryResource, ObjectStoreResource, w
 from asset_library.defs.tags import tag_run
 from asset_library.ids import batch_of
 from asset_library.lake import Catalog, compact, lake_files, merge_images, row_count
+from asset_library.near_duplicates import NearDuplicates
 from asset_library.search.thresholds import (
     DEFAULT_CONFIRM_DISTANCE,
     DEFAULT_MIN_QUALITY,
     DEFAULT_PHASH_THRESHOLD,
 )
-from asset_library.similarity import NearDuplicates, SimilarityIndex
+from asset_library.similarity import SimilarityIndex
 from asset_library.storage import DamageRecord
 
 GROUP = "library"
