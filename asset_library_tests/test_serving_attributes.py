@@ -265,18 +265,26 @@ def test_the_index_follows_each_sync_and_a_store_behind_is_not_read(lake, caplog
     assert check_store(library, sample=20, seed=4).passed
 
 
-def test_a_store_of_the_layout_before_the_index_is_rebuilt(lake):
+def test_a_store_of_the_layout_before_runs_is_read_by_no_one_and_rebuilt(lake):
     layout, lake_ = lake
-    land_shard(layout, lake_, "a-s00000", random_md5s(np.random.default_rng(12), 30))
+    md5s = random_md5s(np.random.default_rng(12), 30)
+    land_shard(layout, lake_, "a-s00000", md5s)
     merge_images(lake_)
     path = layout.serving_store_path
     sync(lake_, path)
-    with sqlite3.connect(path) as connection:  # as the layout before the index wrote it
-        connection.execute("DROP INDEX attributes_by_value")
-        connection.execute("UPDATE meta SET value = '1' WHERE key = 'format'")
+    with sqlite3.connect(path) as connection:  # as the layout before runs wrote it
+        connection.execute("UPDATE meta SET value = '2' WHERE key = 'format'")
+        connection.execute("DELETE FROM meta WHERE key = 'runs'")
+        connection.execute("CREATE TABLE images (md5 TEXT PRIMARY KEY, record TEXT NOT NULL)")
     library = Library(layout.root)
     assert library.images_with_attribute("label", "dog")["answered_by"] == "lake"
+    assert library.lookup(md5s[0])["answered_by"] == "lake"
     synced = sync(lake_, path)
-    assert synced.rebuilt and "layout '1'" in synced.reason
+    assert synced.rebuilt and "layout '2'" in synced.reason
+    with sqlite3.connect(path) as connection:  # the old layout's tables gone
+        assert not connection.execute(
+            "SELECT 1 FROM sqlite_schema WHERE name = 'images'"
+        ).fetchall()
     assert library.images_with_attribute("label", "dog")["answered_by"] == "store"
+    assert library.lookup(md5s[0])["answered_by"] == "store"
     _same_both_ways(library, "label", "dog")

@@ -148,10 +148,11 @@ def test_postgres_store_of_another_layout_is_rebuilt_and_its_password_never_show
     database = store.url.rsplit("/", 1)[1]
     with contextlib.closing(postgres.connect(database)) as connection, connection:
         connection.cursor().execute("UPDATE meta SET value = '1' WHERE key = 'format'")
-    library = Library(layout.root)
-    assert library.images_with_attribute("label", "dog")["answered_by"] == "store"
+    library = Library(layout.root)  # a layout it does not know: it reads the lake
+    assert library.images_with_attribute("label", "dog")["answered_by"] == "lake"
     synced = sync(lake_, store)
     assert synced.rebuilt and "layout '1'" in synced.reason
+    assert library.images_with_attribute("label", "dog")["answered_by"] == "store"
     _same_everywhere(layout, lake_, store)
     with_password = store.url.replace("dagster@", f"dagster:{postgres.password}@")
     assert postgres.password not in backend_of(with_password, None).describe()
@@ -199,11 +200,12 @@ def test_rows_with_reserved_characters_travel_intact(store):
     awkward = ["tab\there", "new\nline", "back\\slash \\N", "\\N", "", "caf\u00e9 \r end"]
     rows = [(f"{n:032x}", "2026-01-01", "a-s00000", n, uri) for n, uri in enumerate(awkward)]
     with store.transaction() as writer:
-        writer.write("INSERT INTO sources VALUES (?, ?, ?, ?, ?)", rows)
+        writer.create_run(1)
+        writer.write("INSERT INTO sources_1 VALUES (?, ?, ?, ?, ?)", rows)
         writer.write(
-            "INSERT INTO sources VALUES (?, ?, ?, ?, ?) ON CONFLICT (md5, ingested_at, shard, "
+            "INSERT INTO sources_1 VALUES (?, ?, ?, ?, ?) ON CONFLICT (md5, ingested_at, shard, "
             "ordinal) DO UPDATE SET source_uri = excluded.source_uri",
             [(rows[0][0], "2026-01-01", "a-s00000", 0, "tab\tagain")],
         )
-        found = writer.execute("SELECT * FROM sources ORDER BY ordinal")
+        found = writer.execute("SELECT * FROM sources_1 ORDER BY ordinal")
     assert found == [rows[0][:4] + ("tab\tagain",), *rows[1:]]

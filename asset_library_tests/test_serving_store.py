@@ -24,6 +24,7 @@ from asset_library.layout import LibraryLayout
 from asset_library.serve.app import create_app
 from asset_library.serve.settings import ServeSettings
 from asset_library.serving import RECORD_SOURCES, StoreUnavailable, check_store, sync
+from asset_library.serving.runs import parse_runs
 from asset_library_tests.support.http_server import LiveServer
 from asset_library_tests.support.synthetic import land_shard, random_md5s, write_keys
 
@@ -114,8 +115,10 @@ def test_a_damaged_store_fails_its_check_and_is_rebuilt(corpus_library, tmp_path
     assert check_store(library, sample=30, seed=2).passed
     md5s = _every_md5(library)
     with sqlite3.connect(path) as connection:  # one row gone, every other record altered
-        connection.execute("DELETE FROM images WHERE md5 = ?", (md5s[0],))
-        connection.execute("UPDATE counts SET n = n + 1")
+        (runs,) = connection.execute("SELECT value FROM meta WHERE key = 'runs'").fetchone()
+        for run in parse_runs(runs):
+            connection.execute(f"DELETE FROM images_{run.id} WHERE md5 = ?", (md5s[0],))
+            connection.execute(f"UPDATE counts_{run.id} SET n = n + 1")
     checked = check_store(Library(root), sample=30, seed=2)
     assert not checked.passed
     assert checked.store_rows == checked.lake_rows - 1 and checked.differing
@@ -317,6 +320,9 @@ def test_an_image_with_many_sources_has_a_bounded_record_and_pages_them(tmp_path
     pq.write_table(pa.Table.from_pylist(rows, schema=KEYS_SCHEMA), early)
     write_shard(lake, "early-s00000", early)
     _refresh(layout, lake)
+    # rebuilt, the store keeps the first ten of all only (the early ones): once they are
+    # gone, the next ten are in no run and come from the lake
+    sync(lake, layout.serving_store_path, rebuild=True)
     assert Library(layout.root).lookup(md5)["sources"] == [
         f"s3://landing/early/{n}.jpg" for n in range(RECORD_SOURCES)
     ]

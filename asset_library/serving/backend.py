@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from asset_library.serving.schema import SCHEMA, network_filesystem, remove_store
+from asset_library.serving.schema import RUN_SCHEMA, SCHEMA, network_filesystem, remove_store
 
 #: The setting naming a PostgreSQL store; unset, a folder library keeps a SQLite file.
 STORE_SETTING = "ASSET_LIBRARY_SERVING_STORE"
@@ -37,18 +37,22 @@ PG_PAGE = 50_000
 
 #: The tables in PostgreSQL: the SQLite layout, with text compared byte-wise (``"C"``) so md5s,
 #: ingest times and shard names order as in SQLite and DuckDB whatever the database's locale.
-PG_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT COLLATE "C" PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS images (md5 TEXT COLLATE "C" PRIMARY KEY, record TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS counts (md5 TEXT COLLATE "C" PRIMARY KEY, n BIGINT NOT NULL);
-CREATE TABLE IF NOT EXISTS sources (
+PG_SCHEMA = (
+    'CREATE TABLE IF NOT EXISTS meta (key TEXT COLLATE "C" PRIMARY KEY, value TEXT NOT NULL);'
+)
+PG_RUN_SCHEMA = """
+CREATE TABLE images_{run} (md5 TEXT COLLATE "C" PRIMARY KEY, record TEXT);
+CREATE TABLE counts_{run} (md5 TEXT COLLATE "C" PRIMARY KEY, n BIGINT NOT NULL);
+CREATE TABLE sources_{run} (
   md5 TEXT COLLATE "C", ingested_at TEXT COLLATE "C", shard TEXT COLLATE "C", ordinal BIGINT,
-  source_uri TEXT NOT NULL, PRIMARY KEY (md5, ingested_at, shard, ordinal));
-CREATE TABLE IF NOT EXISTS attributes (
+  source_uri TEXT, PRIMARY KEY (md5, ingested_at, shard, ordinal));
+CREATE TABLE attributes_{run} (
   md5 TEXT COLLATE "C", origin TEXT COLLATE "C", attribute TEXT COLLATE "C",
   value TEXT COLLATE "C", value_type TEXT COLLATE "C", n BIGINT NOT NULL,
   PRIMARY KEY (md5, origin, attribute, value, value_type));
 """
+#: The store's tables (a run's carry its id): what a rebuild drops, and what is weighed.
+STORE_TABLES = r"^(meta|(images|counts|sources|attributes)(_[0-9]+)?)$"
 #: A statement inserting rows one by one: its table and what follows its VALUES.
 _INSERT = re.compile(r"INSERT INTO (\w+) VALUES \(\?(?:, \?)*\)(.*)", re.S)
 #: What COPY's text format escapes in a value.
@@ -62,6 +66,23 @@ class StoreWriter:
     least = "min"
     #: A key column's type, comparable with the tables' md5s.
     key = "TEXT"
+    #: A run's tables (``{run}``: its id).
+    run_schema = RUN_SCHEMA
+
+    #: The statement listing the database's tables.
+    list_tables = "SELECT name FROM sqlite_schema WHERE type = 'table'"
+
+    def drop_store_tables(self) -> None:
+        """Every table of the store but ``meta`` gone (whatever layout or runs it held)."""
+        for (name,) in self.execute(self.list_tables):
+            if name != "meta" and re.match(STORE_TABLES, name):
+                self.execute(f"DROP TABLE IF EXISTS {name}")
+
+    def create_run(self, run: int) -> None:
+        """A run's empty tables."""
+        for statement in self.run_schema.format(run=run).split(";"):
+            if statement.strip():
+                self.execute(statement)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         raise NotImplementedError
@@ -190,6 +211,8 @@ class SqliteBackend(Backend):
 class _PgWriter(StoreWriter):
     least = "LEAST"
     key = 'TEXT COLLATE "C"'
+    run_schema = PG_RUN_SCHEMA
+    list_tables = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
 
     def __init__(self, connection: Any) -> None:
         self.cursor = connection.cursor()
@@ -280,9 +303,14 @@ class PostgresBackend(Backend):
         connection = self._connect()
         try:
             with connection:
-                connection.cursor().execute(
-                    "DROP TABLE IF EXISTS meta, images, counts, sources, attributes"
+                cursor = connection.cursor()
+                cursor.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                    "AND tablename ~ %s",
+                    (STORE_TABLES,),
                 )
+                for (name,) in cursor.fetchall():
+                    cursor.execute(f'DROP TABLE IF EXISTS "{name}"')
         finally:
             connection.close()
 
@@ -302,8 +330,8 @@ class PostgresBackend(Backend):
             cursor.execute(
                 "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
-                "AND n.nspname = current_schema() "
-                "AND c.relname IN ('meta', 'images', 'counts', 'sources', 'attributes')"
+                "AND n.nspname = current_schema() AND c.relname ~ %s",
+                (STORE_TABLES,),
             )
             return int(cursor.fetchone()[0])
         finally:

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from asset_library.lake import row_count
+from asset_library.serving.backend import Backend, SqliteBackend
 from asset_library.serving.reader import StoreUnavailable
+from asset_library.serving.runs import Run, newest, parse_runs, table
+from asset_library.serving.schema import STORE_FORMAT
 
 
 @dataclass
@@ -34,20 +37,18 @@ def check_store(library: Any, sample: int = 100, seed: int | None = None) -> Sto
     if backend is None:
         return StoreCheck(False, 0, lake_rows, 0, [], "the library has no serving store")
     draw = random.Random(seed)
-    sql = backend.reader_sql("SELECT md5 FROM images WHERE md5 >= :start ORDER BY md5 LIMIT 1")
     try:
         with closing(backend.connect_reader()) as connection:
             cursor = connection.cursor()
-            cursor.execute("SELECT count(*) FROM images")
-            store_rows = cursor.fetchone()[0]
-            chosen = set()
-            for _ in range(sample if store_rows else 0):
-                cursor.execute(sql, {"start": f"{draw.getrandbits(128):032x}"})
-                found = cursor.fetchone()
-                if found is None:
-                    cursor.execute("SELECT min(md5) FROM images")
-                    found = cursor.fetchone()
-                chosen.add(found[0])
+            if isinstance(backend, SqliteBackend):
+                cursor.execute("BEGIN")  # one snapshot: runs merged away between reads or not
+            cursor.execute("SELECT key, value FROM meta")
+            meta = dict(cursor.fetchall())
+            if meta.get("format") != STORE_FORMAT:
+                layout = meta.get("format")
+                return StoreCheck(False, 0, lake_rows, 0, [], f"store of layout {layout!r}")
+            runs = parse_runs(meta.get("runs"))
+            store_rows, chosen = _count_and_sample(backend, cursor, runs, sample, draw)
     except (*backend.errors, FileNotFoundError) as error:
         return StoreCheck(False, 0, lake_rows, 0, [], f"store unreadable: {error}")
     differing = []
@@ -66,3 +67,30 @@ def check_store(library: Any, sample: int = 100, seed: int | None = None) -> Sto
     return StoreCheck(
         not reasons, store_rows, lake_rows, len(chosen), differing, "; ".join(reasons) or "level"
     )
+
+
+def _count_and_sample(
+    backend: Backend, cursor: Any, runs: list[Run], sample: int, draw: random.Random
+) -> tuple[int, set[str]]:
+    """The images the store has (their newest row a record) and up to ``sample`` md5s drawn
+    from it (the first at or after a random md5, over every run: one seek a run)."""
+    if not runs:
+        return 0, set()
+    cursor.execute(
+        f"SELECT count(*) FROM ({newest('images', runs, 'record')}) latest WHERE record IS NOT NULL"
+    )
+    store_rows = int(cursor.fetchone()[0])
+    first = " UNION ALL ".join(
+        f"SELECT (SELECT min(md5) FROM {table('images', run)} WHERE md5 >= :start) AS m"
+        for run in runs
+    )
+    sql = backend.reader_sql(f"SELECT min(m) FROM ({first}) firsts")
+    chosen = set()
+    for _ in range(sample if store_rows else 0):
+        cursor.execute(sql, {"start": f"{draw.getrandbits(128):032x}"})
+        found = cursor.fetchone()[0]
+        if found is None:  # past the last md5: the first
+            cursor.execute(sql, {"start": ""})
+            found = cursor.fetchone()[0]
+        chosen.add(found)
+    return store_rows, chosen

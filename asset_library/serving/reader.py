@@ -7,9 +7,12 @@ and the caller reads the lake.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -18,67 +21,78 @@ from typing import Any
 from asset_library.ids import bucket_of
 from asset_library.lake import ORIGINS, Lake, rows_unchanged_since
 from asset_library.serving.backend import Backend, SqliteBackend
-from asset_library.serving.schema import RECORD_COLUMNS, RECORD_SOURCES
+from asset_library.serving.runs import Run, by_value_index, newest, parse_runs, table, union
+from asset_library.serving.schema import RECORD_COLUMNS, RECORD_SOURCES, STORE_FORMAT
 
-#: A record's parts in one statement: the version the store is level with, the image's row,
-#: its count, its attributes and its first sources (JSON arrays, in the order of the subquery).
-_RECORD_SQL = f"""
-SELECT (SELECT value FROM meta WHERE key = 'images_version'), i.record, c.n,
-  (SELECT json_group_array(json_array(origin, attribute, value, value_type))
-   FROM attributes WHERE md5 = :md5),
-  (SELECT json_group_array(source_uri) FROM (
-     SELECT source_uri FROM sources WHERE md5 = :md5
-     ORDER BY ingested_at, shard, ordinal LIMIT {RECORD_SOURCES}))
-FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = :md5
-"""
-#: The same in PostgreSQL (``json_agg``; the arrays as text, decoded as SQLite's are).
-_PG_RECORD_SQL = f"""
-SELECT (SELECT value FROM meta WHERE key = 'images_version'), i.record, c.n,
-  (SELECT CAST(coalesce(json_agg(json_build_array(origin, attribute, value, value_type)),
-                        '[]') AS text)
-   FROM attributes WHERE md5 = :md5),
-  (SELECT CAST(coalesce(json_agg(source_uri ORDER BY ingested_at, shard, ordinal), '[]')
-               AS text) FROM (
-     SELECT source_uri, ingested_at, shard, ordinal FROM sources WHERE md5 = :md5
-     ORDER BY ingested_at, shard, ordinal LIMIT {RECORD_SOURCES}) first)
-FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = :md5
-"""
+_BY_MD5 = "md5 = :md5"
+_ATTRIBUTE = "origin, attribute, value, value_type"
 
 
-#: The images having an attribute value (of one origin, or any) after a cursor, in md5 order,
-#: from the index by value (a seek, then rows in order: no sort); an md5 holding the value
-#: under several origins or types comes once per such row, next to each other.
-_WITH_VALUE = (
-    "FROM attributes a INDEXED BY attributes_by_value "
-    "WHERE a.attribute = :attribute AND a.value = :value AND a.md5 > :after "
-    "AND (:origin IS NULL OR a.origin = :origin) ORDER BY a.md5"
-)
-#: Those with an ``images`` row (an md5 whose shard is written but not merged has none), with
-#: the row and the count.
-_IMAGES_WITH_VALUE = (
-    "SELECT a.md5, i.record, c.n "
-    + _WITH_VALUE.replace("WHERE", "JOIN images i ON i.md5 = a.md5 "
-                          "LEFT JOIN counts c ON c.md5 = a.md5 WHERE")
-)  # fmt: skip
-_MD5S_WITH_VALUE = f"SELECT a.md5 {_WITH_VALUE}"
-#: The same in PostgreSQL, which sends a result whole: one row per md5, ``limit`` of them.
-_PG_WITH_VALUE = (
-    "FROM attributes a WHERE a.attribute = :attribute AND a.value = :value AND a.md5 > :after "
-    "AND (CAST(:origin AS text) IS NULL OR a.origin = :origin) ORDER BY a.md5 LIMIT :limit"
-)
-_PG_IMAGES_WITH_VALUE = (
-    "SELECT DISTINCT ON (a.md5) a.md5, i.record, c.n "
-    + _PG_WITH_VALUE.replace("WHERE", "JOIN images i ON i.md5 = a.md5 "
-                             "LEFT JOIN counts c ON c.md5 = a.md5 WHERE")
-)  # fmt: skip
-_PG_MD5S_WITH_VALUE = f"SELECT DISTINCT a.md5 {_PG_WITH_VALUE}"
-_SQL = {
-    "sqlite": {"record": _RECORD_SQL, True: _IMAGES_WITH_VALUE, False: _MD5S_WITH_VALUE},
-    "postgresql": {
-        "record": _PG_RECORD_SQL,
-        True: _PG_IMAGES_WITH_VALUE,
-        False: _PG_MD5S_WITH_VALUE,
-    },
+def record_sql(kind: str, runs: Sequence[Run]) -> str:
+    """A record's parts over ``runs`` in one statement (one snapshot): the version the store is
+    level with, the runs it read and its layout (``meta``), the image's newest record, its
+    count, its attributes and its first sources (JSON arrays)."""
+    head = (
+        "SELECT (SELECT value FROM meta WHERE key = 'images_version'), "
+        "(SELECT value FROM meta WHERE key = 'runs'), "
+        "(SELECT value FROM meta WHERE key = 'format')"
+    )
+    if not runs:  # an empty store
+        return f"{head}, NULL, NULL, '[]', '[]'"
+    record = union("images", runs, "record", _BY_MD5)
+    count = union("counts", runs, "n", _BY_MD5)
+    attributes = (
+        f"SELECT {_ATTRIBUTE} FROM ({union('attributes', runs, f'{_ATTRIBUTE}, n', _BY_MD5)}) "
+        f"unioned GROUP BY {_ATTRIBUTE} HAVING sum(n) > 0"
+    )
+    sources = (
+        "SELECT source_uri, ingested_at, shard, ordinal FROM "
+        f"({newest('sources', runs, 'source_uri', _BY_MD5)}) latest "
+        f"WHERE source_uri IS NOT NULL ORDER BY ingested_at, shard, ordinal "
+        f"LIMIT {RECORD_SOURCES}"
+    )
+    if kind == "sqlite":
+        attributes = (
+            "SELECT json_group_array(json_array(origin, attribute, value, value_type)) "
+            f"FROM ({attributes}) a"
+        )
+        sources = f"SELECT json_group_array(source_uri) FROM ({sources}) s"
+    else:  # PostgreSQL: json_agg, the arrays as text, decoded as SQLite's are
+        attributes = (
+            "SELECT CAST(coalesce(json_agg(json_build_array(origin, attribute, value, "
+            f"value_type)), '[]') AS text) FROM ({attributes}) a"
+        )
+        sources = (
+            "SELECT CAST(coalesce(json_agg(source_uri ORDER BY ingested_at, shard, ordinal), "
+            f"'[]') AS text) FROM ({sources}) s"
+        )
+    return (
+        f"{head}, (SELECT record FROM ({record}) r ORDER BY run DESC LIMIT 1), "
+        f"(SELECT sum(n) FROM ({count}) c), ({attributes}), ({sources})"
+    )
+
+
+def _value_sql(kind: str, run: Run) -> str:
+    """One run's rows of an attribute value (of one origin, or any) after a cursor, in md5
+    order, from its index by value (a seek, then rows in order: no sort)."""
+    if kind == "sqlite":
+        return (
+            f"SELECT md5, origin, value_type, n FROM {table('attributes', run)} "
+            f"INDEXED BY {by_value_index(run)} WHERE attribute = :attribute "
+            "AND value = :value AND md5 > :after AND (:origin IS NULL OR origin = :origin) "
+            "ORDER BY md5 LIMIT :chunk"
+        )
+    return (
+        f"SELECT md5, origin, value_type, n FROM {table('attributes', run)} "
+        "WHERE attribute = :attribute AND value = :value AND md5 > :after "
+        "AND (CAST(:origin AS text) IS NULL OR origin = :origin) ORDER BY md5 LIMIT :chunk"
+    )
+
+
+#: The md5s of a page, as one parameter (a JSON array) either database expands.
+_IN_PAGE = {
+    "sqlite": "md5 IN (SELECT value FROM json_each(:md5s))",
+    "postgresql": "md5 IN (SELECT json_array_elements_text(CAST(:md5s AS json)))",
 }
 
 
@@ -103,6 +117,9 @@ class StoreReader:
     #: changed no row since it.
     _level_at: dict[str, tuple[str, int]] = field(default_factory=dict, repr=False)
     _s3: Any = field(default=None, repr=False)
+    #: The runs last read from ``meta`` (``None``: not read yet), and their text.
+    _runs: list[Run] | None = field(default=None, repr=False)
+    _runs_text: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.store, Path):
@@ -155,18 +172,50 @@ class StoreReader:
     def _errors(self) -> tuple[type[Exception], ...]:
         return (ValueError, KeyError) if self.store is None else self._backend.errors
 
-    def level(self, *tables: str) -> Any:
-        """The connection, if the store is level with the lake's latest commit of ``images``
-        (and of these other tables): a read of ``meta`` (a few rows) and one ``stat`` of the
-        next commit's log file per table."""
+    def level(self, *tables: str) -> list[Run]:
+        """The store's runs, if it is level with the lake's latest commit of ``images`` (and
+        of these other tables): a read of ``meta`` (a few rows) and one ``stat`` of the next
+        commit's log file per table."""
         try:
             found = dict(self._query("SELECT key, value FROM meta", {}).fetchall())
         except self._errors() as error:
             self.close()
             raise StoreUnavailable(f"serving store {self._name()} unreadable: {error}") from None
-        for table in ("images", *tables):
-            self._check_level(found.get(f"{table}_version"), table)
-        return self._connection
+        self._check_layout(found.get("format"))
+        for name in ("images", *tables):
+            self._check_level(found.get(f"{name}_version"), name)
+        return self._runs_of(found.get("runs"))
+
+    def _check_layout(self, layout: str | None) -> None:
+        """:class:`StoreUnavailable` unless the store is of the layout this reader reads."""
+        if layout != STORE_FORMAT:
+            raise StoreUnavailable(
+                f"serving store {self._name()} is of layout {layout!r}, not {STORE_FORMAT!r} "
+                "(the next sync rebuilds it)"
+            )
+
+    def _runs_of(self, text: str | None) -> list[Run]:
+        """The runs ``meta`` lists (parsed once per list)."""
+        if text != self._runs_text or self._runs is None:
+            self._runs, self._runs_text = parse_runs(text), text
+        return self._runs
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """Several statements in one snapshot of the store (a sync commits, or merges runs
+        away, between them or not at all)."""
+        connection = self._open()
+        sqlite = isinstance(self.store, SqliteBackend)
+        if sqlite:
+            connection.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if self._connection is not None:  # (closed if it could not be read)
+                if sqlite:
+                    connection.execute("ROLLBACK")
+                else:
+                    self._end()
 
     def _check_level(self, version: str | None, table: str = "images") -> None:
         """:class:`StoreUnavailable` unless ``table`` has no commit after ``version`` (the
@@ -215,66 +264,120 @@ class StoreReader:
     ) -> list[dict[str, Any]]:
         """Up to ``limit`` images having the attribute value (of ``origin``, or any), their md5
         after ``after``, in md5 order: each image's row as the ``images`` view gives it
-        (``images``), or its md5 and bucket. Read in one snapshot of the store, level with
-        ``images`` and ``attributes``; :class:`StoreUnavailable` if it is not."""
+        (``images``: those with one), or its md5 and bucket. Read in one snapshot of the
+        store, level with ``images`` and ``attributes``; :class:`StoreUnavailable` if it is
+        not. Each run's rows come in md5 order from its index; merged, an md5 has the value
+        while its count over the runs is above 0."""
         errors: tuple[type[Exception], ...] = (*self._errors(), ValueError, KeyError)
         try:
-            connection = self._open()
-            sqlite = isinstance(self.store, SqliteBackend)
-            if sqlite:
-                connection.execute("BEGIN")  # the level seen and the rows read: one snapshot
-            try:
-                self.level("attributes")
-                params = {
-                    "attribute": attribute,
-                    "value": value,
-                    "after": after,
-                    "origin": origin,
-                    "limit": limit,
-                }
-                cursor = self._query(_SQL[self._backend.kind][images], params)
-                found: list[tuple[str, str, int | None]] = []
-                last = after
-                for row in cursor:  # stepped lazily: a page reads its own rows only
-                    if row[0] == last:
-                        continue  # the same image under another origin or type
-                    last = row[0]
-                    found.append(row if images else (last, "", None))
-                    if len(found) == limit:
+            with self._snapshot():
+                runs = self.level("attributes")
+                params = {"attribute": attribute, "value": value, "origin": origin}
+                having = self._having(runs, params, after, limit)
+                if not images:
+                    n_buckets = self.lake.n_buckets
+                    return [
+                        {"md5": md5, "bucket": bucket_of(md5, n_buckets)}
+                        for md5 in itertools.islice(having, limit)
+                    ]
+                found: list[tuple[str, str, int]] = []
+                while len(found) < limit:
+                    md5s = list(itertools.islice(having, limit - len(found)))
+                    if not md5s:
                         break
-                cursor.close()
-            finally:
-                if self._connection is not None:  # (closed if it could not be read)
-                    if sqlite:
-                        connection.execute("ROLLBACK")
-                    else:
-                        self._end()
-            if not images:
-                n_buckets = self.lake.n_buckets
-                return [{"md5": md5, "bucket": bucket_of(md5, n_buckets)} for md5, *_ in found]
+                    found.extend(self._image_rows(runs, md5s))
             rows = _records_of([text for _, text, _ in found])
         except errors as error:
             self.close()
             raise StoreUnavailable(f"serving store {self._name()} unreadable: {error}") from None
         for row, (_, _, count) in zip(rows, found, strict=True):
-            row["occurrences"] = int(count or 0)
+            row["occurrences"] = count
         return rows
+
+    def _having(
+        self, runs: Sequence[Run], params: dict[str, Any], after: str, limit: int
+    ) -> Iterator[str]:
+        """The md5s after ``after`` having the value, in order: each run's rows merged."""
+        merged = heapq.merge(
+            *(self._value_rows(run, params, after, limit + 8) for run in runs),
+            key=lambda row: row[0],
+        )
+        for md5, rows in itertools.groupby(merged, key=lambda row: row[0]):
+            counts: dict[tuple[str, str], int] = {}
+            for _, origin, value_type, n in rows:
+                counts[origin, value_type] = counts.get((origin, value_type), 0) + n
+            if any(n > 0 for n in counts.values()):
+                yield md5
+
+    def _value_rows(
+        self, run: Run, params: dict[str, Any], after: str, chunk: int
+    ) -> Iterator[tuple[str, str, str, int]]:
+        """One run's rows of the value after ``after``, in md5 order, a chunk at a time (an
+        md5's rows never split between chunks); each chunk twice the last."""
+        sql = _value_sql(self._backend.kind, run)
+        while True:
+            rows = self._query(sql, {**params, "after": after, "chunk": chunk}).fetchall()
+            if len(rows) < chunk:
+                yield from rows
+                return
+            last = rows[-1][0]
+            whole = [row for row in rows if row[0] != last]  # the last md5's may go on
+            yield from whole
+            if whole:
+                after = whole[-1][0]
+            chunk *= 2
+
+    def _image_rows(self, runs: Sequence[Run], md5s: list[str]) -> list[tuple[str, str, int]]:
+        """(md5, record, count) of those of ``md5s`` that have an image row, in their order."""
+        where = _IN_PAGE[self._backend.kind]
+        params = {"md5s": json.dumps(md5s)}
+        records: dict[str, tuple[int, str | None]] = {}
+        for md5, record, run in self._query(
+            union("images", runs, "md5, record", where), params
+        ).fetchall():
+            if md5 not in records or records[md5][0] < run:
+                records[md5] = (run, record)
+        counts: dict[str, int] = {}
+        for md5, n, _ in self._query(union("counts", runs, "md5, n", where), params).fetchall():
+            counts[md5] = counts.get(md5, 0) + int(n)
+        return [
+            (md5, text, counts.get(md5, 0))
+            for md5 in md5s
+            if (text := records.get(md5, (0, None))[1]) is not None
+        ]
 
     def record(self, md5: str) -> dict[str, Any] | None:
         """The image's record as ``Library.lookup`` gives it, ``None`` if it has none;
         :class:`StoreUnavailable` if the store cannot say. One statement: one snapshot of
-        the store, even while a sync commits."""
+        the store, even while a sync commits (read again if its runs changed since the
+        last read)."""
         errors: tuple[type[Exception], ...] = (*self._errors(), ValueError, KeyError)
         try:
-            try:
-                row = self._query(_SQL[self._backend.kind]["record"], {"md5": md5}).fetchone()
-                if row is None:
+            for _ in range(3):
+                if self._runs is None:
                     self.level()
-                    return None
-            finally:
-                self._end()
-            version, text, count, attributes, sources = row
+                runs = self._runs or []
+                try:
+                    sql = record_sql(self._backend.kind, runs)
+                    row = self._query(sql, {"md5": md5}).fetchone()
+                except self._errors():
+                    if self._connection is None or self._runs is None:
+                        raise  # not a run merged away: the store cannot answer
+                    self._end()
+                    self._runs = None  # runs merged away since the last read: read them again
+                    continue
+                finally:
+                    self._end()
+                version, runs_text, layout, text, count, attributes, sources = row
+                self._check_layout(layout)
+                if runs_text == self._runs_text:
+                    break
+                self._runs_of(runs_text)  # a sync added runs since: read with them
+            else:
+                raise StoreUnavailable(f"serving store {self._name()}: its runs keep changing")
             self._check_level(version)
+            if text is None:
+                return None
             record = _record_of(text)
             record["occurrences"] = int(count or 0)
             record["attributes"] = attributes_by_origin(
@@ -291,27 +394,33 @@ class StoreReader:
         """A page of the image's sources and their count (``None``: no such image), when the
         store keeps that page; :class:`StoreUnavailable` if it does not."""
         try:
-            self.level()
-            found = self._query(
-                "SELECT c.n FROM images i LEFT JOIN counts c ON c.md5 = i.md5 WHERE i.md5 = :md5",
-                {"md5": md5},
-            ).fetchone()
-            if found is None:
-                return None
-            count = int(found[0] or 0)
-            if offset + limit > RECORD_SOURCES and count > RECORD_SOURCES:
-                raise StoreUnavailable(f"the store keeps the first {RECORD_SOURCES} sources only")
-            rows = self._query(
-                "SELECT source_uri FROM sources WHERE md5 = :md5 "
-                "ORDER BY ingested_at, shard, ordinal LIMIT :limit OFFSET :offset",
-                {"md5": md5, "limit": limit, "offset": offset},
-            ).fetchall()
-            return [uri for (uri,) in rows], count
+            with self._snapshot():
+                runs = self.level()
+                if not runs:
+                    return None
+                found = self._query(
+                    f"SELECT (SELECT record FROM ({union('images', runs, 'record', _BY_MD5)}) r "
+                    f"ORDER BY run DESC LIMIT 1), "
+                    f"(SELECT sum(n) FROM ({union('counts', runs, 'n', _BY_MD5)}) c)",
+                    {"md5": md5},
+                ).fetchone()
+                if found is None or found[0] is None:
+                    return None
+                count = int(found[1] or 0)
+                if offset + limit > RECORD_SOURCES and count > RECORD_SOURCES:
+                    raise StoreUnavailable(
+                        f"the store keeps the first {RECORD_SOURCES} sources only"
+                    )
+                rows = self._query(
+                    f"SELECT source_uri FROM ({newest('sources', runs, 'source_uri', _BY_MD5)}) "
+                    "latest WHERE source_uri IS NOT NULL "
+                    "ORDER BY ingested_at, shard, ordinal LIMIT :limit OFFSET :offset",
+                    {"md5": md5, "limit": limit, "offset": offset},
+                ).fetchall()
+                return [uri for (uri,) in rows], count
         except self._errors() as error:
             self.close()
             raise StoreUnavailable(f"serving store {self._name()} unreadable: {error}") from None
-        finally:
-            self._end()
 
 
 def _record_of(text: str) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 The ``images`` change feed gives the image rows, the ``occurrences`` feed the counts and first
 sources, and the ``attributes`` table's commits since the last sync (read as a change feed: the
 rows of the files each commit added and removed) the attribute counts; change rows are netted
-in an in-memory DuckDB, in bulk. A damaged, unknown or other lake's file is rebuilt from the
-lake's current rows. One write transaction per sync (WAL), so readers see the old state or the
+in an in-memory DuckDB, in bulk, and written as a new run (:mod:`.runs`), in md5 order; runs of
+a tier then merge. A damaged, unknown or other lake's file is rebuilt from the lake's current
+rows, as one run. One write transaction per sync (WAL), so readers see the old state or the
 new, never a mix.
 """
 
@@ -27,13 +28,22 @@ from deltalake import DeltaTable
 from asset_library.lake import IMAGES_APP, Lake, read_changes
 from asset_library.lake.scan import plain_schema
 from asset_library.serving.backend import Backend, SqliteBackend, StoreWriter
+from asset_library.serving.runs import (
+    RUN_TABLES,
+    Run,
+    by_value_index,
+    format_runs,
+    newest,
+    parse_runs,
+    runs_to_merge,
+    table,
+    union,
+)
 from asset_library.serving.schema import (
-    ATTRIBUTE_INDEX,
-    ATTRIBUTE_INDEX_SQL,
+    BY_VALUE_INDEX_SQL,
     RECORD_COLUMNS,
     RECORD_SOURCES,
     STORE_FORMAT,
-    TABLES,
 )
 
 log = logging.getLogger(__name__)
@@ -54,6 +64,13 @@ class SyncResult:
     occurrences_changed: int = 0
     attributes_changed: int = 0
     refilled: int = 0
+    #: Rows of the run this sync wrote (none: nothing changed).
+    run_rows: int = 0
+    #: Runs merged into one after it, and the rows they made.
+    runs_merged: int = 0
+    merged_rows: int = 0
+    #: The store's runs after it.
+    runs: int = 0
     seconds: float = 0.0
 
 
@@ -116,12 +133,23 @@ def _sync(
     with backend.transaction() as connection:
         meta = dict(connection.execute("SELECT key, value FROM meta"))
         reason = _rebuild_reason(meta, target) if not rebuild else "asked"
+        runs = parse_runs(meta.get("runs")) if meta.get("format") == STORE_FORMAT else []
+        run = Run(max((r.id for r in runs), default=0) + 1, 0)
         if reason is not None:
-            result = _rebuild(lake, connection, target)
+            connection.drop_store_tables()  # its runs, or another layout's tables
+            runs = []
+            connection.create_run(run.id)
+            result = _rebuild(lake, connection, target, run)
             result.reason = reason
         else:
+            connection.create_run(run.id)
             tables = (images, occurrences, attributes)
-            result = _apply_changes(lake, connection, tables, meta, target)
+            result = _apply_changes(lake, connection, tables, meta, target, runs, run)
+        result.run_rows = _sealed(connection, run)
+        if result.run_rows:
+            runs.append(Run(run.id, result.run_rows))
+        runs = _merge_runs(connection, runs, result)
+        result.runs = len(runs)
         connection.write(
             "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             [
@@ -130,9 +158,77 @@ def _sync(
                 ("images_version", str(target.images)),
                 ("occurrences_version", str(target.occurrences)),
                 ("attributes_version", str(target.attributes)),
+                ("runs", format_runs(runs)),
             ],
         )
     return result
+
+
+def _drop_runs(connection: StoreWriter, runs: Iterable[Run]) -> None:
+    """These runs' tables gone (their indexes with them)."""
+    for run in runs:
+        for name in RUN_TABLES:
+            connection.execute(f"DROP TABLE IF EXISTS {table(name, run)}")
+
+
+def _sealed(connection: StoreWriter, run: Run) -> int:
+    """A run's rows, once written: its index by value made (one sort), or the run dropped if
+    it holds none."""
+    rows = sum(
+        int(connection.execute(f"SELECT count(*) FROM {table(name, run)}")[0][0])
+        for name in RUN_TABLES
+    )
+    if rows:
+        connection.execute(
+            BY_VALUE_INDEX_SQL.format(index=by_value_index(run), table=table("attributes", run))
+        )
+    else:
+        _drop_runs(connection, [run])
+    return rows
+
+
+def _merge_runs(connection: StoreWriter, runs: list[Run], result: SyncResult) -> list[Run]:
+    """Runs of a tier merged into one while ``fan_in`` of them follow each other: the newest
+    row of each image and source kept, counts added up; what the oldest run needs no more
+    (removals, counts of 0) dropped when it is among them. Written in key order, appended."""
+    while merging := runs_to_merge(runs):
+        inputs, kept = runs[-merging:], runs[:-merging]
+        whole = not kept  # the merge makes the oldest run: nothing is left to remove
+        merged = Run(max(r.id for r in runs) + 1, 0)
+        connection.create_run(merged.id)
+        present = " WHERE record IS NOT NULL" if whole else ""
+        connection.execute(
+            f"INSERT INTO {table('images', merged)} SELECT md5, record FROM "
+            f"({newest('images', inputs, 'record')}) latest{present} ORDER BY md5"
+        )
+        connection.execute(
+            f"INSERT INTO {table('counts', merged)} SELECT md5, sum(n) FROM "
+            f"({union('counts', inputs, 'md5, n')}) unioned GROUP BY md5 HAVING sum(n) <> 0 "
+            "ORDER BY md5"
+        )
+        key = "md5, origin, attribute, value, value_type"
+        connection.execute(
+            f"INSERT INTO {table('attributes', merged)} SELECT {key}, sum(n) FROM "
+            f"({union('attributes', inputs, f'{key}, n')}) unioned GROUP BY {key} "
+            f"HAVING sum(n) <> 0 ORDER BY {key}"
+        )
+        # The first sources of each image (and, unless whole, the removals older runs need).
+        removals = "" if whole else "source_uri IS NULL OR "
+        connection.execute(
+            f"INSERT INTO {table('sources', merged)} "
+            "SELECT md5, ingested_at, shard, ordinal, source_uri FROM ("
+            "SELECT md5, ingested_at, shard, ordinal, source_uri, row_number() OVER ("
+            "PARTITION BY md5, source_uri IS NULL ORDER BY ingested_at, shard, ordinal) AS place "
+            f"FROM ({newest('sources', inputs, 'source_uri')}) latest) placed "
+            f"WHERE {removals}(source_uri IS NOT NULL AND place <= {RECORD_SOURCES}) "
+            "ORDER BY md5, ingested_at, shard, ordinal"
+        )
+        _drop_runs(connection, inputs)
+        rows = _sealed(connection, merged)
+        result.runs_merged += len(inputs)
+        result.merged_rows += rows
+        runs = [*kept, Run(merged.id, rows)] if rows else kept
+    return runs
 
 
 def _rebuild_reason(meta: dict[str, str], target: _Target) -> str | None:
@@ -164,27 +260,29 @@ def _apply_changes(
     tables: tuple[DeltaTable, DeltaTable, DeltaTable],
     meta: dict[str, str],
     target: _Target,
+    runs: list[Run],
+    run: Run,
 ) -> SyncResult:
-    """Fold in each table's changes (``images``, ``occurrences``, ``attributes``) since the
-    versions the store records."""
+    """Each table's changes (``images``, ``occurrences``, ``attributes``) since the versions
+    the store records, written into ``run`` (the newest, above ``runs``)."""
     images, occurrences, attributes = tables
     result = SyncResult(False, "changes", target.images, target.occurrences, target.attributes)
     start = int(meta["images_version"]) + 1
     if start <= target.images:
         changes = _read_changes(lake, images, start, target.images, IMAGE_VIEW_COLUMNS_STORED)
-        result.images_changed = _apply_images(connection, changes)
+        result.images_changed = _apply_images(connection, changes, run)
     start = int(meta["occurrences_version"]) + 1
     if start <= target.occurrences:
         columns = ["md5", "source_uri", *_SOURCE_KEY, "bucket"]
         changes = _read_changes(lake, occurrences, start, target.occurrences, columns)
-        touched, lost = _apply_occurrences(connection, changes)
+        touched, lost = _apply_occurrences(connection, changes, run)
         result.occurrences_changed = touched
-        result.refilled = _refill(lake, connection, lost, target.occurrences)
+        result.refilled = _refill(lake, connection, lost, target.occurrences, [*runs, run])
     start = int(meta["attributes_version"]) + 1
     if start <= target.attributes:
         columns = ["md5", "origin", "attribute", "value", "value_type"]
         changes = _read_changes(lake, attributes, start, target.attributes, columns)
-        result.attributes_changed = _apply_attributes(connection, changes)
+        result.attributes_changed = _apply_attributes(connection, changes, run)
     return result
 
 
@@ -251,19 +349,8 @@ def _netting(**tables: pa.Table) -> Iterator[duckdb.DuckDBPyConnection]:
         yield db
 
 
-@contextmanager
-def _keyed(connection: StoreWriter, md5s: Iterable[str]) -> Iterator[str]:
-    """A temporary table of these md5s (its name), for one set-based statement over them."""
-    connection.execute(f"CREATE TEMP TABLE IF NOT EXISTS keyed (md5 {connection.key} PRIMARY KEY)")
-    connection.write("INSERT INTO keyed VALUES (?) ON CONFLICT DO NOTHING", ((m,) for m in md5s))
-    try:
-        yield "keyed"
-    finally:
-        connection.execute("DELETE FROM keyed")
-
-
-def _apply_images(connection: StoreWriter, changes: pa.Table) -> int:
-    """The last change of each md5: its row written, or removed."""
+def _apply_images(connection: StoreWriter, changes: pa.Table, run: Run) -> int:
+    """The last change of each md5: its row, or its removal (no record)."""
     rows = changes.append_column("_row", pa.array(range(changes.num_rows), pa.int64()))
     with _netting(changes=rows.select(["md5", "_change_type", "_commit_version", "_row"])) as db:
         last = db.sql(
@@ -274,19 +361,20 @@ def _apply_images(connection: StoreWriter, changes: pa.Table) -> int:
         ).fetchnumpy()["_row"]
     kept = changes.take(pa.array(last, pa.int64()))
     deleted = pc.equal(kept.column("_change_type"), "delete")
-    gone = kept.filter(deleted).column("md5").to_pylist()
-    connection.write("DELETE FROM images WHERE md5 = ?", [(m,) for m in gone])
-    connection.write(
-        "INSERT INTO images VALUES (?, ?) ON CONFLICT (md5) DO UPDATE SET record = excluded.record",
-        _record_rows(kept.filter(pc.invert(deleted))),
-    )
+    gone: list[tuple[str, str | None]] = [
+        (m, None) for m in kept.filter(deleted).column("md5").to_pylist()
+    ]
+    written: list[tuple[str, str | None]] = [*_record_rows(kept.filter(pc.invert(deleted)))]
+    connection.write(f"INSERT INTO {table('images', run)} VALUES (?, ?)", sorted(gone + written))
     return kept.num_rows
 
 
-def _apply_occurrences(connection: StoreWriter, changes: pa.Table) -> tuple[int, list]:
+def _apply_occurrences(
+    connection: StoreWriter, changes: pa.Table, run: Run
+) -> tuple[int, list[tuple[str, int]]]:
     """Counts moved by the net change of each occurrence; new ones among the first sources
-    kept, removed ones dropped. Returns the md5s touched and those that lost one (with their
-    bucket): their first sources may need refilling from the lake."""
+    of what they add, removed ones marked removed. Returns the md5s touched and those that lost
+    one (with their bucket): their first sources may need refilling from the lake."""
     rows = changes.select(["md5", "shard", "ordinal", "source_uri", "bucket", "_change_type"])
     rows = rows.append_column("stamp", _stamps(changes.column("ingested_at")))
     with _netting(changes=rows) as db:
@@ -296,9 +384,18 @@ def _apply_occurrences(connection: StoreWriter, changes: pa.Table) -> tuple[int,
             "WHERE md5 IS NOT NULL AND _change_type IN ('insert', 'delete') "
             "GROUP BY md5, stamp, shard, ordinal, source_uri HAVING sum(" + _STEP + ") <> 0"
         )
-        counts = _tuples(db.sql("SELECT md5, sum(n)::BIGINT FROM net GROUP BY md5 ORDER BY md5"))
+        counts = _tuples(
+            db.sql(
+                "SELECT md5, sum(n)::BIGINT FROM net GROUP BY md5 HAVING sum(n) <> 0 ORDER BY md5"
+            )
+        )
         lost = db.sql("SELECT DISTINCT md5, bucket FROM net WHERE n < 0 ORDER BY md5").fetchall()
-        removed = _tuples(db.sql("SELECT md5, stamp, shard, ordinal FROM net WHERE n < 0"))
+        removed = _tuples(
+            db.sql(
+                "SELECT DISTINCT md5, stamp, shard, ordinal, NULL FROM net WHERE n < 0 "
+                "ORDER BY md5, stamp, shard, ordinal"
+            )
+        )
         # Only the first few of an md5's new sources can be among its first few of all.
         added = _tuples(
             db.sql(
@@ -308,61 +405,57 @@ def _apply_occurrences(connection: StoreWriter, changes: pa.Table) -> tuple[int,
                 "ORDER BY md5, stamp, shard, ordinal"
             )
         )
+    connection.write(f"INSERT INTO {table('counts', run)} VALUES (?, ?)", counts)
+    sources = table("sources", run)
+    connection.write(f"INSERT INTO {sources} VALUES (?, ?, ?, ?, ?)", removed)
+    # An occurrence removed and added again (another URI) is the added one.
     connection.write(
-        "INSERT INTO counts VALUES (?, ?) "
-        "ON CONFLICT (md5) DO UPDATE SET n = counts.n + excluded.n",
-        counts,
-    )
-    connection.write("DELETE FROM counts WHERE md5 = ? AND n <= 0", [(m,) for m, _ in lost])
-    connection.write(
-        "DELETE FROM sources WHERE md5 = ? AND ingested_at = ? AND shard = ? AND ordinal = ?",
-        removed,
-    )
-    connection.write(
-        "INSERT INTO sources VALUES (?, ?, ?, ?, ?) ON CONFLICT (md5, ingested_at, shard, "
+        f"INSERT INTO {sources} VALUES (?, ?, ?, ?, ?) ON CONFLICT (md5, ingested_at, shard, "
         "ordinal) DO UPDATE SET source_uri = excluded.source_uri",
         added,
     )
-    with _keyed(connection, (row[0] for row in added)) as keyed:
-        connection.execute(
-            "DELETE FROM sources WHERE (md5, ingested_at, shard, ordinal) IN ("
-            "SELECT md5, ingested_at, shard, ordinal FROM ("
-            "SELECT s.md5, s.ingested_at, s.shard, s.ordinal, row_number() OVER ("
-            "PARTITION BY s.md5 ORDER BY s.ingested_at, s.shard, s.ordinal) AS r "
-            f"FROM {keyed} k JOIN counts c ON c.md5 = k.md5 AND c.n > {RECORD_SOURCES} "
-            f"JOIN sources s ON s.md5 = k.md5) ranked WHERE r > {RECORD_SOURCES})"
-        )
     return len(counts), lost
 
 
-def _refill(lake: Lake, connection: StoreWriter, lost: list[tuple[str, int]], version: int) -> int:
-    """The first sources of md5s that lost some, read again from their buckets of
-    ``occurrences`` as of ``version`` (a shard replaced or emptied: rare)."""
+def _refill(
+    lake: Lake,
+    connection: StoreWriter,
+    lost: list[tuple[str, int]],
+    version: int,
+    runs: list[Run],
+) -> int:
+    """The first sources of md5s that lost some and now keep fewer than they have, read again
+    from their buckets of ``occurrences`` as of ``version`` into the newest run (a shard
+    replaced or emptied: rare)."""
     buckets = dict(lost)
-    with _keyed(connection, buckets) as keyed:
-        short = [
-            md5
-            for (md5,) in connection.execute(
-                f"SELECT k.md5 FROM {keyed} k WHERE "
-                "(SELECT count(*) FROM sources s WHERE s.md5 = k.md5) < "
-                f"{connection.least}({RECORD_SOURCES}, "
-                "coalesce((SELECT n FROM counts c WHERE c.md5 = k.md5), 0))"
-            )
-        ]
+    kept_sql = (
+        f"SELECT count(*) FROM ({newest('sources', runs, 'source_uri', 'md5 = ?')}) latest "
+        "WHERE source_uri IS NOT NULL"
+    )
+    count_sql = f"SELECT coalesce(sum(n), 0) FROM ({union('counts', runs, 'n', 'md5 = ?')}) u"
+    short = []
+    for md5 in buckets:
+        kept = connection.execute(kept_sql, [md5] * len(runs))[0][0]
+        count = connection.execute(count_sql, [md5] * len(runs))[0][0]
+        if kept < min(RECORD_SOURCES, count):
+            short.append(md5)
     if not short:
         return 0
-    table = DeltaTable(
+    lake_table = DeltaTable(
         lake.uri("occurrences"), version=version, storage_options=dict(lake.storage_options)
     )
     wanted = pc.field("bucket").isin(sorted({buckets[m] for m in short})) & pc.field("md5").isin(
         short
     )
-    rows = table.to_pyarrow_dataset().to_table(
+    rows = lake_table.to_pyarrow_dataset().to_table(
         filter=wanted, columns=["md5", *_SOURCE_KEY, "source_uri"]
     )
     rows = rows.append_column("stamp", _stamps(rows.column("ingested_at")))
-    connection.write("DELETE FROM sources WHERE md5 = ?", [(m,) for m in short])
-    connection.write("INSERT INTO sources VALUES (?, ?, ?, ?, ?)", _first_sources(rows))
+    connection.write(
+        f"INSERT INTO {table('sources', runs[-1])} VALUES (?, ?, ?, ?, ?) ON CONFLICT (md5, "
+        "ingested_at, shard, ordinal) DO UPDATE SET source_uri = excluded.source_uri",
+        _first_sources(rows),
+    )
     return len(short)
 
 
@@ -374,14 +467,15 @@ def _first_sources(rows: pa.Table) -> list[tuple]:
             db.sql(
                 "SELECT md5, stamp, shard, ordinal, source_uri FROM occurrences "
                 "WHERE md5 IS NOT NULL QUALIFY row_number() OVER (PARTITION BY md5 ORDER BY "
-                f"stamp NULLS FIRST, shard NULLS FIRST, ordinal NULLS FIRST) <= {RECORD_SOURCES}"
+                f"stamp NULLS FIRST, shard NULLS FIRST, ordinal NULLS FIRST) <= {RECORD_SOURCES} "
+                "ORDER BY md5, stamp, shard, ordinal"
             )
         )
 
 
-def _apply_attributes(connection: StoreWriter, changes: pa.Table) -> int:
+def _apply_attributes(connection: StoreWriter, changes: pa.Table, run: Run) -> int:
     """Each attribute value's count of carrying occurrences moved by the rows added and
-    removed; a value no occurrence carries any more is dropped."""
+    removed (netted: one row per value that moved)."""
     with _netting(changes=changes) as db:
         moved = _tuples(
             db.sql(
@@ -391,25 +485,13 @@ def _apply_attributes(connection: StoreWriter, changes: pa.Table) -> int:
                 "ORDER BY md5, origin, attribute, value, value_type"
             )
         )
-    connection.write(
-        "INSERT INTO attributes VALUES (?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (md5, origin, attribute, value, value_type) "
-        "DO UPDATE SET n = attributes.n + excluded.n",
-        moved,
-    )
-    connection.write(
-        "DELETE FROM attributes WHERE md5 = ? AND origin = ? AND attribute = ? AND value = ? "
-        "AND value_type = ? AND n <= 0",
-        [key[:5] for key in moved if key[5] < 0],
-    )
+    connection.write(f"INSERT INTO {table('attributes', run)} VALUES (?, ?, ?, ?, ?, ?)", moved)
     return len(moved)
 
 
-def _rebuild(lake: Lake, connection: StoreWriter, target: _Target) -> SyncResult:
-    """Every row again from the lake's tables at the target versions, streamed."""
-    connection.execute(f"DROP INDEX IF EXISTS {ATTRIBUTE_INDEX}")  # made after the rows: a sort
-    for table in TABLES[1:]:
-        connection.execute(f"DELETE FROM {table}")
+def _rebuild(lake: Lake, connection: StoreWriter, target: _Target, run: Run) -> SyncResult:
+    """Every row again from the lake's tables at the target versions, streamed into ``run``
+    (the only one)."""
     options = dict(lake.storage_options)
     tables: dict[str, DeltaTable] = {
         "images": DeltaTable(lake.uri("images"), version=target.images, storage_options=options),
@@ -425,10 +507,12 @@ def _rebuild(lake: Lake, connection: StoreWriter, target: _Target) -> SyncResult
         for batch in db.sql(
             f"SELECT {', '.join(IMAGE_VIEW_COLUMNS_STORED)} FROM _images ORDER BY md5"
         ).to_arrow_reader(_ROWS):
-            connection.write("INSERT INTO images VALUES (?, ?)", _record_rows(batch))
+            connection.write(
+                f"INSERT INTO {table('images', run)} VALUES (?, ?)", _record_rows(batch)
+            )
         if "occurrences" in tables:
             connection.write(
-                "INSERT INTO counts VALUES (?, ?)",
+                f"INSERT INTO {table('counts', run)} VALUES (?, ?)",
                 _streamed(
                     db.sql(
                         "SELECT md5, count(*) FROM _occurrences WHERE md5 IS NOT NULL "
@@ -445,7 +529,7 @@ def _rebuild(lake: Lake, connection: StoreWriter, target: _Target) -> SyncResult
             for batch in first:
                 stamps = _stamps(batch.column("ingested_at")).to_pylist()
                 connection.write(
-                    "INSERT INTO sources VALUES (?, ?, ?, ?, ?)",
+                    f"INSERT INTO {table('sources', run)} VALUES (?, ?, ?, ?, ?)",
                     zip(
                         batch.column("md5").to_pylist(),
                         stamps,
@@ -456,7 +540,7 @@ def _rebuild(lake: Lake, connection: StoreWriter, target: _Target) -> SyncResult
                     ),
                 )
         connection.write(
-            "INSERT INTO attributes VALUES (?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO {table('attributes', run)} VALUES (?, ?, ?, ?, ?, ?)",
             _streamed(
                 db.sql(
                     "SELECT md5, origin, attribute, value, value_type, count(*) FROM _attributes "
@@ -464,8 +548,7 @@ def _rebuild(lake: Lake, connection: StoreWriter, target: _Target) -> SyncResult
                 )
             ),
         )
-    connection.execute(ATTRIBUTE_INDEX_SQL)
-    images_rows = connection.execute("SELECT count(*) FROM images")[0][0]
+    images_rows = connection.execute(f"SELECT count(*) FROM {table('images', run)}")[0][0]
     return SyncResult(
         True, "", target.images, target.occurrences, target.attributes, images_changed=images_rows
     )
