@@ -52,7 +52,8 @@ from asset_library.lake.scan import lake_dataset
 from asset_library.lake.schemas import SORTED_BY_MD5
 from asset_library.lake.tiers import DataFile, tier_of, within_budget
 from asset_library.layout import LibraryLayout
-from asset_library.serving import sync
+from asset_library.serving import RECORD_SOURCES, sync
+from asset_library.serving.runs import newest, parse_runs, union
 from asset_library.similarity import IndexNotReady, SimilarityIndex
 from asset_library_tests.support.synthetic import land_shard, random_md5s, write_keys
 
@@ -867,15 +868,25 @@ def _rows(lake: Lake) -> dict[str, list[dict]]:
 
 
 def _store_rows(path: Path) -> dict[str, list[tuple]]:
-    """Every row of a serving store's tables but its bookkeeping (``meta``), in one order."""
+    """What a serving store holds, its runs combined (each image's newest record, counts
+    added up, attribute values held, first sources), in one order."""
+    key = "md5, origin, attribute, value, value_type"
     with contextlib.closing(sqlite3.connect(path)) as connection:
-        names = [
-            row[0]
-            for row in connection.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name <> 'meta'"
-            )
-        ]
-        return {n: sorted(connection.execute(f"SELECT * FROM {n}").fetchall()) for n in names}
+        (text,) = connection.execute("SELECT value FROM meta WHERE key = 'runs'").fetchone()
+        runs = parse_runs(text)
+        found = {
+            "images": f"SELECT md5, record FROM ({newest('images', runs, 'record')}) latest "
+            "WHERE record IS NOT NULL",
+            "counts": f"SELECT md5, sum(n) FROM ({union('counts', runs, 'md5, n')}) u "
+            "GROUP BY md5 HAVING sum(n) <> 0",
+            "attributes": f"SELECT {key}, sum(n) FROM ({union('attributes', runs, f'{key}, n')}) u "
+            f"GROUP BY {key} HAVING sum(n) > 0",
+            "sources": "SELECT md5, ingested_at, shard, ordinal, source_uri FROM (SELECT *, "
+            "row_number() OVER (PARTITION BY md5 ORDER BY ingested_at, shard, ordinal) AS place "
+            f"FROM ({newest('sources', runs, 'source_uri')}) latest "
+            f"WHERE source_uri IS NOT NULL) placed WHERE place <= {RECORD_SOURCES}",
+        }
+        return {name: sorted(connection.execute(sql).fetchall()) for name, sql in found.items()}
 
 
 def test_compaction_merges_tiers_and_leaves_large_files_alone(tmp_path):

@@ -24,7 +24,7 @@ from asset_library.layout import LibraryLayout
 from asset_library.serve.app import create_app
 from asset_library.serve.settings import ServeSettings
 from asset_library.serving import RECORD_SOURCES, StoreUnavailable, check_store, sync
-from asset_library.serving.runs import parse_runs
+from asset_library.serving.runs import FAN_IN, Run, format_runs, parse_runs, runs_to_merge
 from asset_library_tests.support.http_server import LiveServer
 from asset_library_tests.support.synthetic import land_shard, random_md5s, write_keys
 
@@ -332,3 +332,67 @@ def test_an_image_with_many_sources_has_a_bounded_record_and_pages_them(tmp_path
     library = Library(layout.root)
     assert library.lookup(md5)["sources"] == every[:RECORD_SOURCES]
     _assert_store_is_the_lake(library)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs: each sync appends one, runs of a tier merge
+
+
+def test_which_runs_merge():
+    def runs(*rows: int) -> list[Run]:
+        return [Run(n + 1, r) for n, r in enumerate(rows)]
+
+    small, tier6, tier7 = 100, 5_000_000, 20_000_000
+    assert runs_to_merge([]) == 0
+    assert runs_to_merge(runs(small, small, small)) == 0
+    assert runs_to_merge(runs(small, small, small, small)) == 4
+    assert runs_to_merge(runs(tier7, tier7, tier6, tier6, tier6)) == 0  # 3 a tier: wait
+    assert runs_to_merge(runs(tier7, tier7, tier6, tier6, tier6, tier6)) == 4
+    # small runs stranded between larger ones join the next merge over them
+    assert runs_to_merge(runs(tier6, small, small, tier7)) == 0
+    assert runs_to_merge(runs(tier6, small, small, tier7, tier7, tier7, tier7)) == 7
+    assert parse_runs(format_runs(runs(tier7, small))) == runs(tier7, small)
+
+
+def test_runs_merge_as_syncs_follow_and_every_answer_stays_the_lakes(tmp_path):
+    """Nine shards, overlapping, one replaced: each sync writes a run, every fourth of a tier
+    merges them, a merge of them all keeps no removal; the store answers as the lake does
+    throughout, a reader that read runs since merged away too."""
+    layout, lake = _lake(tmp_path / "library")
+    rng = np.random.default_rng(21)
+    pool = random_md5s(rng, 200)
+    reader = Library(layout.root)  # kept across syncs: the runs it read are merged away
+    merged = 0
+    for number in range(9):
+        land_shard(layout, lake, f"s{number}-s00000", pool[number * 15 : number * 15 + 30])
+        if number == 5:  # a shard replaced: images and sources removed, counts lowered
+            earlier = datetime.now(UTC) - timedelta(days=1)
+            land_shard(layout, lake, "s2-s00000", pool[100:110], seed=3, ingested_at=earlier)
+        synced = _refresh(layout, lake)
+        merged += synced.runs_merged
+        assert 1 <= synced.runs < FAN_IN
+        library = Library(layout.root)
+        _assert_store_is_the_lake(library)
+        some = _every_md5(library)[number]
+        assert reader.lookup(some) == library.lookup(some)
+        assert reader.lookup(some)["answered_by"] == "store"
+        for value in ("cat", "dog", "bird"):
+            rows, after = [], ""
+            while page := library.store_attribute_page(
+                "label", value, origin=None, after=after, limit=5, images=True
+            ):
+                rows, after = rows + page, page[-1]["md5"]
+            assert rows == library.lake_attribute_page(
+                "label", value, origin=None, after="", limit=1000, images=True
+            )
+        if synced.runs == 1 and synced.runs_merged:  # merged whole: no removal kept
+            with sqlite3.connect(layout.serving_store_path) as connection:
+                (runs,) = connection.execute("SELECT value FROM meta WHERE key = 'runs'").fetchone()
+                (run,) = parse_runs(runs)
+                assert not connection.execute(
+                    f"SELECT count(*) FROM images_{run.id} WHERE record IS NULL"
+                ).fetchone()[0]
+                assert not connection.execute(
+                    f"SELECT count(*) FROM sources_{run.id} WHERE source_uri IS NULL"
+                ).fetchone()[0]
+    assert merged >= 2 * FAN_IN
