@@ -168,6 +168,10 @@ def _shard(
         "occurrences_files_per_tier": compacted["occurrences"]["files_per_tier"],
         "store_sync_s": round(store_s, 2),
         "store_rebuilt": None if stored is None else stored.rebuilt,
+        "store_run_rows": None if stored is None else stored.run_rows,
+        "store_merged_rows": None if stored is None else stored.merged_rows,
+        "store_runs": None if stored is None else stored.runs,
+        "store_bytes": layout.serving_store_path.stat().st_size if stored else None,
         "checks_s": round(checks_s, 2),
         "lookup_cold_ms": _percentiles(cold_times),
         "lookup_warm_ms": _percentiles(warm_times),
@@ -286,6 +290,14 @@ def main() -> int:
             print(
                 json.dumps({"first": figures[0], "last": figures[-1], "store_sync_s": store_sync})
             )
+            if len(figures) > 1 and figures[1]["store_sync_s"]:
+                second = figures[1]["store_sync_s"]
+                print(
+                    "store sync per shard against shard 2's: "
+                    + ", ".join(f"{f['shard']}: {f['store_sync_s'] / second:.2f}x" for f in figures)
+                    + f"; mean of shards 2-{figures[-1]['shard']}: "
+                    + f"{statistics.mean(f['store_sync_s'] for f in figures[1:]) / second:.2f}x"
+                )
             summary[name] = ratios(figures)
     finally:
         if not args.keep:

@@ -47,12 +47,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asset_library import Library  # noqa: E402
+from asset_library.serving.runs import parse_runs, table  # noqa: E402
 from asset_library.storage import object_key  # noqa: E402
 from asset_library_tests.support.http_server import multipart  # noqa: E402
 
 
 def bare_app(store: str):  # noqa: ANN201 (Starlette is imported here only)
-    """The baseline: GET /images/{md5} answers the record JSON from SQLite, nothing else."""
+    """The baseline: GET /images/{md5} answers the record JSON from SQLite, nothing else (the
+    records of the store's largest run: one table keyed by md5)."""
     import sqlite3
 
     from starlette.applications import Starlette
@@ -61,13 +63,18 @@ def bare_app(store: str):  # noqa: ANN201 (Starlette is imported here only)
 
     local = threading.local()
 
+    # The store's largest run: a SQLite table of records keyed by md5, read as it is.
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as first:
+        (runs,) = first.execute("SELECT value FROM meta WHERE key = 'runs'").fetchone()
+    images = table("images", max(parse_runs(runs), key=lambda run: run.rows))
+
     def lookup(request):  # noqa: ANN001, ANN202
         connection = getattr(local, "connection", None)
         if connection is None:
             connection = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
             local.connection = connection
         row = connection.execute(
-            "SELECT record FROM images WHERE md5 = ?", (request.path_params["md5"],)
+            f"SELECT record FROM {images} WHERE md5 = ?", (request.path_params["md5"],)
         ).fetchone()
         return Response(row[0], media_type="application/json", status_code=200 if row else 404)
 

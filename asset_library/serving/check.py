@@ -94,3 +94,20 @@ def _count_and_sample(
             found = cursor.fetchone()[0]
         chosen.add(found)
     return store_rows, chosen
+
+
+def count_images(cursor: Any, runs: list[Run]) -> int:
+    """The images a store has over ``runs`` (those whose newest row is a record)."""
+    if not runs:
+        return 0
+    cursor.execute(
+        f"SELECT count(*) FROM ({newest('images', runs, 'record')}) latest WHERE record IS NOT NULL"
+    )
+    return int(cursor.fetchone()[0])
+
+
+def stored_runs(cursor: Any) -> list[Run]:
+    """The runs a store's ``meta`` lists."""
+    cursor.execute("SELECT value FROM meta WHERE key = 'runs'")
+    found = cursor.fetchone()
+    return parse_runs(found[0] if found else None)
