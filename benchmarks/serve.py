@@ -28,12 +28,15 @@ lookups alone (a library built by ``benchmarks/scale.py --keep`` has no image by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -47,26 +50,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asset_library import Library  # noqa: E402
-from asset_library.serving.runs import parse_runs, table  # noqa: E402
+from asset_library.serving.runs import newest, parse_runs  # noqa: E402
 from asset_library.storage import object_key  # noqa: E402
 from asset_library_tests.support.http_server import multipart  # noqa: E402
 
 
 def bare_app(store: str):  # noqa: ANN201 (Starlette is imported here only)
-    """The baseline: GET /images/{md5} answers the record JSON from SQLite, nothing else (the
-    records of the store's largest run: one table keyed by md5)."""
-    import sqlite3
-
+    """The baseline: GET /images/{md5} answers the record JSON from SQLite, nothing else (one
+    table of every image's record keyed by md5, :func:`bare_store`)."""
     from starlette.applications import Starlette
     from starlette.responses import Response
     from starlette.routing import Route
 
     local = threading.local()
-
-    # The store's largest run: a SQLite table of records keyed by md5, read as it is.
-    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as first:
-        (runs,) = first.execute("SELECT value FROM meta WHERE key = 'runs'").fetchone()
-    images = table("images", max(parse_runs(runs), key=lambda run: run.rows))
 
     def lookup(request):  # noqa: ANN001, ANN202
         connection = getattr(local, "connection", None)
@@ -74,13 +70,30 @@ def bare_app(store: str):  # noqa: ANN201 (Starlette is imported here only)
             connection = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
             local.connection = connection
         row = connection.execute(
-            f"SELECT record FROM {images} WHERE md5 = ?", (request.path_params["md5"],)
+            "SELECT record FROM images WHERE md5 = ?", (request.path_params["md5"],)
         ).fetchone()
         return Response(row[0], media_type="application/json", status_code=200 if row else 404)
 
     return Starlette(
         routes=[Route("/images/{md5}", lookup), Route("/stats", lambda r: Response("{}"))]
     )
+
+
+def bare_store(store: Path, to: Path) -> Path:
+    """The bare app's file: every image's newest record from the store's runs, in one table
+    keyed by md5 (what a store of one table would hold)."""
+    with contextlib.closing(sqlite3.connect(f"file:{to}", uri=True)) as bare, bare:
+        bare.execute("CREATE TABLE images (md5 TEXT PRIMARY KEY, record TEXT) WITHOUT ROWID")
+        bare.execute("ATTACH ? AS store", (f"file:{store}?mode=ro",))
+        (runs,) = bare.execute("SELECT value FROM store.meta WHERE key = 'runs'").fetchone()
+        latest = newest("images", parse_runs(runs), "record").replace(
+            " FROM images_", " FROM store.images_"
+        )
+        bare.execute(
+            f"INSERT INTO images SELECT md5, record FROM ({latest}) latest "
+            "WHERE record IS NOT NULL ORDER BY md5"
+        )
+    return to
 
 
 def start_bare(store: Path, port: int) -> subprocess.Popen[bytes]:
@@ -333,7 +346,9 @@ def against_bare(
     and p99 as ratios to the bare app's (targets: >= 0.4x the rate with one client, p99
     within 3x with ``threads``)."""
     bare_port = free_port()
-    bare = start_bare(library.layout.serving_store_path, bare_port)
+    scratch = Path(tempfile.mkdtemp(prefix="bare-"))
+    built = bare_store(library.layout.serving_store_path, scratch / "bare.sqlite")
+    bare = start_bare(built, bare_port)
     results = {}
     try:
         request: Request = lambda i: ("GET", f"/images/{md5s[i]}", None, {})  # noqa: E731
@@ -352,6 +367,7 @@ def against_bare(
     finally:
         bare.send_signal(signal.SIGINT)
         bare.wait(timeout=30)
+        shutil.rmtree(scratch, ignore_errors=True)
     return results
 
 

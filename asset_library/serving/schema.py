@@ -49,11 +49,14 @@ CREATE TABLE attributes_{run} (
   PRIMARY KEY (md5, origin, attribute, value, value_type)) WITHOUT ROWID;
 """
 #: A run's attribute rows by value, in md5 order: a page starts where the last ended (one seek)
-#: however deep it is. Its entries carry the rest of the key (origin, value_type), so a page
-#: reads no row of the table. Made after the run's rows (one sort). The value type is not
+#: however deep it is. Its entries carry the rest of the row (the count, origin, value_type),
+#: so a page reads no row of the table (a read of the row per entry made a rare value's md5s
+#: 20x slower at 9.1M images). Made after the run's rows (one sort). The value type is not
 #: among its leading columns: a value is asked for by its text, whatever its type, and the md5
 #: order must hold across them.
-BY_VALUE_INDEX_SQL = "CREATE INDEX {index} ON {table} (attribute, value, md5)"
+BY_VALUE_INDEX_SQL = (
+    "CREATE INDEX {index} ON {table} (attribute, value, md5, n, origin, value_type)"
+)
 
 
 def network_filesystem(path: Path) -> str | None:
