@@ -32,7 +32,8 @@ class ServingStoreConfig(dg.Config):
     description="Per md5 the image's record, attributes by origin, first sources and their "
     "count, in one SQLite file in the library or in PostgreSQL (ASSET_LIBRARY_SERVING_STORE): "
     "what lookups read. Brought level from the "
-    "images, occurrences and attributes commits since its last sync (a cost per shard).",
+    "images, occurrences and attributes commits since its last sync, written as a new run "
+    "(a cost per shard); runs of a size tier merge four into one.",
 )
 def serving_store(library: LibraryResource, config: ServingStoreConfig):
     lake = library.lake()
@@ -60,6 +61,10 @@ def serving_store(library: LibraryResource, config: ServingStoreConfig):
             "occurrences_changed": synced.occurrences_changed,
             "attributes_changed": synced.attributes_changed,
             "sources_refilled": synced.refilled,
+            "run_rows": synced.run_rows,
+            "runs_merged": synced.runs_merged,
+            "merged_rows": synced.merged_rows,
+            "runs": synced.runs,
             "seconds": round(synced.seconds, 3),
             "bytes": backend.size_bytes(),
         }
