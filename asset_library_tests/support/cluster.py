@@ -207,6 +207,9 @@ class RayCluster:
         # Ray's sockets live under it: it must be short (AF_UNIX paths are at most 107 bytes).
         self.temp_dir = tempfile.mkdtemp(prefix="ray-")
         self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
+        #: Ports handed to the cluster's processes: a later pick must not repeat one (a node
+        #: given the client server's port for its agent failed to start).
+        self._ports = {self.gcs_port, self.dashboard_port, self.client_port}
         self.nodes: list[RayNode] = []
 
     @property
@@ -217,7 +220,8 @@ class RayCluster:
     def _common(self) -> list[str]:
         # Nodes on one machine must not share the agents' fixed default ports (a second node's
         # dashboard agent then runs without its HTTP server and its jobs never start).
-        agent, agent_grpc, runtime_env, metrics = free_ports(4)
+        agent, agent_grpc, runtime_env, metrics = free_ports(4, avoid=self._ports)
+        self._ports.update((agent, agent_grpc, runtime_env, metrics))
         return [
             "--node-ip-address=127.0.0.1",
             f"--dashboard-agent-listen-port={agent}",

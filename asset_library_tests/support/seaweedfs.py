@@ -20,6 +20,7 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +55,19 @@ def weed_binary() -> str:
     return found
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports (held open together so none repeats)."""
+def free_ports(count: int, avoid: Collection[int] = ()) -> list[int]:
+    """`count` distinct free loopback ports (held open together so none repeats), none of
+    ``avoid`` (ports handed out earlier and not bound yet: the system may offer them again)."""
     sockets = []
     try:
-        for _ in range(count):
+        found: list[int] = []
+        while len(found) < count:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind(("127.0.0.1", 0))
             sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
+            if sock.getsockname()[1] not in avoid:
+                found.append(sock.getsockname()[1])
+        return found
     finally:
         for sock in sockets:
             sock.close()
