@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable, Field, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 from asset_library import Library
@@ -50,6 +50,7 @@ from asset_library.lake.compaction import _bucket_files, _merge_buckets
 from asset_library.lake.merge import _merged_to
 from asset_library.lake.scan import lake_dataset
 from asset_library.lake.schemas import SORTED_BY_MD5
+from asset_library.lake.table import write_settled
 from asset_library.lake.tiers import DataFile, tier_of, within_budget
 from asset_library.layout import LibraryLayout
 from asset_library.serving import RECORD_SOURCES, sync
@@ -107,6 +108,36 @@ def test_two_shards_land_at_once_and_merge_into_one_row_per_md5(tmp_path):
         "attribute_rows": 800 * 6,
     }
     assert merge_images(lake).changed is False  # nothing new: no commit
+
+
+def test_a_write_refused_by_a_commit_that_changed_no_shape_writes_again(tmp_path):
+    """Machines whose first shards start side by side on a new lake each create its tables:
+    delta-rs lands the later creations as metadata commits of the same shape, which refuse the
+    commit of a writer that read the table before them. Such a writer writes again; a commit
+    that changed the table's shape still refuses it."""
+    layout, lake = _library(tmp_path / "library")
+    uri = lake.uri("rejects")
+    tries: list[int] = []
+
+    def write(target: DeltaTable) -> None:
+        tries.append(target.version())
+        if len(tries) == 1:  # another writer's metadata commit lands after this one read
+            DeltaTable(uri).alter.set_table_description("touched")
+        write_deltalake(target, SCHEMAS["rejects"].empty_table(), mode="append")
+
+    written = write_settled(lake, "rejects", write)
+    assert tries == [0, 1] and written.version() == 2
+    # A commit that changed the table's schema is never written over.
+    tries.clear()
+
+    def widen(target: DeltaTable) -> None:
+        tries.append(target.version())
+        DeltaTable(uri).alter.add_columns([Field("extra", "string")])
+        write_deltalake(target, SCHEMAS["rejects"].empty_table(), mode="append")
+
+    with pytest.raises(CommitFailedError):
+        write_settled(lake, "rejects", widen)
+    assert tries == [2]
 
 
 def test_the_same_shard_written_twice_at_once_never_mixes(tmp_path):

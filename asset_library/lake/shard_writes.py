@@ -9,6 +9,7 @@ mix.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 
 from asset_library.ids import check_shard_key
 from asset_library.lake.keyset import md5_text
@@ -35,7 +36,7 @@ from asset_library.lake.schemas import (
     SHARD_MARK,
     attribute_part_sql,
 )
-from asset_library.lake.table import Lake, small_pages, writer_options
+from asset_library.lake.table import Lake, small_pages, write_settled, writer_options
 
 _OCCURRENCES_SQL = """
     SELECT md5, size_bytes, format, width, height, orientation, frames, phash, ahash, dhash,
@@ -249,6 +250,25 @@ def _shard_index_rows(connection: duckdb.DuckDBPyConnection) -> pa.RecordBatchRe
     return pa.RecordBatchReader.from_batches(ATTRIBUTE_INDEX_SCHEMA, batches())
 
 
+def _replace_shard(
+    shard: str,
+    table: str,
+    rows_of: Callable[[], pa.Table | pa.RecordBatchReader],
+    target: DeltaTable,
+) -> None:
+    """One commit replacing the shard's rows of ``target`` with ``rows_of()``'s."""
+    write_deltalake(
+        target,
+        rows_of(),
+        mode="overwrite",
+        predicate=f"shard = '{shard}'",
+        partition_by=[PARTITIONS[table]],
+        target_file_size=256 << 20,
+        **writer_options(table),
+        commit_properties=CommitProperties(custom_metadata={SHARD_MARK: shard}),
+    )
+
+
 def _shard_keys(connection: duckdb.DuckDBPyConnection, keys: Path) -> None:
     """The view ``shard_keys`` of a keys file. Keys files written before images had a quality
     score read it as NULL."""
@@ -291,18 +311,9 @@ def _write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
             ("attribute_index", lambda: _shard_index_rows(connection)),
         ):
             started = time.perf_counter()
-            target = lake.table(table)
-            write_deltalake(
-                target,
-                rows_of(),
-                mode="overwrite",
-                predicate=f"shard = '{shard}'",
-                partition_by=[PARTITIONS[table]],
-                target_file_size=256 << 20,
-                **writer_options(table),
-                commit_properties=CommitProperties(custom_metadata={SHARD_MARK: shard}),
+            target = write_settled(
+                lake, table, functools.partial(_replace_shard, shard, table, rows_of)
             )
-            target.update_incremental()
             metrics = target.history(1)[0].get("operationMetrics", {})
             written[table] = {
                 "rows": int(metrics.get("num_added_rows", 0)),

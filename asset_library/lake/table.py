@@ -11,8 +11,9 @@ table's files look the same whichever of them wrote them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,12 @@ from asset_library.lake.schemas import (
 )
 from asset_library.layout import LibraryLayout
 from asset_library.s3 import delta_storage_options, is_s3
+
+logger = logging.getLogger(__name__)
+
+#: Tries of a write refused by another writer's commit that left the table's shape as it was
+#: (:func:`write_settled`).
+WRITE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,44 @@ class Lake:
     def ensure(self) -> None:
         for name in SCHEMAS:
             self.table(name)
+
+
+def write_settled(lake: Lake, table: str, write: Callable[[DeltaTable], None]) -> DeltaTable:
+    """Run ``write`` against the table as of now and return the table as of its commit; a
+    commit refused by another writer's commit that left the table's schema, partitioning and
+    settings as they were is run again against the newer version (up to
+    :data:`WRITE_ATTEMPTS` times).
+
+    Why: writers that find a table missing all create it, and delta-rs lands each later
+    creation as the next version (protocol and metadata again, the same shape). Every writer
+    that read the table before such a commit is refused ("Metadata changed since last
+    commit"), though nothing it wrote against changed: machines that start their first shards
+    side by side on a new lake meet it. ``write`` must be whole when run again (a shard's rows
+    replaced by predicate are). A refused attempt's data files are in no commit: the full
+    vacuum of :func:`.compaction.compact` removes them."""
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        target = lake.table(table)
+        try:
+            write(target)
+        except CommitFailedError as error:
+            if attempt == WRITE_ATTEMPTS or _shape(lake.table(table)) != _shape(target):
+                raise
+            logger.info(
+                "%s: commit refused (%s), the table's shape unchanged: writing again", table, error
+            )
+            continue
+        return target  # as of its own commit (a later writer's is not reported as ours)
+    raise AssertionError("unreachable")
+
+
+def _shape(table: DeltaTable) -> tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """What a write is checked against: schema, partition columns and settings."""
+    metadata = table.metadata()
+    return (
+        table.schema().to_json(),
+        tuple(metadata.partition_columns),
+        tuple(sorted(metadata.configuration.items())),
+    )
 
 
 def is_outdated_index(table: str, found: DeltaTable) -> bool:

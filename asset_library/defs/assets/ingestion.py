@@ -93,6 +93,9 @@ def batch_plan(
             f"batch {batch}: {len(outside):,} local URI(s) outside the batch's folder and the "
             f"allowed roots will be rejected (outside_batch), e.g. {outside[0]}"
         )
+    # The lake's tables exist before any shard runs: shards started side by side on many
+    # machines then never each create them (see lake.table.write_settled).
+    library.lake().ensure()
     context.instance.add_dynamic_partitions(SHARDS, plan.shard_keys)
     write_trigger(
         layout,
