@@ -38,7 +38,7 @@ from asset_library.lake.schemas import (
     attribute_part_sql,
     provenance,
 )
-from asset_library.lake.shard_writes import value_type_of, write_shard
+from asset_library.lake.shard_writes import SHARD_TABLES, value_type_of, write_shard
 from asset_library.lake.table import Lake, is_outdated_index, row_count
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "PROVENANCE_COLUMNS",
     "SCHEMAS",
     "SHARD_MARK",
+    "SHARD_TABLES",
     "TIMESTAMP",
     "VACUUM_RETENTION_HOURS",
     "VIEWS",

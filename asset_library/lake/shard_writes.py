@@ -278,6 +278,10 @@ def _shard_keys(connection: duckdb.DuckDBPyConnection, keys: Path) -> None:
     rows.create_view("shard_keys", replace=True)
 
 
+#: The tables a shard replaces its rows of, in commit order (the index last).
+SHARD_TABLES = ("occurrences", "rejects", "attributes", "attribute_index")
+
+
 def write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
     """Replace the shard's rows of occurrences, rejects, attributes and the attribute index:
     one commit each (the index last, from the cube rows computed once).
@@ -303,13 +307,15 @@ def _write_shard(lake: Lake, shard: str, keys_path: Path) -> dict[str, Any]:
         def queried(sql: str, table: str) -> pa.RecordBatchReader:
             return connection.sql(sql).to_arrow_reader(200_000).cast(SCHEMAS[table])
 
-        for table, rows_of in (
-            ("occurrences", lambda: queried(_OCCURRENCES_SQL, "occurrences")),
-            ("rejects", lambda: queried(_REJECTS_SQL, "rejects")),
+        rows_of_table: dict[str, Callable[[], pa.Table | pa.RecordBatchReader]] = {
+            "occurrences": lambda: queried(_OCCURRENCES_SQL, "occurrences"),
+            "rejects": lambda: queried(_REJECTS_SQL, "rejects"),
             # the cube's rows as computed: sorted by md5 already
-            ("attributes", lambda: cube.select(ATTRIBUTES_SCHEMA.names).to_reader(200_000)),
-            ("attribute_index", lambda: _shard_index_rows(connection)),
-        ):
+            "attributes": lambda: cube.select(ATTRIBUTES_SCHEMA.names).to_reader(200_000),
+            "attribute_index": lambda: _shard_index_rows(connection),
+        }
+        for table in SHARD_TABLES:
+            rows_of = rows_of_table[table]
             started = time.perf_counter()
             target = write_settled(
                 lake, table, functools.partial(_replace_shard, shard, table, rows_of)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,8 +125,9 @@ class Lake:
             )
         return DeltaTable(self.uri(table), storage_options=dict(self.storage_options))
 
-    def ensure(self) -> None:
-        for name in SCHEMAS:
+    def ensure(self, tables: Iterable[str] = tuple(SCHEMAS)) -> None:
+        """Create each of these tables (default: all) that does not exist yet."""
+        for name in tables:
             self.table(name)
 
 

@@ -39,7 +39,7 @@ from asset_library.ingest.progress import write_progress
 from asset_library.ingest.shard import ShardStats, ingest_shard
 from asset_library.ingest.sources import SourceItem, iter_batch, normalize_source
 from asset_library.ingest.triggers import TriggerRecord, write_trigger
-from asset_library.lake import write_shard
+from asset_library.lake import SHARD_TABLES, write_shard
 from asset_library.runs.processes import stop_signals_deferred
 from asset_library.s3 import is_s3
 from asset_library.storage import DamageRecord
@@ -77,6 +77,9 @@ def batch_plan(
     source = normalize_source(config.source)
     client = sources.s3_client() if is_s3(source) else None
     roots = batch_roots(source, sources.allowed_roots)
+    # The tables a shard writes exist before any shard runs: shards started side by side on
+    # many machines then never each create them (see lake.table.write_settled).
+    library.lake().ensure(SHARD_TABLES)
     outside: list[str] = []
     plan = plan_batch(
         _noting_outside(iter_batch(source, client), ReadPolicy(tuple(roots)), outside),
@@ -93,9 +96,6 @@ def batch_plan(
             f"batch {batch}: {len(outside):,} local URI(s) outside the batch's folder and the "
             f"allowed roots will be rejected (outside_batch), e.g. {outside[0]}"
         )
-    # The lake's tables exist before any shard runs: shards started side by side on many
-    # machines then never each create them (see lake.table.write_settled).
-    library.lake().ensure()
     context.instance.add_dynamic_partitions(SHARDS, plan.shard_keys)
     write_trigger(
         layout,
